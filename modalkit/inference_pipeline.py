@@ -1,0 +1,310 @@
+"""InferencePipeline, the user's code, and the isolated runner that batch and online both use.
+
+A pipeline is preprocess -> predict -> postprocess over a list of inputs, one output per input, in order.
+:func:`run_isolated` runs a batch so that one bad record never fails its neighbours: a batch that raises is split
+in halves until only the records that fail on their own are left, and each of those gets its own
+:class:`RecordError`.
+
+Example:
+    >>> from pydantic import BaseModel
+    >>> from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
+    >>> from modalkit.iomodel import InferenceOutputModel
+    >>> class In(BaseModel):
+    ...     x: float
+    >>> class Out(InferenceOutputModel):
+    ...     y: float
+    >>> class Inverse(InferencePipeline):
+    ...     input_model, output_model = In, Out
+    ...     def preprocess(self, input_list): return {"x": [i.x for i in input_list]}
+    ...     def predict(self, input_list, preprocessed_data): return {"y": [1 / x for x in preprocessed_data["x"]]}
+    ...     def postprocess(self, input_list, raw_output): return [Out(y=y) for y in raw_output["y"]]
+    >>> outcomes = run_isolated(Inverse("inv", "/tmp", {}), [In(x=2), In(x=0), In(x=4)])
+    >>> [o.y if not isinstance(o, RecordError) else o.error_type for o in outcomes]
+    [0.5, 'ZeroDivisionError', 0.25]
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ValidationError
+
+from modalkit.exceptions import ConfigError, PipelineError
+from modalkit.iomodel import InferenceOutputModel
+
+if TYPE_CHECKING:
+    from modalkit.settings import Settings
+
+__all__ = ["InferencePipeline", "RecordError", "import_pipeline", "load_pipeline", "run_isolated"]
+
+#: How to write each method, for the error raised when a subclass lacks one.
+_METHOD_HINTS = {
+    "preprocess": "def preprocess(self, input_list: list[YourInput]) -> dict: ...",
+    "predict": "def predict(self, input_list: list[YourInput], preprocessed_data: dict) -> dict: ...",
+    "postprocess": "def postprocess(self, input_list: list[YourInput], raw_output: dict) -> list[YourOutput]: ...",
+}
+MAX_ERROR_CHARS = 2000
+
+
+class InferencePipeline(ABC):
+    """Base class of an inference pipeline: one model version, preprocess -> predict -> postprocess.
+
+    Subclasses load their weights in ``__init__`` (heavy imports belong there too, so importing the module stays
+    cheap) and name their record schemas in two class attributes:
+
+    * ``input_model``: the pydantic model of one input record; batch rows and HTTP bodies are validated against it.
+    * ``output_model``: a subclass of :class:`~modalkit.iomodel.InferenceOutputModel`, one per input.
+
+    Online apps may leave the schemas to ``create_web_endpoints``; batch jobs need them declared.
+
+    Args:
+        model_name: Name of the model (its key in ``model_settings.model_entries``).
+        all_model_data_folder: Folder holding every model's files.
+        common_settings: Settings shared across models (``model_settings.common``).
+        *args: Passed on by subclasses as they see fit.
+        **kwargs: The model entry's other keys.
+    """
+
+    input_model: ClassVar[type[BaseModel] | None] = None
+    output_model: ClassVar[type[InferenceOutputModel] | None] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> InferencePipeline:
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            hints = "\n  ".join(_METHOD_HINTS.get(name, f"def {name}(...)") for name in missing)
+            raise PipelineError(
+                f"{cls.__qualname__} cannot be built: it lacks {', '.join(missing)}. Add to the class:\n  {hints}"
+            )
+        cls._check_declared_schemas()
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        model_name: str,
+        all_model_data_folder: str,
+        common_settings: dict[str, Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        self.model_name = model_name
+        self.all_model_data_folder = all_model_data_folder
+        self.common_settings = common_settings
+
+    @classmethod
+    def _check_declared_schemas(cls) -> None:
+        name = cls.__qualname__
+        if cls.input_model is not None and not (
+            inspect.isclass(cls.input_model) and issubclass(cls.input_model, BaseModel)
+        ):
+            raise PipelineError(
+                f"{name}.input_model must be a pydantic model class (class YourInput(BaseModel): ...), "
+                f"not {cls.input_model!r}"
+            )
+        if cls.output_model is not None and not (
+            inspect.isclass(cls.output_model) and issubclass(cls.output_model, InferenceOutputModel)
+        ):
+            raise PipelineError(
+                f"{name}.output_model must subclass modalkit.iomodel.InferenceOutputModel "
+                f"(class YourOutput(InferenceOutputModel): ...), not {cls.output_model!r}"
+            )
+
+    @classmethod
+    def require_schemas(cls) -> tuple[type[BaseModel], type[InferenceOutputModel]]:
+        """The declared ``(input_model, output_model)``; batch jobs call this before reading any record.
+
+        Raises:
+            PipelineError: a schema is missing, with what to add.
+        """
+        cls._check_declared_schemas()
+        lacking = []
+        if cls.input_model is None:
+            lacking.append("input_model = YourInput  # pydantic model of one input record")
+        if cls.output_model is None:
+            lacking.append("output_model = YourOutput  # subclass of modalkit.iomodel.InferenceOutputModel")
+        if lacking:
+            raise PipelineError(
+                f"{cls.__qualname__} declares no record schema, which batch jobs need. Add to the class:\n  "
+                + "\n  ".join(lacking)
+            )
+        return cls.input_model, cls.output_model  # type: ignore[return-value]
+
+    def on_volume_reload(self) -> None:  # noqa: B027 - an optional hook, not abstract
+        """Called after modalkit reloads the Modal volumes; override to reload weights. Does nothing by default."""
+
+    @abstractmethod
+    def preprocess(self, input_list: list[Any]) -> dict[str, Any]:
+        """Prepare a batch of inputs for the model (tokenise, stack...)."""
+
+    @abstractmethod
+    def predict(self, input_list: list[Any], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        """Run the model on the preprocessed batch and return its raw output."""
+
+    @abstractmethod
+    def postprocess(self, input_list: list[Any], raw_output: dict[str, Any]) -> list[Any]:
+        """Turn the raw output into one output model per input, in input order."""
+
+    def run_inference(self, input_list: list[Any]) -> list[InferenceOutputModel]:
+        """Run preprocess -> predict -> postprocess on the whole list.
+
+        Raises:
+            PipelineError: postprocess returned a different number of outputs than there were inputs.
+        """
+        outputs = self.postprocess(input_list, self.predict(input_list, self.preprocess(input_list)))
+        _check_count(type(self), len(input_list), outputs)
+        return outputs
+
+
+@dataclass(frozen=True, slots=True)
+class RecordError:
+    """Why one input failed: the stage, the error's class name and its message."""
+
+    stage: str
+    error_type: str
+    error: str
+
+    @classmethod
+    def from_exception(cls, stage: str, exc: BaseException) -> RecordError:
+        text = str(exc) or type(exc).__name__
+        if len(text) > MAX_ERROR_CHARS:
+            text = text[: MAX_ERROR_CHARS - 3] + "..."
+        return cls(stage, type(exc).__name__, text)
+
+
+def _check_count(cls: type, n_inputs: int, outputs: object) -> None:
+    if not isinstance(outputs, list | tuple):
+        raise PipelineError(
+            f"{cls.__qualname__}.postprocess must return a list with one output per input, got {type(outputs).__name__}"
+        )
+    if len(outputs) != n_inputs:
+        raise PipelineError(
+            f"{cls.__qualname__}.postprocess returned {len(outputs)} outputs for {n_inputs} inputs; "
+            "it must return exactly one output per input, in input order"
+        )
+
+
+class _StageFailed(Exception):
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        self.stage = stage
+        self.cause = cause
+
+
+def _run_stages(pipeline: InferencePipeline, batch: list[Any]) -> list[Any]:
+    stage = "preprocess"
+    try:
+        pre = pipeline.preprocess(batch)
+        stage = "predict"
+        raw = pipeline.predict(batch, pre)
+        stage = "postprocess"
+        outputs = pipeline.postprocess(batch, raw)
+        _check_count(type(pipeline), len(batch), outputs)
+    except Exception as exc:
+        raise _StageFailed(stage, exc) from exc
+    return list(outputs)
+
+
+def _coerce_output(pipeline: InferencePipeline, output: Any) -> Any:
+    """The output as an instance of the declared output model, or a RecordError saying why it is not one."""
+    model = type(pipeline).output_model
+    if model is None:
+        if isinstance(output, BaseModel):
+            return output
+        return RecordError(
+            "postprocess",
+            "InvalidOutput",
+            f"postprocess returned {type(output).__name__}, expected a pydantic model per input",
+        )
+    if isinstance(output, model):
+        return output
+    try:
+        data = output.model_dump() if isinstance(output, BaseModel) else output
+        return model.model_validate(data)
+    except ValidationError as exc:
+        return RecordError("postprocess", "InvalidOutput", f"output does not match {model.__qualname__}: {exc}")
+
+
+def run_isolated(pipeline: InferencePipeline, inputs: Sequence[Any]) -> list[Any]:
+    """Run ``inputs`` through the pipeline so that each input gets its own outcome.
+
+    Returns a list as long as ``inputs``, in order: each item is the input's output model, or a
+    :class:`RecordError` for an input that failed. When a batch raises, it is split in halves and each half is run
+    again, down to single records, so a poison record fails alone and its neighbours still succeed. A batch with no
+    bad record costs one pass; ``k`` bad records cost about ``2 k log2(n)`` extra calls.
+    """
+    outcomes: list[Any] = [None] * len(inputs)
+    _run_segment(pipeline, list(inputs), 0, outcomes)
+    return outcomes
+
+
+def _run_segment(pipeline: InferencePipeline, inputs: list[Any], offset: int, outcomes: list[Any]) -> None:
+    if not inputs:
+        return
+    try:
+        outputs = _run_stages(pipeline, inputs)
+    except _StageFailed as failed:
+        if len(inputs) == 1:
+            outcomes[offset] = RecordError.from_exception(failed.stage, failed.cause)
+            return
+        mid = len(inputs) // 2
+        _run_segment(pipeline, inputs[:mid], offset, outcomes)
+        _run_segment(pipeline, inputs[mid:], offset + mid, outcomes)
+        return
+    for i, output in enumerate(outputs):
+        outcomes[offset + i] = _coerce_output(pipeline, output)
+
+
+def import_pipeline(path: str, *, where: str = "pipeline") -> type[InferencePipeline]:
+    """Import an InferencePipeline subclass from ``"package.module:Class"``.
+
+    Raises:
+        ConfigError: the module or class cannot be found, or is not an InferencePipeline.
+    """
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{where}: {path!r} is not an import path of the form 'package.module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import module {module_name!r} ({exc})") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+    if not (inspect.isclass(obj) and issubclass(obj, InferencePipeline)):
+        raise ConfigError(f"{where}: {path!r} is not a subclass of modalkit.InferencePipeline")
+    return obj
+
+
+def load_pipeline(
+    settings: Settings,
+    model_name: str | None = None,
+    pipeline_cls: type[InferencePipeline] | None = None,
+) -> InferencePipeline:
+    """Build the pipeline of a model entry: import its class and call it with the entry's keyword arguments.
+
+    Args:
+        settings: Loaded settings.
+        model_name: Key in ``model_settings.model_entries``; None = the default (or only) model.
+        pipeline_cls: The class to use instead of the entry's ``pipeline`` import path.
+
+    Raises:
+        ConfigError: unknown model, or an entry without ``pipeline`` and no class given.
+    """
+    name, entry = settings.model_settings.entry(model_name)
+    if pipeline_cls is None:
+        if entry.pipeline is None:
+            raise ConfigError(
+                f"model_settings.model_entries.{name}.pipeline is not set; name the class as 'package.module:Class'"
+            )
+        pipeline_cls = import_pipeline(entry.pipeline, where=f"model_settings.model_entries.{name}.pipeline")
+    return pipeline_cls(
+        model_name=name,
+        all_model_data_folder=str(settings.model_settings.local_model_repository_folder),
+        common_settings=dict(settings.model_settings.common),
+        **entry.kwargs,
+    )

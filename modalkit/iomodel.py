@@ -1,0 +1,171 @@
+"""Input/output models: HTTP envelopes, queue records, and the batch job's chunk and summary models.
+
+Example:
+    >>> from pydantic import BaseModel
+    >>> from modalkit.iomodel import AsyncInputModel
+    >>> class TextIn(BaseModel):
+    ...     text: str
+    >>> AsyncInputModel[TextIn](message={"text": "hi"}, success_queue="done").message.text
+    'hi'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "AsyncInputModel",
+    "AsyncOutputModel",
+    "ChunkResult",
+    "ChunkSpec",
+    "DelayedFailureOutputModel",
+    "FailureRecord",
+    "InferenceOutputModel",
+    "JobStatus",
+    "JobSummary",
+    "Stage",
+    "SuccessRecord",
+    "SyncInputModel",
+]
+
+T = TypeVar("T", bound=BaseModel)
+
+#: Where a record failed: reading its bytes, parsing them, validating against the input model, or a pipeline stage.
+Stage = Literal["read", "parse", "validate", "preprocess", "predict", "postprocess"]
+
+
+class AsyncOutputModel(BaseModel):
+    """The answer to an async request: the id to follow the job with."""
+
+    job_id: str = Field(description="Id of the asynchronous job (see GET /jobs/{job_id}).")
+
+
+class AsyncInputModel(BaseModel, Generic[T]):
+    """An async request: the message plus where its result goes.
+
+    Unknown fields are rejected.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: T = Field(description="The input for the pipeline.")
+    success_queue: str = Field("", description="Queue for the success record; empty = none.")
+    failure_queue: str = Field("", description="Queue for the failure record; empty = none.")
+    meta: dict[str, Any] = Field(default_factory=dict, description="Carried unchanged into the queue record.")
+
+
+class SyncInputModel(BaseModel, Generic[T]):
+    """A synchronous request: just the message. Unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: T = Field(description="The input for the pipeline.")
+
+
+class InferenceOutputModel(BaseModel):
+    """Base of every pipeline output model.
+
+    Subclasses add their fields (``label``, ``score``...). ``status`` and ``error`` are the envelope: a pipeline
+    leaves them at their defaults, and modalkit fills them for inputs that failed.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field("success", description="`success`, or `error` for an input that failed.")
+    error: str | None = Field(None, description="What went wrong, for an input that failed.")
+
+
+class DelayedFailureOutputModel(InferenceOutputModel):
+    """A failure answered through a queue: carries the original request (kept from the original modalkit)."""
+
+    original_message: AsyncInputModel[Any]
+
+
+class SuccessRecord(BaseModel):
+    """Body of a message on the success queue."""
+
+    job_id: str
+    record_id: str
+    status: Literal["success"] = "success"
+    output: dict[str, Any]
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class FailureRecord(BaseModel):
+    """Body of a message on the failure queue, and a row of ``_failures/part-NNNNN.jsonl``."""
+
+    job_id: str
+    record_id: str
+    status: Literal["error"] = "error"
+    stage: str = Field(description="read, parse, validate, preprocess, predict or postprocess.")
+    error_type: str = Field(description="Class name of the error, e.g. ValidationError, JSONDecodeError.")
+    error: str = Field(description="The message, naming the file, position and field where known.")
+    input: Any = Field(None, description="The record as read (parsed JSON, CSV row as a dict, or the raw line).")
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChunkSpec(BaseModel):
+    """A reference to one chunk of the input: which bytes or row groups of which file, and where results go.
+
+    Travels between processes and to Modal workers; never carries record data.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    index: int = Field(ge=0, description="Chunk number N: results go to part-NNNNN.")
+    uri: str = Field(description="The input file (s3://..., file://... or a local path).")
+    key: str = Field(description="The file's key relative to the input root; the prefix of default record ids.")
+    format: Literal["jsonl", "csv", "parquet"]
+    compression: Literal["gzip"] | None = None
+    start: int = Field(0, ge=0, description="JSONL/CSV: first byte; the chunk owns lines that start in [start, end).")
+    end: int | None = Field(None, description="JSONL/CSV: end byte (exclusive); None = end of file.")
+    row_groups: tuple[int, ...] = Field((), description="Parquet: the row groups of this chunk.")
+    first_row: int = Field(0, ge=0, description="Parquet: index in the file of the chunk's first row.")
+    size: int = Field(0, ge=0, description="Approximate input bytes of the chunk (for progress and balance).")
+    header: tuple[str, ...] | None = Field(None, description="CSV: the column names, read from the file's first line.")
+    file_size: int = Field(0, ge=0, description="Size of the whole input file in bytes.")
+
+
+class ChunkResult(BaseModel):
+    """What a finished chunk reports back: counts, never data."""
+
+    index: int
+    records: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped: bool = Field(False, description="True when the chunk was already committed (resume).")
+    seconds: float = 0.0
+    part_uri: str | None = None
+    failures_uri: str | None = None
+    queued_success: int = 0
+    queued_failure: int = 0
+
+
+class JobSummary(BaseModel):
+    """The summary of a batch job: the flow's return value, the ``--json`` line, ``_manifest.json``'s top level."""
+
+    job_id: str
+    records: int
+    succeeded: int
+    failed: int
+    chunks: int
+    chunks_skipped: int
+    seconds: float
+    records_per_s: float
+    output_uri: str
+    status: Literal["completed", "failed"] = "completed"
+    failure_rate: float = 0.0
+    input_uri: str = ""
+    model_name: str = ""
+
+
+class JobStatus(BaseModel):
+    """State of an async online job, as GET /jobs/{job_id} returns it."""
+
+    job_id: str
+    status: Literal["queued", "running", "success", "error"]
+    result: dict[str, Any] | None = None
+    error: str | None = None

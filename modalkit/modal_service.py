@@ -1,0 +1,227 @@
+"""ModalService: the online model class, written the way the original modalkit's docs show.
+
+Subclass it under ``@app.cls(**modal_config.get_app_cls_settings())``; modalkit adds the ``@modal.batched``
+``process_request`` method when the subclass is defined, with ``max_batch_size``/``wait_ms`` from the subclass's
+``modal_utils`` (so nothing is read when modalkit is imported). The pipeline is built once per container in
+``load_artefacts`` (``@modal.enter``); each request gets its own outcome through the isolated runner, and async
+requests get a success or failure record on their queues.
+
+Example:
+    >>> import modal
+    >>> from modalkit.modal_config import ModalConfig
+    >>> from modalkit.modal_service import ModalService
+    >>> from modalkit.settings import Settings
+    >>> modal_config = ModalConfig(Settings.load(data={"model_settings": {"model_entries": {
+    ...     "sentiment": {"pipeline": "modalkit.examples.sentiment:SentimentPipeline"}}}}))
+    >>> app = modal.App(name=modal_config.app_name)
+    >>> @app.cls(**modal_config.get_app_cls_settings())
+    ... class Sentiment(ModalService):
+    ...     model_name: str = modal.parameter(default="sentiment")
+    ...     modal_utils: ModalConfig = modal_config
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+import modal
+import orjson
+from pydantic import BaseModel
+
+from modalkit.exceptions import QueueError
+from modalkit.inference_pipeline import InferencePipeline, RecordError, load_pipeline, run_isolated
+from modalkit.iomodel import (
+    AsyncInputModel,
+    AsyncOutputModel,
+    FailureRecord,
+    InferenceOutputModel,
+    SuccessRecord,
+    SyncInputModel,
+)
+from modalkit.modal_config import ModalConfig, VolumeReloader
+from modalkit.settings import BatchConfig
+from modalkit.task_queue import QueueBackend, create_backend, deliver_sync
+
+__all__ = ["ModalService"]
+
+log = logging.getLogger(__name__)
+ENVELOPE_FIELDS = {"status", "error"}
+
+
+class ModalService:
+    """Base class of the online model class: loads the pipeline once per container and serves batches.
+
+    Attributes:
+        model_name: The model to serve (a key of ``model_settings.model_entries``); usually a ``modal.parameter``.
+        inference_implementation: The pipeline class; may be omitted when the model entry names ``pipeline``.
+        modal_utils: The app's :class:`ModalConfig`; its settings give the batching and the model entry.
+        queue_backend: Where async results go; None uses ``app_settings.queue_config``.
+
+    ``MyService(queue_backend=backend)`` injects a backend (Modal 1.x forbids a custom ``__init__`` on its classes,
+    so this is taken by ``__new__``; the ``queue_backend`` class attribute works too).
+    """
+
+    model_name: str
+    inference_implementation: ClassVar[type[InferencePipeline] | None] = None
+    modal_utils: ModalConfig
+    queue_backend: QueueBackend | None = None
+
+    def __new__(cls, *args: Any, queue_backend: QueueBackend | None = None, **kwargs: Any) -> ModalService:
+        instance = super().__new__(cls)
+        if queue_backend is not None:
+            instance.queue_backend = queue_backend
+        return instance
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "process_request" in cls.__dict__:
+            return  # the subclass wrote its own
+        utils = getattr(cls, "modal_utils", None)
+        batching = utils.get_batched_method_settings() if isinstance(utils, ModalConfig) else BatchConfig().model_dump()
+
+        def process_request(
+            self: ModalService, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
+        ) -> list[InferenceOutputModel]:
+            return self._process_request(input_list)
+
+        process_request.__qualname__ = f"{cls.__qualname__}.process_request"
+        process_request.__doc__ = ModalService._process_request.__doc__
+        cls.process_request = modal.batched(**batching)(process_request)  # type: ignore[method-assign,assignment]
+
+    @modal.enter()
+    def load_artefacts(self) -> None:
+        """Build the pipeline for ``model_name`` (once per container) and set up volume reloading."""
+        utils = self._utils()
+        self._model_inference_instance: InferencePipeline = load_pipeline(
+            utils.settings, self.model_name, type(self).inference_implementation
+        )
+        self._reloader: VolumeReloader = utils.volume_reloader()
+
+    def _utils(self) -> ModalConfig:
+        utils = getattr(type(self), "modal_utils", None)
+        if utils is None:
+            utils = ModalConfig()
+            type(self).modal_utils = utils
+        return utils
+
+    @property
+    def pipeline(self) -> InferencePipeline:
+        """The loaded pipeline (after ``load_artefacts``)."""
+        return self._model_inference_instance
+
+    def _reload_volumes_if_needed(self) -> None:
+        if self._reloader.maybe_reload():
+            try:
+                self._model_inference_instance.on_volume_reload()
+            except Exception:
+                log.exception("on_volume_reload failed; serving with the models already loaded")
+
+    def _process_request(
+        self, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
+    ) -> list[InferenceOutputModel]:
+        """Run a batch of requests; each gets its own output, ``status="error"`` for those that failed.
+
+        Async requests also get a record on their success or failure queue; a record that cannot be delivered
+        turns that request's output into an error saying so (it is never dropped silently).
+        """
+        self._reload_volumes_if_needed()
+        messages = [item.message for item in input_list]
+        outcomes = run_isolated(self._model_inference_instance, messages)
+        outputs = [_as_output(outcome) for outcome in outcomes]
+        for idx, (item, output) in enumerate(zip(input_list, outputs, strict=True)):
+            if isinstance(item, AsyncInputModel):
+                try:
+                    self.send_async_response(idx, output, item)
+                except QueueError as exc:
+                    log.error("async result %d was not delivered: %s", idx, exc)
+                    outputs[idx] = InferenceOutputModel(status="error", error=f"result not delivered: {exc}")
+        return outputs
+
+    def process_request(
+        self, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
+    ) -> list[InferenceOutputModel]:
+        """Process a batch of requests (each subclass gets this as its ``@modal.batched`` method)."""
+        return self._process_request(input_list)
+
+    def _queue_backend(self) -> QueueBackend | None:
+        if self.queue_backend is not None:
+            return self.queue_backend
+        if not hasattr(self, "_configured_backend"):
+            self._configured_backend = create_backend(self._utils().app_settings.queue_config)
+        return self._configured_backend
+
+    def send_async_response(
+        self, message_idx: int, raw_output_data: InferenceOutputModel, input_data: AsyncInputModel[Any]
+    ) -> None:
+        """Send one async result to its success or failure queue (skipped when that queue is not named).
+
+        Raises:
+            QueueError: the record could not be delivered.
+        """
+        success = raw_output_data.status == "success"
+        queue = input_data.success_queue if success else input_data.failure_queue
+        if not queue:
+            return
+        backend = self._queue_backend()
+        if backend is None:
+            raise QueueError(f"request {message_idx} names queue {queue!r} but queue_config.backend is none")
+        job_id = modal.current_function_call_id() or "local"
+        record_id = str(input_data.meta.get("record_id", f"{job_id}:{message_idx}"))
+        record: BaseModel
+        if success:
+            record = SuccessRecord(
+                job_id=job_id,
+                record_id=record_id,
+                output=raw_output_data.model_dump(mode="json", exclude=ENVELOPE_FIELDS),
+                meta=input_data.meta,
+            )
+        else:
+            stage, _, rest = (raw_output_data.error or "").partition(": ")
+            error_type, _, error = rest.partition(": ")
+            record = FailureRecord(
+                job_id=job_id,
+                record_id=record_id,
+                stage=stage or "predict",
+                error_type=error_type or "Error",
+                error=error or (raw_output_data.error or ""),
+                input=input_data.message.model_dump(mode="json"),
+                meta=input_data.meta,
+            )
+        deliver_sync(backend, queue, [orjson.dumps(record.model_dump(mode="json")).decode()])
+
+    @staticmethod
+    def sync_call(cls: Any) -> Callable[[str, BaseModel], Awaitable[InferenceOutputModel]]:
+        """A function that runs one request on the deployed class and waits for its output.
+
+        Example:
+            >>> sync_fn = ModalService.sync_call(MyApp)  # doctest: +SKIP
+            >>> await sync_fn("sentiment", TextIn(text="great"))  # doctest: +SKIP
+        """
+
+        async def fn(model_name: str, input_data: BaseModel) -> InferenceOutputModel:
+            request = SyncInputModel[Any](message=input_data)
+            result: InferenceOutputModel = await cls(model_name=model_name).process_request.remote.aio(request)
+            return result
+
+        return fn
+
+    @staticmethod
+    def async_call(cls: Any) -> Callable[[str, BaseModel], Awaitable[AsyncOutputModel]]:
+        """A function that spawns one async request on the deployed class and returns its job id at once."""
+
+        async def fn(model_name: str, input_data: BaseModel) -> AsyncOutputModel:
+            request = input_data if isinstance(input_data, AsyncInputModel) else AsyncInputModel(message=input_data)
+            call = await cls(model_name=model_name).process_request.spawn.aio(request)
+            return AsyncOutputModel(job_id=call.object_id)
+
+        return fn
+
+
+def _as_output(outcome: Any) -> InferenceOutputModel:
+    if isinstance(outcome, RecordError):
+        return InferenceOutputModel(status="error", error=f"{outcome.stage}: {outcome.error_type}: {outcome.error}")
+    if isinstance(outcome, InferenceOutputModel):
+        return outcome
+    return InferenceOutputModel(**outcome.model_dump())

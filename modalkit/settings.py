@@ -1,0 +1,636 @@
+"""Settings: layered ``modalkit.yaml`` files, ``MODALKIT_`` environment variables and ``.env``.
+
+Nothing is read at import. Settings are loaded by an explicit call, :meth:`Settings.load` (or ``Settings()``),
+and passed down. Sources, highest precedence first:
+
+1. keyword arguments to ``Settings(...)``;
+2. environment variables prefixed ``MODALKIT_``, with ``__`` between nested keys
+   (``MODALKIT_APP_SETTINGS__BATCH_CONFIG__MAX_BATCH_SIZE=64``);
+3. YAML: ``modalkit.yaml`` in the working directory, or the comma-separated files in ``MODALKIT_CONFIG``
+   (``base.yaml,prod.yaml``: later files win, mappings are merged key by key);
+4. a ``.env`` file in the working directory, read like the environment.
+
+Every field is typed, described and bounded, and unknown keys are errors: a typo fails with the full key path
+and the file it came from.
+
+Example:
+    >>> from modalkit.settings import Settings
+    >>> s = Settings.load(data={"app_settings": {"app_prefix": "demo"}})
+    >>> s.app_settings.batch_config.max_batch_size
+    32
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources import DotEnvSettingsSource
+
+from modalkit.exceptions import ConfigError
+
+__all__ = [
+    "AppSettings",
+    "AuthConfig",
+    "BatchConfig",
+    "BuildConfig",
+    "CloudBucketMount",
+    "DeploymentConfig",
+    "JobConfig",
+    "ModelEntry",
+    "ModelSettings",
+    "Mount",
+    "MountType",
+    "QueueConfig",
+    "RetryConfig",
+    "Settings",
+    "config_files_from_env",
+]
+
+ENV_PREFIX = "MODALKIT_"
+DEFAULT_CONFIG_FILE = "modalkit.yaml"
+# environment variables that belong to modalkit but are not settings fields
+_NON_SETTINGS_ENV = frozenset({"config", "app_postfix"})
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class _Strict(BaseModel):
+    """Base of every settings section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class MountType(StrEnum):
+    """Whether a local mount is a single file or a whole directory."""
+
+    FILE = "file"
+    DIR = "dir"
+
+
+class Mount(_Strict):
+    """A local file or directory copied into the container image."""
+
+    local_path: str = Field(min_length=1, description="Path on the machine that deploys the app.")
+    remote_path: str = Field(min_length=1, description="Absolute path inside the container.")
+    type: MountType = Field(MountType.FILE, description="`file` or `dir`.")
+
+
+class CloudBucketMount(_Strict):
+    """An S3/R2/GCS bucket mounted into the container as a directory (modal.CloudBucketMount)."""
+
+    mount_point: str = Field(min_length=1, description="Absolute path inside the container.")
+    bucket_name: str = Field(min_length=3, max_length=255, description="Name of the bucket.")
+    bucket_endpoint_url: str | None = Field(None, description="Endpoint for R2/GCS or another S3-compatible store.")
+    key_prefix: str | None = Field(None, description="Mount only keys under this prefix (ends with '/').")
+    secret: str | None = Field(None, description="Name of the Modal secret holding the bucket's credentials.")
+    oidc_auth_role_arn: str | None = Field(None, description="AWS role to assume through OIDC instead of a secret.")
+    read_only: bool = Field(False, description="Mount read-only.")
+    requester_pays: bool = Field(False, description="The bucket is requester-pays.")
+
+
+class RetryConfig(_Strict):
+    """Retries of a failed Modal input (modal.Retries)."""
+
+    max_retries: int = Field(0, ge=0, le=10, description="Attempts after the first one.")
+    backoff_coefficient: float = Field(2.0, ge=1.0, le=10.0, description="Delay multiplier between attempts.")
+    initial_delay: float = Field(1.0, ge=0.0, le=60.0, description="Seconds before the first retry.")
+    max_delay: float = Field(60.0, ge=1.0, le=60.0, description="Upper bound of the delay, in seconds.")
+
+
+class BuildConfig(_Strict):
+    """How the container image is built."""
+
+    image: str | None = Field(
+        None,
+        description="Registry image to start from (e.g. `python:3.11-slim`); empty means Modal's debian_slim.",
+    )
+    tag: str = Field("latest", min_length=1, description="Tag of `image`.")
+    python_version: str | None = Field(
+        None, pattern=r"^3\.\d{1,2}$", description="Python for debian_slim (or added to a registry image)."
+    )
+    apt_packages: list[str] = Field(default_factory=list, description="Debian packages to install.")
+    pip_packages: list[str] = Field(default_factory=list, description="Extra pip requirements for the pipeline.")
+    extra_run_commands: list[str] = Field(default_factory=list, description="Shell commands run at build time.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables set in the image.")
+    workdir: str = Field("/root", min_length=1, description="Working directory inside the container.")
+    local_python_sources: list[str] = Field(
+        default_factory=lambda: ["modalkit"],
+        description="Local Python packages added to the image (modalkit itself and your pipeline's package).",
+    )
+    install_modalkit_requirements: bool = Field(
+        True, description="pip-install the libraries modalkit needs inside the container."
+    )
+
+    @field_validator("extra_run_commands", "pip_packages", "apt_packages", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        # the original modalkit accepted a single string here
+        return [value] if isinstance(value, str) else value
+
+
+class DeploymentConfig(_Strict):
+    """Where and how the Modal containers run."""
+
+    region: str | list[str] | None = Field(None, description="Modal region(s) to run in; empty means any.")
+    gpu: str | list[str] | None = Field(None, description="GPU type, e.g. `T4`, `A10G`, `H100`, `L4:2`; empty = CPU.")
+    cpu: float | None = Field(None, gt=0, le=64, description="CPU cores reserved per container.")
+    memory: int | None = Field(None, ge=128, le=1_048_576, description="Memory reserved per container, MiB.")
+    volumes: dict[str, str] = Field(default_factory=dict, description="Mount point -> name of a Modal Volume.")
+    volume_reload_interval_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=86_400,
+        description="Reload the volumes at most this often (seconds), checked before a batch; empty = never.",
+    )
+    cloud_bucket_mounts: list[CloudBucketMount] = Field(default_factory=list, description="Buckets to mount.")
+    mounts: list[Mount] = Field(default_factory=list, description="Local files/directories copied into the image.")
+    secrets: list[str] = Field(default_factory=list, description="Names of Modal secrets exposed as env vars.")
+    min_containers: int | None = Field(None, ge=0, le=1000, description="Containers kept warm.")
+    max_containers: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        validation_alias=AliasChoices("max_containers", "concurrency_limit"),
+        description="Upper bound on containers (the original `concurrency_limit`).",
+    )
+    scaledown_window: int = Field(
+        180,
+        ge=2,
+        le=3600,
+        validation_alias=AliasChoices("scaledown_window", "container_idle_timeout"),
+        description="Seconds an idle container stays up (the original `container_idle_timeout`).",
+    )
+    timeout: int = Field(600, ge=1, le=86_400, description="Seconds one input may run.")
+    retries: RetryConfig = Field(default_factory=RetryConfig, description="Retries of a failed input.")
+    max_concurrent_inputs: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        validation_alias=AliasChoices("max_concurrent_inputs", "allow_concurrent_inputs"),
+        description="Inputs one model container serves at once (@modal.concurrent).",
+    )
+    handler_max_concurrent_inputs: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        validation_alias=AliasChoices("handler_max_concurrent_inputs", "allow_concurrent_inputs_handler"),
+        description="Requests one web-handler container serves at once.",
+    )
+    secure: bool = Field(False, description="Require Modal proxy auth (Modal-Key/Modal-Secret headers) on the web app.")
+
+    @field_validator("retries", mode="before")
+    @classmethod
+    def _retries_from_int(cls, value: Any) -> Any:
+        return {"max_retries": value} if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _containers_in_order(self) -> Self:
+        lo, hi = self.min_containers, self.max_containers
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(
+                f"min_containers ({self.min_containers}) is greater than max_containers ({self.max_containers})"
+            )
+        return self
+
+
+class BatchConfig(_Strict):
+    """Batching: Modal's dynamic batching online, and the sub-batch size inside a batch job."""
+
+    max_batch_size: int = Field(32, ge=1, le=1000, description="Most inputs passed to the pipeline at once.")
+    wait_ms: int = Field(10, ge=0, le=600_000, description="Online: ms to wait for more inputs after the first.")
+
+
+class QueueConfig(_Strict):
+    """Where success and failure records are sent."""
+
+    backend: str = Field(
+        "local",
+        min_length=1,
+        description="`local` (durable files, the embedded default), `sqs`, `memory`, `none`, "
+        "or a name given to modalkit.task_queue.register_backend.",
+    )
+    local_path: Path = Field(Path(".modalkit/queues"), description="Directory of the `local` backend's queue files.")
+    large_message_threshold: ByteSize = Field(
+        ByteSize(256 * 1024),
+        ge=1024,
+        le=1024 * 1024,
+        description="SQS bodies larger than this go to S3 and the message carries a pointer.",
+    )
+    large_message_uri: str | None = Field(
+        None,
+        pattern=r"^s3://[^/]+(/.*)?$",
+        description="s3://bucket/prefix where large bodies are stored (required to send them over SQS).",
+    )
+    max_send_attempts: int = Field(5, ge=1, le=20, description="Attempts for a message SQS reports as failed.")
+    message_group_id: str = Field(
+        "modalkit", min_length=1, max_length=128, description="MessageGroupId for FIFO queues."
+    )
+    broker_url: str | None = Field(None, description="Broker URL for an injected backend (e.g. TaskIQ); unused here.")
+
+
+class AuthConfig(_Strict):
+    """API-key auth of the HTTP endpoints."""
+
+    api_key: SecretStr | None = Field(None, description="Static API key (prefer `ssm_key` in production).")
+    ssm_key: str | None = Field(None, min_length=1, description="Name of the AWS SSM parameter holding the key.")
+    auth_header: str = Field("x-api-key", pattern=r"^[A-Za-z0-9-]+$", description="Header that carries the key.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if self.api_key is not None and self.ssm_key is not None:
+            raise ValueError("set either api_key or ssm_key, not both")
+        return self
+
+
+class JobConfig(_Strict):
+    """Defaults of batch jobs (each can be overridden per run)."""
+
+    backend: Literal["local", "modal"] = Field("local", description="Where chunks run: local worker pool or Modal.")
+    chunk_size: ByteSize = Field(
+        ByteSize(32 * 1024 * 1024),
+        ge=64 * 1024,
+        le=8 * 1024**3,
+        description="Bytes of input per chunk (`64MiB` works); a Parquet row group is never split.",
+    )
+    concurrency: int | None = Field(
+        None, ge=1, le=10_000, description="Chunks in flight at once; empty = the number of local workers."
+    )
+    local_workers: int | None = Field(None, ge=1, le=512, description="Local worker processes; empty = CPU count.")
+    id_field: str | None = Field(None, min_length=1, description="Record field holding its id; empty = file:line.")
+    output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="Format of the part files.")
+    success_queue: str | None = Field(None, min_length=1, description="Queue for success records; empty = none.")
+    failure_queue: str | None = Field(None, min_length=1, description="Queue for failure records; empty = none.")
+    max_failure_rate: float = Field(
+        0.1, ge=0.0, le=1.0, description="The job fails when more than this fraction of its records fail."
+    )
+    chunk_retries: int = Field(3, ge=0, le=20, description="Retries of a chunk after a transient error.")
+    retry_delay_seconds: float = Field(2.0, ge=0.0, le=600.0, description="First retry delay; doubles each time.")
+
+
+class AppSettings(_Strict):
+    """Application-level settings."""
+
+    app_prefix: str = Field(
+        "modalkit",
+        min_length=1,
+        max_length=48,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Prefix of the Modal app name (the postfix comes from MODALKIT_APP_POSTFIX, default `-dev`).",
+    )
+    build_config: BuildConfig = Field(default_factory=BuildConfig, description="Container image.")
+    deployment_config: DeploymentConfig = Field(default_factory=DeploymentConfig, description="Modal resources.")
+    batch_config: BatchConfig = Field(default_factory=BatchConfig, description="Batching.")
+    queue_config: QueueConfig = Field(default_factory=QueueConfig, description="Success/failure records.")
+    auth_config: AuthConfig = Field(default_factory=AuthConfig, description="HTTP auth.")
+    job_config: JobConfig = Field(default_factory=JobConfig, description="Batch job defaults.")
+
+
+class ModelEntry(BaseModel):
+    """One model: the pipeline class to load and the keyword arguments for its constructor.
+
+    Every key except ``pipeline`` is passed to the pipeline's ``__init__``.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    pipeline: str | None = Field(
+        None,
+        description="Import path of the InferencePipeline subclass, `package.module:Class`; "
+        "may be empty where the Modal app names the class itself.",
+    )
+
+    @field_validator("pipeline")
+    @classmethod
+    def _import_path(cls, value: str | None) -> str | None:
+        if value is not None and not _IMPORT_PATH.match(value):
+            raise ValueError(f"{value!r} is not an import path of the form 'package.module:Class'")
+        return value
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The constructor keyword arguments: every key but ``pipeline``."""
+        return dict(self.model_extra or {})
+
+
+class ModelSettings(_Strict):
+    """Model-level settings."""
+
+    local_model_repository_folder: Path = Field(
+        Path("./models"), description="Folder holding every model's files (a Modal Volume mount in the cloud)."
+    )
+    common: dict[str, Any] = Field(default_factory=dict, description="Settings shared by every model.")
+    model_entries: dict[str, ModelEntry] = Field(default_factory=dict, description="Models by name.")
+    default_model: str | None = Field(None, description="Model used when none is named; empty = the only entry.")
+
+    @field_validator("model_entries", mode="before")
+    @classmethod
+    def _entries_may_be_empty(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> Self:
+        if self.default_model is not None and self.default_model not in self.model_entries:
+            raise ValueError(f"default_model {self.default_model!r} is not one of model_entries")
+        return self
+
+    def entry(self, name: str | None = None) -> tuple[str, ModelEntry]:
+        """The model called ``name`` (or the default one), with a clear error when there is none.
+
+        Raises:
+            ConfigError: the name is unknown, or no name was given and the default is ambiguous.
+        """
+        if name is None:
+            name = self.default_model
+        if name is None:
+            if len(self.model_entries) == 1:
+                name = next(iter(self.model_entries))
+            else:
+                known = ", ".join(sorted(self.model_entries)) or "none"
+                raise ConfigError(f"no model named and no model_settings.default_model set; model_entries has: {known}")
+        if name not in self.model_entries:
+            known = ", ".join(sorted(self.model_entries)) or "none"
+            raise ConfigError(f"unknown model {name!r}: model_settings.model_entries has {known}")
+        return name, self.model_entries[name]
+
+
+# --- sources -------------------------------------------------------------------------------------------------
+
+_config_files: contextvars.ContextVar[tuple[Path, ...] | None] = contextvars.ContextVar(
+    "modalkit_config_files", default=None
+)
+
+
+def config_files_from_env(environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """The YAML layers to read: ``MODALKIT_CONFIG`` (comma-separated) or ``./modalkit.yaml`` if it exists."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(ENV_PREFIX + "CONFIG", "").strip()
+    if raw:
+        return tuple(Path(p.strip()) for p in raw.split(",") if p.strip())
+    default = Path(DEFAULT_CONFIG_FILE)
+    return (default,) if default.is_file() else ()
+
+
+def _deep_merge(
+    base: dict[str, Any],
+    layer: Mapping[str, Any],
+    origins: dict[tuple[str, ...], str],
+    source: str,
+    path: tuple[str, ...] = (),
+) -> None:
+    for key, value in layer.items():
+        key = str(key)
+        here = (*path, key)
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            origins.setdefault(here, source)
+            _deep_merge(base[key], value, origins, source, here)
+        else:
+            base[key] = _plain(value)
+            for known in [p for p in origins if p[: len(here)] == here]:
+                del origins[known]
+            _record_origins(here, value, origins, source)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _record_origins(path: tuple[str, ...], value: Any, origins: dict[tuple[str, ...], str], source: str) -> None:
+    origins[path] = source
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _record_origins((*path, str(k)), v, origins, source)
+
+
+def read_yaml_layers(files: Sequence[Path]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Read and deep-merge YAML files (later wins); returns the data and the file each key came from."""
+    data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for file in files:
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} does not exist (from {ENV_PREFIX}CONFIG or the caller)")
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{file}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        if loaded is None:
+            continue
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{file}: the top level must be a mapping of keys, not {type(loaded).__name__}")
+        _deep_merge(data, loaded, origins, file.name)
+    return data, origins
+
+
+class _YamlLayersSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], files: Sequence[Path]) -> None:
+        super().__init__(settings_cls)
+        self.data, self.origins = read_yaml_layers(files)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+class _DotEnvSource(DotEnvSettingsSource):
+    """``.env`` read like the environment; MODALKIT_CONFIG / MODALKIT_APP_POSTFIX there are not settings keys."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        return {k: v for k, v in data.items() if k.lower() not in _NON_SETTINGS_ENV}
+
+
+# --- Settings ------------------------------------------------------------------------------------------------
+
+
+class Settings(BaseSettings):
+    """All of modalkit's configuration: ``app_settings`` and ``model_settings``.
+
+    Build it with :meth:`load` (or ``Settings()``, which reads the same sources). Invalid configuration raises
+    :class:`~modalkit.exceptions.ConfigError` naming each bad key's full path and the file or variable it came from.
+
+    Example:
+        >>> Settings.load(data={"model_settings": {"model_entries": {"m": {"pipeline": "pkg.mod:Cls", "k": 1}}}}
+        ...               ).model_settings.entry("m")[1].kwargs
+        {'k': 1}
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+        dotenv_filtering="match_prefix",
+    )
+
+    app_settings: AppSettings = Field(default_factory=AppSettings, description="Application settings.")
+    model_settings: ModelSettings = Field(default_factory=ModelSettings, description="Model settings.")
+
+    _yaml_origins: ClassVar[contextvars.ContextVar[dict[tuple[str, ...], str]]] = contextvars.ContextVar(
+        "modalkit_yaml_origins"
+    )
+    _yaml_files: ClassVar[contextvars.ContextVar[list[Path]]] = contextvars.ContextVar("modalkit_yaml_files")
+    _config_files: tuple[Path, ...] = PrivateAttr(default=())
+
+    def __init__(self, **values: Any) -> None:
+        origins_token = Settings._yaml_origins.set({})
+        files_token = Settings._yaml_files.set([])
+        try:
+            super().__init__(**values)
+            self._config_files = tuple(Settings._yaml_files.get())
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, Settings._yaml_origins.get(), values)) from None
+        finally:
+            Settings._yaml_origins.reset(origins_token)
+            Settings._yaml_files.reset(files_token)
+
+    @property
+    def config_files(self) -> tuple[Path, ...]:
+        """The YAML files these settings were read from, in layer order (shipped into Modal images)."""
+        return self._config_files
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        files = _config_files.get()
+        files = config_files_from_env() if files is None else files
+        yaml_source = _YamlLayersSource(settings_cls, files)
+        Settings._yaml_origins.get({}).update(yaml_source.origins)
+        Settings._yaml_files.get([]).extend(files)
+        dotenv = _DotEnvSource(settings_cls)
+        return init_settings, env_settings, yaml_source, dotenv
+
+    @classmethod
+    def load(
+        cls,
+        config: str | Path | Sequence[str | Path] | None = None,
+        *,
+        data: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Load settings.
+
+        Args:
+            config: YAML file(s) to read instead of ``MODALKIT_CONFIG`` / ``./modalkit.yaml``; a string may list
+                several, comma-separated. Later files win.
+            data: Values that take precedence over every source (the same shape as the YAML).
+
+        Raises:
+            ConfigError: a file is missing or invalid, a key is unknown, or a value is out of bounds.
+        """
+        files: tuple[Path, ...] | None = None
+        if config is not None:
+            items = config.split(",") if isinstance(config, str) else ([config] if isinstance(config, Path) else config)
+            files = tuple(Path(str(p).strip()) for p in items if str(p).strip())
+        token = _config_files.set(files)
+        try:
+            return cls(**dict(data or {}))
+        finally:
+            _config_files.reset(token)
+
+
+def _explain(exc: ValidationError, yaml_origins: Mapping[tuple[str, ...], str], init: Mapping[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        path = ".".join(loc)
+        where = _origin(loc, yaml_origins, init)
+        if err["type"] == "extra_forbidden":
+            hint = _did_you_mean(loc)
+            lines.append(f"{path}: unknown key{hint} (in {where})")
+        else:
+            lines.append(f"{path}: {err['msg']} (got {_short(err.get('input'))}, in {where})")
+    noun = "error" if len(lines) == 1 else "errors"
+    return f"invalid modalkit settings, {len(lines)} {noun}:\n  " + "\n  ".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _origin(loc: tuple[str, ...], yaml_origins: Mapping[tuple[str, ...], str], init: Mapping[str, Any]) -> str:
+    if _lookup(init, loc):
+        return "the values passed in"
+    # dict/list items: fall back to the nearest enclosing key
+    for end in range(len(loc), 0, -1):
+        env_name = ENV_PREFIX + "__".join(loc[:end]).upper()
+        if any(k.upper() == env_name for k in os.environ):
+            return f"environment variable {env_name}"
+        if loc[:end] in yaml_origins:
+            return yaml_origins[loc[:end]]
+    if Path(".env").is_file():
+        return ".env or defaults"
+    return "defaults"
+
+
+def _lookup(data: Mapping[str, Any], loc: tuple[str, ...]) -> bool:
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _did_you_mean(loc: tuple[str, ...]) -> str:
+    model: type[BaseModel] | None = Settings
+    for part in loc[:-1]:
+        if model is None:
+            return ""
+        field = model.model_fields.get(part)
+        if field is None:
+            return ""
+        model = _model_of(field.annotation)
+    if model is None:
+        return ""
+    names = list(_field_names(model))
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _field_names(model: type[BaseModel]) -> Iterator[str]:
+    for name, field in model.model_fields.items():
+        yield name
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            yield from (a for a in alias.choices if isinstance(a, str))
