@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
-from modalkit.exceptions import ConfigError, PipelineError
+from modalkit.exceptions import ConfigError, PipelineError, is_retryable
 from modalkit.iomodel import InferenceOutputModel
 
 if TYPE_CHECKING:
@@ -210,6 +210,9 @@ def _run_stages(pipeline: InferencePipeline, batch: list[Any]) -> list[Any]:
 def _coerce_output(pipeline: InferencePipeline, output: Any) -> Any:
     """The output as an instance of the declared output model, or a RecordError saying why it is not one."""
     model = type(pipeline).output_model
+    if isinstance(output, InferenceOutputModel) and output.status == "error":
+        # the pipeline flagged this record itself instead of raising
+        return RecordError("postprocess", "PipelineReportedError", output.error or "the pipeline reported an error")
     if model is None:
         if isinstance(output, BaseModel):
             return output
@@ -234,6 +237,9 @@ def run_isolated(pipeline: InferencePipeline, inputs: Sequence[Any]) -> list[Any
     :class:`RecordError` for an input that failed. When a batch raises, it is split in halves and each half is run
     again, down to single records, so a poison record fails alone and its neighbours still succeed. A batch with no
     bad record costs one pass; ``k`` bad records cost about ``2 k log2(n)`` extra calls.
+
+    Errors that no record causes are raised instead, for the caller to retry the batch: ``MemoryError``,
+    ``ConnectionError``/``TimeoutError`` and retryable modalkit errors.
     """
     outcomes: list[Any] = [None] * len(inputs)
     _run_segment(pipeline, list(inputs), 0, outcomes)
@@ -246,6 +252,8 @@ def _run_segment(pipeline: InferencePipeline, inputs: list[Any], offset: int, ou
     try:
         outputs = _run_stages(pipeline, inputs)
     except _StageFailed as failed:
+        if _is_infrastructure(failed.cause):
+            raise failed.cause from None
         if len(inputs) == 1:
             outcomes[offset] = RecordError.from_exception(failed.stage, failed.cause)
             return
@@ -255,6 +263,12 @@ def _run_segment(pipeline: InferencePipeline, inputs: list[Any], offset: int, ou
         return
     for i, output in enumerate(outputs):
         outcomes[offset + i] = _coerce_output(pipeline, output)
+
+
+def _is_infrastructure(exc: BaseException) -> bool:
+    """Errors no record causes (out of memory, a lost connection, a retryable modalkit error): the whole batch
+    should be retried, not split into record failures."""
+    return isinstance(exc, MemoryError) or is_retryable(exc)
 
 
 def import_pipeline(path: str, *, where: str = "pipeline") -> type[InferencePipeline]:

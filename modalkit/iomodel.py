@@ -23,6 +23,7 @@ __all__ = [
     "DelayedFailureOutputModel",
     "FailureRecord",
     "InferenceOutputModel",
+    "JobSpec",
     "JobStatus",
     "JobSummary",
     "Stage",
@@ -104,6 +105,25 @@ class FailureRecord(BaseModel):
     error: str = Field(description="The message, naming the file, position and field where known.")
     input: Any = Field(None, description="The record as read (parsed JSON, CSV row as a dict, or the raw line).")
     meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobSpec(BaseModel):
+    """What every chunk of a batch job shares: where results go and how records are read and reported."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    input_uri: str
+    output_uri: str
+    model_name: str
+    id_field: str | None = None
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
+    success_queue: str | None = None
+    failure_queue: str | None = None
+    max_batch_size: int = Field(256, ge=1, le=100_000)
+    chunk_size: int = Field(32 * 1024 * 1024, ge=1)
+    max_failure_rate: float = Field(0.1, ge=0.0, le=1.0)
+    backend: Literal["local", "modal"] = "local"
 
 
 class ChunkSpec(BaseModel):

@@ -226,6 +226,7 @@ class ModalConfig:
             "secrets": self.secrets(),
             "region": deploy.region,
             "scaledown_window": deploy.scaledown_window,
+            "timeout": deploy.timeout,
         }
         return {k: v for k, v in settings.items() if v is not None}
 

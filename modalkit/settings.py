@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self, get_args
 
 import yaml
 from pydantic import (
@@ -392,6 +392,15 @@ def config_files_from_env(environ: Mapping[str, str] | None = None) -> tuple[Pat
     return (default,) if default.is_file() else ()
 
 
+# the original modalkit's names, merged under today's so a later layer's old name overrides an earlier new one
+_ALIASES: dict[tuple[str, ...], str] = {
+    ("app_settings", "deployment_config", "concurrency_limit"): "max_containers",
+    ("app_settings", "deployment_config", "container_idle_timeout"): "scaledown_window",
+    ("app_settings", "deployment_config", "allow_concurrent_inputs"): "max_concurrent_inputs",
+    ("app_settings", "deployment_config", "allow_concurrent_inputs_handler"): "handler_max_concurrent_inputs",
+}
+
+
 def _deep_merge(
     base: dict[str, Any],
     layer: Mapping[str, Any],
@@ -399,8 +408,8 @@ def _deep_merge(
     source: str,
     path: tuple[str, ...] = (),
 ) -> None:
-    for key, value in layer.items():
-        key = str(key)
+    for raw_key, value in layer.items():
+        key = _ALIASES.get((*path, str(raw_key)), str(raw_key))
         here = (*path, key)
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
             origins.setdefault(here, source)
@@ -572,7 +581,8 @@ def _explain(exc: ValidationError, yaml_origins: Mapping[tuple[str, ...], str], 
             hint = _did_you_mean(loc)
             lines.append(f"{path}: unknown key{hint} (in {where})")
         else:
-            lines.append(f"{path}: {err['msg']} (got {_short(err.get('input'))}, in {where})")
+            shown = _short(_redact(Settings, loc, err.get("input")))
+            lines.append(f"{path}: {err['msg']} (got {shown}, in {where})")
     noun = "error" if len(lines) == 1 else "errors"
     return f"invalid modalkit settings, {len(lines)} {noun}:\n  " + "\n  ".join(lines)
 
@@ -580,6 +590,27 @@ def _explain(exc: ValidationError, yaml_origins: Mapping[tuple[str, ...], str], 
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+_MASK = "**********"
+
+
+def _redact(model: type[BaseModel] | None, loc: Sequence[str], value: Any) -> Any:
+    """``value`` (the input at ``loc`` under ``model``) with every SecretStr field masked: errors never show secrets."""
+    for i, part in enumerate(loc):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return value
+        if _is_secret(field.annotation):
+            return _MASK if i == len(loc) - 1 else value
+        model = _model_of(field.annotation)
+    if model is None or not isinstance(value, Mapping):
+        return value
+    return {k: _redact(model, (str(k),), v) for k, v in value.items()}
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or SecretStr in get_args(annotation)
 
 
 def _origin(loc: tuple[str, ...], yaml_origins: Mapping[tuple[str, ...], str], init: Mapping[str, Any]) -> str:
@@ -590,6 +621,10 @@ def _origin(loc: tuple[str, ...], yaml_origins: Mapping[tuple[str, ...], str], i
         env_name = ENV_PREFIX + "__".join(loc[:end]).upper()
         if any(k.upper() == env_name for k in os.environ):
             return f"environment variable {env_name}"
+        # an error on a whole section (e.g. auth_config's api_key/ssm_key check) set by variables for its keys
+        nested = sorted(k for k in os.environ if end == len(loc) and k.upper().startswith(env_name + "__"))
+        if nested:
+            return f"environment variable{'s' if len(nested) > 1 else ''} {', '.join(nested)}"
         if loc[:end] in yaml_origins:
             return yaml_origins[loc[:end]]
     if Path(".env").is_file():

@@ -212,9 +212,10 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL,
     dedup_id TEXT,
     sent_at REAL NOT NULL,
+    taken INTEGER NOT NULL DEFAULT 0,
     UNIQUE (queue, dedup_id)
 );
-CREATE INDEX IF NOT EXISTS messages_by_queue ON messages (queue, seq);
+CREATE INDEX IF NOT EXISTS messages_waiting ON messages (queue, taken, seq);
 """
 
 
@@ -222,9 +223,9 @@ class LocalQueueBackend(BatchQueueBackend):
     """Durable queues in a SQLite file: the embedded default, used when no cloud queue is configured.
 
     Messages are committed before :meth:`send_batch` returns, so they survive the process (and a crash of it).
-    Several processes may send at once. Messages with a ``dedup_id`` are stored once per queue, which makes a
-    resumed or retried batch job send each record once. Consumers read with :meth:`messages` or take with
-    :meth:`receive`.
+    Several processes may send at once. Messages with a ``dedup_id`` are stored once per queue, ever: a taken
+    message is marked, not deleted, so a resumed or retried batch job sends each record once even after a
+    consumer drained the queue. Consumers read with :meth:`messages` or take with :meth:`receive`.
 
     Args:
         root: Directory of the queue file (created if missing).
@@ -244,10 +245,11 @@ class LocalQueueBackend(BatchQueueBackend):
             with storage_errors(f"opening the local queue file {self.path}"):
                 self.root.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA busy_timeout=60000")
-                conn.executescript(_SCHEMA)
+            try:
+                _set_up(conn)
+            except sqlite3.Error as exc:
+                conn.close()
+                raise QueueError(f"opening the local queue file {self.path}: {exc}", retryable=_is_busy(exc)) from exc
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
@@ -282,21 +284,25 @@ class LocalQueueBackend(BatchQueueBackend):
     def messages(self, queue_name: str) -> list[str]:
         """Every body waiting on ``queue_name``, oldest first (nothing is removed)."""
         with self._lock:
-            cur = self._connection().execute("SELECT body FROM messages WHERE queue = ? ORDER BY seq", (queue_name,))
+            cur = self._connection().execute(
+                "SELECT body FROM messages WHERE queue = ? AND taken = 0 ORDER BY seq", (queue_name,)
+            )
             return [row[0] for row in cur]
 
     def count(self, queue_name: str) -> int:
         """How many messages wait on ``queue_name``."""
         with self._lock:
-            cur = self._connection().execute("SELECT COUNT(*) FROM messages WHERE queue = ?", (queue_name,))
+            cur = self._connection().execute(
+                "SELECT COUNT(*) FROM messages WHERE queue = ? AND taken = 0", (queue_name,)
+            )
             return int(cur.fetchone()[0])
 
     def receive(self, queue_name: str, max_messages: int = 10) -> list[str]:
-        """Take up to ``max_messages`` bodies off ``queue_name``, oldest first (they are removed)."""
+        """Take up to ``max_messages`` bodies off ``queue_name``, oldest first (they no longer wait)."""
         with self._transaction(f"receiving from queue {queue_name!r}") as conn:
             cur = conn.execute(
-                "DELETE FROM messages WHERE seq IN "
-                "(SELECT seq FROM messages WHERE queue = ? ORDER BY seq LIMIT ?) RETURNING seq, body",
+                "UPDATE messages SET taken = 1 WHERE seq IN "
+                "(SELECT seq FROM messages WHERE queue = ? AND taken = 0 ORDER BY seq LIMIT ?) RETURNING seq, body",
                 (queue_name, max_messages),
             )
             return [body for _, body in sorted(cur.fetchall())]
@@ -304,13 +310,36 @@ class LocalQueueBackend(BatchQueueBackend):
     def queues(self) -> list[str]:
         """Names of the queues holding messages."""
         with self._lock:
-            return [row[0] for row in self._connection().execute("SELECT DISTINCT queue FROM messages ORDER BY 1")]
+            cur = self._connection().execute("SELECT DISTINCT queue FROM messages WHERE taken = 0 ORDER BY 1")
+            return [row[0] for row in cur]
 
     def close(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None
+
+
+def _set_up(conn: sqlite3.Connection, timeout: float = 60.0) -> None:
+    # Switching a new file to WAL takes an exclusive lock, and SQLite answers "database is locked" at once
+    # (without waiting busy_timeout) when another process opens the same new file at that moment: retry.
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01 + random.random() * 0.05)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 # --- SQS -----------------------------------------------------------------------------------------------------
@@ -384,9 +413,28 @@ class SQSBackend(BatchQueueBackend):
         url = self._urls.get(queue_name)
         if url is not None:
             return url
+        url = self._lookup_queue_url(queue_name)
+        with self._lock:
+            self._urls[queue_name] = url
+        return url
+
+    def _lookup_queue_url(self, queue_name: str) -> str:
+        # a lookup during a short outage gets the same retry budget as the send itself
+        attempt = 1
+        while True:
+            try:
+                return self._get_queue_url(queue_name)
+            except QueueError as exc:
+                if not exc.retryable or attempt >= self.max_send_attempts:
+                    raise
+                log.warning("retrying after a transient SQS error: %s", exc)
+                time.sleep(_backoff(attempt))
+                attempt += 1
+
+    def _get_queue_url(self, queue_name: str) -> str:
         try:
             with queue_errors(f"looking up SQS queue {queue_name!r}"):
-                url = self.client.get_queue_url(QueueName=queue_name)["QueueUrl"]
+                return str(self.client.get_queue_url(QueueName=queue_name)["QueueUrl"])
         except QueueError as exc:
             if "NonExistentQueue" in str(exc) or "QueueDoesNotExist" in str(exc):
                 raise QueueError(
@@ -394,9 +442,6 @@ class SQSBackend(BatchQueueBackend):
                     retryable=False,
                 ) from exc
             raise
-        with self._lock:
-            self._urls[queue_name] = url
-        return url
 
     def send_batch(self, queue_name: str, messages: Sequence[str | QueueMessage]) -> int:
         if not messages:
@@ -431,7 +476,8 @@ class SQSBackend(BatchQueueBackend):
         bucket, _, prefix = self.large_message_uri.removeprefix("s3://").partition("/")
         digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
         key = "/".join(p for p in (prefix, _safe_key(queue_name), f"{digest}.json") if p)
-        with storage_errors(f"storing a large message in s3://{bucket}/{key}"):
+        # a QueueError, not a StorageError: send_batch's callers catch QueueError to mark one record undelivered
+        with queue_errors(f"storing a large message in s3://{bucket}/{key}"):
             self.s3_client.put_object(Bucket=bucket, Key=key, Body=body.encode("utf-8"))
         return json.dumps([S3_POINTER_CLASS, {"s3BucketName": bucket, "s3Key": key}])
 

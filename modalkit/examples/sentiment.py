@@ -22,10 +22,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import random
 import re
+import uuid
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -248,14 +251,17 @@ class SentimentPipeline(InferencePipeline):
         self.n_features = int(weights["n_features"])
 
     def _save(self, path: Path, weights: dict[str, Any]) -> None:
+        # a temporary name of its own: containers (or local workers) sharing the folder may save at the same time
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp.npz")
             self._np.savez(tmp, **weights)
             tmp.replace(path)
             log.info("fitted the sentiment model and saved its weights to %s", path)
         except OSError as exc:  # a read-only volume: keep the fitted weights in memory
             log.warning("could not save weights to %s (%s); using them from memory", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def preprocess(self, input_list: list[Review]) -> dict[str, Any]:
         np = self._np

@@ -1,0 +1,387 @@
+"""The Modal app from ``modalkit.yaml``, written the way the original modalkit's docs show, built and run offline.
+
+The app is a real module file (Modal wants its classes at global scope), written into the test's directory and
+imported, so the decorators run exactly as in a user's ``app.py``. Nothing reaches Modal's servers: the app is only
+built, and ``Cls().method.local(...)`` runs the ``@modal.enter`` step and the batched method in-process.
+
+No ``from __future__ import annotations`` in this file: Modal reads ``model_name: str = modal.parameter(...)``
+annotations as real types.
+"""
+
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import modal
+import pytest
+from fastapi import FastAPI
+
+from modalkit.examples.sentiment import Review, SentimentPipeline
+from modalkit.iomodel import AsyncInputModel, InferenceOutputModel, SyncInputModel
+from modalkit.modal_config import ModalConfig
+from modalkit.modal_service import ModalService
+from modalkit.settings import Settings
+from modalkit.task_queue import LocalQueueBackend, MemoryBackend
+
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "modalkit.yaml"
+POSITIVE, NEGATIVE = "Absolutely love it", "Terrible, broke after a day"
+POISON = "POISON PILL"
+
+# The user's app.py, as the original modalkit's getting-started guide writes it (plus two more model classes and
+# a pipeline that fails on a marker value). `settings` is put in front of it by the fixture.
+APP_SOURCE = """
+import fastapi
+import modal
+
+from modalkit.examples.sentiment import SentimentPipeline
+from modalkit.modal_config import ModalConfig
+from modalkit.modal_service import ModalService
+from modalkit.task_queue import MemoryBackend
+
+modal_config = ModalConfig(settings)
+app = modal.App(name=modal_config.app_name)
+backend = MemoryBackend()
+
+
+@app.cls(**modal_config.get_app_cls_settings())
+class SentimentApp(ModalService):
+    inference_implementation = SentimentPipeline
+    model_name: str = modal.parameter(default="sentiment")
+    modal_utils: ModalConfig = modal_config
+
+
+@app.cls(**modal_config.get_app_cls_settings())
+class SentimentFromEntry(ModalService):
+    # no inference_implementation: the model entry's `pipeline` import path names the class
+    model_name: str = modal.parameter(default="sentiment")
+    modal_utils: ModalConfig = modal_config
+
+
+class PoisonablePipeline(SentimentPipeline):
+    def predict(self, input_list, preprocessed_data):
+        if any(item.text == "POISON PILL" for item in input_list):
+            raise ValueError("poisoned review: cannot score it")
+        return super().predict(input_list, preprocessed_data)
+
+
+@app.cls(**modal_config.get_app_cls_settings())
+class GuardedApp(ModalService):
+    inference_implementation = PoisonablePipeline
+    model_name: str = modal.parameter(default="sentiment")
+    modal_utils: ModalConfig = modal_config
+    queue_backend = backend
+
+
+@app.function(**modal_config.get_handler_settings())
+@modal.concurrent(**modal_config.get_handler_concurrent_settings())
+@modal.asgi_app(**modal_config.get_asgi_app_settings())
+def web_endpoints():
+    return fastapi.FastAPI(title="sentiment")
+"""
+
+
+def settings_data(tmp_path: Path, **app_settings: Any) -> dict[str, Any]:
+    """Values over modalkit.yaml: the weights and the local queue file go under ``tmp_path``."""
+    return {
+        "app_settings": {"queue_config": {"local_path": str(tmp_path / "queues")}, **app_settings},
+        "model_settings": {"local_model_repository_folder": str(tmp_path / "models")},
+    }
+
+
+def load_settings(tmp_path: Path, **app_settings: Any) -> Settings:
+    return Settings.load(REPO_CONFIG, data=settings_data(tmp_path, **app_settings))
+
+
+@pytest.fixture
+def import_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., ModuleType]:
+    """Write the app module, with these app_settings over modalkit.yaml, and import it.
+
+    With ``usual_way=True`` the module calls ``ModalConfig()``, which finds the settings through ``MODALKIT_CONFIG``
+    (modalkit.yaml, then an overlay file with the test's values); otherwise ``ModalConfig(settings)`` with settings
+    loaded explicitly at the top of the module.
+    """
+    names = iter(range(1_000))
+
+    def load(usual_way: bool = False, **app_settings: Any) -> ModuleType:
+        name = f"sentiment_app_{next(names)}"
+        path = tmp_path / f"{name}.py"
+        data = settings_data(tmp_path, **app_settings)
+        if usual_way:
+            overlay = tmp_path / f"{name}.yaml"
+            overlay.write_text(json.dumps(data), encoding="utf-8")  # JSON is YAML
+            monkeypatch.setenv("MODALKIT_CONFIG", f"{REPO_CONFIG},{overlay}")
+            source = APP_SOURCE.replace("ModalConfig(settings)", "ModalConfig()")
+        else:
+            load_call = f"Settings.load({str(REPO_CONFIG)!r}, data={data!r})"
+            source = f"from modalkit.settings import Settings\n\nsettings = {load_call}\n{APP_SOURCE}"
+        path.write_text(source, encoding="utf-8")
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+def sync(text: str) -> SyncInputModel[Review]:
+    return SyncInputModel[Review](message=Review(text=text))
+
+
+def async_(text: str, **kwargs: Any) -> AsyncInputModel[Review]:
+    return AsyncInputModel[Review](message=Review(text=text), **kwargs)
+
+
+def bodies(backend: MemoryBackend | LocalQueueBackend, queue: str) -> list[dict[str, Any]]:
+    return [json.loads(body) for body in backend.messages(queue)]
+
+
+# --- building ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("usual_way", [False, True], ids=["ModalConfig(settings)", "ModalConfig()"])
+def test_app_from_modalkit_yaml_builds_offline_as_the_original_docs_write_it(
+    import_app: Callable[..., ModuleType], usual_way: bool
+) -> None:
+    app = import_app(usual_way=usual_way)
+
+    assert isinstance(app.app, modal.App)
+    assert app.app.name == "modalkit-sentiment-dev"
+    assert app.modal_config.settings.config_files[0] == REPO_CONFIG
+    for cls in (app.SentimentApp, app.SentimentFromEntry, app.GuardedApp):
+        assert isinstance(cls, modal.Cls)
+        info = cls().process_request.info()
+        assert info.method_names == ["process_request"]
+        assert info.batching_info is not None
+        assert (info.batching_info.max_batch_size, info.batching_info.wait_ms) == (256, 10)  # modalkit.yaml
+        assert (info.timeout, info.gpus, info.max_retries) == (1800, [], None)
+
+    web = app.web_endpoints.info()
+    assert web.web_info is not None
+    assert web.web_info.unauthenticated  # deployment_config.secure: false
+    assert web.concurrency_info is not None
+    assert web.concurrency_info.max_inputs == 100
+    assert isinstance(app.web_endpoints.local(), FastAPI)
+
+
+@pytest.mark.filterwarnings("error")
+def test_secure_deployment_requires_modal_proxy_auth(import_app: Callable[..., ModuleType]) -> None:
+    app = import_app(deployment_config={"secure": True})
+    web = app.web_endpoints.info()
+    assert web.web_info is not None
+    assert not web.web_info.unauthenticated
+
+
+# --- batching settings ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("error")
+def test_batched_method_takes_its_settings_from_the_subclass_modal_utils(
+    import_app: Callable[..., ModuleType],
+) -> None:
+    app = import_app(batch_config={"max_batch_size": 7, "wait_ms": 3})
+    info = app.SentimentApp().process_request.info()
+    assert info.batching_info is not None
+    assert (info.batching_info.max_batch_size, info.batching_info.wait_ms) == (7, 3)
+
+    # another subclass with other settings gets its own batching; the first keeps its own
+    other_config = ModalConfig(Settings.load(data={"app_settings": {"batch_config": {"max_batch_size": 2}}}))
+    other_app = modal.App(name="other")
+
+    @other_app.cls(**other_config.get_app_cls_settings(), serialized=True)  # serialized: local to this test
+    class Other(ModalService):
+        model_name: str = modal.parameter(default="sentiment")
+        modal_utils: ModalConfig = other_config
+
+    other = Other().process_request.info().batching_info
+    assert other is not None
+    assert (other.max_batch_size, other.wait_ms) == (2, 10)
+    again = app.SentimentApp().process_request.info().batching_info
+    assert again is not None
+    assert (again.max_batch_size, again.wait_ms) == (7, 3)
+
+
+# --- the local path: @modal.enter, then the batched method -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "usual_way"),
+    [("SentimentApp", False), ("SentimentFromEntry", False), ("SentimentApp", True)],
+    ids=["inference_implementation", "entry-pipeline", "ModalConfig()"],
+)
+def test_process_request_local_loads_the_model_and_answers_each_input_in_order(
+    import_app: Callable[..., ModuleType], tmp_path: Path, cls_name: str, usual_way: bool
+) -> None:
+    app = import_app(usual_way=usual_way)
+    inputs = [sync(POSITIVE), async_(NEGATIVE), sync(NEGATIVE), async_(POSITIVE)]
+
+    outputs = getattr(app, cls_name)().process_request.local(inputs)
+
+    assert [o.status for o in outputs] == ["success"] * 4
+    assert [o.label for o in outputs] == ["positive", "negative", "negative", "positive"]
+    assert all(0.5 < o.score <= 1.0 for o in outputs)
+    # load_artefacts (@modal.enter) built the example model, which saved its weights where the settings say
+    assert (tmp_path / "models" / "sentiment" / "weights.npz").is_file()
+
+
+def test_a_poison_input_fails_alone_and_async_results_reach_their_queues(
+    import_app: Callable[..., ModuleType],
+) -> None:
+    app = import_app()
+    backend: MemoryBackend = app.backend
+    queues = {"success_queue": "results", "failure_queue": "failures"}
+    inputs = [
+        sync(POSITIVE),
+        async_(POISON, **queues, meta={"record_id": "review-2", "tenant": "shop"}),
+        async_(NEGATIVE, **queues, meta={"record_id": "review-3"}),
+        sync(POISON),
+        sync(NEGATIVE),
+    ]
+
+    outputs = app.GuardedApp().process_request.local(inputs)
+
+    assert [o.status for o in outputs] == ["success", "error", "success", "error", "success"]
+    assert [getattr(o, "label", None) for o in outputs] == ["positive", None, "negative", None, "negative"]
+    assert "poisoned review" in (outputs[1].error or "")
+
+    [success] = bodies(backend, "results")
+    assert success == {
+        "job_id": "local",  # modal.current_function_call_id() outside a container
+        "record_id": "review-3",
+        "status": "success",
+        "output": {"label": "negative", "score": success["output"]["score"]},
+        "meta": {"record_id": "review-3"},
+    }
+    [failure] = bodies(backend, "failures")
+    assert failure == {
+        "job_id": "local",
+        "record_id": "review-2",
+        "status": "error",
+        "stage": "predict",
+        "error_type": "ValueError",
+        "error": "poisoned review: cannot score it",
+        "input": {"text": POISON},
+        "meta": {"record_id": "review-2", "tenant": "shop"},
+    }
+    assert backend.queues() == ["failures", "results"]  # sync inputs send nothing
+
+
+def test_async_results_go_to_the_local_queue_backend_named_in_the_settings(
+    import_app: Callable[..., ModuleType], tmp_path: Path
+) -> None:
+    app = import_app(queue_config={"backend": "local", "local_path": str(tmp_path / "queues")})
+    inputs = [
+        async_(POSITIVE, success_queue="results", failure_queue="failures"),
+        async_(NEGATIVE, success_queue="results"),
+        sync(POSITIVE),
+    ]
+
+    outputs = app.SentimentApp().process_request.local(inputs)
+
+    assert [o.label for o in outputs] == ["positive", "negative", "positive"]
+    durable = LocalQueueBackend(tmp_path / "queues")  # a second handle: the records are on disk
+    records = bodies(durable, "results")
+    assert [(r["status"], r["record_id"], r["output"]["label"]) for r in records] == [
+        ("success", "local:0", "positive"),
+        ("success", "local:1", "negative"),
+    ]
+    assert durable.messages("failures") == []
+    durable.close()
+
+
+def test_a_pipeline_reported_error_keeps_its_whole_message_on_the_failure_queue(tmp_path: Path) -> None:
+    # the original modalkit let a pipeline without declared schemas mark an output as failed itself
+    class Flagging(SentimentPipeline):
+        output_model = None
+
+        def postprocess(self, input_list: list[Review], raw_output: dict[str, Any]) -> list[Any]:
+            outputs = super().postprocess(input_list, raw_output)
+            return [
+                InferenceOutputModel(status="error", error="language not supported: fr") if "bonjour" in i.text else o
+                for i, o in zip(input_list, outputs, strict=True)
+            ]
+
+    class Service(ModalService):
+        inference_implementation = Flagging
+        model_name = "sentiment"
+        modal_utils = ModalConfig(load_settings(tmp_path))
+
+    backend = MemoryBackend()
+    service = Service(queue_backend=backend)
+    service.load_artefacts()
+    inputs = [async_("bonjour, un avis", failure_queue="failures"), async_(POSITIVE, failure_queue="failures")]
+    outputs = service.process_request(inputs)
+
+    assert [o.status for o in outputs] == ["error", "success"]
+    [failure] = bodies(backend, "failures")
+    assert (failure["stage"], failure["error_type"], failure["error"]) == (
+        "postprocess",
+        "PipelineReportedError",
+        "language not supported: fr",
+    )
+
+
+# --- constructor injection (the seed's API) --------------------------------------------------------------------
+
+
+def test_queue_backend_can_be_injected_through_the_constructor(tmp_path: Path) -> None:
+    class MyService(ModalService):
+        inference_implementation = SentimentPipeline
+        model_name = "sentiment"
+        modal_utils = ModalConfig(load_settings(tmp_path))
+
+    backend = MemoryBackend()
+    service = MyService(queue_backend=backend)
+
+    assert service.queue_backend is backend
+    assert MyService.queue_backend is None  # the class (and other instances) keep the configured default
+    assert MyService().queue_backend is None
+
+    service.load_artefacts()
+    [output] = service.process_request([async_(POSITIVE, success_queue="results")])
+    assert output.label == "positive"
+    assert [r["output"]["label"] for r in bodies(backend, "results")] == ["positive"]
+    assert not (tmp_path / "queues").exists()  # the configured local backend was not used
+
+
+# --- the example model on a shared volume ----------------------------------------------------------------------
+
+
+def test_containers_that_start_together_on_one_volume_both_save_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two containers find no weights on the shared volume, fit them, and save at the same moment: the second one
+    # saves while the first is between writing its temporary file and renaming it into place.
+    folder = str(tmp_path / "volume")
+    real_replace = Path.replace
+    second: list[SentimentPipeline] = []
+    started: list[bool] = []
+
+    def replace_after_a_concurrent_save(self: Path, target: Any) -> Path:
+        if not started and str(self).startswith(folder):
+            started.append(True)
+            second.append(SentimentPipeline("sentiment", folder, {}))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace_after_a_concurrent_save)
+    with caplog.at_level(logging.WARNING, logger="modalkit.examples.sentiment"):
+        first = SentimentPipeline("sentiment", folder, {})
+
+    assert "could not save" not in caplog.text
+    weights = tmp_path / "volume" / "sentiment"
+    assert [p.name for p in weights.iterdir()] == ["weights.npz"]  # no temporary file left behind
+    monkeypatch.undo()
+    third = SentimentPipeline("sentiment", folder, {})  # a later container loads what was saved
+    for pipeline in (first, second[0], third):
+        assert [o.label for o in pipeline.run_inference([Review(text=POSITIVE), Review(text=NEGATIVE)])] == [
+            "positive",
+            "negative",
+        ]
