@@ -44,10 +44,11 @@ from modalkit.modal_config import ModalConfig, VolumeReloader
 from modalkit.settings import BatchConfig
 from modalkit.task_queue import QueueBackend, create_backend, deliver_sync
 
-__all__ = ["ModalService"]
+__all__ = ["BatchWorker", "ModalService"]
 
 log = logging.getLogger(__name__)
 ENVELOPE_FIELDS = {"status", "error"}
+_PIPELINE_STAGES = frozenset({"preprocess", "predict", "postprocess"})
 
 
 class ModalService:
@@ -128,7 +129,11 @@ class ModalService:
         """
         self._reload_volumes_if_needed()
         messages = [item.message for item in input_list]
-        outcomes = run_isolated(self._model_inference_instance, messages)
+        try:
+            outcomes = run_isolated(self._model_inference_instance, messages)
+        except Exception as exc:  # no record caused it (out of memory, a lost connection): each request says so
+            log.exception("batch of %d requests failed", len(messages))
+            outcomes = [RecordError.from_exception("predict", exc)] * len(messages)
         outputs = [_as_output(outcome) for outcome in outcomes]
         for idx, (item, output) in enumerate(zip(input_list, outputs, strict=True)):
             if isinstance(item, AsyncInputModel):
@@ -178,14 +183,13 @@ class ModalService:
                 meta=input_data.meta,
             )
         else:
-            stage, _, rest = (raw_output_data.error or "").partition(": ")
-            error_type, _, error = rest.partition(": ")
+            stage, error_type, error = _failure_fields(raw_output_data.error or "")
             record = FailureRecord(
                 job_id=job_id,
                 record_id=record_id,
-                stage=stage or "predict",
-                error_type=error_type or "Error",
-                error=error or (raw_output_data.error or ""),
+                stage=stage,
+                error_type=error_type,
+                error=error,
                 input=input_data.message.model_dump(mode="json"),
                 meta=input_data.meta,
             )
@@ -219,9 +223,52 @@ class ModalService:
         return fn
 
 
+def _failure_fields(text: str) -> tuple[str, str, str]:
+    """``(stage, error_type, error)`` of a failed output's error text.
+
+    Text written by :func:`_as_output` (``"<stage>: <ErrorType>: <message>"``) is split; any other text (an error a
+    pipeline reported itself) is kept whole, as the message of a generic ``predict`` error.
+    """
+    stage, _, rest = text.partition(": ")
+    error_type, _, error = rest.partition(": ")
+    if stage in _PIPELINE_STAGES and error_type.isidentifier() and error:
+        return stage, error_type, error
+    return "predict", "Error", text
+
+
 def _as_output(outcome: Any) -> InferenceOutputModel:
     if isinstance(outcome, RecordError):
         return InferenceOutputModel(status="error", error=f"{outcome.stage}: {outcome.error_type}: {outcome.error}")
     if isinstance(outcome, InferenceOutputModel):
         return outcome
     return InferenceOutputModel(**outcome.model_dump())
+
+
+class BatchWorker:
+    """Base of the Modal class that runs batch-job chunks: one chunk reference per call, counts back.
+
+    Subclass it under ``@app.cls(**modal_config.get_batch_worker_cls_settings())`` with ``model_name`` (a
+    ``modal.parameter``) and ``modal_utils``; ``modalkit/modal_app.py`` does exactly that. The container loads the
+    pipeline once (``@modal.enter``) and reads and writes S3 itself: the data never travels through the caller.
+    """
+
+    model_name: str
+    inference_implementation: ClassVar[type[InferencePipeline] | None] = None
+    modal_utils: ModalConfig
+
+    @modal.enter()
+    def load_worker(self) -> None:
+        """Build the pipeline and the queue backend, once per container."""
+        from modalkit.batch.chunk import ChunkProcessor
+
+        settings = self.modal_utils.settings
+        pipeline = load_pipeline(settings, self.model_name, type(self).inference_implementation)
+        self._processor = ChunkProcessor(pipeline, create_backend(settings.app_settings.queue_config))
+
+    @modal.method()
+    def process_chunk(self, job: dict[str, Any], chunk: dict[str, Any]) -> dict[str, Any]:
+        """Process one chunk (given as the JSON forms of JobSpec and ChunkSpec); returns the ChunkResult's."""
+        from modalkit.iomodel import ChunkSpec, JobSpec
+
+        result = self._processor.process(JobSpec.model_validate(job), ChunkSpec.model_validate(chunk))
+        return result.model_dump(mode="json")

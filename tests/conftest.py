@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +11,16 @@ from pathlib import Path
 import pytest
 from support import MotoServer
 
-# Never let a developer's own AWS/Modal/Prefect settings leak into a test.
-_SCRUB_PREFIXES = ("MODALKIT_", "AWS_", "PREFECT_", "MODAL_")
+# Prefect: a private home for the whole run, no analytics, never a developer's own server.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="modalkit-tests-prefect-")
+for _name in [n for n in os.environ if n.startswith("PREFECT_")]:
+    del os.environ[_name]
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
+
+# Never let a developer's own AWS/Modal settings leak into a test.
+_SCRUB_PREFIXES = ("MODALKIT_", "AWS_", "MODAL_")
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +57,16 @@ def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
 
     reset_clients()
     return moto_server
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A temporary Prefect server (SQLite) for the session; yields its API URL. Flows run against it."""
+    import prefect.settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield str(prefect.settings.PREFECT_API_URL.value())
 
 
 @pytest.fixture

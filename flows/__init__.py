@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (batch_inference, replay_failures)."""

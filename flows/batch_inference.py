@@ -1,0 +1,225 @@
+"""Flow ``batch-inference``: an input dataset to scored results, success/failure records and a summary.
+
+Orchestration only: plan the chunks, run them on the backend with bounded concurrency and retries, report
+progress (a Prefect progress artifact and any in-process listeners), write the manifest, publish a summary table
+artifact, and return the summary. Record failures do not fail the flow unless their rate passes
+``max_failure_rate``; a chunk that fails after its retries does (a rerun resumes from the committed chunks).
+
+    prefect deployment run 'batch-inference/nightly'
+    modalkit batch s3://bucket/reviews/ s3://bucket/scored/
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections import deque
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.tasks import exponential_backoff
+
+from modalkit.batch.backends import ChunkBackend, open_backend
+from modalkit.batch.job import JobPlan, resolve_job_config
+from modalkit.batch.progress import JobProgress, report
+from modalkit.exceptions import ModalkitError, is_retryable
+from modalkit.iomodel import ChunkResult, JobSummary
+from modalkit.local import default_workers
+from modalkit.settings import Settings
+from tasks.finalize import finalize
+from tasks.plan import claim_output, plan_chunks
+from tasks.run_chunk import run_chunk
+
+PROGRESS_EVERY_SECONDS = 1.0
+
+
+class JobFailed(ModalkitError):
+    """The job finished as failed: chunks failed after their retries, or too many records failed.
+
+    Attributes:
+        summary: The job's summary (also written to ``_manifest.json``).
+    """
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None, *, retryable: bool = False) -> None:
+        super().__init__(message, retryable=retryable)
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.summary))
+
+
+@flow(name="batch-inference", log_prints=False)
+def batch_inference(
+    input_uri: str,
+    output_uri: str,
+    model_name: str | None = None,
+    backend: Literal["local", "modal"] | None = None,
+    chunk_size: str | None = None,
+    concurrency: int | None = None,
+    id_field: str | None = None,
+    success_queue: str | None = None,
+    failure_queue: str | None = None,
+    max_failure_rate: float | None = None,
+    output_format: Literal["jsonl", "parquet"] | None = None,
+    config: str | None = None,
+) -> dict[str, Any]:
+    """Score every record under ``input_uri`` into ``output_uri``.
+
+    Parameters left empty take their value from ``app_settings.job_config`` (``config`` names the YAML layers,
+    comma-separated; default: ``MODALKIT_CONFIG`` or ``./modalkit.yaml``). ``chunk_size`` is a size in bytes of
+    input per chunk, e.g. ``"64MiB"``.
+
+    Returns:
+        The summary: job_id, records, succeeded, failed, chunks, chunks_skipped, seconds, records_per_s, output_uri.
+    """
+    started = time.perf_counter()
+    logger = get_run_logger()
+    settings = Settings.load(config) if config else Settings.load()
+    job_config = resolve_job_config(
+        settings,
+        backend=backend,
+        chunk_size=chunk_size,
+        concurrency=concurrency,
+        id_field=id_field,
+        success_queue=success_queue,
+        failure_queue=failure_queue,
+        max_failure_rate=max_failure_rate,
+        output_format=output_format,
+    )
+    plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
+    claim_output(plan)
+    logger.info(
+        "job %s: %d chunks over %d bytes, model %s, backend %s",
+        plan.job.job_id, len(plan.chunks), plan.total_bytes, plan.job.model_name, job_config.backend,
+    )  # fmt: skip
+    workers = job_config.local_workers or default_workers()
+    if job_config.concurrency:
+        in_flight = job_config.concurrency
+    elif job_config.backend == "local":
+        in_flight = workers
+    else:
+        in_flight = settings.app_settings.deployment_config.max_containers or 10
+    chunk_task = run_chunk.with_options(
+        retries=job_config.chunk_retries,
+        retry_delay_seconds=exponential_backoff(job_config.retry_delay_seconds)(job_config.chunk_retries)
+        if job_config.chunk_retries
+        else 0,
+    )
+    chunk_backend = open_backend(job_config.backend, settings, plan.job.model_name, workers=workers)
+    try:
+        results, errors = _run_chunks(plan, chunk_backend, chunk_task, in_flight)
+    finally:
+        chunk_backend.close()
+    summary = finalize(plan, results, time.perf_counter() - started, len(errors))
+    _publish_summary(summary, errors)
+    return _outcome(summary, errors, job_config.max_failure_rate)
+
+
+def _run_chunks(
+    plan: JobPlan, backend: ChunkBackend, chunk_task: Any, in_flight: int
+) -> tuple[list[ChunkResult], list[tuple[int, BaseException]]]:
+    """Run every chunk, at most ``in_flight`` at once; stop starting new ones after a non-retryable failure."""
+    logger = get_run_logger()
+    pending = deque(plan.chunks)
+    running: dict[concurrent.futures.Future[Any], Any] = {}
+    results: list[ChunkResult] = []
+    errors: list[tuple[int, BaseException]] = []
+    tracker = _Progress(plan)
+    while pending or running:
+        while pending and len(running) < in_flight and not _fatal(errors):
+            chunk = pending.popleft()
+            future = chunk_task.submit(backend, plan.job, chunk)
+            running[future.wrapped_future] = (future, chunk)
+        if not running:
+            break
+        done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for wrapped in done:
+            future, chunk = running.pop(wrapped)
+            outcome = future.result(raise_on_failure=False)
+            if isinstance(outcome, ChunkResult):
+                results.append(outcome)
+                tracker.chunk_done(chunk.size, outcome)
+            else:
+                logger.error("chunk %05d (%s) failed: %s", chunk.index, chunk.key, outcome)
+                errors.append((chunk.index, outcome))
+    if pending:
+        logger.error("%d chunks were not started after a failure that retries cannot fix", len(pending))
+        errors.extend((chunk.index, RuntimeError("not started")) for chunk in pending)
+    tracker.finish()
+    return results, errors
+
+
+def _fatal(errors: list[tuple[int, BaseException]]) -> bool:
+    return any(not is_retryable(exc) for _, exc in errors)
+
+
+class _Progress:
+    """Keeps the Prefect progress artifact and in-process listeners up to date (artifact at most every second)."""
+
+    def __init__(self, plan: JobPlan) -> None:
+        self.plan = plan
+        self.bytes_total = sum(c.size for c in plan.chunks) or 1
+        self.bytes_done = self.chunks_done = self.records = self.failed = 0
+        self._last = 0.0
+        self.artifact_id = create_progress_artifact(
+            progress=0.0,
+            key=f"batch-progress-{plan.job.job_id}",
+            description=f"Job {plan.job.job_id}: {len(plan.chunks)} chunks of {plan.job.input_uri}",
+        )
+
+    def chunk_done(self, size: int, result: ChunkResult) -> None:
+        self.bytes_done += size
+        self.chunks_done += 1
+        self.records += result.records
+        self.failed += result.failed
+        report(self._snapshot())
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY_SECONDS:
+            self._last = now
+            self._update()
+
+    def _snapshot(self) -> JobProgress:
+        return JobProgress(
+            self.plan.job.job_id, self.chunks_done, len(self.plan.chunks),
+            self.bytes_done, self.bytes_total, self.records, self.failed,
+        )  # fmt: skip
+
+    def _update(self) -> None:
+        snap = self._snapshot()
+        update_progress_artifact(
+            self.artifact_id,
+            progress=round(min(snap.percent, 100.0), 2),
+            description=f"{snap.chunks_done}/{snap.chunks_total} chunks, {snap.records} records, {snap.failed} failed",
+        )
+
+    def finish(self) -> None:
+        self._update()
+
+
+def _publish_summary(summary: JobSummary, errors: list[tuple[int, BaseException]]) -> None:
+    rows = [{"field": k, "value": str(v)} for k, v in summary.model_dump().items()]
+    rows += [{"field": f"chunk {index:05d} error", "value": str(exc)[:500]} for index, exc in errors[:20]]
+    create_table_artifact(
+        rows, key=f"batch-summary-{summary.job_id}", description=f"Summary of batch job {summary.job_id}"
+    )
+
+
+def _outcome(summary: JobSummary, errors: list[tuple[int, BaseException]], max_failure_rate: float) -> dict[str, Any]:
+    data = summary.model_dump()
+    if errors:
+        index, first = errors[0]
+        raise JobFailed(
+            f"job {summary.job_id}: {len(errors)} chunk(s) failed (first: chunk {index:05d}: {first}); "
+            "run the job again to resume from the committed chunks",
+            data,
+            retryable=all(is_retryable(exc) for _, exc in errors),
+        )
+    if summary.status == "failed":
+        raise JobFailed(
+            f"job {summary.job_id}: {summary.failed} of {summary.records} records failed "
+            f"({summary.failure_rate:.2%}, more than max_failure_rate {max_failure_rate:.2%}); "
+            f"see {summary.output_uri}/_failures/",
+            data,
+        )
+    return data

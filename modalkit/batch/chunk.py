@@ -1,0 +1,326 @@
+"""process_chunk: one chunk from input bytes to part file, failure file, queue records and commit marker.
+
+Runs where the model runs (a local worker process or a Modal container). For each sub-batch of
+``max_batch_size`` records: parse (JSON), pick the record id, validate against the pipeline's ``input_model``,
+run the pipeline through the isolated runner, write success rows and failure rows, hand queue records to the
+background sender. At the end the part file and the failure file are moved into place (one object each), the
+queue records are confirmed sent, and the commit marker ``_chunks/NNNNN.json`` is written last: a chunk with a
+marker is done and is skipped when the job runs again. Counts go back, never data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from modalkit.batch import storage
+from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
+from modalkit.batch.records import Unreadable, iter_batches
+from modalkit.batch.writers import JsonlWriter, ParquetWriter
+from modalkit.exceptions import StorageError
+from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
+from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
+from modalkit.task_queue import QueueBackend
+
+__all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "chunk_paths", "process_chunk"]
+
+ENVELOPE = {"status", "error"}
+#: A record holding this key takes its value as its record id (replayed failures keep their original ids).
+REPLAY_ID_KEY = "__modalkit_record_id__"
+MAX_INPUT_CHARS = 100_000
+
+
+def chunk_paths(output_uri: str, index: int, output_format: str) -> dict[str, str]:
+    """Where chunk ``index`` writes: its part file, failure file, commit marker and queue journal."""
+    name = f"{index:05d}"
+    return {
+        "part": storage.join(output_uri, f"part-{name}.{output_format}"),
+        "failures": storage.join(output_uri, "_failures", f"part-{name}.jsonl"),
+        "marker": storage.join(output_uri, "_chunks", f"{name}.json"),
+        "journal": storage.join(output_uri, "_chunks", f"{name}.progress.json"),
+    }
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """``field 'text': Field required; field 'score': Input should be a valid number`` (first five)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"field '{loc}': {err['msg']}" if loc else err["msg"])
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+class ChunkProcessor:
+    """Processes chunks with one loaded pipeline; build it once per worker and call :meth:`process` per chunk.
+
+    Args:
+        pipeline: The loaded pipeline; it must declare ``input_model`` and ``output_model``.
+        queue_backend: Where success/failure records go (needed when a job names queues).
+    """
+
+    def __init__(self, pipeline: InferencePipeline, queue_backend: QueueBackend | None = None) -> None:
+        self.pipeline = pipeline
+        self.input_model, self.output_model = type(pipeline).require_schemas()
+        self.queue_backend = queue_backend
+        self.validate_one: Callable[[Any], BaseModel] = self.input_model.__pydantic_validator__.validate_python
+        self.validate_many: Callable[[list[Any]], list[BaseModel]] = TypeAdapter(
+            list[self.input_model]  # type: ignore[name-defined]
+        ).validate_python
+
+    def process(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
+        """Run one chunk; returns its counts (``skipped`` when it was committed before).
+
+        Raises:
+            StorageError, QueueError: the chunk could not be read or its results not written or sent (the flow
+                retries the transient ones; nothing is committed, so a retry starts the chunk over).
+        """
+        paths = chunk_paths(job.output_uri, chunk.index, job.output_format)
+        if storage.exists(paths["marker"]):
+            return _skipped(chunk, paths["marker"])
+        started = time.perf_counter()
+        staging = storage.local_staging_dir(paths["part"])
+        sender = self._sender(job, chunk, paths["journal"])
+        try:
+            run = _ChunkRun(self, job, chunk, staging, sender)
+            counts = run.execute()
+            storage.upload_file(run.part_path, paths["part"])
+            storage.upload_file(run.failures_path, paths["failures"])
+            if sender is not None:
+                sender.close()
+        except BaseException:
+            if sender is not None:
+                sender.abort()
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        result = ChunkResult(
+            index=chunk.index,
+            records=counts["records"],
+            succeeded=counts["succeeded"],
+            failed=counts["failed"],
+            seconds=round(time.perf_counter() - started, 3),
+            part_uri=paths["part"],
+            failures_uri=paths["failures"],
+            queued_success=sender.sent["success"] if sender else 0,
+            queued_failure=sender.sent["failure"] if sender else 0,
+        )
+        marker = {"job_id": job.job_id, "key": chunk.key, "start": chunk.start, "end": chunk.end, **result.model_dump()}
+        storage.write_bytes(paths["marker"], orjson.dumps(marker, option=orjson.OPT_INDENT_2))
+        if sender is not None and sender.skip_before == 0:
+            storage.delete(paths["journal"])
+        return result
+
+    def _sender(self, job: JobSpec, chunk: ChunkSpec, journal_uri: str) -> RecordSender | None:
+        if not (job.success_queue or job.failure_queue):
+            return None
+        if self.queue_backend is None:
+            raise StorageError("the job names queues but this worker has no queue backend", retryable=False)
+        return RecordSender(
+            self.queue_backend,
+            job.success_queue,
+            job.failure_queue,
+            journal_uri,
+            group_id=f"{job.job_id}-{chunk.index:05d}",
+            skip_before=read_journal(journal_uri),
+        )
+
+
+def _skipped(chunk: ChunkSpec, marker_uri: str) -> ChunkResult:
+    data = orjson.loads(storage.read_bytes(marker_uri))
+    fields = {k: v for k, v in data.items() if k in ChunkResult.model_fields}
+    return ChunkResult(**{**fields, "index": chunk.index, "skipped": True})
+
+
+class _ChunkRun:
+    """The state of one chunk being processed (kept off the processor so a worker can run chunk after chunk)."""
+
+    def __init__(
+        self, proc: ChunkProcessor, job: JobSpec, chunk: ChunkSpec, staging: str, sender: RecordSender | None
+    ) -> None:
+        self.proc = proc
+        self.job = job
+        self.chunk = chunk
+        self.sender = sender
+        self.part_path = os.path.join(staging, f"part-{chunk.index:05d}.{job.output_format}")
+        self.failures_path = os.path.join(staging, f"failures-{chunk.index:05d}.jsonl")
+        self.failed = 0
+        self.succeeded = 0
+        self.ordinal = 0
+        self._job_json = orjson.dumps(job.job_id)
+        self._fail_lines: list[bytes] = []
+
+    def execute(self) -> dict[str, int]:
+        job, chunk = self.job, self.chunk
+        failures = JsonlWriter(self.failures_path)
+        part: JsonlWriter | ParquetWriter
+        if job.output_format == "parquet":
+            part = ParquetWriter(self.part_path, self.proc.output_model, ENVELOPE)
+        else:
+            part = JsonlWriter(self.part_path)
+        try:
+            for positions, payloads in iter_batches(chunk, job.max_batch_size):
+                self._sub_batch(positions, payloads, part)
+                failures.write_lines(self._fail_lines)
+                self._fail_lines = []
+                if self.sender is not None:
+                    self.sender.end_window(self.ordinal)
+        finally:
+            part.close()
+            failures.close()
+        return {"records": self.ordinal, "succeeded": self.succeeded, "failed": self.failed}
+
+    def _fail(self, ordinal: int, record_id: Any, pos: int, stage: str, error_type: str, error: str, data: Any) -> None:
+        if isinstance(data, bytes):
+            data = data.decode("utf-8", errors="replace").rstrip("\r\n")
+        if isinstance(data, str) and len(data) > MAX_INPUT_CHARS:
+            data = data[:MAX_INPUT_CHARS] + "..."
+        record = {
+            "job_id": self.job.job_id,
+            "record_id": record_id,
+            "status": "error",
+            "stage": stage,
+            "error_type": error_type,
+            "error": error,
+            "input": data,
+            "meta": {"key": self.chunk.key, "position": pos},
+        }
+        body = orjson.dumps(record, default=str)
+        self._fail_lines.append(body + b"\n")
+        self.failed += 1
+        if self.sender is not None:
+            self.sender.add("failure", ordinal, dedup_id(self.job.job_id, record_id), body)
+
+    def _sub_batch(self, positions: list[int], payloads: list[Any], part: JsonlWriter | ParquetWriter) -> None:
+        key = self.chunk.key
+        id_field = self.job.id_field
+        loads = orjson.loads
+        ids: list[Any] = []
+        datas: list[Any] = []
+        kept: list[tuple[int, int, Any]] = []  # (ordinal, position, raw data) of the records that parsed
+        ordinal = self.ordinal
+        for pos, payload in zip(positions, payloads, strict=True):
+            if type(payload) is bytes:
+                try:
+                    data = loads(payload)
+                except orjson.JSONDecodeError as exc:
+                    self._fail(ordinal, f"{key}:{pos}", pos, "parse", "JSONDecodeError",
+                               f"{key} at byte {pos}: invalid JSON: {exc}", payload)  # fmt: skip
+                    ordinal += 1
+                    continue
+            elif type(payload) is Unreadable:
+                self._fail(ordinal, f"{key}:{pos}", pos, "parse", payload.error_type,
+                           f"{key} at byte {pos}: {payload.error}", payload.raw)  # fmt: skip
+                ordinal += 1
+                continue
+            else:
+                data = payload
+            record_id = self._record_id(data, key, pos, id_field)
+            if type(record_id) is _BadId:
+                self._fail(ordinal, f"{key}:{pos}", pos, "validate", "InvalidRecordId", record_id.reason, data)
+                ordinal += 1
+                continue
+            ids.append(record_id)
+            datas.append(data)
+            kept.append((ordinal, pos, data))
+            ordinal += 1
+        self.ordinal = ordinal
+        models, ids, kept = self._validate(datas, ids, kept)
+        if models:
+            self._write_outcomes(ids, kept, run_isolated(self.proc.pipeline, models), part)
+
+    def _validate(
+        self, datas: list[Any], ids: list[Any], kept: list[tuple[int, int, Any]]
+    ) -> tuple[list[BaseModel], list[Any], list[tuple[int, int, Any]]]:
+        """Validate a sub-batch in one call; only when it holds an invalid record, record by record."""
+        try:
+            return self.proc.validate_many(datas), ids, kept
+        except ValidationError:
+            pass
+        validate_one = self.proc.validate_one
+        models, good_ids, good_kept = [], [], []
+        for data, record_id, item in zip(datas, ids, kept, strict=True):
+            try:
+                models.append(validate_one(data))
+            except ValidationError as exc:
+                ordinal, pos, raw = item
+                self._fail(ordinal, record_id, pos, "validate", "ValidationError",
+                           f"{_where(self.chunk, pos)}: {describe_validation_error(exc)}", raw)  # fmt: skip
+                continue
+            good_ids.append(record_id)
+            good_kept.append(item)
+        return models, good_ids, good_kept
+
+    @staticmethod
+    def _record_id(data: Any, key: str, pos: int, id_field: str | None) -> Any:
+        if type(data) is not dict:
+            return _BadId(f"{key} at byte {pos}: the record is a JSON {type(data).__name__}, not an object")
+        if REPLAY_ID_KEY in data:
+            return data.pop(REPLAY_ID_KEY)
+        if id_field is None:
+            return f"{key}:{pos}"
+        value = data.get(id_field)
+        if type(value) is str or type(value) is int:
+            return value
+        where = f"{key} at {'row' if type(pos) is int and key.endswith(('.parquet', '.pq')) else 'byte'} {pos}"
+        if value is None:
+            return _BadId(f"{where}: the record has no '{id_field}' field (the job's id_field)")
+        return _BadId(f"{where}: '{id_field}' is a {type(value).__name__}; record ids must be str or int")
+
+    def _write_outcomes(
+        self, ids: list[Any], kept: list[tuple[int, int, Any]], outcomes: list[Any], part: JsonlWriter | ParquetWriter
+    ) -> None:
+        serializer = self.proc.output_model.__pydantic_serializer__
+        sender = self.sender
+        job_id = self.job.job_id
+        lines: list[bytes] = []
+        rows: list[dict[str, Any]] = []
+        parquet = isinstance(part, ParquetWriter)
+        for record_id, (ordinal, pos, data), outcome in zip(ids, kept, outcomes, strict=True):
+            if type(outcome) is RecordError:
+                self._fail(ordinal, record_id, pos, outcome.stage, outcome.error_type, outcome.error, data)
+                continue
+            body = serializer.to_json(outcome, exclude=ENVELOPE)
+            rid_json = orjson.dumps(record_id)
+            if parquet:
+                row = serializer.to_python(outcome, exclude=ENVELOPE)
+                row["record_id"] = record_id
+                rows.append(row)
+            else:
+                lines.append(b'{"record_id":%s,%s\n' % (rid_json, body[1:]) if len(body) > 2 else
+                             b'{"record_id":%s}\n' % rid_json)  # fmt: skip
+            if sender is not None:
+                meta = orjson.dumps({"key": self.chunk.key, "position": pos})
+                message = b'{"job_id":%s,"record_id":%s,"status":"success","output":%s,"meta":%s}' % (
+                    self._job_json, rid_json, body, meta)  # fmt: skip
+                sender.add("success", ordinal, dedup_id(job_id, record_id), message)
+        self.succeeded += len(lines) + len(rows)
+        if parquet:
+            part.write_rows(rows)  # type: ignore[union-attr]
+        else:
+            part.write_lines(lines)  # type: ignore[union-attr]
+
+
+class _BadId:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _where(chunk: ChunkSpec, pos: int) -> str:
+    unit = "row" if chunk.format == "parquet" else "byte"
+    return f"{chunk.key} at {unit} {pos}"
+
+
+def process_chunk(
+    job: JobSpec, chunk: ChunkSpec, pipeline: InferencePipeline, queue_backend: QueueBackend | None = None
+) -> ChunkResult:
+    """Process one chunk with ``pipeline``: see :class:`ChunkProcessor` (which a worker keeps between chunks)."""
+    return ChunkProcessor(pipeline, queue_backend).process(job, chunk)

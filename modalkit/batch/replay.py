@@ -1,0 +1,88 @@
+"""Collecting a finished job's failure records as the input of a new job (after a fix), keeping their ids.
+
+Each replayable failure (one whose ``input`` was a record object) is written as that object plus the key
+``__modalkit_record_id__`` holding its original record id; the new job takes that key as the record id, so the
+replayed records keep the ids the first job gave them. Failures whose input could not be parsed (bad JSON, CSV
+lines that did not split) cannot be replayed and are counted apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import orjson
+
+from modalkit.batch import storage
+from modalkit.batch.chunk import REPLAY_ID_KEY
+from modalkit.exceptions import ConfigError
+
+__all__ = ["ReplayInput", "collect_failures"]
+
+
+@dataclass(frozen=True)
+class ReplayInput:
+    """The replay dataset: where it is, what it holds, and which model the first job used."""
+
+    input_uri: str
+    replayable: int
+    not_replayable: int
+    model_name: str
+    source_job_id: str
+
+
+def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterable[str] | None = None) -> ReplayInput:
+    """Write the failures of the job at ``job_output_uri`` as a dataset under ``<replay_output_uri>/_replay/``.
+
+    Args:
+        job_output_uri: Output of a finished job (it has ``_manifest.json``).
+        replay_output_uri: Output of the new job; the replay input goes in its ``_replay/`` folder.
+        stages: Replay only failures of these stages (e.g. ``["predict"]``); None = every stage.
+
+    Raises:
+        ConfigError: the job has no manifest (it did not finish), or there is nothing to replay.
+    """
+    job_output_uri = job_output_uri.rstrip("/")
+    replay_dir = storage.join(replay_output_uri.rstrip("/"), "_replay")
+    source_uri = storage.join(replay_dir, "_source.json")
+    if storage.exists(source_uri):  # a rerun of the same replay: reuse its input, so the job resumes
+        return ReplayInput(**orjson.loads(storage.read_bytes(source_uri)))
+    manifest_uri = storage.join(job_output_uri, "_manifest.json")
+    if not storage.exists(manifest_uri):
+        raise ConfigError(f"{job_output_uri} has no _manifest.json: that job has not finished; run it first")
+    manifest = orjson.loads(storage.read_bytes(manifest_uri))
+    wanted = set(stages) if stages else None
+    staging = storage.local_staging_dir(storage.join(replay_dir, "failures.jsonl"))
+    local = os.path.join(staging, "failures.jsonl")
+    replayable = not_replayable = 0
+    try:
+        with open(local, "wb") as out:
+            for result in manifest.get("chunk_results", []):
+                uri = result.get("failures_uri")
+                if not uri or not storage.exists(uri):
+                    continue
+                for line in storage.read_bytes(uri).splitlines():
+                    row = orjson.loads(line)
+                    if wanted is not None and row.get("stage") not in wanted:
+                        continue
+                    if not isinstance(row.get("input"), dict):
+                        not_replayable += 1
+                        continue
+                    out.write(orjson.dumps({**row["input"], REPLAY_ID_KEY: row["record_id"]}) + b"\n")
+                    replayable += 1
+        if replayable == 0:
+            raise ConfigError(
+                f"job {manifest.get('job_id')} at {job_output_uri} has no failures to replay"
+                + (f" in stages {sorted(wanted)}" if wanted else "")
+                + (f" ({not_replayable} failed before they could be parsed)" if not_replayable else "")
+            )
+        storage.upload_file(local, storage.join(replay_dir, "failures.jsonl"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    replay = ReplayInput(replay_dir, replayable, not_replayable, str(manifest.get("model_name", "")),
+                         str(manifest.get("job_id", "")))  # fmt: skip
+    storage.write_bytes(source_uri, orjson.dumps(dataclasses.asdict(replay)))
+    return replay

@@ -1,0 +1,247 @@
+"""Reading and writing URIs: ``s3://bucket/key``, ``file:///path`` and plain local paths, through fsspec.
+
+Every call translates botocore/fsspec/OS errors into :class:`~modalkit.exceptions.StorageError` and retries the
+transient ones (a dropped connection, throttling, a 5xx) with backoff for about half a minute, so a short outage
+of S3 costs a pause, not a failed chunk. Writes are atomic: a local file is written aside and renamed, an S3
+object appears whole on PUT.
+
+Example:
+    >>> import tempfile
+    >>> from modalkit.batch import storage
+    >>> out = storage.join(tempfile.mkdtemp(), "hello.txt")
+    >>> storage.write_bytes(out, b"hi")
+    >>> storage.read_bytes(out)
+    b'hi'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import io
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, ParamSpec, TypeVar
+
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+
+from modalkit.exceptions import StorageError, is_retryable, storage_errors
+
+__all__ = [
+    "StoredFile",
+    "delete",
+    "exists",
+    "filesystem",
+    "is_remote",
+    "join",
+    "list_files",
+    "open_input",
+    "read_bytes",
+    "strip_protocol",
+    "upload_file",
+    "write_bytes",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+#: How long storage calls keep retrying transient errors before giving up (seconds).
+RETRY_SECONDS = 30.0
+READ_BUFFER = 1024 * 1024
+REMOTE_READ_BUFFER = 8 * 1024 * 1024
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, StorageError) and is_retryable(exc)
+
+
+def with_retries(fn: Callable[P, R]) -> Callable[P, R]:
+    """Retry ``fn`` on retryable StorageErrors with exponential backoff, for up to RETRY_SECONDS."""
+    wrapped = retry(
+        retry=retry_if_exception(_transient),
+        stop=stop_after_delay(RETRY_SECONDS),
+        wait=wait_exponential(multiplier=0.2, max=4.0) + wait_random(0, 0.2),
+        reraise=True,
+    )(fn)
+    return functools.wraps(fn)(wrapped)
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-store URIs (``s3://``), False for local paths and ``file://``."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def strip_protocol(uri: str) -> str:
+    """The path part: ``s3://b/k`` -> ``b/k``, ``file:///x`` -> ``/x``, a plain path unchanged."""
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    if "://" in uri:
+        return uri.split("://", 1)[1]
+    return uri
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/'."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """The fsspec filesystem for ``uri`` (cached per process) and the path within it."""
+    if uri.startswith("s3://") or uri.startswith("s3a://"):
+        return _s3(), strip_protocol(uri)
+    if is_remote(uri):
+        import fsspec
+
+        with storage_errors(f"opening {uri}"):
+            fs, path = fsspec.core.url_to_fs(uri)
+        return fs, path
+    return _local(), os.path.abspath(strip_protocol(uri))
+
+
+@functools.cache
+def _local() -> Any:
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+def _s3() -> Any:
+    # fsspec caches instances by their arguments (and per process), so this is cheap after the first call
+    import s3fs
+
+    from modalkit.aws import s3_storage_options
+
+    return s3fs.S3FileSystem(**s3_storage_options(), default_block_size=8 * 1024 * 1024)
+
+
+@with_retries
+def exists(uri: str) -> bool:
+    """Whether a file or object exists at ``uri``."""
+    fs, path = filesystem(uri)
+    with storage_errors(f"checking {uri}"):
+        return bool(fs.exists(path))
+
+
+@with_retries
+def read_bytes(uri: str) -> bytes:
+    """The whole content of ``uri``."""
+    fs, path = filesystem(uri)
+    with storage_errors(f"reading {uri}"):
+        return bytes(fs.cat_file(path))
+
+
+@with_retries
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically (readers see the old content or the new, never a part)."""
+    fs, path = filesystem(uri)
+    with storage_errors(f"writing {uri}"):
+        if is_remote(uri):
+            fs.pipe_file(path, data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+
+@with_retries
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy a finished local file to ``uri`` (a rename when ``uri`` is local; multipart upload on S3)."""
+    fs, path = filesystem(uri)
+    with storage_errors(f"writing {uri}"):
+        if is_remote(uri):
+            fs.put_file(local_path, path)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(local_path, path)
+
+
+def local_staging_dir(uri: str) -> str:
+    """A directory for files on their way to ``uri``: beside it when local (so the final move is a rename)."""
+    if is_remote(uri):
+        return tempfile.mkdtemp(prefix="modalkit-")
+    path = os.path.join(os.path.dirname(filesystem(uri)[1]), f".staging-{uuid.uuid4().hex[:12]}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@with_retries
+def delete(uri: str) -> None:
+    """Delete ``uri`` if it exists."""
+    fs, path = filesystem(uri)
+    with storage_errors(f"deleting {uri}"):
+        if fs.exists(path):
+            fs.rm_file(path)
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One input file: where it is, its key under the input root, size and version tag (ETag or mtime)."""
+
+    uri: str
+    key: str
+    size: int
+    etag: str
+
+
+@with_retries
+def list_files(uri: str) -> list[StoredFile]:
+    """Files under ``uri`` (or ``uri`` itself when it is a file), sorted by key; hidden files are skipped.
+
+    Raises:
+        StorageError: ``uri`` does not exist.
+    """
+    fs, path = filesystem(uri)
+    protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    with storage_errors(f"listing {uri}"):
+        if not fs.exists(path):
+            raise StorageError(f"input {uri} does not exist", retryable=False)
+        info = fs.info(path)
+        if info.get("type") == "file":
+            entries = {path: info}
+            root = os.path.dirname(path.rstrip("/"))
+        else:
+            entries = fs.find(path, detail=True)
+            root = path.rstrip("/")
+    files = []
+    for name, meta in entries.items():
+        if meta.get("type") not in (None, "file"):
+            continue
+        key = name[len(root) :].lstrip("/") if name.startswith(root) else os.path.basename(name)
+        if any(part.startswith((".", "_")) for part in key.split("/")):
+            continue  # hidden files, and our own _chunks/_failures/_manifest.json
+        etag = str(meta.get("ETag") or meta.get("etag") or meta.get("mtime") or "")
+        files.append(StoredFile(uri=f"{protocol}{name}", key=key, size=int(meta.get("size") or 0), etag=etag))
+    return sorted(files, key=lambda f: f.key)
+
+
+@contextlib.contextmanager
+def open_input(uri: str, compression: str | None = None) -> Iterator[IO[bytes]]:
+    """Open ``uri`` for buffered binary reading; gzip is decompressed on the fly (and is not seekable)."""
+    fs, path = filesystem(uri)
+    with contextlib.ExitStack() as stack:
+        with storage_errors(f"opening {uri}"):
+            if is_remote(uri):
+                raw = stack.enter_context(fs.open(path, "rb", cache_type="none"))
+                stream: IO[bytes] = stack.enter_context(io.BufferedReader(raw, buffer_size=REMOTE_READ_BUFFER))
+            else:
+                stream = stack.enter_context(open(path, "rb", buffering=READ_BUFFER))
+            if compression == "gzip":
+                stream = stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb"))  # type: ignore[arg-type]
+        yield stream

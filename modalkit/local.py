@@ -1,0 +1,146 @@
+"""The local runtime: worker processes that each load the pipeline once, like containers, and run chunks.
+
+The embedded default backend of batch jobs. A chunk *reference* goes to a worker; the worker reads the input,
+writes the results and returns counts. Workers are started with ``spawn`` (safe beside the threads of the flow
+process), load the pipeline on their first chunk, and die with their parent (Linux ``PR_SET_PDEATHSIG``), so a
+job killed with SIGKILL leaves no worker behind to race its rerun.
+
+Example:
+    >>> from modalkit.local import LocalWorkerPool
+    >>> with LocalWorkerPool(settings, "sentiment", workers=2) as pool:  # doctest: +SKIP
+    ...     result = pool.run_chunk(job, chunk)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from modalkit.exceptions import RemoteError
+from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
+from modalkit.settings import Settings
+
+__all__ = ["LocalWorkerPool", "default_workers"]
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+# per worker process: the processor built on the first chunk
+_worker_state: dict[str, Any] = {}
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:  # pragma: no cover - no libc
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(settings: Settings, model_name: str, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
+    _worker_state.update(settings=settings, model_name=model_name)
+
+
+def _processor() -> Any:
+    processor = _worker_state.get("processor")
+    if processor is None:
+        from modalkit.batch.chunk import ChunkProcessor
+        from modalkit.inference_pipeline import load_pipeline
+        from modalkit.task_queue import create_backend
+
+        settings: Settings = _worker_state["settings"]
+        pipeline = load_pipeline(settings, _worker_state["model_name"])
+        processor = ChunkProcessor(pipeline, create_backend(settings.app_settings.queue_config))
+        _worker_state["processor"] = processor
+    return processor
+
+
+def _run_chunk(job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
+    result: ChunkResult = _processor().process(job, chunk)
+    return result
+
+
+class LocalWorkerPool:
+    """A pool of worker processes running chunks of one model.
+
+    Args:
+        settings: Settings the workers use (pickled to them once).
+        model_name: The model every worker loads.
+        workers: How many processes; default one per CPU.
+    """
+
+    def __init__(self, settings: Settings, model_name: str, workers: int | None = None) -> None:
+        self.settings = settings
+        self.model_name = model_name
+        self.workers = workers or default_workers()
+        self._lock = threading.Lock()
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> LocalWorkerPool:
+        self._pool()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_worker,
+                    initargs=(self.settings, self.model_name, os.getpid()),
+                )
+            return self._executor
+
+    def run_chunk(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
+        """Run one chunk on a worker and wait for its counts.
+
+        Raises:
+            RemoteError: the worker process died (retryable; the pool is restarted for the next chunk).
+            ModalkitError: what the chunk raised (storage, queue, pipeline errors keep their type).
+        """
+        pool = self._pool()
+        try:
+            return pool.submit(_run_chunk, job, chunk).result()
+        except BrokenProcessPool as exc:
+            self._restart(pool)
+            raise RemoteError(
+                f"a local worker died while running chunk {chunk.index} ({chunk.key}); it will be retried",
+                retryable=True,
+            ) from exc
+
+    def _restart(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._executor is broken:
+                self._executor = None
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop the workers (after their current chunks)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,25 @@
+"""Task: check everything and cut the input into chunks (writes nothing), then claim the output."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from modalkit.batch.job import JobPlan, plan_job, start_job
+from modalkit.settings import JobConfig, Settings
+from tasks import retry_if_transient
+
+
+@task(name="plan-chunks", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 8],
+      retry_condition_fn=retry_if_transient)  # fmt: skip
+def plan_chunks(settings: Settings, input_uri: str, output_uri: str, model_name: str | None,
+                job_config: JobConfig) -> JobPlan:  # fmt: skip
+    """List the input, check the model, queues and output, and plan the chunks."""
+    return plan_job(settings, input_uri, output_uri, model_name, job_config)
+
+
+@task(name="claim-output", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 8],
+      retry_condition_fn=retry_if_transient)  # fmt: skip
+def claim_output(plan: JobPlan) -> None:
+    """Write ``_job.json``: this output now belongs to this job."""
+    start_job(plan)
