@@ -26,7 +26,7 @@ from modalkit.batch.progress import JobProgress, report
 from modalkit.exceptions import ModalkitError, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
 from modalkit.local import default_workers
-from modalkit.settings import Settings
+from modalkit.settings import JobConfig, Settings
 from tasks.finalize import finalize
 from tasks.plan import claim_output, plan_chunks
 from tasks.run_chunk import run_chunk
@@ -87,28 +87,19 @@ def batch_inference(
         max_failure_rate=max_failure_rate,
         output_format=output_format,
     )
-    plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
-    claim_output(plan)
-    logger.info(
-        "job %s: %d chunks over %d bytes, model %s, backend %s",
-        plan.job.job_id, len(plan.chunks), plan.total_bytes, plan.job.model_name, job_config.backend,
-    )  # fmt: skip
     workers = job_config.local_workers or default_workers()
-    if job_config.concurrency:
-        in_flight = job_config.concurrency
-    elif job_config.backend == "local":
-        in_flight = workers
-    else:
-        in_flight = settings.app_settings.deployment_config.max_containers or 10
-    chunk_task = run_chunk.with_options(
-        retries=job_config.chunk_retries,
-        retry_delay_seconds=exponential_backoff(job_config.retry_delay_seconds)(job_config.chunk_retries)
-        if job_config.chunk_retries
-        else 0,
+    # the workers start (and load the model) while the input is listed and planned
+    chunk_backend = open_backend(
+        job_config.backend, settings, settings.model_settings.entry(model_name)[0], workers=workers
     )
-    chunk_backend = open_backend(job_config.backend, settings, plan.job.model_name, workers=workers)
     try:
-        results, errors = _run_chunks(plan, chunk_backend, chunk_task, in_flight)
+        plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
+        claim_output(plan)
+        logger.info(
+            "job %s: %d chunks over %d bytes, model %s, backend %s",
+            plan.job.job_id, len(plan.chunks), plan.total_bytes, plan.job.model_name, job_config.backend,
+        )  # fmt: skip
+        results, errors = _run_chunks(plan, chunk_backend, _chunk_task(job_config), _in_flight(settings, job_config))
     finally:
         chunk_backend.close()
     summary = finalize(plan, results, time.perf_counter() - started, len(errors))
@@ -116,12 +107,28 @@ def batch_inference(
     return _outcome(summary, errors, job_config.max_failure_rate)
 
 
+def _in_flight(settings: Settings, job_config: JobConfig) -> int:
+    """Chunks in flight: as asked, else one per local worker, else one per Modal container."""
+    if job_config.concurrency:
+        return job_config.concurrency
+    if job_config.backend == "local":
+        return job_config.local_workers or default_workers()
+    return settings.app_settings.deployment_config.max_containers or 10
+
+
+def _chunk_task(job_config: JobConfig) -> Any:
+    """The run-chunk task with this job's retries: exponential backoff, transient errors only."""
+    retries = job_config.chunk_retries
+    delays = exponential_backoff(job_config.retry_delay_seconds)(retries) if retries else 0
+    return run_chunk.with_options(retries=retries, retry_delay_seconds=delays)
+
+
 def _run_chunks(
     plan: JobPlan, backend: ChunkBackend, chunk_task: Any, in_flight: int
 ) -> tuple[list[ChunkResult], list[tuple[int, BaseException]]]:
     """Run every chunk, at most ``in_flight`` at once; stop starting new ones after a non-retryable failure."""
     logger = get_run_logger()
-    pending = deque(plan.chunks)
+    pending = deque(sorted(plan.chunks, key=lambda c: -c.size))  # largest first: small chunks fill the tail
     running: dict[concurrent.futures.Future[Any], Any] = {}
     results: list[ChunkResult] = []
     errors: list[tuple[int, BaseException]] = []
@@ -187,9 +194,11 @@ class _Progress:
 
     def _update(self) -> None:
         snap = self._snapshot()
+        # by bytes, but every chunk done is 100% even when the chunks hold no bytes (empty input files)
+        percent = 100.0 if snap.chunks_done == snap.chunks_total else min(snap.percent, 100.0)
         update_progress_artifact(
             self.artifact_id,
-            progress=round(min(snap.percent, 100.0), 2),
+            progress=round(percent, 2),
             description=f"{snap.chunks_done}/{snap.chunks_total} chunks, {snap.records} records, {snap.failed} failed",
         )
 

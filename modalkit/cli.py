@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["app", "main"]
@@ -31,7 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error line is never broken: paths and keys stay whole
 
 EXIT_FAILED = 1
 EXIT_CANNOT_START = 2
@@ -42,6 +43,9 @@ def _prepare_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # Prefect logs a failed flow or task run at ERROR with the whole traceback; the CLI says what went wrong
+        # in one line of its own, so keep those off the console (they still reach the Prefect API, and -v shows them)
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
 
 @app.command()
@@ -128,19 +132,24 @@ def _finish(summary: dict[str, Any] | None, error: Exception | None, json_out: b
 
     if json_out:
         if error is not None:
-            err.print(f"[red]error:[/red] {error}", highlight=False)
+            _print_error(error)
         if summary is not None:
             print(json.dumps(summary), flush=True)
     else:
         if summary is not None and not printed:
             _print_summary(summary)
         if error is not None:
-            err.print(f"[red]error:[/red] {error}", highlight=False)
+            _print_error(error)
     if error is None:
         return
     if summary is None and isinstance(error, ModalkitError):
         raise typer.Exit(EXIT_CANNOT_START)
     raise typer.Exit(EXIT_FAILED)
+
+
+def _print_error(error: Exception) -> None:
+    # the message is text, not markup: pydantic's "[type=...]" and lists like "['predict']" must print as they are
+    err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -150,7 +159,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for key in ("records", "succeeded", "failed", "chunks", "chunks_skipped", "seconds", "records_per_s",
                 "output_uri"):  # fmt: skip
         value = summary.get(key)
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else escape(str(value)))
     Console().print(table)
 
 

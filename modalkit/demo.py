@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from modalkit.examples.sentiment import training_corpus
@@ -127,15 +128,21 @@ def show_demo_results(setup: DemoSetup, summary: dict[str, Any]) -> None:
         with scored[0].open(encoding="utf-8") as fh:
             for _, line in zip(range(5), fh, strict=False):
                 row = json.loads(line)
-                table.add_row(str(row["record_id"]), row["label"], f"{row['score']:.3f}")
+                table.add_row(escape(str(row["record_id"])), row["label"], f"{row['score']:.3f}")
         console.print(table)
-    failures = [json.loads(line) for f in sorted((setup.output_dir / "_failures").glob("*.jsonl")) for line in f.open()]
+    failures = [
+        json.loads(line)
+        for f in sorted((setup.output_dir / "_failures").glob("*.jsonl"))
+        for line in f.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     if failures:
         table = Table(title=f"failed records ({len(failures)}), each with its reason (_failures/)")
         for column in ("record_id", "stage", "error"):
             table.add_column(column, overflow="fold")
         for row in failures[:8]:
-            table.add_row(str(row["record_id"]), row["stage"], row["error"][:110])
+            # error texts hold brackets ("[type=...]", JSON arrays): print them as text, not as rich markup
+            table.add_row(escape(str(row["record_id"])), row["stage"], escape(row["error"][:110]))
         console.print(table)
     queues = LocalQueueBackend(setup.queue_dir)
     try:

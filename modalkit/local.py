@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -76,6 +77,11 @@ def _processor() -> Any:
     return processor
 
 
+def _warm() -> None:
+    with contextlib.suppress(Exception):  # the first chunk raises it again, with its real message
+        _processor()
+
+
 def _run_chunk(job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
     result: ChunkResult = _processor().process(job, chunk)
     return result
@@ -98,8 +104,17 @@ class LocalWorkerPool:
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
 
     def __enter__(self) -> LocalWorkerPool:
-        self._pool()
+        self.start()
         return self
+
+    def start(self) -> None:
+        """Start every worker now and have each load the pipeline, so that this overlaps the caller's planning.
+
+        A pipeline that fails to load fails the first chunk with its real error.
+        """
+        pool = self._pool()
+        for _ in range(self.workers):
+            pool.submit(_warm)  # one per worker: each submit finds no idle worker and spawns one
 
     def __exit__(self, *exc: object) -> None:
         self.close()

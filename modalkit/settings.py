@@ -275,6 +275,11 @@ class JobConfig(_Strict):
     concurrency: int | None = Field(
         None, ge=1, le=10_000, description="Chunks in flight at once; empty = the number of local workers."
     )
+    split_csv: bool = Field(
+        False,
+        description="Cut CSV files at line ends like JSONL; only for CSV whose quoted fields hold no line breaks "
+        "(a record found running across a cut fails the job). False: each CSV file is one chunk.",
+    )
     local_workers: int | None = Field(None, ge=1, le=512, description="Local worker processes; empty = CPU count.")
     id_field: str | None = Field(None, min_length=1, description="Record field holding its id; empty = file:line.")
     output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="Format of the part files.")

@@ -18,6 +18,9 @@ from modalkit.settings import Settings
 __all__ = ["ChunkBackend", "LocalBackend", "ModalChunkClient", "open_backend"]
 
 BATCH_WORKER_CLASS = "BatchWorker"
+#: How the Modal worker class is looked up: ``modal.Cls.from_name`` when None. Tests put an in-process stand-in
+#: with the same call surface here; nothing else should.
+modal_cls_lookup: Callable[[str, str], Any] | None = None
 
 
 class ChunkBackend(Protocol):
@@ -39,6 +42,7 @@ class LocalBackend:
         from modalkit.local import LocalWorkerPool
 
         self.pool = LocalWorkerPool(settings, model_name, workers)
+        self.pool.start()
 
     def run_chunk(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
         return self.pool.run_chunk(job, chunk)
@@ -72,7 +76,7 @@ class ModalChunkClient:
 
     def _remote_worker(self) -> Any:
         if self._worker is None:
-            lookup = self._lookup
+            lookup = self._lookup or modal_cls_lookup
             if lookup is None:
                 import modal
 

@@ -10,6 +10,7 @@ marker is done and is skipped when the job runs again. Counts go back, never dat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -23,7 +24,7 @@ from modalkit.batch import storage
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
 from modalkit.batch.records import Unreadable, iter_batches
 from modalkit.batch.writers import JsonlWriter, ParquetWriter
-from modalkit.exceptions import StorageError
+from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.task_queue import QueueBackend
@@ -80,6 +81,7 @@ class ChunkProcessor:
         Raises:
             StorageError, QueueError: the chunk could not be read or its results not written or sent (the flow
                 retries the transient ones; nothing is committed, so a retry starts the chunk over).
+            ConfigError: the job names queues and this processor has no queue backend.
         """
         paths = chunk_paths(job.output_uri, chunk.index, job.output_format)
         if storage.exists(paths["marker"]):
@@ -113,7 +115,7 @@ class ChunkProcessor:
         )
         marker = {"job_id": job.job_id, "key": chunk.key, "start": chunk.start, "end": chunk.end, **result.model_dump()}
         storage.write_bytes(paths["marker"], orjson.dumps(marker, option=orjson.OPT_INDENT_2))
-        if sender is not None and sender.skip_before == 0:
+        if sender is not None:  # committed: the journal (of this attempt or of an interrupted one) is not needed
             storage.delete(paths["journal"])
         return result
 
@@ -121,7 +123,7 @@ class ChunkProcessor:
         if not (job.success_queue or job.failure_queue):
             return None
         if self.queue_backend is None:
-            raise StorageError("the job names queues but this worker has no queue backend", retryable=False)
+            raise ConfigError("the job names queues but this worker has no queue backend (queue_config.backend)")
         return RecordSender(
             self.queue_backend,
             job.success_queue,
@@ -158,22 +160,21 @@ class _ChunkRun:
 
     def execute(self) -> dict[str, int]:
         job, chunk = self.job, self.chunk
-        failures = JsonlWriter(self.failures_path)
-        part: JsonlWriter | ParquetWriter
-        if job.output_format == "parquet":
-            part = ParquetWriter(self.part_path, self.proc.output_model, ENVELOPE)
-        else:
-            part = JsonlWriter(self.part_path)
-        try:
+        with contextlib.ExitStack() as closing:  # both files are closed even when closing one of them raises
+            failures = JsonlWriter(self.failures_path)
+            closing.callback(failures.close)
+            part: JsonlWriter | ParquetWriter
+            if job.output_format == "parquet":
+                part = ParquetWriter(self.part_path, self.proc.output_model, ENVELOPE)
+            else:
+                part = JsonlWriter(self.part_path)
+            closing.callback(part.close)
             for positions, payloads in iter_batches(chunk, job.max_batch_size):
                 self._sub_batch(positions, payloads, part)
                 failures.write_lines(self._fail_lines)
                 self._fail_lines = []
                 if self.sender is not None:
                     self.sender.end_window(self.ordinal)
-        finally:
-            part.close()
-            failures.close()
         return {"records": self.ordinal, "succeeded": self.succeeded, "failed": self.failed}
 
     def _fail(self, ordinal: int, record_id: Any, pos: int, stage: str, error_type: str, error: str, data: Any) -> None:
@@ -216,7 +217,7 @@ class _ChunkRun:
                     continue
             elif type(payload) is Unreadable:
                 self._fail(ordinal, f"{key}:{pos}", pos, "parse", payload.error_type,
-                           f"{key} at byte {pos}: {payload.error}", payload.raw)  # fmt: skip
+                           f"{key} at byte {pos}: {payload.error}", payload.raw.rstrip("\r\n"))  # fmt: skip
                 ordinal += 1
                 continue
             else:
@@ -257,10 +258,9 @@ class _ChunkRun:
             good_kept.append(item)
         return models, good_ids, good_kept
 
-    @staticmethod
-    def _record_id(data: Any, key: str, pos: int, id_field: str | None) -> Any:
+    def _record_id(self, data: Any, key: str, pos: int, id_field: str | None) -> Any:
         if type(data) is not dict:
-            return _BadId(f"{key} at byte {pos}: the record is a JSON {type(data).__name__}, not an object")
+            return _BadId(f"{_where(self.chunk, pos)}: the record is a JSON {type(data).__name__}, not an object")
         if REPLAY_ID_KEY in data:
             return data.pop(REPLAY_ID_KEY)
         if id_field is None:
@@ -268,7 +268,7 @@ class _ChunkRun:
         value = data.get(id_field)
         if type(value) is str or type(value) is int:
             return value
-        where = f"{key} at {'row' if type(pos) is int and key.endswith(('.parquet', '.pq')) else 'byte'} {pos}"
+        where = _where(self.chunk, pos)  # the chunk's format, not the key's suffix (which may be upper case)
         if value is None:
             return _BadId(f"{where}: the record has no '{id_field}' field (the job's id_field)")
         return _BadId(f"{where}: '{id_field}' is a {type(value).__name__}; record ids must be str or int")
@@ -284,7 +284,8 @@ class _ChunkRun:
         parquet = isinstance(part, ParquetWriter)
         for record_id, (ordinal, pos, data), outcome in zip(ids, kept, outcomes, strict=True):
             if type(outcome) is RecordError:
-                self._fail(ordinal, record_id, pos, outcome.stage, outcome.error_type, outcome.error, data)
+                error = f"{_where(self.chunk, pos)}: {outcome.error}"
+                self._fail(ordinal, record_id, pos, outcome.stage, outcome.error_type, error, data)
                 continue
             body = serializer.to_json(outcome, exclude=ENVELOPE)
             rid_json = orjson.dumps(record_id)

@@ -64,6 +64,7 @@ def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: st
     params = {
         "output_uri": output_uri,
         "chunk_size": int(config.chunk_size),
+        "split_csv": config.split_csv,
         "id_field": config.id_field,
         "output_format": config.output_format,
         "success_queue": config.success_queue,
@@ -86,7 +87,7 @@ def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: st
         max_failure_rate=config.max_failure_rate,
         backend=config.backend,
     )
-    chunks = plan_chunks(files, int(config.chunk_size), job_id)
+    chunks = plan_chunks(files, int(config.chunk_size), job_id, split_csv=config.split_csv)
     return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files))
 
 

@@ -1,8 +1,9 @@
 """Listing an input dataset and cutting it into chunks, without reading record bodies.
 
-* JSONL and CSV files are cut into byte ranges of about ``chunk_size``; a chunk owns the lines that *start* inside
-  its range, so every line belongs to exactly one chunk whatever the cut points (the reader aligns to line ends).
-  A CSV file's header line is read once here, to name the columns.
+* JSONL files are cut into equal byte ranges of at most ``chunk_size``; a chunk owns the lines that *start*
+  inside its range, so every line belongs to exactly one chunk whatever the cut points (the reader aligns to line
+  ends). CSV files are cut the same way only with ``split_csv`` (a quoted field may hold a line break); otherwise
+  each is one chunk. A CSV file's header line is read once here, to name the columns.
 * Parquet files are cut along row groups (a row group is never split), from the footer metadata alone.
 * Compressed files (``.gz``) cannot be cut and make one chunk each.
 
@@ -14,8 +15,8 @@ Example:
     >>> d = tempfile.mkdtemp()
     >>> with open(os.path.join(d, "a.jsonl"), "w") as f:
     ...     _ = f.write('{"text": "x"}\\n' * 1000)
-    >>> [c.end for c in plan_chunks(list_dataset(d), chunk_size=6000)]
-    [6000, 12000, None]
+    >>> [(c.start, c.end) for c in plan_chunks(list_dataset(d), chunk_size=6000)]
+    [(0, 4667), (4667, 9334), (9334, None)]
 """
 
 from __future__ import annotations
@@ -90,8 +91,15 @@ def list_dataset(input_uri: str) -> list[InputFile]:
     return out
 
 
-def plan_chunks(files: Sequence[InputFile], chunk_size: int, job_id: str = "") -> list[ChunkSpec]:
-    """Cut ``files`` into chunks of about ``chunk_size`` bytes, numbered in listing order."""
+def plan_chunks(
+    files: Sequence[InputFile], chunk_size: int, job_id: str = "", split_csv: bool = False
+) -> list[ChunkSpec]:
+    """Cut ``files`` into chunks of about ``chunk_size`` bytes, numbered in listing order.
+
+    CSV files are cut only with ``split_csv``: a quoted field may hold a line break, and whether a cut point falls
+    inside quotes cannot be known without reading everything before it (a chunk that finds a record running across
+    its end fails, rather than corrupt the next chunk).
+    """
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
     chunks: list[ChunkSpec] = []
@@ -103,7 +111,7 @@ def plan_chunks(files: Sequence[InputFile], chunk_size: int, job_id: str = "") -
             continue
         header = _csv_header(f) if f.format == "csv" else None
         start = header[1] if header else 0
-        if f.compression or f.size <= chunk_size:
+        if f.compression or f.size <= chunk_size or (f.format == "csv" and not split_csv):
             chunks.append(
                 ChunkSpec(
                     index=len(chunks), compression=f.compression, start=start, end=None,
@@ -111,8 +119,11 @@ def plan_chunks(files: Sequence[InputFile], chunk_size: int, job_id: str = "") -
                 )
             )  # fmt: skip
             continue
+        # equal parts of at most chunk_size bytes, so chunks take about the same time (no small remainder)
+        parts = max(1, -(-(f.size - start) // chunk_size))  # 1 for a CSV file that is only its header
+        step = -(-(f.size - start) // parts)
         while start < f.size:
-            end = start + chunk_size
+            end = start + step
             chunks.append(
                 ChunkSpec(
                     index=len(chunks), start=start, end=None if end >= f.size else end,

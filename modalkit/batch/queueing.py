@@ -20,7 +20,7 @@ from collections import deque
 import orjson
 
 from modalkit.batch import storage
-from modalkit.exceptions import QueueError
+from modalkit.exceptions import ModalkitError, QueueError
 from modalkit.task_queue import QueueBackend, QueueMessage, deliver_sync
 
 __all__ = ["RecordSender", "dedup_id", "read_journal"]
@@ -81,6 +81,7 @@ class RecordSender:
         self._pending: deque[concurrent.futures.Future[None]] = deque()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalkit-queue")
         self._last_journal = 0.0
+        self._failed: ModalkitError | None = None
 
     def add(self, kind: str, ordinal: int, dedup: str, body: bytes) -> None:
         """Queue a record (``kind`` is "success" or "failure") for the current window."""
@@ -98,15 +99,29 @@ class RecordSender:
         self._pending.append(self._pool.submit(self._send_window, window, next_ordinal))
 
     def _send_window(self, window: dict[str, list[QueueMessage]], next_ordinal: int) -> None:
-        for kind, messages in window.items():
-            queue = self.queues[kind]
-            if messages and queue is not None:
-                deliver_sync(self.backend, queue, messages)
-                self.sent[kind] += len(messages)
-        now = time.monotonic()
-        if now - self._last_journal >= JOURNAL_INTERVAL:
-            storage.write_bytes(self.journal_uri, orjson.dumps({"sent_before": next_ordinal}))
-            self._last_journal = now
+        # Windows run one after another on one thread. Once one fails, no later one may be sent: its journal entry
+        # would cover the failed window's records, and the retried chunk would skip them (lost, not resent).
+        if self._failed is not None:
+            raise QueueError(
+                f"not sent: an earlier window of records failed ({self._failed})", retryable=self._failed.retryable
+            )
+        try:
+            for kind, messages in window.items():
+                queue = self.queues[kind]
+                if messages and queue is not None:
+                    deliver_sync(self.backend, queue, messages)
+                    self.sent[kind] += len(messages)
+            now = time.monotonic()
+            # never below skip_before: the windows a retry skips sent nothing, and must not undo the journal
+            if next_ordinal > self.skip_before and now - self._last_journal >= JOURNAL_INTERVAL:
+                storage.write_bytes(self.journal_uri, orjson.dumps({"sent_before": next_ordinal}))
+                self._last_journal = now
+        except ModalkitError as exc:
+            self._failed = exc
+            raise
+        except BaseException as exc:
+            self._failed = QueueError(f"{type(exc).__name__}: {exc}", retryable=False)
+            raise
 
     def close(self) -> None:
         """Wait until every window is sent.

@@ -57,9 +57,10 @@ def _batched(items: Iterable[tuple[int, Any]], size: int) -> Iterator[Batch]:
         yield positions, payloads
 
 
-def _lines(chunk: ChunkSpec) -> Iterator[tuple[int, bytes]]:
+def _lines(chunk: ChunkSpec, stop_at_end: bool = True) -> Iterator[tuple[int, bytes]]:
     """The lines that start in the chunk's byte range, with their offsets (the range's first partial line is
-    the previous chunk's; the line running over the end is this one's)."""
+    the previous chunk's; the line running over the end is this one's). With ``stop_at_end=False`` the lines go
+    on to the end of the file and the caller stops (a CSV record may continue past the range)."""
     what = f"reading {chunk.uri}"
     with storage_errors(what), storage.open_input(chunk.uri, chunk.compression) as fh:
         pos = chunk.start
@@ -67,7 +68,7 @@ def _lines(chunk: ChunkSpec) -> Iterator[tuple[int, bytes]]:
             fh.seek(pos - 1)
             if fh.read(1) != b"\n":
                 pos += len(fh.readline())
-        end = chunk.end
+        end = chunk.end if stop_at_end else None
         lines = iter(fh)
         while True:
             if end is not None and pos >= end:
@@ -84,11 +85,12 @@ def _csv_rows(chunk: ChunkSpec) -> Iterator[tuple[int, Any]]:
     header = chunk.header
     if not header:
         raise StorageError(f"{chunk.key}: CSV chunk planned without a header", retryable=False)
-    lines = _lines(chunk)
+    lines = _lines(chunk, stop_at_end=False)
     if chunk.start == 0:
         next(lines, None)  # the header line itself (compressed files are read from their first byte)
     source = _LineSource(lines)
     reader = csv.reader(source)
+    end = chunk.end
     while True:
         source.row_start = None
         try:
@@ -99,6 +101,15 @@ def _csv_rows(chunk: ChunkSpec) -> Iterator[tuple[int, Any]]:
             yield source.row_start or 0, Unreadable("CSVError", str(exc), source.last_text)
             continue
         pos = source.row_start if source.row_start is not None else 0
+        if end is not None and pos >= end:
+            return  # the next chunk's first record
+        if end is not None and source.last_start >= end:
+            raise StorageError(
+                f"{chunk.key}: the CSV record at byte {pos} holds a quoted line break that runs across the chunk "
+                f"boundary at byte {end}, so the file cannot be cut at line ends: set "
+                "app_settings.job_config.split_csv to false (CSV files are then read whole)",
+                retryable=False,
+            )
         if not row or row == [""]:
             continue  # blank line
         if len(row) != len(header):
@@ -116,6 +127,7 @@ class _LineSource:
     def __init__(self, lines: Iterator[tuple[int, bytes]]) -> None:
         self._lines = lines
         self.row_start: int | None = None
+        self.last_start = 0
         self.last_text = ""
 
     def __iter__(self) -> _LineSource:
@@ -125,6 +137,7 @@ class _LineSource:
         pos, line = next(self._lines)
         if self.row_start is None:
             self.row_start = pos
+        self.last_start = pos
         self.last_text = line.decode("utf-8", errors="replace")
         return self.last_text
 

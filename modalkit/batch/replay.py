@@ -32,6 +32,9 @@ class ReplayInput:
     not_replayable: int
     model_name: str
     source_job_id: str
+    #: the replayed job's output and the stages asked for: a rerun into the same output must ask for the same
+    job_output_uri: str = ""
+    stages: tuple[str, ...] | None = None
 
 
 def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterable[str] | None = None) -> ReplayInput:
@@ -43,26 +46,31 @@ def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterab
         stages: Replay only failures of these stages (e.g. ``["predict"]``); None = every stage.
 
     Raises:
-        ConfigError: the job has no manifest (it did not finish), or there is nothing to replay.
+        ConfigError: the job has no manifest (it did not finish), there is nothing to replay, or the replay output
+            already holds the replay of another job or of other stages.
     """
     job_output_uri = job_output_uri.rstrip("/")
     replay_dir = storage.join(replay_output_uri.rstrip("/"), "_replay")
     source_uri = storage.join(replay_dir, "_source.json")
+    wanted = set(stages) if stages else None
+    asked = tuple(sorted(wanted)) if wanted else None
     if storage.exists(source_uri):  # a rerun of the same replay: reuse its input, so the job resumes
-        return ReplayInput(**orjson.loads(storage.read_bytes(source_uri)))
+        return _previous_replay(replay_output_uri.rstrip("/"), source_uri, job_output_uri, asked)
     manifest_uri = storage.join(job_output_uri, "_manifest.json")
     if not storage.exists(manifest_uri):
         raise ConfigError(f"{job_output_uri} has no _manifest.json: that job has not finished; run it first")
     manifest = orjson.loads(storage.read_bytes(manifest_uri))
-    wanted = set(stages) if stages else None
     staging = storage.local_staging_dir(storage.join(replay_dir, "failures.jsonl"))
     local = os.path.join(staging, "failures.jsonl")
     replayable = not_replayable = 0
     try:
         with open(local, "wb") as out:
             for result in manifest.get("chunk_results", []):
-                uri = result.get("failures_uri")
-                if not uri or not storage.exists(uri):
+                # where the output layout puts it under job_output_uri, not the path the manifest recorded: that
+                # one is relative to the first job's working directory when its output was a relative path, and
+                # stale when the output was copied or moved since
+                uri = storage.join(job_output_uri, "_failures", f"part-{int(result['index']):05d}.jsonl")
+                if not result.get("failed") or not storage.exists(uri):
                     continue
                 for line in storage.read_bytes(uri).splitlines():
                     row = orjson.loads(line)
@@ -83,6 +91,24 @@ def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterab
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     replay = ReplayInput(replay_dir, replayable, not_replayable, str(manifest.get("model_name", "")),
-                         str(manifest.get("job_id", "")))  # fmt: skip
+                         str(manifest.get("job_id", "")), job_output_uri, asked)  # fmt: skip
     storage.write_bytes(source_uri, orjson.dumps(dataclasses.asdict(replay)))
     return replay
+
+
+def _previous_replay(
+    replay_output_uri: str, source_uri: str, job_output_uri: str, asked: tuple[str, ...] | None
+) -> ReplayInput:
+    """The replay already prepared in this output, when it is the one asked for again."""
+    data = orjson.loads(storage.read_bytes(source_uri))
+    previous = ReplayInput(**{**data, "stages": tuple(data["stages"]) if data.get("stages") else None})
+    if (previous.job_output_uri, previous.stages) != (job_output_uri, asked):
+        raise ConfigError(
+            f"{replay_output_uri} already holds the replay of {_describe(previous.job_output_uri, previous.stages)};"
+            f" this replay asks for {_describe(job_output_uri, asked)}: use another output"
+        )
+    return previous
+
+
+def _describe(job_output_uri: str, stages: tuple[str, ...] | None) -> str:
+    return f"{job_output_uri} ({'stages ' + ', '.join(stages) if stages else 'every stage'})"

@@ -202,13 +202,17 @@ class StoredFile:
 
 @with_retries
 def list_files(uri: str) -> list[StoredFile]:
-    """Files under ``uri`` (or ``uri`` itself when it is a file), sorted by key; hidden files are skipped.
+    """Files under ``uri`` (or ``uri`` itself when it is a file), sorted by key.
+
+    Under a folder, hidden files and folders (``.name``, ``_name``: our own ``_chunks``, ``_failures``,
+    ``_manifest.json`` among them) are skipped; a file named on its own is taken whatever its name.
 
     Raises:
         StorageError: ``uri`` does not exist.
     """
     fs, path = filesystem(uri)
     protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    single = False
     with storage_errors(f"listing {uri}"):
         if not fs.exists(path):
             raise StorageError(f"input {uri} does not exist", retryable=False)
@@ -216,6 +220,7 @@ def list_files(uri: str) -> list[StoredFile]:
         if info.get("type") == "file":
             entries = {path: info}
             root = os.path.dirname(path.rstrip("/"))
+            single = True
         else:
             entries = fs.find(path, detail=True)
             root = path.rstrip("/")
@@ -224,7 +229,7 @@ def list_files(uri: str) -> list[StoredFile]:
         if meta.get("type") not in (None, "file"):
             continue
         key = name[len(root) :].lstrip("/") if name.startswith(root) else os.path.basename(name)
-        if any(part.startswith((".", "_")) for part in key.split("/")):
+        if not single and any(part.startswith((".", "_")) for part in key.split("/")):
             continue  # hidden files, and our own _chunks/_failures/_manifest.json
         etag = str(meta.get("ETag") or meta.get("etag") or meta.get("mtime") or "")
         files.append(StoredFile(uri=f"{protocol}{name}", key=key, size=int(meta.get("size") or 0), etag=etag))

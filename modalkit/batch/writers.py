@@ -48,7 +48,7 @@ class ParquetWriter:
         self.rows = 0
         self.schema = arrow_schema(output_model, exclude)
         self._json_columns = [
-            f.name for f in self.schema if f.name != "record_id" and f.metadata and b"json" in f.metadata
+            f.name for f in self.schema if f.name != "record_id" and (f.metadata or {}).get(b"encoding") == b"json"
         ]
         self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self._buffer: list[dict[str, Any]] = []
@@ -73,8 +73,10 @@ class ParquetWriter:
             self._buffer = []
 
     def close(self) -> None:
-        self._flush()
-        self._writer.close()
+        try:
+            self._flush()
+        finally:
+            self._writer.close()
 
 
 def arrow_schema(model: type[BaseModel], exclude: set[str]) -> Any:
