@@ -1,0 +1,100 @@
+"""Helpers for batch-job tests: settings files, and reading back outputs and queues (local or S3/SQS)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from modalkit.batch import storage
+
+
+def write_config(tmp_path: Path, **app_settings: Any) -> Path:
+    """A settings file for ``pipelines:PoisonAwareSentiment`` with a local queue under ``tmp_path``.
+
+    Keyword arguments are merged into ``app_settings`` (e.g. ``job_config={"chunk_size": "64KiB"}``).
+    """
+    app: dict[str, Any] = {
+        "batch_config": {"max_batch_size": 64},
+        "queue_config": {"backend": "local", "local_path": str(tmp_path / "queues")},
+        "job_config": {"chunk_size": "64KiB", "local_workers": 2, "retry_delay_seconds": 0.2},
+    }
+    for key, value in app_settings.items():
+        if isinstance(value, dict) and isinstance(app.get(key), dict):
+            app[key] = {**app[key], **value}
+        else:
+            app[key] = value
+    data = {
+        "app_settings": app,
+        "model_settings": {
+            "local_model_repository_folder": str(tmp_path / "models"),
+            "default_model": "sentiment",
+            "model_entries": {"sentiment": {"pipeline": "pipelines:PoisonAwareSentiment"}},
+        },
+    }
+    path = tmp_path / "modalkit-test.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _lines(uri: str) -> list[bytes]:
+    return [line for line in storage.read_bytes(uri).splitlines() if line.strip()]
+
+
+def _listing(output_uri: str, prefix: str) -> list[str]:
+    fs, path = storage.filesystem(output_uri)
+    root = path.rstrip("/")
+    protocol = "s3://" if output_uri.startswith("s3://") else ""
+    if not fs.exists(root):
+        return []
+    fs.invalidate_cache()
+    return sorted(f"{protocol}{name}" for name in fs.find(root) if name[len(root) :].lstrip("/").startswith(prefix))
+
+
+def read_parts(output_uri: str) -> list[dict[str, Any]]:
+    """Every success row of every part file (JSONL or Parquet)."""
+    rows: list[dict[str, Any]] = []
+    for uri in _listing(output_uri, "part-"):
+        if uri.endswith(".parquet"):
+            import io
+
+            import pyarrow.parquet as pq
+
+            rows.extend(pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist())
+        else:
+            rows.extend(orjson.loads(line) for line in _lines(uri))
+    return rows
+
+
+def read_failures(output_uri: str) -> list[dict[str, Any]]:
+    """Every row of every ``_failures/part-NNNNN.jsonl``."""
+    return [orjson.loads(line) for uri in _listing(output_uri, "_failures/") for line in _lines(uri)]
+
+
+def read_manifest(output_uri: str) -> dict[str, Any]:
+    return dict(json.loads(storage.read_bytes(storage.join(output_uri, "_manifest.json"))))
+
+
+def drain_sqs(sqs: Any, queue_url: str) -> list[dict[str, Any]]:
+    """Receive and delete every message of an SQS queue; bodies parsed as JSON."""
+    bodies: list[dict[str, Any]] = []
+    while True:
+        resp = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0)
+        messages = resp.get("Messages", [])
+        if not messages:
+            return bodies
+        for msg in messages:
+            bodies.append(json.loads(msg["Body"]))
+        sqs.delete_message_batch(
+            QueueUrl=queue_url,
+            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+        )
+
+
+def duplicates(ids: list[Any]) -> dict[Any, int]:
+    """Ids that appear more than once, with their counts."""
+    return {k: n for k, n in Counter(ids).items() if n > 1}

@@ -1,0 +1,435 @@
+"""The ``modal`` batch backend, through an in-process stand-in for Modal, on S3 and SQS in a real moto_server.
+
+There is no Modal cloud here. The app is built the way ``modalkit/modal_app.py`` builds it, from a settings file in
+the test's directory, as a real module file that is imported (Modal wants its classes at global scope). The
+stand-in takes the place of ``modal.Cls.from_name(app_name, class_name)`` with the same call surface:
+``from_name(app, cls)(model_name=...).process_chunk.remote(job, chunk)``. Its ``remote`` pickles the arguments and
+the result (as Modal does across the wire), keeps a pool of "containers" (one ``modal.Cls`` object each, used one
+call at a time), and runs the real class code through Modal's own ``.local()``, so ``@modal.enter`` runs once per
+container. What the stand-in cannot show: Modal's scheduling, image build, and real network failures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import pickle
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+import modal
+import modal.exception
+import pytest
+from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
+from support import MotoServer
+
+import modalkit.batch.backends
+import modalkit.modal_service
+from modalkit.batch.backends import ModalChunkClient
+from modalkit.exceptions import ConfigError, RemoteError
+from modalkit.iomodel import ChunkSpec, JobSpec
+
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "modalkit.yaml"
+SUMMARY_KEYS = {
+    "job_id", "records", "succeeded", "failed", "chunks", "chunks_skipped", "seconds", "records_per_s", "output_uri",
+}  # fmt: skip
+
+# modalkit/modal_app.py, with the settings read from a file named by the test instead of MODALKIT_CONFIG
+APP_SOURCE = """
+import modal
+
+from modalkit.modal_config import ModalConfig
+from modalkit.modal_service import BatchWorker as BatchWorkerBase
+from modalkit.settings import Settings
+
+modal_config = ModalConfig(Settings.load({config!r}))
+DEFAULT_MODEL = modal_config.model_settings.entry()[0]
+
+app = modal.App(name=modal_config.app_name)
+
+
+@app.cls(**modal_config.get_batch_worker_cls_settings())
+class BatchWorker(BatchWorkerBase):
+    model_name: str = modal.parameter(default=DEFAULT_MODEL)
+    modal_utils: ModalConfig = modal_config
+"""
+
+
+# --- the stand-in for Modal -------------------------------------------------------------------------------------
+
+
+class InProcessModal:
+    """Stands in for ``modal.Cls.from_name``: the "deployed" apps are modules of this process.
+
+    Like the real one, looking a class up is lazy: an app that is not deployed fails at the first ``.remote()``
+    call, with Modal's own ``NotFoundError``. ``before_call(method, args)`` may raise, to play a failing call.
+    """
+
+    def __init__(self, *deployed: ModuleType) -> None:
+        self.apps = {module.app.name: module for module in deployed}
+        self.lookups: list[tuple[str, str, dict[str, Any]]] = []
+        self.calls: list[dict[str, Any]] = []  # every .remote() call: method, chunk index, payload size
+        self.containers: list[Any] = []  # every modal Obj started
+        self.before_call: Callable[[str, tuple[Any, ...]], None] | None = None
+        self._idle: dict[tuple[str, str, str], list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, app_name: str, class_name: str) -> _StandinCls:
+        return _StandinCls(self, app_name, class_name)
+
+    def remote(self, app_name: str, class_name: str, params: dict[str, Any], method: str, args: tuple[Any, ...]) -> Any:
+        payload = pickle.dumps(args)  # what would travel to the container
+        with self._lock:
+            self.calls.append({"method": method, "chunk": args[1].get("index"), "payload_bytes": len(payload)})
+        module = self.apps.get(app_name)
+        if module is None or not isinstance(getattr(module, class_name, None), modal.Cls):
+            raise modal.exception.NotFoundError(
+                f"Lookup failed for Cls '{class_name}' from the '{app_name}' app: "
+                f"App '{app_name}' not found in environment 'main'."
+            )
+        if self.before_call is not None:
+            self.before_call(method, args)
+        container = self._take(module, app_name, class_name, params)
+        try:
+            result = getattr(container, method).local(*pickle.loads(payload))
+        finally:
+            self._give_back(app_name, class_name, params, container)
+        return pickle.loads(pickle.dumps(result))  # and what would travel back
+
+    def _take(self, module: ModuleType, app_name: str, class_name: str, params: dict[str, Any]) -> Any:
+        key = (app_name, class_name, json.dumps(params, sort_keys=True))
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if idle:
+                return idle.pop()
+            container = getattr(module, class_name)(**params)  # a modal Obj: @modal.enter runs on its first call
+            self.containers.append(container)
+            return container
+
+    def _give_back(self, app_name: str, class_name: str, params: dict[str, Any], container: Any) -> None:
+        with self._lock:
+            self._idle[(app_name, class_name, json.dumps(params, sort_keys=True))].append(container)
+
+
+class _StandinCls:
+    def __init__(self, modal_: InProcessModal, app_name: str, class_name: str) -> None:
+        self._modal, self._app_name, self._class_name = modal_, app_name, class_name
+
+    def __call__(self, **params: Any) -> _StandinObj:
+        self._modal.lookups.append((self._app_name, self._class_name, params))
+        return _StandinObj(self._modal, self._app_name, self._class_name, params)
+
+
+class _StandinObj:
+    def __init__(self, modal_: InProcessModal, app_name: str, class_name: str, params: dict[str, Any]) -> None:
+        self._modal, self._app_name, self._class_name, self._params = modal_, app_name, class_name, params
+
+    def __getattr__(self, method: str) -> _StandinMethod:
+        return _StandinMethod(self, method)
+
+
+class _StandinMethod:
+    def __init__(self, obj: _StandinObj, method: str) -> None:
+        self._obj, self._method = obj, method
+
+    def remote(self, *args: Any) -> Any:
+        o = self._obj
+        return o._modal.remote(o._app_name, o._class_name, o._params, self._method, args)
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3(aws: MotoServer) -> Iterator[Any]:
+    client = boto3.client("s3", endpoint_url=aws.url, region_name="us-east-1")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def sqs(aws: MotoServer) -> Iterator[Any]:
+    client = boto3.client("sqs", endpoint_url=aws.url, region_name="us-east-1")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """Settings for ``pipelines:PoisonAwareSentiment`` with records going to SQS."""
+    return write_config(tmp_path, queue_config={"backend": "sqs"}, job_config={"retry_delay_seconds": 0.1})
+
+
+@pytest.fixture
+def app_module(tmp_path: Path, config: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The app module, written into the test's directory and imported."""
+    name = f"batch_app_{tmp_path.name.replace('-', '_')}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(APP_SOURCE.format(config=str(config)), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def standin(app_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> InProcessModal:
+    """The stand-in, with the app "deployed", put where modalkit looks Modal classes up."""
+    fake = InProcessModal(app_module)
+    monkeypatch.setattr(modalkit.batch.backends, "modal_cls_lookup", fake)
+    return fake
+
+
+@pytest.fixture
+def pipeline_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Model names, one per pipeline the batch worker class loaded (in its @modal.enter step)."""
+    loads: list[str] = []
+    real = modalkit.modal_service.load_pipeline
+
+    def counting(settings: Any, model_name: str, *args: Any) -> Any:
+        loads.append(model_name)
+        return real(settings, model_name, *args)
+
+    monkeypatch.setattr(modalkit.modal_service, "load_pipeline", counting)
+    return loads
+
+
+def upload_dataset(s3: Any, bucket: str, n_good: int) -> dict[str, Any]:
+    """Two JSONL files under s3://bucket/in/ with poison records and one bad-JSON line; ids in the ``id`` field."""
+    s3.create_bucket(Bucket=bucket)
+    texts = ["Absolutely love it, great value", "Terrible, it broke after a day", "It is fine, nothing special"]
+    # long reviews: few records per 64KiB chunk, so few messages for moto's SQS to hold
+    filler = "The parcel came on the day promised and the box was intact. " * 10
+    good = [json.dumps({"id": f"r{i:05d}", "text": f"{texts[i % 3]} (review {i}). {filler}"}) for i in range(n_good)]
+    poison = {
+        "p-pre": json.dumps({"id": "p-pre", "text": "has POISON-PRE"}),
+        "p-predict": json.dumps({"id": "p-predict", "text": "has POISON-PREDICT"}),
+        "p-post": json.dumps({"id": "p-post", "text": "has POISON-POST"}),
+    }
+    half = n_good // 2
+    first = [*good[:10], poison["p-pre"], *good[10:half], '{"id": "broken", "text": "unterminated']
+    second = [*good[half : half + 30], poison["p-predict"], *good[half + 30 :], poison["p-post"]]
+    sizes = []
+    for key, lines in (("in/reviews-a.jsonl", first), ("in/reviews-b.jsonl", second)):
+        body = ("\n".join(lines) + "\n").encode()
+        sizes.append(len(body))
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return {"records": n_good + 4, "good": {f"r{i:05d}" for i in range(n_good)}, "poison": set(poison), "sizes": sizes}
+
+
+# --- a job on the modal backend ------------------------------------------------------------------------------------
+
+
+def test_modal_backend_via_in_process_modal_standin_scores_an_s3_dataset_with_every_record_once(
+    prefect_api: str, standin: InProcessModal, app_module: ModuleType, config: Path, s3: Any, sqs: Any,
+    unique: str, pipeline_loads: list[str],
+) -> None:  # fmt: skip
+    from flows.batch_inference import batch_inference
+
+    bucket = f"modal-{unique}"
+    data = upload_dataset(s3, bucket, n_good=240)
+    assert all(size > 64 * 1024 for size in data["sizes"])  # each file is cut into 2+ chunks of 64KiB
+    ok_url = sqs.create_queue(QueueName=f"ok-{unique}")["QueueUrl"]
+    bad_url = sqs.create_queue(QueueName=f"bad-{unique}")["QueueUrl"]
+
+    summary = batch_inference(
+        input_uri=f"s3://{bucket}/in/", output_uri=f"s3://{bucket}/out/", backend="modal", config=str(config),
+        id_field="id", concurrency=3, success_queue=f"ok-{unique}", failure_queue=f"bad-{unique}",
+    )  # fmt: skip
+
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["records"] == data["records"] == summary["succeeded"] + summary["failed"]
+    assert (summary["succeeded"], summary["failed"]) == (240, 4)
+    assert summary["chunks"] == sum(-(-size // (64 * 1024)) for size in data["sizes"])
+    assert summary["chunks_skipped"] == 0
+    assert summary["output_uri"] == f"s3://{bucket}/out"
+    out = summary["output_uri"]
+    parts, failures = read_parts(out), read_failures(out)
+    ids = [r["record_id"] for r in parts] + [r["record_id"] for r in failures]
+    assert duplicates(ids) == {}
+    assert {r["record_id"] for r in parts} == data["good"]
+    assert {r["record_id"]: r["stage"] for r in failures if r["record_id"] in data["poison"]} == {
+        "p-pre": "preprocess", "p-predict": "predict", "p-post": "postprocess",
+    }  # fmt: skip
+    assert read_manifest(out)["job_id"] == summary["job_id"]
+    # the records reached the queues from the "containers"
+    assert sorted(m["record_id"] for m in drain_sqs(sqs, ok_url)) == sorted(data["good"])
+    assert len(drain_sqs(sqs, bad_url)) == 4
+
+    # the flow looked the worker class up by name in the app the settings name, for the job's model
+    assert (app_module.app.name, "BatchWorker", {"model_name": "sentiment"}) in standin.lookups
+    # one call per chunk, each carrying a chunk reference, never the chunk's records
+    assert sorted(call["chunk"] for call in standin.calls) == list(range(summary["chunks"]))
+    assert all(call["method"] == "process_chunk" for call in standin.calls)
+    assert max(call["payload_bytes"] for call in standin.calls) < 4 * 1024 < 64 * 1024
+    # the model loaded once per container (@modal.enter), not once per chunk
+    assert 1 <= len(standin.containers) <= 3  # concurrency=3
+    assert pipeline_loads == ["sentiment"] * len(standin.containers)
+
+
+def test_modal_backend_via_in_process_modal_standin_resumes_a_finished_job_without_calling_modal(
+    prefect_api: str, standin: InProcessModal, config: Path, s3: Any, unique: str
+) -> None:
+    from flows.batch_inference import batch_inference
+
+    bucket = f"resume-{unique}"
+    data = upload_dataset(s3, bucket, n_good=300)
+    params = {"input_uri": f"s3://{bucket}/in", "output_uri": f"s3://{bucket}/out", "backend": "modal",
+              "config": str(config), "id_field": "id"}  # fmt: skip
+    first = batch_inference(**params)
+    calls = len(standin.calls)
+
+    again = batch_inference(**params)
+
+    assert again["job_id"] == first["job_id"]
+    assert again["chunks_skipped"] == again["chunks"] == first["chunks"]
+    assert again["records"] == first["records"] == data["records"]
+    assert len(standin.calls) - calls == again["chunks"]  # the skip is decided where the chunk runs: one call each
+    assert duplicates([r["record_id"] for r in read_parts(first["output_uri"])]) == {}
+
+
+@pytest.mark.parametrize(
+    ("input_uri", "output_uri", "local"),
+    [("in", "s3://{bucket}/out", "in"), ("s3://{bucket}/in", "results/out", "results/out")],
+    ids=["local-input", "local-output"],
+)
+def test_modal_backend_via_in_process_modal_standin_refuses_local_paths(
+    prefect_api: str, standin: InProcessModal, config: Path, s3: Any, unique: str, tmp_path: Path,
+    input_uri: str, output_uri: str, local: str,
+) -> None:  # fmt: skip
+    from flows.batch_inference import batch_inference
+
+    bucket = f"local-{unique}"
+    upload_dataset(s3, bucket, n_good=20)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "reviews.jsonl").write_text('{"id": "a", "text": "great"}\n', encoding="utf-8")
+
+    with pytest.raises(ConfigError, match=rf"backend 'modal' .* cannot reach the local path\(s\) {local}; use s3://"):
+        batch_inference(input_uri=input_uri.format(bucket=bucket), output_uri=output_uri.format(bucket=bucket),
+                        backend="modal", config=str(config))  # fmt: skip
+
+    assert standin.calls == []
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="out/")
+    assert not (tmp_path / "results").exists()
+
+
+# --- Modal errors, translated -------------------------------------------------------------------------------------
+
+
+def test_modal_backend_via_in_process_modal_standin_retries_a_chunk_after_a_modal_connection_error(
+    prefect_api: str, standin: InProcessModal, config: Path, s3: Any, unique: str
+) -> None:
+    from flows.batch_inference import batch_inference
+
+    bucket = f"retry-{unique}"
+    data = upload_dataset(s3, bucket, n_good=240)
+    dropped: list[int] = []
+
+    def drop_the_first_call_of_chunk_1(method: str, args: tuple[Any, ...]) -> None:
+        if args[1]["index"] == 1 and not dropped:
+            dropped.append(1)
+            raise modal.exception.ConnectionError("connection to Modal's servers was lost")
+
+    standin.before_call = drop_the_first_call_of_chunk_1
+
+    summary = batch_inference(input_uri=f"s3://{bucket}/in", output_uri=f"s3://{bucket}/out", backend="modal",
+                              config=str(config), id_field="id")  # fmt: skip
+
+    assert dropped == [1]
+    assert [call["chunk"] for call in standin.calls].count(1) == 2  # retried once, by the flow
+    assert summary["records"] == data["records"] == summary["succeeded"] + summary["failed"]
+    ids = [r["record_id"] for r in read_parts(summary["output_uri"])]
+    ids += [r["record_id"] for r in read_failures(summary["output_uri"])]
+    assert duplicates(ids) == {}
+    assert len(ids) == data["records"]
+
+
+def test_modal_backend_via_in_process_modal_standin_fails_fast_when_the_app_is_not_deployed(
+    prefect_api: str, app_module: ModuleType, config: Path, s3: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.batch_inference import JobFailed, batch_inference
+
+    nothing_deployed = InProcessModal()
+    monkeypatch.setattr(modalkit.batch.backends, "modal_cls_lookup", nothing_deployed)
+    bucket = f"undeployed-{unique}"
+    upload_dataset(s3, bucket, n_good=240)
+    app_name = app_module.app.name
+
+    with pytest.raises(JobFailed, match=rf"Modal app '{app_name}'.*not found") as raised:
+        batch_inference(input_uri=f"s3://{bucket}/in", output_uri=f"s3://{bucket}/out", backend="modal",
+                        config=str(config), id_field="id", concurrency=1)  # fmt: skip
+
+    assert len(nothing_deployed.calls) == 1  # not retried, and no other chunk was started
+    summary = raised.value.summary
+    assert summary is not None
+    assert (summary["records"], summary["chunks"]) == (0, 4)
+
+
+def chunk_ref() -> tuple[JobSpec, ChunkSpec]:
+    job = JobSpec(job_id="j1", input_uri="s3://b/in", output_uri="s3://b/out", model_name="sentiment")
+    chunk = ChunkSpec(job_id="j1", index=7, uri="s3://b/in/a.jsonl", key="a.jsonl", format="jsonl", size=10)
+    return job, chunk
+
+
+def test_modal_chunk_client_via_in_process_modal_standin_makes_a_modal_connection_error_a_retryable_remote_error(
+    app_module: ModuleType,
+) -> None:
+    standin = InProcessModal(app_module)
+
+    def lose_the_connection(method: str, args: tuple[Any, ...]) -> None:
+        raise modal.exception.ConnectionError("connection to Modal's servers was lost")
+
+    standin.before_call = lose_the_connection
+    client = ModalChunkClient(app_module.app.name, "sentiment", cls_lookup=standin)
+
+    with pytest.raises(RemoteError, match=r"chunk 7 \(a\.jsonl\) on Modal app 'modalkit-dev'.*ConnectionError") as e:
+        client.run_chunk(*chunk_ref())
+
+    assert e.value.retryable
+    assert isinstance(e.value.__cause__, modal.exception.ConnectionError)
+
+
+def test_modal_chunk_client_via_in_process_modal_standin_makes_app_not_found_a_config_error_naming_the_app() -> None:
+    client = ModalChunkClient("modalkit-prod", "sentiment", cls_lookup=InProcessModal())
+
+    with pytest.raises(ConfigError, match=r"Modal app 'modalkit-prod'.*App 'modalkit-prod' not found") as e:
+        client.run_chunk(*chunk_ref())
+
+    assert not e.value.retryable
+    assert isinstance(e.value.__cause__, modal.exception.NotFoundError)
+
+
+# --- the app module modal deploy uses -----------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("error")
+def test_modal_app_module_builds_offline_from_the_repo_modalkit_yaml(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MODALKIT_CONFIG", str(REPO_CONFIG))
+    monkeypatch.delitem(sys.modules, "modalkit.modal_app", raising=False)  # import it afresh, and forget it after
+
+    modal_app = importlib.import_module("modalkit.modal_app")
+
+    assert isinstance(modal_app.app, modal.App)
+    assert modal_app.app.name == "modalkit-sentiment-dev"
+    assert modal_app.modal_config.settings.config_files[0] == REPO_CONFIG
+    assert isinstance(modal_app.Model, modal.Cls)
+    assert isinstance(modal_app.BatchWorker, modal.Cls)
+    worker = modal_app.BatchWorker(model_name="sentiment").process_chunk.info()
+    assert worker.method_names == ["process_chunk"]
+    assert worker.batching_info is None  # one chunk per call
+    assert (worker.timeout, worker.max_retries) == (1800, None)  # the flow retries chunks, not Modal
+    online = modal_app.Model().process_request.info()
+    assert online.batching_info is not None
+    assert online.batching_info.max_batch_size == 256
+    assert modal_app.DEFAULT_MODEL == "sentiment"
