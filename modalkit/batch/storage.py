@@ -226,6 +226,9 @@ def list_files(uri: str) -> list[StoredFile]:
             root = path.rstrip("/")
     files = []
     for name, meta in entries.items():
+        if meta.get("islink"):  # a local symlink: listed as "other" with the link's own size; take its target's
+            with storage_errors(f"listing {uri}"):
+                meta = fs.info(name)
         if meta.get("type") not in (None, "file"):
             continue
         key = name[len(root) :].lstrip("/") if name.startswith(root) else os.path.basename(name)

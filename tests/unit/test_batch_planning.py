@@ -276,6 +276,31 @@ def test_listing_is_sorted_detects_formats_and_skips_hidden_and_underscore_files
     assert list_dataset(f"file://{root}") == files
 
 
+def test_a_file_named_on_its_own_is_taken_whatever_its_name(tmp_path: Path) -> None:
+    (tmp_path / "_export.jsonl").write_bytes(b'{"text": "x"}\n')
+
+    files = list_dataset(str(tmp_path / "_export.jsonl"))
+
+    assert [(f.key, f.size) for f in files] == [("_export.jsonl", 14)]
+    with pytest.raises(StorageError, match="holds no files"):  # under a folder it is hidden, like _manifest.json
+        list_dataset(str(tmp_path))
+
+
+def test_symlinked_files_are_listed_with_their_targets_size_and_read_through(tmp_path: Path) -> None:
+    data = b"".join(b'{"i": %d}\n' % i for i in range(100))
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "real.jsonl").write_bytes(data)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").symlink_to(tmp_path / "store" / "real.jsonl")
+
+    files = list_dataset(str(tmp_path / "in"))
+
+    assert [(f.key, f.size, f.format) for f in files] == [("a.jsonl", len(data), "jsonl")]
+    chunks = plan_chunks(files, chunk_size=300, job_id="j")
+    assert len(chunks) > 1
+    assert [line for _, line in read_all(chunks, batch_size=7)] == data.splitlines(keepends=True)
+
+
 def test_chunks_are_numbered_across_files_in_listing_order(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "b.jsonl").write_bytes(b'{"x": 1}\n' * 10)
