@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""`make bench`: modalkit batch vs the bare two-process loop of the reference harness, side by side.
+
+Workload W1 of ../shared/bench: JSONL in, JSONL out, the harness's toy model (as ``bench/toy_pipeline.py``),
+batches of 256, 4 input shards, one BLAS thread per process. For each size the two commands run in turn,
+A B A B..., each under the harness's ``treemem.py`` (peak RSS/PSS of the whole process tree), and every modalkit
+output is checked against the bare loop's predictions with the harness's ``check_outputs.py``.
+
+modalkit runs as a user runs it: ``modalkit batch IN OUT --config ... --json`` (local backend, 2 workers) against
+a Prefect server started once for the benchmark (as a deployment would have one). Figures:
+
+* job records/s: records / the job's own clock (modalkit: the flow run, planning to manifest; bare: its timer,
+  pool start to finish). This is the figure the target is set on.
+* process wall: the whole command, interpreter start and imports included.
+
+    make bench                                   # 1M and 4M records, 3 rounds each
+    BENCH_SIZES=200000 BENCH_ROUNDS=1 make bench  # a quick look
+
+Environment: MODALKIT_SHARED_BENCH (default ../shared/bench), BENCH_SIZES, BENCH_ROUNDS, BENCH_CHUNK_SIZE.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = Path(os.environ.get("MODALKIT_SHARED_BENCH", REPO.parent / "shared" / "bench")).resolve()
+DATA = HERE / "data"
+OUT = HERE / "out"
+RESULTS = HERE / "RESULTS.md"
+PY = sys.executable
+BIN = Path(sys.executable).parent
+SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1000000 4000000").split()]
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CHUNK_SIZE = os.environ.get("BENCH_CHUNK_SIZE", "32MiB")  # the default chunk_size
+FILES = 4
+TIMEOUT = 1800
+
+THREADS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+BENCH_CONFIG = f"""# written by bench/run.py: W1's toy model, local backend with 2 workers, no queues
+app_settings:
+  batch_config:
+    max_batch_size: 256
+  queue_config:
+    backend: none
+  job_config:
+    backend: local
+    local_workers: 2
+    chunk_size: {CHUNK_SIZE}
+    id_field: id
+    output_format: jsonl
+model_settings:
+  model_entries:
+    toy:
+      pipeline: "toy_pipeline:ToyPipeline"
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrefectServer:
+    """`prefect server start` on a free loopback port, SQLite in a temporary PREFECT_HOME; stopped by PID."""
+
+    def __init__(self) -> None:
+        self.home = tempfile.mkdtemp(prefix="modalkit-bench-prefect-")
+        self.port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        env = {**os.environ, "PREFECT_HOME": self.home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        self.log = open(Path(self.home) / "server.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"prefect server did not start; see {self.home}/server.log")
+
+    def rss_mb(self) -> float:
+        total = 0
+        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
+            try:
+                with open(f"/proc/{pid}/statm") as fh:
+                    total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except OSError:
+                pass
+        return total / 2**20
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def _descendants(root: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as fh:
+                    stat = fh.read()
+                ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+            except (OSError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        for kid in kids.get(todo.pop(), []):
+            out.append(kid)
+            todo.append(kid)
+    return out
+
+
+def dataset(rows: int) -> Path:
+    path = DATA / f"rows_{rows}_f{FILES}"
+    if not (path / ".complete").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"generating {rows:,} rows with the harness's gen_data.py")
+        subprocess.run([PY, str(SHARED / "gen_data.py"), "--rows", str(rows), "--files", str(FILES),
+                        "--out", str(path)], check=True, env={**os.environ, **THREADS_ENV})  # fmt: skip
+        (path / ".complete").touch()
+    return path
+
+
+def run_measured(name: str, cmd: list[str], env: dict[str, str], out_dir: Path) -> dict[str, Any]:
+    """Run ``cmd`` under treemem.py; returns its last JSON stdout line, treemem's figures and the process wall."""
+    mem_file = out_dir.parent / f"{out_dir.name}.mem.json"
+    wrapped = [PY, str(SHARED / "treemem.py"), "--out", str(mem_file), "--interval", "0.25",
+               "--timeout", str(TIMEOUT), "--", *cmd]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(wrapped, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1])
+    mem = json.loads(mem_file.read_text())
+    return {"result": result, "mem": mem, "process_wall_s": wall}
+
+
+def check(output: Path, rows: int, reference: Path | None) -> dict[str, Any]:
+    """The harness's check_outputs.py over the part files (the harness globs *.json*; our _manifest.json is not
+    an output row, so the part files are linked into a folder of their own)."""
+    view = output.parent / f"{output.name}.parts"
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir()
+    for part in sorted(output.glob("part-*.jsonl")) or sorted(output.glob("*.jsonl")):
+        (view / part.name).symlink_to(part)
+    cmd = [PY, str(SHARED / "check_outputs.py"), "--output", str(view), "--rows", str(rows)]
+    if reference is not None:
+        cmd += ["--reference", str(reference)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    shutil.rmtree(view, ignore_errors=True)
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def bench_size(rows: int, server: PrefectServer, config: Path) -> dict[str, Any]:
+    data = dataset(rows)
+    base_env = {**os.environ, **THREADS_ENV}
+    mk_env = {**base_env, "PREFECT_API_URL": server.api_url, "PYTHONPATH": str(HERE),
+              "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MODALKIT_SHARED_BENCH": str(SHARED)}  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {"bare": [], "modalkit": []}
+    reference: Path | None = None
+    for round_no in range(ROUNDS):
+        order = ["bare", "modalkit"] if round_no % 2 == 0 else ["modalkit", "bare"]
+        for name in order:
+            out = OUT / f"rows_{rows}" / f"{name}-{round_no}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if name == "bare":
+                cmd = [PY, str(SHARED / "run_mp.py"), "--input", str(data), "--output", str(out), "--workers", "2"]
+                measured = run_measured(name, cmd, base_env, out)
+                rps = measured["result"]["rows_per_s"]
+            else:
+                cmd = [str(BIN / "modalkit"), "batch", str(data), str(out), "--config", str(config), "--json"]
+                measured = run_measured(name, cmd, mk_env, out)
+                rps = measured["result"]["records_per_s"]
+            measured["checked"] = check(out, rows, reference if name == "modalkit" else None)
+            measured["job_rows_per_s"] = rps
+            runs[name].append(measured)
+            log(f"{rows:,} rows, round {round_no + 1}/{ROUNDS}, {name}: {rps:,.0f} rows/s (job), "
+                f"{measured['process_wall_s']:.1f} s process, peak tree RSS "
+                f"{measured['mem']['peak_tree_rss_mb']:.0f} MB, check ok={measured['checked'].get('ok')}")  # fmt: skip
+            if name == "bare" and reference is None:
+                reference = out
+            elif out != reference:
+                shutil.rmtree(out, ignore_errors=True)
+    if reference is not None:
+        shutil.rmtree(reference, ignore_errors=True)
+    return {"rows": rows, "runs": runs, "server_rss_mb": server.rss_mb()}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(size: dict[str, Any]) -> dict[str, Any]:
+    bare, mk = size["runs"]["bare"], size["runs"]["modalkit"]
+    pairs = list(zip(bare, mk, strict=False))
+    return {
+        "rows": size["rows"],
+        "bare_rps": _median([r["job_rows_per_s"] for r in bare]),
+        "mk_rps": _median([r["job_rows_per_s"] for r in mk]),
+        "ratio_job": _median([m["job_rows_per_s"] / b["job_rows_per_s"] for b, m in pairs]),
+        "bare_wall": _median([r["process_wall_s"] for r in bare]),
+        "mk_wall": _median([r["process_wall_s"] for r in mk]),
+        "ratio_wall": _median([b["process_wall_s"] / m["process_wall_s"] for b, m in pairs]),
+        "bare_rss": max(r["mem"]["peak_tree_rss_mb"] for r in bare),
+        "mk_rss": max(r["mem"]["peak_tree_rss_mb"] for r in mk),
+        "bare_pss": max(r["mem"]["peak_tree_pss_mb"] for r in bare),
+        "mk_pss": max(r["mem"]["peak_tree_pss_mb"] for r in mk),
+        "mk_cpu": _median([r["mem"]["tree_cpu_s_sampled"] for r in mk]),
+        "bare_cpu": _median([r["mem"]["tree_cpu_s_sampled"] for r in bare]),
+        "checks_ok": all(r["checked"].get("ok") for r in bare + mk),
+        "server_rss_mb": size["server_rss_mb"],
+        "mk_job_s": _median([r["result"]["seconds"] for r in mk]),
+    }
+
+
+def write_results(rows: list[dict[str, Any]]) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "modalkit", "flows", "tasks"],
+                           cwd=REPO, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `make bench` (bench/run.py) on {dt.date.today().isoformat()}, commit "
+        f"{commit.stdout.strip() or '?'}{' with uncommitted changes' if dirty else ''}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}.",
+        "",
+        "W1 of `../shared/bench`: JSONL in and out, the harness's toy model, batches of 256, 4 shards, one BLAS",
+        "thread per process. `bare` is the harness's `run_mp.py --workers 2`; `modalkit` is",
+        f"`modalkit batch IN OUT --json` with the local backend (2 workers, chunk_size {CHUNK_SIZE}, no queues)",
+        "against a Prefect server started once. The two ran in turn in one session",
+        f"({ROUNDS} pairs per size); medians, ratios taken pair by pair. Every output was checked with the",
+        "harness's `check_outputs.py` against the bare loop's predictions.",
+        "",
+        "| rows | bare rows/s (job) | modalkit rows/s (job) | ratio (job) | bare process s | modalkit process s "
+        "| ratio (process) | peak tree RSS MB bare / modalkit | peak tree PSS MB modalkit | outputs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        lines.append(
+            f"| {s['rows']:,} | {s['bare_rps']:,.0f} | {s['mk_rps']:,.0f} | **{s['ratio_job']:.3f}x** "
+            f"| {s['bare_wall']:.1f} | {s['mk_wall']:.1f} | {s['ratio_wall']:.3f}x "
+            f"| {s['bare_rss']:.0f} / {s['mk_rss']:.0f} | {s['mk_pss']:.0f} | {'ok' if s['checks_ok'] else 'FAIL'} |"
+        )
+    lines += ["", "## Targets", ""]
+    first = rows[0]
+    ratios = "; ".join(f"**{s['ratio_job']:.3f}x** at {s['rows']:,} rows ({s['ratio_wall']:.3f}x by whole-process wall)"
+                       for s in rows)  # fmt: skip
+    lines.append(f"- records/s at least 0.9x the bare 2-process loop, job clock: {ratios}.")
+    lines.append(f"- peak memory of the whole process tree under 1 GiB: **{max(s['mk_rss'] for s in rows):.0f} MB** "
+                 f"RSS ({max(s['mk_pss'] for s in rows):.0f} MB PSS); the Prefect server, a separate long-lived "
+                 f"process, held {first['server_rss_mb']:.0f} MB besides.")  # fmt: skip
+    if len(rows) > 1:
+        growth = rows[-1]["mk_rss"] / rows[0]["mk_rss"] - 1
+        lines.append(f"- memory growth from {rows[0]['rows']:,} to {rows[-1]['rows']:,} rows under 20%: "
+                     f"**{growth:+.1%}** (peak tree RSS).")  # fmt: skip
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- Job clock: modalkit's `seconds` covers the whole flow run (planning, spawning and loading the two",
+        "  workers, every chunk, the manifest and the Prefect artifacts); the bare loop's covers pool start to end.",
+        "- Process wall adds interpreter start and imports (Prefect's import is about a second); with no",
+        "  `PREFECT_API_URL`, `modalkit batch` starts a temporary Prefect server first, which adds several more",
+        "  seconds: run a Prefect server for production use.",
+        f"- CPU seconds over the tree (median, sampled): bare {first['bare_cpu']:.1f}, modalkit {first['mk_cpu']:.1f}.",
+        "- The anchors in ../shared/bench/ANCHORS.md put the bare 2-process loop at about 2.7x Ray Data on this",
+        "  machine; compare ratios only, never absolute figures across sessions.",
+    ]
+    RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log(f"wrote {RESULTS}")
+
+
+def main() -> int:
+    if not (SHARED / "run_mp.py").exists():
+        log(f"the reference harness is not at {SHARED}; set MODALKIT_SHARED_BENCH")
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
+    config = OUT / "modalkit-bench.yaml"
+    config.write_text(BENCH_CONFIG, encoding="utf-8")
+    log("starting a Prefect server for the benchmark")
+    server = PrefectServer()
+    try:
+        results = [summarize(bench_size(rows, server, config)) for rows in SIZES]
+    finally:
+        server.stop()
+    write_results(results)
+    for s in results:
+        log(f"{s['rows']:,} rows: modalkit/bare = {s['ratio_job']:.3f}x (job), {s['ratio_wall']:.3f}x (process); "
+            f"peak tree RSS {s['mk_rss']:.0f} MB")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
