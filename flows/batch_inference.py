@@ -99,7 +99,9 @@ def batch_inference(
             "job %s: %d chunks over %d bytes, model %s, backend %s",
             plan.job.job_id, len(plan.chunks), plan.total_bytes, plan.job.model_name, job_config.backend,
         )  # fmt: skip
-        results, errors = _run_chunks(plan, chunk_backend, _chunk_task(job_config), _in_flight(settings, job_config))
+        results, errors = _run_chunks(
+            plan, chunk_backend, _chunk_task(job_config), _in_flight(settings, job_config, workers)
+        )
     finally:
         chunk_backend.close()
     summary = finalize(plan, results, time.perf_counter() - started, len(errors))
@@ -107,12 +109,12 @@ def batch_inference(
     return _outcome(summary, errors, job_config.max_failure_rate)
 
 
-def _in_flight(settings: Settings, job_config: JobConfig) -> int:
+def _in_flight(settings: Settings, job_config: JobConfig, workers: int) -> int:
     """Chunks in flight: as asked, else one per local worker, else one per Modal container."""
     if job_config.concurrency:
         return job_config.concurrency
     if job_config.backend == "local":
-        return job_config.local_workers or default_workers()
+        return workers
     return settings.app_settings.deployment_config.max_containers or 10
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
-import gc
 import logging
 import multiprocessing
 import os
@@ -75,10 +74,6 @@ def _processor() -> Any:
         pipeline = load_pipeline(settings, _worker_state["model_name"])
         processor = ChunkProcessor(pipeline, create_backend(settings.app_settings.queue_config))
         _worker_state["processor"] = processor
-        # the modules and the model loaded so far live as long as the worker: move them out of the garbage
-        # collector's reach, so that its full passes while records stream scan only what the chunks allocate
-        gc.collect()
-        gc.freeze()
     return processor
 
 

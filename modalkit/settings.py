@@ -281,7 +281,9 @@ class JobConfig(_Strict):
         "(a record found running across a cut fails the job). False: each CSV file is one chunk.",
     )
     local_workers: int | None = Field(None, ge=1, le=512, description="Local worker processes; empty = CPU count.")
-    id_field: str | None = Field(None, min_length=1, description="Record field holding its id; empty = file:line.")
+    id_field: str | None = Field(
+        None, min_length=1, description="Record field holding its id; empty = <file key>:<position>."
+    )
     output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="Format of the part files.")
     success_queue: str | None = Field(None, min_length=1, description="Queue for success records; empty = none.")
     failure_queue: str | None = Field(None, min_length=1, description="Queue for failure records; empty = none.")

@@ -7,7 +7,9 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 from support import MotoServer
 
@@ -57,6 +59,22 @@ def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
 
     reset_clients()
     return moto_server
+
+
+@pytest.fixture
+def s3(aws: MotoServer) -> Iterator[Any]:
+    """A boto3 S3 client straight to moto_server, for setting up inputs and reading back outputs."""
+    client = boto3.client("s3", endpoint_url=aws.url, region_name="us-east-1")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def sqs(aws: MotoServer) -> Iterator[Any]:
+    """A boto3 SQS client straight to moto_server, for creating queues and reading what arrived."""
+    client = boto3.client("sqs", endpoint_url=aws.url, region_name="us-east-1")
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -41,22 +41,9 @@ def iter_batches(chunk: ChunkSpec, batch_size: int) -> Iterator[Batch]:
     elif chunk.format == "csv":
         yield from _batched(_csv_rows(chunk), batch_size)
     else:
-        yield from _jsonl_batches(chunk, batch_size)
-
-
-def _jsonl_batches(chunk: ChunkSpec, size: int) -> Iterator[Batch]:
-    """The non-blank lines of :func:`_lines`, batched in one loop (the hot path of a JSONL job)."""
-    positions: list[int] = []
-    payloads: list[Any] = []
-    for pos, line in _lines(chunk):
-        if line[0] == 0x7B or line.strip():  # "{" starts nearly every record; blank lines are skipped
-            positions.append(pos)
-            payloads.append(line)
-            if len(positions) == size:
-                yield positions, payloads
-                positions, payloads = [], []
-    if positions:
-        yield positions, payloads
+        # "{" starts nearly every record, so the strip() that finds blank lines is seldom needed
+        lines = ((pos, line) for pos, line in _lines(chunk) if line[0] == 0x7B or line.strip())
+        yield from _batched(lines, batch_size)
 
 
 def _batched(items: Iterable[tuple[int, Any]], size: int) -> Iterator[Batch]:

@@ -14,17 +14,15 @@ import io
 import json
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
-from support import MotoServer
 
 from flows.batch_inference import JobFailed, batch_inference
 from modalkit.batch import storage
@@ -313,20 +311,6 @@ def _fill(line: bytes, size: int) -> bytes:
 
 
 # --- fixtures and checks -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def s3(aws: MotoServer) -> Iterator[Any]:
-    client = boto3.client("s3", endpoint_url=aws.url, region_name="us-east-1")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def sqs(aws: MotoServer) -> Iterator[Any]:
-    client = boto3.client("sqs", endpoint_url=aws.url, region_name="us-east-1")
-    yield client
-    client.close()
 
 
 @pytest.fixture

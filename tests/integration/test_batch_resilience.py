@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
 from support import MotoServer, TcpProxy, stop_process
@@ -272,12 +271,9 @@ def batch_args(input_uri: str, output_uri: str, config: Path, ok: str, bad: str)
 
 
 @pytest.fixture
-def direct(aws: MotoServer) -> Iterator[dict[str, Any]]:
+def direct(s3: Any, sqs: Any) -> dict[str, Any]:
     """boto3 clients straight to moto_server (never through a proxy), to set up and read back."""
-    clients = {name: boto3.client(name, endpoint_url=aws.url, region_name="us-east-1") for name in ("s3", "sqs")}
-    yield clients
-    for client in clients.values():
-        client.close()
+    return {"s3": s3, "sqs": sqs}
 
 
 def make_queues(sqs: Any, unique: str, *, fifo: bool) -> tuple[str, str, str, str]:

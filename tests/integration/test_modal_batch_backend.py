@@ -1,8 +1,8 @@
 """The ``modal`` batch backend, through an in-process stand-in for Modal, on S3 and SQS in a real moto_server.
 
-There is no Modal cloud here. The app is built the way ``modalkit/modal_app.py`` builds it, from a settings file in
-the test's directory, as a real module file that is imported (Modal wants its classes at global scope). The
-stand-in takes the place of ``modal.Cls.from_name(app_name, class_name)`` with the same call surface:
+There is no Modal cloud here. The app is ``modalkit/modal_app.py`` itself, imported afresh with a settings file in
+the test's directory named by ``MODALKIT_CONFIG`` (as ``modal deploy`` imports it). The stand-in takes the place
+of ``modal.Cls.from_name(app_name, class_name)`` with the same call surface:
 ``from_name(app, cls)(model_name=...).process_chunk.remote(job, chunk)``. Its ``remote`` pickles the arguments and
 the result (as Modal does across the wire), keeps a pool of "containers" (one ``modal.Cls`` object each, used one
 call at a time), and runs the real class code through Modal's own ``.local()``, so ``@modal.enter`` runs once per
@@ -17,17 +17,15 @@ import json
 import pickle
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import boto3
 import modal
 import modal.exception
 import pytest
 from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
-from support import MotoServer
 
 import modalkit.batch.backends
 import modalkit.modal_service
@@ -39,26 +37,6 @@ REPO_CONFIG = Path(__file__).resolve().parents[2] / "modalkit.yaml"
 SUMMARY_KEYS = {
     "job_id", "records", "succeeded", "failed", "chunks", "chunks_skipped", "seconds", "records_per_s", "output_uri",
 }  # fmt: skip
-
-# modalkit/modal_app.py, with the settings read from a file named by the test instead of MODALKIT_CONFIG
-APP_SOURCE = """
-import modal
-
-from modalkit.modal_config import ModalConfig
-from modalkit.modal_service import BatchWorker as BatchWorkerBase
-from modalkit.settings import Settings
-
-modal_config = ModalConfig(Settings.load({config!r}))
-DEFAULT_MODEL = modal_config.model_settings.entry()[0]
-
-app = modal.App(name=modal_config.app_name)
-
-
-@app.cls(**modal_config.get_batch_worker_cls_settings())
-class BatchWorker(BatchWorkerBase):
-    model_name: str = modal.parameter(default=DEFAULT_MODEL)
-    modal_utils: ModalConfig = modal_config
-"""
 
 
 # --- the stand-in for Modal -------------------------------------------------------------------------------------
@@ -147,37 +125,18 @@ class _StandinMethod:
 
 
 @pytest.fixture
-def s3(aws: MotoServer) -> Iterator[Any]:
-    client = boto3.client("s3", endpoint_url=aws.url, region_name="us-east-1")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def sqs(aws: MotoServer) -> Iterator[Any]:
-    client = boto3.client("sqs", endpoint_url=aws.url, region_name="us-east-1")
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def config(tmp_path: Path) -> Path:
     """Settings for ``pipelines:PoisonAwareSentiment`` with records going to SQS."""
     return write_config(tmp_path, queue_config={"backend": "sqs"}, job_config={"retry_delay_seconds": 0.1})
 
 
 @pytest.fixture
-def app_module(tmp_path: Path, config: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The app module, written into the test's directory and imported."""
-    name = f"batch_app_{tmp_path.name.replace('-', '_')}"
-    path = tmp_path / f"{name}.py"
-    path.write_text(APP_SOURCE.format(config=str(config)), encoding="utf-8")
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
+def app_module(config: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``modalkit/modal_app.py`` itself, imported afresh with the test's settings (as ``modal deploy`` would)."""
+    monkeypatch.setenv("MODALKIT_CONFIG", str(config))
+    monkeypatch.delitem(sys.modules, "modalkit.modal_app", raising=False)
+    module = importlib.import_module("modalkit.modal_app")
+    monkeypatch.delitem(sys.modules, "modalkit.modal_app")  # forgotten again after the test
     return module
 
 

@@ -39,21 +39,6 @@ KIB = 1024
 
 
 @pytest.fixture
-def sqs(aws: MotoServer) -> Iterator[Any]:
-    """A boto3 SQS client straight to moto_server, for creating queues and reading what arrived."""
-    client = boto3.client("sqs", endpoint_url=aws.url, region_name="us-east-1")
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def s3(aws: MotoServer) -> Iterator[Any]:
-    client = boto3.client("s3", endpoint_url=aws.url, region_name="us-east-1")
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def make_queue(sqs: Any, unique: str) -> Callable[..., tuple[str, str]]:
     """Create a queue with a unique name; returns (name, url)."""
 
