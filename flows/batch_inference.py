@@ -23,7 +23,7 @@ from prefect.tasks import exponential_backoff
 from modalkit.batch.backends import ChunkBackend, open_backend
 from modalkit.batch.job import JobPlan, resolve_job_config
 from modalkit.batch.progress import JobProgress, report
-from modalkit.exceptions import ModalkitError, is_retryable
+from modalkit.exceptions import JobFailed, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
 from modalkit.local import default_workers
 from modalkit.settings import JobConfig, Settings
@@ -33,20 +33,7 @@ from tasks.run_chunk import run_chunk
 
 PROGRESS_EVERY_SECONDS = 1.0
 
-
-class JobFailed(ModalkitError):
-    """The job finished as failed: chunks failed after their retries, or too many records failed.
-
-    Attributes:
-        summary: The job's summary (also written to ``_manifest.json``).
-    """
-
-    def __init__(self, message: str, summary: dict[str, Any] | None = None, *, retryable: bool = False) -> None:
-        super().__init__(message, retryable=retryable)
-        self.summary = summary
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.summary))
+__all__ = ["JobFailed", "batch_inference"]  # JobFailed lives in modalkit.exceptions; importable here too
 
 
 @flow(name="batch-inference", log_prints=False)

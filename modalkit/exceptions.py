@@ -18,15 +18,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
+    "AuthConfigError",
     "AuthError",
+    "BackendError",
     "ConfigError",
+    "DependencyError",
+    "DeviceError",
+    "JobFailed",
     "ModalkitError",
     "PipelineError",
     "QueueError",
     "RemoteError",
     "StorageError",
+    "TypeValidationError",
     "is_retryable",
     "modal_errors",
     "queue_errors",
@@ -99,6 +106,63 @@ class RemoteError(ModalkitError):
 
 class AuthError(ModalkitError):
     """A request carried no credentials or the wrong ones, or the API key could not be fetched."""
+
+
+class DeviceError(RemoteError):
+    """The accelerator is broken (a CUDA error, a lost device): the batch cannot run here, on any record.
+
+    Retryable: the same work succeeds on a fresh container or process, never on this one.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True, stage: str = "predict") -> None:
+        super().__init__(message, retryable=retryable)
+        self.stage = stage
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_device, (str(self), self.retryable, self.stage))
+
+
+def _rebuild_device(message: str, retryable: bool, stage: str) -> DeviceError:
+    return DeviceError(message, retryable=retryable, stage=stage)
+
+
+class JobFailed(ModalkitError):
+    """A batch job finished as failed: chunks failed after their retries, or too many records failed.
+
+    Attributes:
+        summary: The job's summary (also written to ``_manifest.json``), or None when the job never started.
+    """
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None, *, retryable: bool = False) -> None:
+        super().__init__(message, retryable=retryable)
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Prefect keeps a flow's exception as its result, and the local pool pickles errors: keep all three
+        return (_rebuild_job_failed, (str(self), self.summary, self.retryable))
+
+
+def _rebuild_job_failed(message: str, summary: dict[str, Any] | None, retryable: bool) -> JobFailed:
+    return JobFailed(message, summary, retryable=retryable)
+
+
+# --- the original modalkit's names: same builtin bases, now inside our hierarchy ---------------------------------
+
+
+class AuthConfigError(ConfigError, ValueError):
+    """Authentication is configured in a way that cannot work (the original modalkit's name)."""
+
+
+class DependencyError(ConfigError, ImportError):
+    """A library the configuration needs is not installed (the original modalkit's name)."""
+
+
+class TypeValidationError(ModalkitError, TypeError):
+    """A value has the wrong type, e.g. a queue message that is not a string (the original modalkit's name)."""
+
+
+class BackendError(ConfigError, ValueError):
+    """A queue backend is unknown or configured wrongly (the original modalkit's name)."""
 
 
 def is_retryable(exc: BaseException) -> bool:
