@@ -18,11 +18,14 @@ from typing import Any
 
 from modalkit.exceptions import ConfigError
 
-__all__ = ["aws_client", "aws_region", "reset_clients", "s3_storage_options"]
+__all__ = ["aws_client", "aws_region", "make_client", "reset_clients", "s3_storage_options"]
 
 _lock = threading.Lock()
 _clients: dict[tuple[Any, ...], Any] = {}
 DEFAULT_REGION = "us-east-1"
+#: Seconds to wait for a connection to an AWS endpoint, and for a response.
+CONNECT_TIMEOUT = 5
+READ_TIMEOUT = 60
 
 
 def aws_region() -> str:
@@ -45,24 +48,32 @@ def aws_client(service: str) -> Any:
     with _lock:
         client = _clients.get(key)
         if client is None:
-            client = _make_client(service)
+            client = make_client(service)
             _clients[key] = client
     return client
 
 
-def _make_client(service: str) -> Any:
+def make_client(service: str, *, region_name: str | None = None, endpoint_url: str | None = None) -> Any:
+    """A new boto3 client for ``service`` that makes one attempt per call: the caller owns retries.
+
+    botocore's own retries are off (``total_max_attempts=1``) because modalkit retries every call it makes in one
+    place per concern (storage calls, queue sends, chunks); two layers would multiply how long an outage takes to
+    report. Connections time out after 5 s, reads after 60 s.
+    """
     import boto3
     import botocore.config
     from botocore.exceptions import BotoCoreError
 
     config = botocore.config.Config(
-        retries={"max_attempts": 3, "mode": "standard"},
+        retries={"total_max_attempts": 1},
         max_pool_connections=32,
-        connect_timeout=5,
-        read_timeout=60,
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
     )
     try:
-        return boto3.session.Session().client(service, region_name=aws_region(), config=config)  # type: ignore[call-overload]
+        return boto3.session.Session().client(  # type: ignore[call-overload]
+            service, region_name=region_name or aws_region(), endpoint_url=endpoint_url, config=config
+        )
     except BotoCoreError as exc:
         raise ConfigError(f"cannot create the AWS {service} client: {exc}") from exc
 

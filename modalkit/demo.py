@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from modalkit.examples.sentiment import training_corpus
-from modalkit.task_queue import LocalQueueBackend
+from modalkit.queues import LocalQueueBackend
 
 __all__ = ["DemoSetup", "prepare_demo", "show_demo_results"]
 

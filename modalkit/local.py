@@ -68,7 +68,7 @@ def _processor() -> Any:
     if processor is None:
         from modalkit.batch.chunk import ChunkProcessor
         from modalkit.inference_pipeline import load_pipeline
-        from modalkit.task_queue import create_backend
+        from modalkit.queues import create_backend
 
         settings: Settings = _worker_state["settings"]
         pipeline = load_pipeline(settings, _worker_state["model_name"])

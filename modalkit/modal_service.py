@@ -41,8 +41,8 @@ from modalkit.iomodel import (
     SyncInputModel,
 )
 from modalkit.modal_config import ModalConfig, VolumeReloader
+from modalkit.queues import QueueBackend, create_backend, deliver_sync
 from modalkit.settings import BatchConfig
-from modalkit.task_queue import QueueBackend, create_backend, deliver_sync
 
 __all__ = ["BatchWorker", "ModalService"]
 

@@ -27,7 +27,7 @@ from modalkit.batch.writers import JsonlWriter, ParquetWriter
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
-from modalkit.task_queue import QueueBackend
+from modalkit.queues import QueueBackend
 
 __all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "chunk_paths", "process_chunk"]
 

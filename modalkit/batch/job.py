@@ -21,8 +21,8 @@ from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import import_pipeline
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, JobSummary
+from modalkit.queues import check_queues, create_backend
 from modalkit.settings import JobConfig, Settings
-from modalkit.task_queue import SQSBackend, create_backend
 
 __all__ = ["JobPlan", "finalize_job", "plan_job", "resolve_job_config", "start_job"]
 
@@ -115,9 +115,7 @@ def _check_queues(settings: Settings, config: JobConfig) -> None:
     backend = create_backend(settings.app_settings.queue_config)
     if backend is None:
         raise ConfigError(f"the job names queue(s) {', '.join(queues)} but app_settings.queue_config.backend is 'none'")
-    if isinstance(backend, SQSBackend):
-        for queue in queues:
-            backend.queue_url(queue)  # raises QueueError naming a missing queue
+    check_queues(backend, queues)  # raises QueueError naming a missing queue
 
 
 def _check_owner(output_uri: str, job_id: str) -> None:

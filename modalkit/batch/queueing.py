@@ -13,7 +13,6 @@ on a standard SQS queue only the records sent after the last journal write can b
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import time
 from collections import deque
 
@@ -21,23 +20,20 @@ import orjson
 
 from modalkit.batch import storage
 from modalkit.exceptions import ModalkitError, QueueError
-from modalkit.task_queue import QueueBackend, QueueMessage, deliver_sync
+from modalkit.queues import QueueBackend, QueueMessage, deliver_sync
 
 __all__ = ["RecordSender", "dedup_id", "read_journal"]
 
 MAX_PENDING_WINDOWS = 3
 JOURNAL_INTERVAL = 0.5
-_DEDUP_OK = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
-)
 
 
 def dedup_id(job_id: str, record_id: object) -> str:
-    """``<job_id>:<record_id>``, or its SHA-256 when too long or holding characters SQS refuses."""
-    text = f"{job_id}:{record_id}"
-    if len(text) <= 128 and all(c in _DEDUP_OK for c in text):
-        return text
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """``<job_id>:<record_id>``: the same record of the same job is one message, whatever retried or resumed.
+
+    Backends make it fit their rules (the SQS backend hashes an id SQS would refuse); this is the logical id.
+    """
+    return f"{job_id}:{record_id}"
 
 
 def read_journal(uri: str) -> int:

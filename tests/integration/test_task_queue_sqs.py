@@ -16,9 +16,9 @@ import botocore.config
 import pytest
 from support import MotoServer, TcpProxy
 
-from modalkit import task_queue
 from modalkit.aws import reset_clients
 from modalkit.exceptions import ConfigError, QueueError
+from modalkit.queues import registry
 from modalkit.settings import QueueConfig
 from modalkit.task_queue import (
     S3_POINTER_CLASS,
@@ -66,7 +66,7 @@ def proxy(aws: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[TcpProxy
 @pytest.fixture
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Backends registered by a test disappear after it."""
-    monkeypatch.setattr(task_queue, "_REGISTRY", dict(task_queue._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
 def drain(sqs: Any, url: str) -> list[dict[str, Any]]:

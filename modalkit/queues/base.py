@@ -1,0 +1,145 @@
+"""The queue protocol, the message type, and sending through any backend.
+
+:class:`QueueBackend` is the original modalkit's protocol: one async ``send_message`` that returns True when the
+message was accepted. Any object with that method is a backend (TaskIQ, Kafka, Redis...). modalkit's own backends
+derive from :class:`BatchQueueBackend`, which adds a synchronous batch send that *raises*
+:class:`~modalkit.exceptions.QueueError` instead of returning False (so a lost message can never go unnoticed) and
+:meth:`~BatchQueueBackend.check_queues`, which the batch engine calls before a job writes anything.
+
+Example:
+    >>> import asyncio
+    >>> from modalkit.queues import MemoryBackend
+    >>> backend = MemoryBackend()
+    >>> asyncio.run(backend.send_message("results", '{"ok": true}'))
+    True
+    >>> backend.messages("results")
+    ['{"ok": true}']
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from modalkit.exceptions import QueueError, TypeValidationError
+
+__all__ = [
+    "BatchQueueBackend",
+    "QueueBackend",
+    "QueueMessage",
+    "as_message",
+    "check_queues",
+    "deliver",
+    "deliver_sync",
+]
+
+
+@runtime_checkable
+class QueueBackend(Protocol):
+    """Protocol for queue backends: implement it to send records anywhere.
+
+    ``send_message`` returns True when the message was accepted. modalkit treats False as a failure and raises
+    :class:`~modalkit.exceptions.QueueError`.
+    """
+
+    async def send_message(self, queue_name: str, message: str) -> bool:
+        """Send ``message`` (a JSON string) to ``queue_name``; True when accepted."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueueMessage:
+    """A message body with optional FIFO ids.
+
+    Attributes:
+        body: The JSON string.
+        dedup_id: Deduplication id: ``<job_id>:<record_id>`` for batch records. The local and memory backends store
+            a dedup id once per queue; the SQS backend turns it into a valid ``MessageDeduplicationId``.
+        group_id: FIFO ``MessageGroupId``; defaults to the backend's.
+    """
+
+    body: str
+    dedup_id: str | None = None
+    group_id: str | None = None
+
+
+def as_message(item: object, queue_name: str) -> QueueMessage:
+    """``item`` as a :class:`QueueMessage`; a body that is not a string is a non-retryable error naming the queue.
+
+    Raises:
+        TypeValidationError: the body is not a ``str`` (serialise it first: ``json.dumps``, ``model_dump_json``).
+    """
+    message = item if isinstance(item, QueueMessage) else QueueMessage(item)  # type: ignore[arg-type]
+    if not isinstance(message.body, str):
+        raise TypeValidationError(
+            f"a message for queue {queue_name!r} must be a JSON string, not {type(message.body).__name__}; "
+            "serialise it first (json.dumps(...) or model.model_dump_json())"
+        )
+    return message
+
+
+class BatchQueueBackend(ABC):
+    """Base of modalkit's backends: a synchronous batch send that raises, and the async protocol on top."""
+
+    @abstractmethod
+    def send_batch(self, queue_name: str, messages: Sequence[str | QueueMessage]) -> int:
+        """Send every message or raise :class:`QueueError`; returns how many were sent."""
+
+    def check_queues(self, queue_names: Sequence[str]) -> None:
+        """Raise :class:`QueueError` naming a queue that does not exist; the default checks nothing.
+
+        Backends whose queues come into being on first send (local, memory) keep the default.
+        """
+        return
+
+    async def send_messages(self, queue_name: str, messages: Sequence[str | QueueMessage]) -> int:
+        """Async form of :meth:`send_batch` (runs in a thread: sending blocks on I/O)."""
+        return await asyncio.to_thread(self.send_batch, queue_name, list(messages))
+
+    async def send_message(self, queue_name: str, message: str) -> bool:
+        """Send one message; True when sent (failures raise :class:`QueueError`)."""
+        await self.send_messages(queue_name, [message])
+        return True
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files."""
+
+
+def check_queues(backend: QueueBackend, queue_names: Sequence[str]) -> None:
+    """Ask ``backend`` whether ``queue_names`` exist (backends that cannot tell are taken at their word).
+
+    Raises:
+        QueueError: a queue does not exist.
+    """
+    check = getattr(backend, "check_queues", None)
+    if callable(check):
+        check(list(queue_names))
+
+
+def deliver_sync(backend: QueueBackend, queue_name: str, messages: Sequence[str | QueueMessage]) -> int:
+    """Send ``messages`` through any backend from synchronous code; raises :class:`QueueError` on any failure."""
+    if not messages:
+        return 0
+    if isinstance(backend, BatchQueueBackend):
+        return backend.send_batch(queue_name, messages)
+    return asyncio.run(deliver(backend, queue_name, messages))
+
+
+async def deliver(backend: QueueBackend, queue_name: str, messages: Sequence[str | QueueMessage]) -> int:
+    """Send ``messages`` through any backend; raises :class:`QueueError` if one is refused or fails."""
+    if isinstance(backend, BatchQueueBackend):
+        return await backend.send_messages(queue_name, messages)
+    for item in messages:
+        body = as_message(item, queue_name).body
+        try:
+            ok = await backend.send_message(queue_name, body)
+        except QueueError:
+            raise
+        except Exception as exc:
+            raise QueueError(f"{type(backend).__name__} failed to send to queue {queue_name!r}: {exc}") from exc
+        if not ok:
+            raise QueueError(f"{type(backend).__name__} refused a message for queue {queue_name!r}")
+    return len(messages)
