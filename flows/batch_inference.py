@@ -22,6 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from modalkit.batch.backends import ChunkBackend, open_backend
 from modalkit.batch.job import JobPlan, resolve_job_config
+from modalkit.batch.layout import OutputLayout
 from modalkit.batch.progress import JobProgress, report
 from modalkit.exceptions import JobFailed, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
@@ -217,7 +218,7 @@ def _outcome(summary: JobSummary, errors: list[tuple[int, BaseException]], max_f
         raise JobFailed(
             f"job {summary.job_id}: {summary.failed} of {summary.records} records failed "
             f"({summary.failure_rate:.2%}, more than max_failure_rate {max_failure_rate:.2%}); "
-            f"see {summary.output_uri}/_failures/",
+            f"see {OutputLayout(summary.output_uri).failures_dir}/",
             data,
         )
     return data

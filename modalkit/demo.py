@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from modalkit.batch.layout import OutputLayout
 from modalkit.examples.sentiment import training_corpus
 from modalkit.queues import LocalQueueBackend
 
@@ -120,7 +121,9 @@ model_settings:
 def show_demo_results(setup: DemoSetup, summary: dict[str, Any]) -> None:
     """Print where the results went: a few scored rows, the failures with their reasons, the queue counts."""
     console = Console()
-    scored = sorted(setup.output_dir.glob("part-*.jsonl"))
+    layout = OutputLayout(str(setup.output_dir))
+    chunks = range(int(summary.get("chunks", 0)))
+    scored = [path for path in (Path(layout.part(i)) for i in chunks) if path.is_file() and path.stat().st_size]
     if scored:
         table = Table(title="a few scored records (part files)")
         for column in ("record_id", "label", "score"):
@@ -132,12 +135,14 @@ def show_demo_results(setup: DemoSetup, summary: dict[str, Any]) -> None:
         console.print(table)
     failures = [
         json.loads(line)
-        for f in sorted((setup.output_dir / "_failures").glob("*.jsonl"))
+        for f in (Path(layout.failures(i)) for i in chunks)
+        if f.is_file()
         for line in f.read_text(encoding="utf-8").splitlines()
         if line.strip()
     ]
     if failures:
-        table = Table(title=f"failed records ({len(failures)}), each with its reason (_failures/)")
+        where = Path(layout.failures_dir).name
+        table = Table(title=f"failed records ({len(failures)}), each with its reason ({where}/)")
         for column in ("record_id", "stage", "error"):
             table.add_column(column, overflow="fold")
         for row in failures[:8]:

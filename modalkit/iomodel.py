@@ -135,7 +135,7 @@ class ChunkSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     job_id: str
-    index: int = Field(ge=0, description="Chunk number N: results go to part-NNNNN.")
+    index: int = Field(ge=0, description="Chunk number N: it names the chunk's part, failure and marker files.")
     uri: str = Field(description="The input file (s3://..., file://... or a local path).")
     key: str = Field(description="The file's key relative to the input root; the prefix of default record ids.")
     format: Literal["jsonl", "csv", "parquet"]

@@ -21,6 +21,7 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from modalkit.batch import storage
+from modalkit.batch.layout import OutputLayout
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
 from modalkit.batch.records import Unreadable, iter_batches
 from modalkit.batch.writers import JsonlWriter, ParquetWriter
@@ -29,23 +30,12 @@ from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isol
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.queues import QueueBackend
 
-__all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "chunk_paths", "process_chunk"]
+__all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "process_chunk"]
 
 ENVELOPE = {"status", "error"}
 #: A record holding this key takes its value as its record id (replayed failures keep their original ids).
 REPLAY_ID_KEY = "__modalkit_record_id__"
 MAX_INPUT_CHARS = 100_000
-
-
-def chunk_paths(output_uri: str, index: int, output_format: str) -> dict[str, str]:
-    """Where chunk ``index`` writes: its part file, failure file, commit marker and queue journal."""
-    name = f"{index:05d}"
-    return {
-        "part": storage.join(output_uri, f"part-{name}.{output_format}"),
-        "failures": storage.join(output_uri, "_failures", f"part-{name}.jsonl"),
-        "marker": storage.join(output_uri, "_chunks", f"{name}.json"),
-        "journal": storage.join(output_uri, "_chunks", f"{name}.progress.json"),
-    }
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -83,17 +73,18 @@ class ChunkProcessor:
                 retries the transient ones; nothing is committed, so a retry starts the chunk over).
             ConfigError: the job names queues and this processor has no queue backend.
         """
-        paths = chunk_paths(job.output_uri, chunk.index, job.output_format)
-        if storage.exists(paths["marker"]):
-            return _skipped(chunk, paths["marker"])
+        layout = OutputLayout(job.output_uri, job.output_format)
+        marker_uri = layout.marker(chunk.index)
+        if storage.exists(marker_uri):  # a guard: the flow skips committed chunks before it sends them anywhere
+            return _skipped(chunk, marker_uri)
         started = time.perf_counter()
-        staging = storage.local_staging_dir(paths["part"])
-        sender = self._sender(job, chunk, paths["journal"])
+        staging = storage.local_staging_dir(layout.part(chunk.index))
+        sender = self._sender(job, chunk, layout.journal(chunk.index))
         try:
             run = _ChunkRun(self, job, chunk, staging, sender)
             counts = run.execute()
-            storage.upload_file(run.part_path, paths["part"])
-            storage.upload_file(run.failures_path, paths["failures"])
+            storage.upload_file(run.part_path, layout.part(chunk.index))
+            storage.upload_file(run.failures_path, layout.failures(chunk.index))
             if sender is not None:
                 sender.close()
         except BaseException:
@@ -108,15 +99,15 @@ class ChunkProcessor:
             succeeded=counts["succeeded"],
             failed=counts["failed"],
             seconds=round(time.perf_counter() - started, 3),
-            part_uri=paths["part"],
-            failures_uri=paths["failures"],
+            part_uri=layout.part(chunk.index),
+            failures_uri=layout.failures(chunk.index),
             queued_success=sender.sent["success"] if sender else 0,
             queued_failure=sender.sent["failure"] if sender else 0,
         )
         marker = {"job_id": job.job_id, "key": chunk.key, "start": chunk.start, "end": chunk.end, **result.model_dump()}
-        storage.write_bytes(paths["marker"], orjson.dumps(marker, option=orjson.OPT_INDENT_2))
+        storage.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
         if sender is not None:  # committed: the journal (of this attempt or of an interrupted one) is not needed
-            storage.delete(paths["journal"])
+            storage.delete(layout.journal(chunk.index))
         return result
 
     def _sender(self, job: JobSpec, chunk: ChunkSpec, journal_uri: str) -> RecordSender | None:
@@ -150,8 +141,8 @@ class _ChunkRun:
         self.job = job
         self.chunk = chunk
         self.sender = sender
-        self.part_path = os.path.join(staging, f"part-{chunk.index:05d}.{job.output_format}")
-        self.failures_path = os.path.join(staging, f"failures-{chunk.index:05d}.jsonl")
+        self.part_path = os.path.join(staging, "part")
+        self.failures_path = os.path.join(staging, "failures")
         self.failed = 0
         self.succeeded = 0
         self.ordinal = 0

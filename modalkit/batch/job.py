@@ -17,6 +17,7 @@ import orjson
 from pydantic import BaseModel
 
 from modalkit.batch import storage
+from modalkit.batch.layout import OutputLayout
 from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import import_pipeline
@@ -119,7 +120,7 @@ def _check_queues(settings: Settings, config: JobConfig) -> None:
 
 
 def _check_owner(output_uri: str, job_id: str) -> None:
-    claim_uri = storage.join(output_uri, "_job.json")
+    claim_uri = OutputLayout(output_uri).job_claim
     if not storage.exists(claim_uri):
         return
     try:
@@ -135,7 +136,7 @@ def _check_owner(output_uri: str, job_id: str) -> None:
 
 def start_job(plan: JobPlan) -> None:
     """Claim the output for this job (``_job.json``); the first thing a job writes."""
-    claim_uri = storage.join(plan.job.output_uri, "_job.json")
+    claim_uri = OutputLayout(plan.job.output_uri).job_claim
     if storage.exists(claim_uri):
         return
     claim = {**plan.job.model_dump(), "chunks": len(plan.chunks), "created_at": _now()}
@@ -177,9 +178,7 @@ def finalize_job(plan: JobPlan, results: Sequence[ChunkResult], seconds: float, 
         "finished_at": _now(),
         "chunk_results": [r.model_dump() for r in sorted(results, key=lambda r: r.index)],
     }
-    storage.write_bytes(
-        storage.join(job.output_uri, "_manifest.json"), orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
-    )
+    storage.write_bytes(OutputLayout(job.output_uri).manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return summary
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import orjson
 
 from modalkit.batch import storage
 from modalkit.batch.chunk import REPLAY_ID_KEY
+from modalkit.batch.layout import OutputLayout
 from modalkit.exceptions import ConfigError
 
 __all__ = ["ReplayInput", "collect_failures"]
@@ -50,17 +52,18 @@ def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterab
             already holds the replay of another job or of other stages.
     """
     job_output_uri = job_output_uri.rstrip("/")
-    replay_dir = storage.join(replay_output_uri.rstrip("/"), "_replay")
-    source_uri = storage.join(replay_dir, "_source.json")
+    job_layout, replay_layout = OutputLayout(job_output_uri), OutputLayout(replay_output_uri)
+    source_uri = replay_layout.replay_source
     wanted = set(stages) if stages else None
     asked = tuple(sorted(wanted)) if wanted else None
     if storage.exists(source_uri):  # a rerun of the same replay: reuse its input, so the job resumes
-        return _previous_replay(replay_output_uri.rstrip("/"), source_uri, job_output_uri, asked)
-    manifest_uri = storage.join(job_output_uri, "_manifest.json")
+        return _previous_replay(replay_layout.root, source_uri, job_output_uri, asked)
+    manifest_uri = job_layout.manifest
     if not storage.exists(manifest_uri):
-        raise ConfigError(f"{job_output_uri} has no _manifest.json: that job has not finished; run it first")
+        name = posixpath.basename(manifest_uri)
+        raise ConfigError(f"{job_output_uri} has no {name}: that job has not finished; run it first")
     manifest = orjson.loads(storage.read_bytes(manifest_uri))
-    staging = storage.local_staging_dir(storage.join(replay_dir, "failures.jsonl"))
+    staging = storage.local_staging_dir(replay_layout.replay_input)
     local = os.path.join(staging, "failures.jsonl")
     replayable = not_replayable = 0
     try:
@@ -69,7 +72,7 @@ def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterab
                 # where the output layout puts it under job_output_uri, not the path the manifest recorded: that
                 # one is relative to the first job's working directory when its output was a relative path, and
                 # stale when the output was copied or moved since
-                uri = storage.join(job_output_uri, "_failures", f"part-{int(result['index']):05d}.jsonl")
+                uri = job_layout.failures(int(result["index"]))
                 if not result.get("failed") or not storage.exists(uri):
                     continue
                 for line in storage.read_bytes(uri).splitlines():
@@ -87,10 +90,10 @@ def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterab
                 + (f" in stages {sorted(wanted)}" if wanted else "")
                 + (f" ({not_replayable} failed before they could be parsed)" if not_replayable else "")
             )
-        storage.upload_file(local, storage.join(replay_dir, "failures.jsonl"))
+        storage.upload_file(local, replay_layout.replay_input)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    replay = ReplayInput(replay_dir, replayable, not_replayable, str(manifest.get("model_name", "")),
+    replay = ReplayInput(replay_layout.replay_dir, replayable, not_replayable, str(manifest.get("model_name", "")),
                          str(manifest.get("job_id", "")), job_output_uri, asked)  # fmt: skip
     storage.write_bytes(source_uri, orjson.dumps(dataclasses.asdict(replay)))
     return replay
