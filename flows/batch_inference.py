@@ -1,9 +1,10 @@
 """Flow ``batch-inference``: an input dataset to scored results, success/failure records and a summary.
 
-Orchestration only: plan the chunks, run them on the backend with bounded concurrency and retries, report
-progress (a Prefect progress artifact and any in-process listeners), write the manifest, publish a summary table
-artifact, and return the summary. Record failures do not fail the flow unless their rate passes
-``max_failure_rate``; a chunk that fails after its retries does (a rerun resumes from the committed chunks).
+Orchestration only: plan the chunks, skip those an earlier run committed (they are sent nowhere), run the rest on
+the job's runner with bounded concurrency and retries, report progress (a Prefect progress artifact and any
+in-process listeners), write the manifest, publish a summary table artifact, and return the summary. Record
+failures do not fail the flow unless their rate passes ``max_failure_rate``; a chunk that fails after its retries
+does (a rerun resumes from the committed chunks).
 
     prefect deployment run 'batch-inference/nightly'
     modalkit batch s3://bucket/reviews/ s3://bucket/scored/
@@ -16,94 +17,98 @@ import time
 from collections import deque
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
-from modalkit.batch.backends import ChunkBackend, open_backend
-from modalkit.batch.job import JobPlan, resolve_job_config
+from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.progress import JobProgress, report
 from modalkit.exceptions import JobFailed, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
-from modalkit.local import default_workers
+from modalkit.runners import ChunkRunner, RunnerFactory, open_runner
 from modalkit.settings import JobConfig, Settings
 from tasks.finalize import finalize
-from tasks.plan import claim_output, plan_chunks
+from tasks.plan import claim_output, committed_chunks, plan_chunks
 from tasks.run_chunk import run_chunk
 
 PROGRESS_EVERY_SECONDS = 1.0
 
-__all__ = ["JobFailed", "batch_inference"]  # JobFailed lives in modalkit.exceptions; importable here too
+__all__ = ["JobFailed", "batch_inference", "build_batch_flow"]  # JobFailed lives in modalkit.exceptions
 
 
-@flow(name="batch-inference", log_prints=False)
-def batch_inference(
-    input_uri: str,
-    output_uri: str,
-    model_name: str | None = None,
-    backend: Literal["local", "modal"] | None = None,
-    chunk_size: str | None = None,
-    concurrency: int | None = None,
-    id_field: str | None = None,
-    success_queue: str | None = None,
-    failure_queue: str | None = None,
-    max_failure_rate: float | None = None,
-    output_format: Literal["jsonl", "parquet"] | None = None,
-    config: str | None = None,
-) -> dict[str, Any]:
-    """Score every record under ``input_uri`` into ``output_uri``.
+def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., dict[str, Any]]:
+    """The ``batch-inference`` flow, running its chunks on the runners ``runner_factory`` makes.
 
-    Parameters left empty take their value from ``app_settings.job_config`` (``config`` names the YAML layers,
-    comma-separated; default: ``MODALKIT_CONFIG`` or ``./modalkit.yaml``). ``chunk_size`` is a size in bytes of
-    input per chunk, e.g. ``"64MiB"``.
-
-    Returns:
-        The summary: job_id, records, succeeded, failed, chunks, chunks_skipped, seconds, records_per_s, output_uri.
+    ``batch_inference`` below is this flow with the default factory (the local worker pool or the deployed Modal
+    worker). Callers that own where chunks run (tests with an in-process Modal stand-in, the CLI with a runner
+    it started early) build their own.
     """
-    started = time.perf_counter()
-    logger = get_run_logger()
-    settings = Settings.load(config) if config else Settings.load()
-    job_config = resolve_job_config(
-        settings,
-        backend=backend,
-        chunk_size=chunk_size,
-        concurrency=concurrency,
-        id_field=id_field,
-        success_queue=success_queue,
-        failure_queue=failure_queue,
-        max_failure_rate=max_failure_rate,
-        output_format=output_format,
-    )
-    workers = job_config.local_workers or default_workers()
-    # the workers start (and load the model) while the input is listed and planned
-    chunk_backend = open_backend(
-        job_config.backend, settings, settings.model_settings.entry(model_name)[0], workers=workers
-    )
-    try:
-        plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
-        claim_output(plan)
-        logger.info(
-            "job %s: %d chunks over %d bytes, model %s, backend %s",
-            plan.job.job_id, len(plan.chunks), plan.total_bytes, plan.job.model_name, job_config.backend,
-        )  # fmt: skip
-        results, errors = _run_chunks(
-            plan, chunk_backend, _chunk_task(job_config), _in_flight(settings, job_config, workers)
+
+    @flow(name="batch-inference", log_prints=False)
+    def batch_inference(
+        input_uri: str,
+        output_uri: str,
+        model_name: str | None = None,
+        backend: Literal["local", "modal"] | None = None,
+        chunk_size: str | None = None,
+        concurrency: int | None = None,
+        id_field: str | None = None,
+        success_queue: str | None = None,
+        failure_queue: str | None = None,
+        max_failure_rate: float | None = None,
+        output_format: Literal["jsonl", "parquet"] | None = None,
+        config: str | None = None,
+    ) -> dict[str, Any]:
+        """Score every record under ``input_uri`` into ``output_uri``.
+
+        Parameters left empty take their value from ``app_settings.job_config`` (``config`` names the YAML layers,
+        comma-separated; default: ``MODALKIT_CONFIG`` or ``./modalkit.yaml``). ``chunk_size`` is a size in bytes
+        of input per chunk, e.g. ``"64MiB"``.
+
+        Returns:
+            The summary: job_id, records, succeeded, failed, chunks, chunks_skipped, seconds, records_per_s,
+            output_uri.
+        """
+        started = time.perf_counter()
+        settings = Settings.load(config) if config else Settings.load()
+        job_config = resolve_job_config(
+            settings,
+            backend=backend,
+            chunk_size=chunk_size,
+            concurrency=concurrency,
+            id_field=id_field,
+            success_queue=success_queue,
+            failure_queue=failure_queue,
+            max_failure_rate=max_failure_rate,
+            output_format=output_format,
         )
-    finally:
-        chunk_backend.close()
-    summary = finalize(plan, results, time.perf_counter() - started, len(errors))
-    _publish_summary(summary, errors)
-    return _outcome(summary, errors, job_config.max_failure_rate)
+        # a local runner starts its workers (and they load the model) while the input is listed and planned
+        runner = runner_factory(settings, settings.model_settings.entry(model_name)[0], job_config)
+        try:
+            plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
+            claim_output(plan)
+            done = committed_chunks(plan)
+            get_run_logger().info(
+                "job %s: %d chunks over %d bytes (%d committed before), model %s, backend %s",
+                plan.job.job_id, len(plan.chunks), plan.total_bytes, len(done), plan.job.model_name,
+                job_config.backend,
+            )  # fmt: skip
+            in_flight = job_config.concurrency or runner.slots
+            results, errors = _run_chunks(plan, done, runner, _chunk_task(job_config), in_flight)
+        except BaseException:
+            runner.cancel()  # an interrupt or a crash: stop the workers now, not after their chunks
+            raise
+        else:
+            runner.close()
+        summary = finalize(plan, results, time.perf_counter() - started, len(errors))
+        _publish_summary(summary, errors)
+        return _outcome(summary, errors, job_config.max_failure_rate)
+
+    return batch_inference
 
 
-def _in_flight(settings: Settings, job_config: JobConfig, workers: int) -> int:
-    """Chunks in flight: as asked, else one per local worker, else one per Modal container."""
-    if job_config.concurrency:
-        return job_config.concurrency
-    if job_config.backend == "local":
-        return workers
-    return settings.app_settings.deployment_config.max_containers or 10
+batch_inference = build_batch_flow()
 
 
 def _chunk_task(job_config: JobConfig) -> Any:
@@ -114,19 +119,24 @@ def _chunk_task(job_config: JobConfig) -> Any:
 
 
 def _run_chunks(
-    plan: JobPlan, backend: ChunkBackend, chunk_task: Any, in_flight: int
+    plan: JobPlan, done: dict[int, ChunkResult], runner: ChunkRunner, chunk_task: Any, in_flight: int
 ) -> tuple[list[ChunkResult], list[tuple[int, BaseException]]]:
-    """Run every chunk, at most ``in_flight`` at once; stop starting new ones after a non-retryable failure."""
+    """Run every chunk not in ``done``, at most ``in_flight`` at once; stop starting new ones after a failure that
+    retries cannot fix. The committed chunks in ``done`` count as finished and are sent nowhere."""
     logger = get_run_logger()
-    pending = deque(sorted(plan.chunks, key=lambda c: -c.size))  # largest first: small chunks fill the tail
+    pending = deque(dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done]))
     running: dict[concurrent.futures.Future[Any], Any] = {}
     results: list[ChunkResult] = []
     errors: list[tuple[int, BaseException]] = []
     tracker = _Progress(plan)
+    for chunk in plan.chunks:
+        if chunk.index in done:
+            results.append(done[chunk.index])
+            tracker.chunk_done(chunk.size, done[chunk.index])
     while pending or running:
         while pending and len(running) < in_flight and not _fatal(errors):
             chunk = pending.popleft()
-            future = chunk_task.submit(backend, plan.job, chunk)
+            future = chunk_task.submit(runner, plan.job, chunk)
             running[future.wrapped_future] = (future, chunk)
         if not running:
             break

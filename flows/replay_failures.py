@@ -10,51 +10,61 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 
 from flows.batch_inference import batch_inference
 from tasks.replay import collect
 
+__all__ = ["build_replay_flow", "replay_failures"]
 
-@flow(name="replay-failures", log_prints=False)
-def replay_failures(
-    job_output_uri: str,
-    output_uri: str,
-    stages: list[str] | None = None,
-    model_name: str | None = None,
-    backend: Literal["local", "modal"] | None = None,
-    concurrency: int | None = None,
-    success_queue: str | None = None,
-    failure_queue: str | None = None,
-    max_failure_rate: float | None = None,
-    output_format: Literal["jsonl", "parquet"] | None = None,
-    config: str | None = None,
-) -> dict[str, Any]:
-    """Replay the failures of the job at ``job_output_uri`` into ``output_uri``.
 
-    ``stages`` limits the replay to failures of those stages (e.g. ``["predict"]``). The model defaults to the one
-    the first job used. Returns the new job's summary plus ``source_job_id``, ``replayed`` and ``not_replayable``.
-    """
-    replay = collect(job_output_uri, output_uri, stages)
-    get_run_logger().info(
-        "replaying %d failures of job %s (%d could not be parsed and are left out)",
-        replay.replayable, replay.source_job_id, replay.not_replayable,
-    )  # fmt: skip
-    summary = batch_inference(
-        input_uri=replay.input_uri,
-        output_uri=output_uri,
-        model_name=model_name or replay.model_name or None,
-        backend=backend,
-        concurrency=concurrency,
-        success_queue=success_queue,
-        failure_queue=failure_queue,
-        max_failure_rate=max_failure_rate,
-        output_format=output_format,
-        config=config,
-    )
-    return {
-        **summary,
-        "source_job_id": replay.source_job_id,
-        "replayed": replay.replayable,
-        "not_replayable": replay.not_replayable,
-    }
+def build_replay_flow(batch_flow: Flow[..., dict[str, Any]] = batch_inference) -> Flow[..., dict[str, Any]]:
+    """The ``replay-failures`` flow, running the replay as ``batch_flow`` (default: ``batch_inference``)."""
+
+    @flow(name="replay-failures", log_prints=False)
+    def replay_failures(
+        job_output_uri: str,
+        output_uri: str,
+        stages: list[str] | None = None,
+        model_name: str | None = None,
+        backend: Literal["local", "modal"] | None = None,
+        concurrency: int | None = None,
+        success_queue: str | None = None,
+        failure_queue: str | None = None,
+        max_failure_rate: float | None = None,
+        output_format: Literal["jsonl", "parquet"] | None = None,
+        config: str | None = None,
+    ) -> dict[str, Any]:
+        """Replay the failures of the job at ``job_output_uri`` into ``output_uri``.
+
+        ``stages`` limits the replay to failures of those stages (e.g. ``["predict"]``). The model defaults to the one
+        the first job used. Returns the new job's summary plus ``source_job_id``, ``replayed`` and ``not_replayable``.
+        """
+        replay = collect(job_output_uri, output_uri, stages)
+        get_run_logger().info(
+            "replaying %d failures of job %s (%d could not be parsed and are left out)",
+            replay.replayable, replay.source_job_id, replay.not_replayable,
+        )  # fmt: skip
+        summary = batch_flow(
+            input_uri=replay.input_uri,
+            output_uri=output_uri,
+            model_name=model_name or replay.model_name or None,
+            backend=backend,
+            concurrency=concurrency,
+            success_queue=success_queue,
+            failure_queue=failure_queue,
+            max_failure_rate=max_failure_rate,
+            output_format=output_format,
+            config=config,
+        )
+        return {
+            **summary,
+            "source_job_id": replay.source_job_id,
+            "replayed": replay.replayable,
+            "not_replayable": replay.not_replayable,
+        }
+
+    return replay_failures
+
+
+replay_failures = build_replay_flow()

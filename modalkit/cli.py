@@ -87,7 +87,7 @@ def run_batch(params: dict[str, Any], show_progress: bool = False) -> tuple[dict
     from modalkit.batch.progress import listening
 
     with _progress_bar(show_progress) as on_progress, listening(on_progress):
-        state = batch_inference(**params, return_state=True)
+        state: Any = batch_inference(**params, return_state=True)
     if state.is_completed():
         return state.result(), None
     outcome = state.result(raise_on_failure=False)

@@ -1,11 +1,12 @@
-"""Task: check everything and cut the input into chunks (writes nothing), then claim the output."""
+"""Tasks: check everything and cut the input into chunks (writes nothing), claim the output, find what is done."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from modalkit.batch.job import JobPlan, plan_job, start_job
+from modalkit.batch.job import JobPlan, find_committed, plan_job, start_job
+from modalkit.iomodel import ChunkResult
 from modalkit.settings import JobConfig, Settings
 from tasks import retry_if_transient
 
@@ -23,3 +24,10 @@ def plan_chunks(settings: Settings, input_uri: str, output_uri: str, model_name:
 def claim_output(plan: JobPlan) -> None:
     """Write ``_job.json``: this output now belongs to this job."""
     start_job(plan)
+
+
+@task(name="find-committed", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 8],
+      retry_condition_fn=retry_if_transient)  # fmt: skip
+def committed_chunks(plan: JobPlan) -> dict[int, ChunkResult]:
+    """The chunks committed by an earlier run of this job: they are skipped, never sent to a runner."""
+    return find_committed(plan)

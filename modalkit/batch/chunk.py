@@ -30,7 +30,7 @@ from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isol
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.queues import QueueBackend
 
-__all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "process_chunk"]
+__all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "process_chunk", "read_marker"]
 
 ENVELOPE = {"status", "error"}
 #: A record holding this key takes its value as its record id (replayed failures keep their original ids).
@@ -76,7 +76,7 @@ class ChunkProcessor:
         layout = OutputLayout(job.output_uri, job.output_format)
         marker_uri = layout.marker(chunk.index)
         if storage.exists(marker_uri):  # a guard: the flow skips committed chunks before it sends them anywhere
-            return _skipped(chunk, marker_uri)
+            return read_marker(marker_uri, chunk.index)
         started = time.perf_counter()
         staging = storage.local_staging_dir(layout.part(chunk.index))
         sender = self._sender(job, chunk, layout.journal(chunk.index))
@@ -125,10 +125,11 @@ class ChunkProcessor:
         )
 
 
-def _skipped(chunk: ChunkSpec, marker_uri: str) -> ChunkResult:
+def read_marker(marker_uri: str, index: int) -> ChunkResult:
+    """The result a commit marker recorded, as a skipped chunk's result (resume)."""
     data = orjson.loads(storage.read_bytes(marker_uri))
     fields = {k: v for k, v in data.items() if k in ChunkResult.model_fields}
-    return ChunkResult(**{**fields, "index": chunk.index, "skipped": True})
+    return ChunkResult(**{**fields, "index": index, "skipped": True})
 
 
 class _ChunkRun:

@@ -39,6 +39,7 @@ __all__ = [
     "is_remote",
     "join",
     "list_files",
+    "list_names",
     "open_input",
     "read_bytes",
     "strip_protocol",
@@ -183,6 +184,20 @@ def delete(uri: str) -> None:
     with storage_errors(f"deleting {uri}"):
         if fs.exists(path):
             fs.rm_file(path)
+
+
+@with_retries
+def list_names(uri: str) -> list[str]:
+    """Names of the files directly under the folder ``uri`` (one listing call); empty when it does not exist."""
+    fs, path = filesystem(uri)
+    with storage_errors(f"listing {uri}"):
+        if is_remote(uri):
+            fs.invalidate_cache(path)  # s3fs caches listings: another process may have written since
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+    return sorted(str(entry["name"]).rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "file")
 
 
 def _remove_quietly(path: str) -> None:

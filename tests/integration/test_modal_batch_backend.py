@@ -2,7 +2,8 @@
 
 There is no Modal cloud here. The app is ``modalkit/modal_app.py`` itself, imported afresh with a settings file in
 the test's directory named by ``MODALKIT_CONFIG`` (as ``modal deploy`` imports it). The stand-in takes the place
-of ``modal.Cls.from_name(app_name, class_name)`` with the same call surface:
+of ``modal.Cls.from_name(app_name, class_name)`` through the seam the flow itself is built with
+(``build_batch_flow(partial(open_runner, modal_lookup=standin))``), with the same call surface:
 ``from_name(app, cls)(model_name=...).process_chunk.remote(job, chunk)``. Its ``remote`` pickles the arguments and
 the result (as Modal does across the wire), keeps a pool of "containers" (one ``modal.Cls`` object each, used one
 call at a time), and runs the real class code through Modal's own ``.local()``, so ``@modal.enter`` runs once per
@@ -11,6 +12,7 @@ container. What the stand-in cannot show: Modal's scheduling, image build, and r
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -27,11 +29,12 @@ import modal.exception
 import pytest
 from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
 
-import modalkit.batch.backends
 import modalkit.modal_service
-from modalkit.batch.backends import ModalChunkClient
+from flows.batch_inference import build_batch_flow
 from modalkit.exceptions import ConfigError, RemoteError
 from modalkit.iomodel import ChunkSpec, JobSpec
+from modalkit.runners import open_runner
+from modalkit.runners.modal_client import ModalChunkClient
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "modalkit.yaml"
 SUMMARY_KEYS = {
@@ -141,11 +144,14 @@ def app_module(config: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @pytest.fixture
-def standin(app_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> InProcessModal:
-    """The stand-in, with the app "deployed", put where modalkit looks Modal classes up."""
-    fake = InProcessModal(app_module)
-    monkeypatch.setattr(modalkit.batch.backends, "modal_cls_lookup", fake)
-    return fake
+def standin(app_module: ModuleType) -> InProcessModal:
+    """The stand-in, with the app "deployed"."""
+    return InProcessModal(app_module)
+
+
+def flow_on(modal_: InProcessModal) -> Any:
+    """Flow ``batch-inference`` whose Modal runner looks classes up in ``modal_`` instead of Modal's servers."""
+    return build_batch_flow(functools.partial(open_runner, modal_lookup=modal_))
 
 
 @pytest.fixture
@@ -192,7 +198,7 @@ def test_modal_backend_via_in_process_modal_standin_scores_an_s3_dataset_with_ev
     prefect_api: str, standin: InProcessModal, app_module: ModuleType, config: Path, s3: Any, sqs: Any,
     unique: str, pipeline_loads: list[str],
 ) -> None:  # fmt: skip
-    from flows.batch_inference import batch_inference
+    batch_inference = flow_on(standin)
 
     bucket = f"modal-{unique}"
     data = upload_dataset(s3, bucket, n_good=240)
@@ -238,7 +244,7 @@ def test_modal_backend_via_in_process_modal_standin_scores_an_s3_dataset_with_ev
 def test_modal_backend_via_in_process_modal_standin_resumes_a_finished_job_without_calling_modal(
     prefect_api: str, standin: InProcessModal, config: Path, s3: Any, unique: str
 ) -> None:
-    from flows.batch_inference import batch_inference
+    batch_inference = flow_on(standin)
 
     bucket = f"resume-{unique}"
     data = upload_dataset(s3, bucket, n_good=300)
@@ -252,8 +258,35 @@ def test_modal_backend_via_in_process_modal_standin_resumes_a_finished_job_witho
     assert again["job_id"] == first["job_id"]
     assert again["chunks_skipped"] == again["chunks"] == first["chunks"]
     assert again["records"] == first["records"] == data["records"]
-    assert len(standin.calls) - calls == again["chunks"]  # the skip is decided where the chunk runs: one call each
+    assert len(standin.calls) == calls  # every chunk was committed: the resume made no Modal call at all
     assert duplicates([r["record_id"] for r in read_parts(first["output_uri"])]) == {}
+
+
+def test_modal_backend_via_in_process_modal_standin_sends_only_the_uncommitted_chunks_of_a_resumed_job(
+    prefect_api: str, standin: InProcessModal, config: Path, s3: Any, unique: str
+) -> None:
+    batch_inference = flow_on(standin)
+    bucket = f"partial-{unique}"
+    data = upload_dataset(s3, bucket, n_good=300)
+    params = {"input_uri": f"s3://{bucket}/in", "output_uri": f"s3://{bucket}/out", "backend": "modal",
+              "config": str(config), "id_field": "id"}  # fmt: skip
+    first = batch_inference(**params)
+    assert first["chunks"] >= 3
+    # as if the job had been killed before chunks 0 and 2 committed
+    for index in (0, 2):
+        s3.delete_object(Bucket=bucket, Key=f"out/_chunks/{index:05d}.json")
+    before = len(standin.calls)
+
+    again = batch_inference(**params)
+
+    assert sorted(call["chunk"] for call in standin.calls[before:]) == [0, 2]
+    assert again["chunks_skipped"] == first["chunks"] - 2
+    assert again["records"] == data["records"] == again["succeeded"] + again["failed"]
+    ids = [r["record_id"] for r in read_parts(again["output_uri"])] + [
+        r["record_id"] for r in read_failures(again["output_uri"])
+    ]
+    assert duplicates(ids) == {}
+    assert len(ids) == data["records"]
 
 
 @pytest.mark.parametrize(
@@ -265,7 +298,7 @@ def test_modal_backend_via_in_process_modal_standin_refuses_local_paths(
     prefect_api: str, standin: InProcessModal, config: Path, s3: Any, unique: str, tmp_path: Path,
     input_uri: str, output_uri: str, local: str,
 ) -> None:  # fmt: skip
-    from flows.batch_inference import batch_inference
+    batch_inference = flow_on(standin)
 
     bucket = f"local-{unique}"
     upload_dataset(s3, bucket, n_good=20)
@@ -287,7 +320,7 @@ def test_modal_backend_via_in_process_modal_standin_refuses_local_paths(
 def test_modal_backend_via_in_process_modal_standin_retries_a_chunk_after_a_modal_connection_error(
     prefect_api: str, standin: InProcessModal, config: Path, s3: Any, unique: str
 ) -> None:
-    from flows.batch_inference import batch_inference
+    batch_inference = flow_on(standin)
 
     bucket = f"retry-{unique}"
     data = upload_dataset(s3, bucket, n_good=240)
@@ -315,10 +348,10 @@ def test_modal_backend_via_in_process_modal_standin_retries_a_chunk_after_a_moda
 def test_modal_backend_via_in_process_modal_standin_fails_fast_when_the_app_is_not_deployed(
     prefect_api: str, app_module: ModuleType, config: Path, s3: Any, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.batch_inference import JobFailed, batch_inference
+    from flows.batch_inference import JobFailed
 
     nothing_deployed = InProcessModal()
-    monkeypatch.setattr(modalkit.batch.backends, "modal_cls_lookup", nothing_deployed)
+    batch_inference = flow_on(nothing_deployed)
     bucket = f"undeployed-{unique}"
     upload_dataset(s3, bucket, n_good=240)
     app_name = app_module.app.name

@@ -141,3 +141,52 @@ def test_type_checking_imports_match_the_lazy_export_map() -> None:
     }
 
     assert imported == modalkit._EXPORTS
+
+
+# the batch engine is pure: where chunks run (runners, Modal) and how they are orchestrated (Prefect) stay outside
+_NOT_IN_THE_ENGINE = ("modal", "prefect", "flows", "tasks", "modalkit.runners", "modalkit.local",
+                      "modalkit.modal_config", "modalkit.modal_service", "modalkit.modal_app", "modalkit.fast_api",
+                      "modalkit.cli")  # fmt: skip
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """Every module a file imports, at the top or deferred inside a function (relative imports resolved)."""
+    package = "modalkit." + ".".join(path.relative_to(Path(modalkit.__file__).parent).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] + "." if node.level else ""
+            found.append((node.lineno, base + (node.module or "")))
+    return found
+
+
+def test_the_batch_engine_imports_no_runtime_module_modal_or_prefect_not_even_deferred() -> None:
+    engine = Path(modalkit.__file__).parent / "batch"
+    offending = [
+        f"{path.name}:{line}: {module}"
+        for path in sorted(engine.rglob("*.py"))
+        for line, module in _imports(path)
+        if any(module == banned or module.startswith(banned + ".") for banned in _NOT_IN_THE_ENGINE)
+    ]
+
+    assert len(list(engine.rglob("*.py"))) >= 8
+    assert offending == []
+
+
+def test_importing_every_batch_engine_module_loads_no_runtime_module(tmp_path: Path) -> None:
+    result = run_python(
+        """
+        import importlib, pkgutil
+        import modalkit.batch
+        for info in pkgutil.walk_packages(modalkit.batch.__path__, "modalkit.batch."):
+            importlib.import_module(info.name)
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("modal", "prefect")
+                        or m.startswith(("modalkit.runners", "modalkit.modal_")))
+        print(json.dumps(loaded))
+        """,
+        tmp_path,
+    )
+
+    assert result == []

@@ -1,14 +1,14 @@
-"""The local runtime: worker processes that each load the pipeline once, like containers, and run chunks.
+"""The local runner: worker processes that each load the pipeline once, like containers, and run chunks.
 
-The embedded default backend of batch jobs. A chunk *reference* goes to a worker; the worker reads the input,
+The embedded default where batch jobs run. A chunk *reference* goes to a worker; the worker reads the input,
 writes the results and returns counts. Workers are started with ``spawn`` (safe beside the threads of the flow
 process), load the pipeline on their first chunk, and die with their parent (Linux ``PR_SET_PDEATHSIG``), so a
 job killed with SIGKILL leaves no worker behind to race its rerun.
 
 Example:
-    >>> from modalkit.local import LocalWorkerPool
-    >>> with LocalWorkerPool(settings, "sentiment", workers=2) as pool:  # doctest: +SKIP
-    ...     result = pool.run_chunk(job, chunk)
+    >>> from modalkit.runners.local import LocalRunner
+    >>> with LocalRunner(settings, "sentiment", workers=2) as runner:  # doctest: +SKIP
+    ...     result = runner.run_chunk(job, chunk)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from modalkit.exceptions import RemoteError
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.settings import Settings
 
-__all__ = ["LocalWorkerPool", "default_workers"]
+__all__ = ["LocalRunner", "default_workers"]
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -87,30 +87,35 @@ def _run_chunk(job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
     return result
 
 
-class LocalWorkerPool:
-    """A pool of worker processes running chunks of one model.
+class LocalRunner:
+    """A pool of worker processes running chunks of one model; the workers start (and load it) at once.
 
     Args:
         settings: Settings the workers use (pickled to them once).
         model_name: The model every worker loads.
-        workers: How many processes; default one per CPU.
+        workers: How many processes; default one per CPU. This is also ``slots``, the chunks it runs at once.
+        start: Start the workers now, so that they load the model while the caller plans the job.
     """
 
-    def __init__(self, settings: Settings, model_name: str, workers: int | None = None) -> None:
+    def __init__(self, settings: Settings, model_name: str, workers: int | None = None, start: bool = True) -> None:
         self.settings = settings
         self.model_name = model_name
         self.workers = workers or default_workers()
+        self.slots = self.workers
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._stopped = False
+        if start:
+            self.start()
 
-    def __enter__(self) -> LocalWorkerPool:
-        self.start()
+    def __enter__(self) -> LocalRunner:
         return self
 
     def start(self) -> None:
         """Start every worker now and have each load the pipeline, so that this overlaps the caller's planning.
 
-        A pipeline that fails to load fails the first chunk with its real error.
+        A pipeline that fails to load fails the first chunk with its real error. Called by the constructor unless
+        ``start=False``.
         """
         pool = self._pool()
         for _ in range(self.workers):
@@ -121,6 +126,8 @@ class LocalWorkerPool:
 
     def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._lock:
+            if self._stopped:
+                raise RemoteError("the local workers were stopped; no more chunks run", retryable=False)
             if self._executor is None:
                 self._executor = concurrent.futures.ProcessPoolExecutor(
                     max_workers=self.workers,
@@ -140,7 +147,11 @@ class LocalWorkerPool:
         pool = self._pool()
         try:
             return pool.submit(_run_chunk, job, chunk).result()
+        except concurrent.futures.CancelledError as exc:
+            raise RemoteError(f"chunk {chunk.index} ({chunk.key}) was not run: the workers were stopped") from exc
         except BrokenProcessPool as exc:
+            if self._stopped:
+                raise RemoteError(f"chunk {chunk.index} ({chunk.key}) was stopped with the workers") from exc
             self._restart(pool)
             raise RemoteError(
                 f"a local worker died while running chunk {chunk.index} ({chunk.key}); it will be retried",
@@ -156,6 +167,23 @@ class LocalWorkerPool:
     def close(self) -> None:
         """Stop the workers (after their current chunks)."""
         with self._lock:
+            self._stopped = True
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+
+    def cancel(self) -> None:
+        """Kill the workers now: their chunks stay uncommitted, and threads waiting on them get a RemoteError."""
+        with self._lock:
+            self._stopped = True
+            executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        processes = list((getattr(executor, "_processes", None) or {}).values())  # the stdlib keeps them there
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.kill()
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.join(timeout=5)

@@ -1,0 +1,96 @@
+"""Resume is decided before dispatch: a job run again sends its committed chunks to no worker at all.
+
+The jobs run flow ``batch-inference`` on Prefect's test server with the real local worker pool (two spawned
+processes) behind a runner that counts the chunks handed to it, on local files.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from batch_support import duplicates, read_failures, read_parts, write_config
+
+from flows.batch_inference import build_batch_flow
+from modalkit.batch.layout import OutputLayout
+from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
+from modalkit.runners import ChunkRunner, open_runner
+from modalkit.settings import JobConfig, Settings
+
+pytestmark = pytest.mark.slow
+
+
+class CountingRunner:
+    """The real runner the flow would use, recording every chunk that reaches it."""
+
+    def __init__(self, inner: ChunkRunner) -> None:
+        self.inner = inner
+        self.slots = inner.slots
+        self.chunks: list[int] = []
+        self._lock = threading.Lock()
+
+    def run_chunk(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
+        with self._lock:
+            self.chunks.append(chunk.index)
+        return self.inner.run_chunk(job, chunk)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+
+class Runners:
+    """A runner factory for the flow that keeps every runner it made."""
+
+    def __init__(self) -> None:
+        self.made: list[CountingRunner] = []
+
+    def __call__(self, settings: Settings, model_name: str, job_config: JobConfig) -> ChunkRunner:
+        runner = CountingRunner(open_runner(settings, model_name, job_config))
+        self.made.append(runner)
+        return runner
+
+
+def write_reviews(folder: Path, n: int) -> None:
+    folder.mkdir()
+    texts = ["Absolutely love it, great value", "Terrible, it broke after a day", "It is fine, nothing special"]
+    lines = [
+        json.dumps({"id": f"r{i:05d}", "text": f"{texts[i % 3]} (review {i}) " + "filler " * 40}) for i in range(n)
+    ]
+    (folder / "reviews.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_committed_chunks_of_a_resumed_local_job_never_reach_a_worker(tmp_path: Path, prefect_api: str) -> None:
+    config = write_config(tmp_path)
+    write_reviews(tmp_path / "in", 1200)  # about 370 KiB: six chunks of 64 KiB
+    runners = Runners()
+    batch_inference = build_batch_flow(runners)
+    params = {"input_uri": str(tmp_path / "in"), "output_uri": str(tmp_path / "out"), "config": str(config),
+              "id_field": "id"}  # fmt: skip
+
+    first = batch_inference(**params)
+    again = batch_inference(**params)
+    layout = OutputLayout(str(tmp_path / "out"))
+    for index in (1, 4):  # as if the job had been killed before these two committed
+        Path(layout.marker(index)).unlink()
+    partly = batch_inference(**params)
+
+    assert first["chunks"] >= 5
+    assert sorted(runners.made[0].chunks) == list(range(first["chunks"]))
+    assert runners.made[1].chunks == []
+    assert again["chunks_skipped"] == again["chunks"] == first["chunks"]
+    assert sorted(runners.made[2].chunks) == [1, 4]
+    assert partly["chunks_skipped"] == first["chunks"] - 2
+    for summary in (again, partly):
+        assert {k: summary[k] for k in ("records", "succeeded", "failed")} == {
+            k: first[k] for k in ("records", "succeeded", "failed")
+        }
+    ids: list[Any] = [r["record_id"] for r in read_parts(str(tmp_path / "out"))]
+    ids += [r["record_id"] for r in read_failures(str(tmp_path / "out"))]
+    assert duplicates(ids) == {}
+    assert len(ids) == first["records"] == 1200
