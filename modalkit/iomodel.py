@@ -33,8 +33,8 @@ __all__ = [
 
 T = TypeVar("T", bound=BaseModel)
 
-#: Where a record failed: reading its bytes, parsing them, validating against the input model, or a pipeline stage.
-Stage = Literal["read", "parse", "validate", "preprocess", "predict", "postprocess"]
+#: Where a record failed: parsing its bytes, validating it against the input model, or a pipeline stage.
+Stage = Literal["parse", "validate", "preprocess", "predict", "postprocess"]
 
 
 class AsyncOutputModel(BaseModel):
@@ -100,7 +100,7 @@ class FailureRecord(BaseModel):
     job_id: str
     record_id: str
     status: Literal["error"] = "error"
-    stage: str = Field(description="read, parse, validate, preprocess, predict or postprocess.")
+    stage: Stage = Field(description="parse, validate, preprocess, predict or postprocess.")
     error_type: str = Field(description="Class name of the error, e.g. ValidationError, JSONDecodeError.")
     error: str = Field(description="The message, naming the file, position and field where known.")
     input: Any = Field(None, description="The record as read (parsed JSON, CSV row as a dict, or the raw line).")
@@ -138,15 +138,14 @@ class ChunkSpec(BaseModel):
     index: int = Field(ge=0, description="Chunk number N: it names the chunk's part, failure and marker files.")
     uri: str = Field(description="The input file (s3://..., file://... or a local path).")
     key: str = Field(description="The file's key relative to the input root; the prefix of default record ids.")
-    format: Literal["jsonl", "csv", "parquet"]
-    compression: Literal["gzip"] | None = None
+    format: str = Field(description="The input format plug-in that reads it: jsonl, csv or parquet.")
+    compression: str | None = Field(None, description="The codec the file is compressed with (gzip), if any.")
     start: int = Field(0, ge=0, description="JSONL/CSV: first byte; the chunk owns lines that start in [start, end).")
     end: int | None = Field(None, description="JSONL/CSV: end byte (exclusive); None = end of file.")
     row_groups: tuple[int, ...] = Field((), description="Parquet: the row groups of this chunk.")
     first_row: int = Field(0, ge=0, description="Parquet: index in the file of the chunk's first row.")
     size: int = Field(0, ge=0, description="Approximate input bytes of the chunk (for progress and balance).")
     header: tuple[str, ...] | None = Field(None, description="CSV: the column names, read from the file's first line.")
-    file_size: int = Field(0, ge=0, description="Size of the whole input file in bytes.")
 
 
 class ChunkResult(BaseModel):

@@ -21,10 +21,10 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from modalkit.batch import storage
+from modalkit.batch.formats import Unreadable, format_named
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
-from modalkit.batch.records import Unreadable, iter_batches
-from modalkit.batch.writers import JsonlWriter, ParquetWriter
+from modalkit.batch.writers import ENVELOPE, FailureWriter, Success, open_part_writer
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
@@ -32,7 +32,6 @@ from modalkit.queues import QueueBackend
 
 __all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "process_chunk", "read_marker"]
 
-ENVELOPE = {"status", "error"}
 #: A record holding this key takes its value as its record id (replayed failures keep their original ids).
 REPLAY_ID_KEY = "__modalkit_record_id__"
 MAX_INPUT_CHARS = 100_000
@@ -142,6 +141,7 @@ class _ChunkRun:
         self.job = job
         self.chunk = chunk
         self.sender = sender
+        self.format = format_named(chunk.format)
         self.part_path = os.path.join(staging, "part")
         self.failures_path = os.path.join(staging, "failures")
         self.failed = 0
@@ -153,23 +153,28 @@ class _ChunkRun:
     def execute(self) -> dict[str, int]:
         job, chunk = self.job, self.chunk
         with contextlib.ExitStack() as closing:  # both files are closed even when closing one of them raises
-            failures = JsonlWriter(self.failures_path)
+            failures = FailureWriter(self.failures_path, f"the failure file of chunk {chunk.index}")
             closing.callback(failures.close)
-            part: JsonlWriter | ParquetWriter
-            if job.output_format == "parquet":
-                part = ParquetWriter(self.part_path, self.proc.output_model, ENVELOPE)
-            else:
-                part = JsonlWriter(self.part_path)
+            part = open_part_writer(
+                job.output_format, self.part_path, self.proc.output_model, f"the part file of chunk {chunk.index}"
+            )
             closing.callback(part.close)
-            for positions, payloads in iter_batches(chunk, job.max_batch_size):
-                self._sub_batch(positions, payloads, part)
-                failures.write_lines(self._fail_lines)
+            for positions, payloads in self.format.read(chunk, job.max_batch_size):
+                successes = self._sub_batch(positions, payloads)
+                part.write(successes)
+                self.succeeded += len(successes)
+                failures.write(self._fail_lines)
                 self._fail_lines = []
                 if self.sender is not None:
                     self.sender.end_window(self.ordinal)
         return {"records": self.ordinal, "succeeded": self.succeeded, "failed": self.failed}
 
-    def _fail(self, ordinal: int, record_id: Any, pos: int, stage: str, error_type: str, error: str, data: Any) -> None:
+    def _where(self, pos: int) -> str:
+        # the chunk's format, not the key's suffix (which may be upper case)
+        return f"{self.chunk.key} at {self.format.position} {pos}"
+
+    def _fail(self, ordinal: int, record_id: Any, pos: int, error: RecordError, data: Any) -> None:
+        """One failure row, also the failure queue's record: built once from the error's fields."""
         if isinstance(data, bytes):
             data = data.decode("utf-8", errors="replace").rstrip("\r\n")
         if isinstance(data, str) and len(data) > MAX_INPUT_CHARS:
@@ -178,9 +183,9 @@ class _ChunkRun:
             "job_id": self.job.job_id,
             "record_id": record_id,
             "status": "error",
-            "stage": stage,
-            "error_type": error_type,
-            "error": error,
+            "stage": error.stage,
+            "error_type": error.error_type,
+            "error": f"{self._where(pos)}: {error.error}",
             "input": data,
             "meta": {"key": self.chunk.key, "position": pos},
         }
@@ -190,7 +195,7 @@ class _ChunkRun:
         if self.sender is not None:
             self.sender.add("failure", ordinal, dedup_id(self.job.job_id, record_id), body)
 
-    def _sub_batch(self, positions: list[int], payloads: list[Any], part: JsonlWriter | ParquetWriter) -> None:
+    def _sub_batch(self, positions: list[int], payloads: list[Any]) -> list[Success]:
         key = self.chunk.key
         id_field = self.job.id_field
         loads = orjson.loads
@@ -203,20 +208,21 @@ class _ChunkRun:
                 try:
                     data = loads(payload)
                 except orjson.JSONDecodeError as exc:
-                    self._fail(ordinal, f"{key}:{pos}", pos, "parse", "JSONDecodeError",
-                               f"{key} at byte {pos}: invalid JSON: {exc}", payload)  # fmt: skip
+                    error = RecordError("parse", "JSONDecodeError", f"invalid JSON: {exc}")
+                    self._fail(ordinal, f"{key}:{pos}", pos, error, payload)
                     ordinal += 1
                     continue
             elif type(payload) is Unreadable:
-                self._fail(ordinal, f"{key}:{pos}", pos, "parse", payload.error_type,
-                           f"{key} at byte {pos}: {payload.error}", payload.raw.rstrip("\r\n"))  # fmt: skip
+                error = RecordError("parse", payload.error_type, payload.error)
+                self._fail(ordinal, f"{key}:{pos}", pos, error, payload.raw.rstrip("\r\n"))
                 ordinal += 1
                 continue
             else:
                 data = payload
             record_id = self._record_id(data, key, pos, id_field)
             if type(record_id) is _BadId:
-                self._fail(ordinal, f"{key}:{pos}", pos, "validate", "InvalidRecordId", record_id.reason, data)
+                self._fail(ordinal, f"{key}:{pos}", pos, RecordError("validate", "InvalidRecordId", record_id.reason),
+                           data)  # fmt: skip
                 ordinal += 1
                 continue
             ids.append(record_id)
@@ -225,8 +231,9 @@ class _ChunkRun:
             ordinal += 1
         self.ordinal = ordinal
         models, ids, kept = self._validate(datas, ids, kept)
-        if models:
-            self._write_outcomes(ids, kept, run_isolated(self.proc.pipeline, models), part)
+        if not models:
+            return []
+        return self._outcomes(ids, kept, run_isolated(self.proc.pipeline, models))
 
     def _validate(
         self, datas: list[Any], ids: list[Any], kept: list[tuple[int, int, Any]]
@@ -243,8 +250,8 @@ class _ChunkRun:
                 models.append(validate_one(data))
             except ValidationError as exc:
                 ordinal, pos, raw = item
-                self._fail(ordinal, record_id, pos, "validate", "ValidationError",
-                           f"{_where(self.chunk, pos)}: {describe_validation_error(exc)}", raw)  # fmt: skip
+                self._fail(ordinal, record_id, pos, RecordError("validate", "ValidationError",
+                                                                describe_validation_error(exc)), raw)  # fmt: skip
                 continue
             good_ids.append(record_id)
             good_kept.append(item)
@@ -252,7 +259,7 @@ class _ChunkRun:
 
     def _record_id(self, data: Any, key: str, pos: int, id_field: str | None) -> Any:
         if type(data) is not dict:
-            return _BadId(f"{_where(self.chunk, pos)}: the record is a JSON {type(data).__name__}, not an object")
+            return _BadId(f"the record is a JSON {type(data).__name__}, not an object")
         if REPLAY_ID_KEY in data:
             return data.pop(REPLAY_ID_KEY)
         if id_field is None:
@@ -260,44 +267,28 @@ class _ChunkRun:
         value = data.get(id_field)
         if type(value) is str or type(value) is int:
             return value
-        where = _where(self.chunk, pos)  # the chunk's format, not the key's suffix (which may be upper case)
         if value is None:
-            return _BadId(f"{where}: the record has no '{id_field}' field (the job's id_field)")
-        return _BadId(f"{where}: '{id_field}' is a {type(value).__name__}; record ids must be str or int")
+            return _BadId(f"the record has no '{id_field}' field (the job's id_field)")
+        return _BadId(f"'{id_field}' is a {type(value).__name__}; record ids must be str or int")
 
-    def _write_outcomes(
-        self, ids: list[Any], kept: list[tuple[int, int, Any]], outcomes: list[Any], part: JsonlWriter | ParquetWriter
-    ) -> None:
+    def _outcomes(self, ids: list[Any], kept: list[tuple[int, int, Any]], outcomes: list[Any]) -> list[Success]:
+        """The successes of a sub-batch (their queue records handed to the sender); failures to the failure rows."""
         serializer = self.proc.output_model.__pydantic_serializer__
         sender = self.sender
         job_id = self.job.job_id
-        lines: list[bytes] = []
-        rows: list[dict[str, Any]] = []
-        parquet = isinstance(part, ParquetWriter)
+        successes: list[Success] = []
         for record_id, (ordinal, pos, data), outcome in zip(ids, kept, outcomes, strict=True):
             if type(outcome) is RecordError:
-                error = f"{_where(self.chunk, pos)}: {outcome.error}"
-                self._fail(ordinal, record_id, pos, outcome.stage, outcome.error_type, error, data)
+                self._fail(ordinal, record_id, pos, outcome, data)
                 continue
             body = serializer.to_json(outcome, exclude=ENVELOPE)
-            rid_json = orjson.dumps(record_id)
-            if parquet:
-                row = serializer.to_python(outcome, exclude=ENVELOPE)
-                row["record_id"] = record_id
-                rows.append(row)
-            else:
-                lines.append(b'{"record_id":%s,%s\n' % (rid_json, body[1:]) if len(body) > 2 else
-                             b'{"record_id":%s}\n' % rid_json)  # fmt: skip
+            successes.append(Success(record_id, outcome, body))
             if sender is not None:
                 meta = orjson.dumps({"key": self.chunk.key, "position": pos})
                 message = b'{"job_id":%s,"record_id":%s,"status":"success","output":%s,"meta":%s}' % (
-                    self._job_json, rid_json, body, meta)  # fmt: skip
+                    self._job_json, orjson.dumps(record_id), body, meta)  # fmt: skip
                 sender.add("success", ordinal, dedup_id(job_id, record_id), message)
-        self.succeeded += len(lines) + len(rows)
-        if parquet:
-            part.write_rows(rows)  # type: ignore[union-attr]
-        else:
-            part.write_lines(lines)  # type: ignore[union-attr]
+        return successes
 
 
 class _BadId:
@@ -305,11 +296,6 @@ class _BadId:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
-
-
-def _where(chunk: ChunkSpec, pos: int) -> str:
-    unit = "row" if chunk.format == "parquet" else "byte"
-    return f"{chunk.key} at {unit} {pos}"
 
 
 def process_chunk(

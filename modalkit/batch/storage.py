@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
 import io
 import os
 import tempfile
@@ -169,11 +168,17 @@ def upload_file(local_path: str, uri: str) -> None:
 
 
 def local_staging_dir(uri: str) -> str:
-    """A directory for files on their way to ``uri``: beside it when local (so the final move is a rename)."""
+    """A directory for files on their way to ``uri``: beside it when local (so the final move is a rename).
+
+    Raises:
+        StorageError: the directory cannot be made (a read-only or full file system), naming it.
+    """
     if is_remote(uri):
-        return tempfile.mkdtemp(prefix="modalkit-")
+        with storage_errors("making a local staging directory"):
+            return tempfile.mkdtemp(prefix="modalkit-")
     path = os.path.join(os.path.dirname(filesystem(uri)[1]), f".staging-{uuid.uuid4().hex[:12]}")
-    os.makedirs(path, exist_ok=True)
+    with storage_errors(f"making the staging directory {path}"):
+        os.makedirs(path, exist_ok=True)
     return path
 
 
@@ -255,8 +260,8 @@ def list_files(uri: str) -> list[StoredFile]:
 
 
 @contextlib.contextmanager
-def open_input(uri: str, compression: str | None = None) -> Iterator[IO[bytes]]:
-    """Open ``uri`` for buffered binary reading; gzip is decompressed on the fly (and is not seekable)."""
+def open_input(uri: str) -> Iterator[IO[bytes]]:
+    """Open ``uri`` for buffered binary reading (the formats' codecs decompress on top)."""
     fs, path = filesystem(uri)
     with contextlib.ExitStack() as stack:
         with storage_errors(f"opening {uri}"):
@@ -265,6 +270,4 @@ def open_input(uri: str, compression: str | None = None) -> Iterator[IO[bytes]]:
                 stream: IO[bytes] = stack.enter_context(io.BufferedReader(raw, buffer_size=REMOTE_READ_BUFFER))
             else:
                 stream = stack.enter_context(open(path, "rb", buffering=READ_BUFFER))
-            if compression == "gzip":
-                stream = stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb"))  # type: ignore[arg-type]
         yield stream

@@ -1,8 +1,12 @@
-"""Part-file writers: JSONL rows or Parquet row groups, written to a local staging file, then moved whole.
+"""Output writers: a chunk's part file (JSONL or Parquet) and its failure file, written to a local staging file.
 
-A success row is ``record_id`` plus the output model's fields (the envelope fields ``status`` and ``error`` are
-left out: every row of a part file is a success). Parquet columns come from the output model's field types;
+Each writer has one ``write`` method and ``close``; the chunk processor moves the closed file into place whole.
+A success row is ``record_id`` plus the output model's fields, without the envelope (``status``, ``error``,
+``meta``): every row of a part file is a success. Parquet columns come from the output model's field types;
 fields of other types (nested models, dicts) are stored as JSON text. ``record_id`` is a string column in Parquet.
+
+Disk errors (a full disk, a read-only file system) become :class:`~modalkit.exceptions.StorageError` naming the
+file, not retryable: another attempt on the same disk meets the same error.
 """
 
 from __future__ import annotations
@@ -10,58 +14,114 @@ from __future__ import annotations
 import datetime as dt
 import types
 import typing
-from typing import IO, Any, Literal
+from collections.abc import Sequence
+from typing import IO, Any, Literal, NamedTuple, Protocol
 
 import orjson
 from pydantic import BaseModel
 
-__all__ = ["JsonlWriter", "ParquetWriter", "arrow_schema"]
+from modalkit.exceptions import storage_errors
+
+__all__ = [
+    "ENVELOPE",
+    "FailureWriter",
+    "JsonlPartWriter",
+    "ParquetPartWriter",
+    "PartWriter",
+    "Success",
+    "arrow_schema",
+    "open_part_writer",
+]
 
 ROW_GROUP_ROWS = 65_536
+BUFFER_BYTES = 1024 * 1024
+#: The InferenceOutputModel fields that describe the outcome, not the result: never part of a success row.
+ENVELOPE: set[str] = {"status", "error", "meta"}
 
 
-class JsonlWriter:
-    """Appends ready-made JSON lines to a local file (buffered)."""
+class Success(NamedTuple):
+    """One scored record: its id, its output model, and the output's JSON without the envelope fields."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.rows = 0
-        self._fh: IO[bytes] = open(path, "wb", buffering=1024 * 1024)  # noqa: SIM115 - closed in close()
+    record_id: Any
+    output: BaseModel
+    body: bytes
 
-    def write_lines(self, lines: list[bytes]) -> None:
-        """Write lines that already end with a newline."""
-        if lines:
-            self._fh.write(b"".join(lines))
-            self.rows += len(lines)
+
+class PartWriter(Protocol):
+    """Writes a chunk's successes in one output format."""
+
+    def write(self, rows: Sequence[Success]) -> None:
+        """Append ``rows``."""
+        ...
 
     def close(self) -> None:
-        self._fh.close()
+        """Finish the file (it is complete once this returns)."""
+        ...
 
 
-class ParquetWriter:
-    """Writes rows as Parquet, buffering up to ROW_GROUP_ROWS rows per row group."""
+class _File:
+    """A buffered local file whose OS errors name what it is."""
 
-    def __init__(self, path: str, output_model: type[BaseModel], exclude: set[str]) -> None:
+    def __init__(self, path: str, what: str) -> None:
+        self.what = f"writing {what} ({path})"
+        with storage_errors(self.what):
+            self.fh: IO[bytes] = open(path, "wb", buffering=BUFFER_BYTES)  # noqa: SIM115 - closed in close()
+
+    def write(self, data: bytes) -> None:
+        with storage_errors(self.what):
+            self.fh.write(data)
+
+    def close(self) -> None:
+        with storage_errors(self.what):
+            self.fh.close()
+
+
+class JsonlPartWriter:
+    """Successes as JSON lines: ``{"record_id": ..., <output fields>}``."""
+
+    def __init__(self, path: str, output_model: type[BaseModel], what: str = "a part file") -> None:
+        self._file = _File(path, what)
+
+    def write(self, rows: Sequence[Success]) -> None:
+        if not rows:
+            return
+        dumps = orjson.dumps
+        lines = []
+        for r in rows:  # the body is the output's JSON object: record_id goes in as its first key
+            rid = dumps(r.record_id)
+            lines.append(
+                b'{"record_id":%s,%s\n' % (rid, r.body[1:]) if len(r.body) > 2 else b'{"record_id":%s}\n' % rid
+            )
+        self._file.write(b"".join(lines))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ParquetPartWriter:
+    """Successes as Parquet, buffering up to ROW_GROUP_ROWS rows per row group."""
+
+    def __init__(self, path: str, output_model: type[BaseModel], what: str = "a part file") -> None:
         import pyarrow.parquet as pq
 
-        self.path = path
-        self.rows = 0
-        self.schema = arrow_schema(output_model, exclude)
+        self.what = f"writing {what} ({path})"
+        self.schema = arrow_schema(output_model, ENVELOPE)
         self._json_columns = [
             f.name for f in self.schema if f.name != "record_id" and (f.metadata or {}).get(b"encoding") == b"json"
         ]
-        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._dump = output_model.__pydantic_serializer__.to_python
+        with storage_errors(self.what):
+            self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self._buffer: list[dict[str, Any]] = []
 
-    def write_rows(self, rows: list[dict[str, Any]]) -> None:
-        """Buffer rows (dicts with ``record_id`` and the output fields); flushed by row group."""
-        for row in rows:
-            row["record_id"] = str(row["record_id"])
+    def write(self, rows: Sequence[Success]) -> None:
+        for r in rows:
+            row = self._dump(r.output, exclude=ENVELOPE)
+            row["record_id"] = str(r.record_id)
             for name in self._json_columns:
                 if row.get(name) is not None:
                     row[name] = orjson.dumps(row[name], default=str).decode()
-        self._buffer.extend(rows)
-        self.rows += len(rows)
+            self._buffer.append(row)
         if len(self._buffer) >= ROW_GROUP_ROWS:
             self._flush()
 
@@ -69,17 +129,45 @@ class ParquetWriter:
         import pyarrow as pa
 
         if self._buffer:
-            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
+            with storage_errors(self.what):
+                self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
             self._buffer = []
 
     def close(self) -> None:
         try:
             self._flush()
         finally:
-            self._writer.close()
+            with storage_errors(self.what):
+                self._writer.close()
 
 
-def arrow_schema(model: type[BaseModel], exclude: set[str]) -> Any:
+class FailureWriter:
+    """A chunk's failure rows: ready-made JSON lines."""
+
+    def __init__(self, path: str, what: str = "a failure file") -> None:
+        self._file = _File(path, what)
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        """Append lines that already end with a newline."""
+        if lines:
+            self._file.write(b"".join(lines))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+PART_WRITERS: dict[str, type[JsonlPartWriter] | type[ParquetPartWriter]] = {
+    "jsonl": JsonlPartWriter,
+    "parquet": ParquetPartWriter,
+}
+
+
+def open_part_writer(output_format: str, path: str, output_model: type[BaseModel], what: str) -> PartWriter:
+    """The writer of ``output_format`` (``jsonl`` or ``parquet``) on a new local file."""
+    return PART_WRITERS[output_format](path, output_model, what)
+
+
+def arrow_schema(model: type[BaseModel], exclude: typing.AbstractSet[str]) -> Any:
     """The Arrow schema of a part file for ``model``: ``record_id`` then the model's fields, in order."""
     import pyarrow as pa
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 from modalkit.batch import queueing
 from modalkit.batch.chunk import REPLAY_ID_KEY, ChunkProcessor, describe_validation_error, process_chunk
 from modalkit.batch.planning import list_dataset, plan_chunks
-from modalkit.batch.writers import JsonlWriter, ParquetWriter, arrow_schema
+from modalkit.batch.writers import ENVELOPE, FailureWriter, JsonlPartWriter, ParquetPartWriter, Success, arrow_schema
 from modalkit.examples.sentiment import LABELS
 from modalkit.exceptions import ConfigError, PipelineError, QueueError, StorageError
 from modalkit.inference_pipeline import InferencePipeline
@@ -673,25 +673,42 @@ def test_a_job_naming_queues_needs_a_backend(tmp_path: Path) -> None:
 # --- writers --------------------------------------------------------------------------------------------------
 
 
-def test_jsonl_writer_appends_lines_and_counts_rows(tmp_path: Path) -> None:
-    writer = JsonlWriter(str(tmp_path / "w.jsonl"))
-    writer.write_lines([b'{"a":1}\n', b'{"a":2}\n'])
-    writer.write_lines([])
-    writer.write_lines([b'{"a":3}\n'])
+def successes(*outputs: Echo, first_id: int = 0) -> list[Success]:
+    return [
+        Success(first_id + i, o, o.__pydantic_serializer__.to_json(o, exclude=ENVELOPE)) for i, o in enumerate(outputs)
+    ]
+
+
+def test_jsonl_part_writer_writes_record_id_then_the_output_fields_without_the_envelope(tmp_path: Path) -> None:
+    writer = JsonlPartWriter(str(tmp_path / "w.jsonl"), Echo)
+    writer.write(successes(Echo(length=1, upper="A"), Echo(length=2, upper="BB", status="success")))
+    writer.write([])
+    writer.write(successes(Echo(length=3, upper="C"), first_id=2))
     writer.close()
-    assert writer.rows == 3
-    assert (tmp_path / "w.jsonl").read_bytes() == b'{"a":1}\n{"a":2}\n{"a":3}\n'
+    assert read_jsonl(tmp_path / "w.jsonl") == [
+        {"record_id": 0, "length": 1, "upper": "A"},
+        {"record_id": 1, "length": 2, "upper": "BB"},
+        {"record_id": 2, "length": 3, "upper": "C"},
+    ]
+
+
+def test_failure_writer_appends_ready_made_lines(tmp_path: Path) -> None:
+    writer = FailureWriter(str(tmp_path / "f.jsonl"))
+    writer.write([b'{"a":1}\n', b'{"a":2}\n'])
+    writer.write([])
+    writer.write([b'{"a":3}\n'])
+    writer.close()
+    assert (tmp_path / "f.jsonl").read_bytes() == b'{"a":1}\n{"a":2}\n{"a":3}\n'
 
 
 def test_parquet_writer_row_groups_ids_and_empty_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from modalkit.batch import writers
 
     monkeypatch.setattr(writers, "ROW_GROUP_ROWS", 3)
-    writer = ParquetWriter(str(tmp_path / "w.parquet"), Echo, {"status", "error"})
+    writer = ParquetPartWriter(str(tmp_path / "w.parquet"), Echo)
     for i in range(4):
-        writer.write_rows([{"record_id": i, "length": i, "upper": "X", "extra": "dropped"} for _ in range(2)])
+        writer.write([Success(i, Echo(length=i, upper="X", extra="dropped"), b"") for _ in range(2)])
     writer.close()
-    assert writer.rows == 8
     meta = pq.ParquetFile(tmp_path / "w.parquet").metadata
     assert meta.num_rows == 8
     assert meta.num_row_groups >= 2
@@ -699,7 +716,7 @@ def test_parquet_writer_row_groups_ids_and_empty_file(tmp_path: Path, monkeypatc
     assert table.column_names == ["record_id", "length", "upper"]
     assert table.column("record_id").to_pylist() == ["0", "0", "1", "1", "2", "2", "3", "3"]
 
-    empty = ParquetWriter(str(tmp_path / "e.parquet"), Echo, {"status", "error"})
+    empty = ParquetPartWriter(str(tmp_path / "e.parquet"), Echo)
     empty.close()
     assert pq.read_table(tmp_path / "e.parquet").num_rows == 0
     assert pq.read_schema(tmp_path / "e.parquet").names == ["record_id", "length", "upper"]
@@ -834,10 +851,10 @@ def test_files_are_closed_and_nothing_committed_when_the_part_file_cannot_be_wri
 ) -> None:
     from modalkit.batch import writers
 
-    def disk_full(self: ParquetWriter) -> None:
+    def disk_full(self: ParquetPartWriter) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writers.ParquetWriter, "_flush", disk_full)
+    monkeypatch.setattr(writers.ParquetPartWriter, "_flush", disk_full)
     (chunk,) = plan(write_input(tmp_path, "a.jsonl", jsonl({"text": "a"})))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -1,0 +1,28 @@
+"""JSONL (``.jsonl``, ``.ndjson``): one JSON object per line; cut at line ends, parsed by the chunk processor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from modalkit.batch.formats.base import Batch, InputFile, InputFormat, PlanOptions, batched
+from modalkit.batch.formats.lines import byte_ranges, read_lines
+
+__all__ = ["JsonlFormat"]
+
+
+class JsonlFormat(InputFormat):
+    """JSON Lines. Payloads are the raw lines (``bytes``); blank lines are skipped."""
+
+    name = "jsonl"
+    suffixes = (".jsonl", ".ndjson")
+
+    def plan(self, file: InputFile, options: PlanOptions) -> list[dict[str, Any]]:
+        if file.compression or file.size <= options.chunk_size:
+            return [{"start": 0, "end": None, "size": file.size}]
+        return byte_ranges(file.size, 0, options.chunk_size)
+
+    def read(self, chunk: Any, batch_size: int) -> Iterator[Batch]:
+        # "{" starts nearly every record, so the strip() that finds blank lines is seldom needed
+        lines = ((pos, line) for pos, line in read_lines(chunk) if line[0] == 0x7B or line.strip())
+        yield from batched(lines, batch_size)

@@ -1,0 +1,68 @@
+"""What the line-based formats (JSONL, CSV) share: cutting a file at byte offsets, and reading a byte range.
+
+A chunk owns the lines that *start* inside its range ``[start, end)``: the reader skips the partial line it
+starts in (the previous chunk's) and reads the line running over its end. Every line belongs to exactly one
+chunk whatever the cut points, and planning reads no record bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import IO, Any
+
+from modalkit.batch import storage
+from modalkit.batch.formats.codecs import codec_named
+from modalkit.exceptions import storage_errors
+
+__all__ = ["byte_ranges", "open_chunk", "read_lines"]
+
+
+def byte_ranges(file_size: int, start: int, chunk_size: int) -> list[dict[str, Any]]:
+    """``[start, file_size)`` in equal parts of at most ``chunk_size`` bytes, so chunks take about the same time
+    (no small remainder); the last part's ``end`` is None (to the end of the file)."""
+    parts = max(1, -(-(file_size - start) // chunk_size))
+    step = max(1, -(-(file_size - start) // parts))
+    ranges = []
+    while True:
+        end = start + step
+        ranges.append({"start": start, "end": None if end >= file_size else end, "size": min(end, file_size) - start})
+        if end >= file_size:
+            return ranges
+        start = end
+
+
+@contextlib.contextmanager
+def open_chunk(uri: str, compression: str | None) -> Iterator[IO[bytes]]:
+    """The file at ``uri`` for buffered reading, decompressed by its codec."""
+    with storage.open_input(uri) as raw:
+        if compression is None:
+            yield raw
+            return
+        with storage_errors(f"opening {uri}"), codec_named(compression).open(raw) as stream:
+            yield stream
+
+
+def read_lines(chunk: Any, stop_at_end: bool = True) -> Iterator[tuple[int, bytes]]:
+    """The lines that start in the chunk's byte range, with their offsets. With ``stop_at_end=False`` the lines go
+    on to the end of the file and the caller stops (a CSV record may continue past the range)."""
+    what = f"reading {chunk.uri}"
+    with storage_errors(what), open_chunk(chunk.uri, chunk.compression) as fh:
+        pos = chunk.start
+        if pos > 0 and not chunk.compression:
+            fh.seek(pos - 1)
+            if fh.read(1) != b"\n":
+                pos += len(fh.readline())
+        end = chunk.end if stop_at_end else None
+        readline = fh.readline
+        while end is None or pos < end:
+            try:
+                line = readline()
+            except Exception:
+                with storage_errors(what):  # translated there (a context manager per line costs ~3% of a job)
+                    raise
+                raise  # not a storage error: as it is
+            if not line:
+                return
+            yield pos, line
+            pos += len(line)
