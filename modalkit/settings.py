@@ -1,39 +1,28 @@
-"""Settings: layered ``modalkit.yaml`` files, ``MODALKIT_`` environment variables and ``.env``.
+"""The settings schema: every section and field of ``modalkit.yaml``, with its type, bounds and description.
 
-Nothing is read at import. Settings are loaded by an explicit call, :meth:`Settings.load` (or ``Settings()``),
-and passed down. Sources, highest precedence first:
-
-1. keyword arguments to ``Settings(...)``;
-2. environment variables prefixed ``MODALKIT_``, with ``__`` between nested keys
-   (``MODALKIT_APP_SETTINGS__BATCH_CONFIG__MAX_BATCH_SIZE=64``);
-3. YAML: ``modalkit.yaml`` in the working directory, or the comma-separated files in ``MODALKIT_CONFIG``
-   (``base.yaml,prod.yaml``: later files win, mappings are merged key by key);
-4. a ``.env`` file in the working directory, read like the environment.
-
-Every field is typed, described and bounded, and unknown keys are errors: a typo fails with the full key path
-and the file it came from.
+Declarations only. How settings are found and layered is :mod:`modalkit.settings_sources`; how a bad key is
+explained is :mod:`modalkit.settings_errors`. Nothing is read at import: settings are loaded by an explicit call,
+:meth:`Settings.load` (or ``Settings()``), and passed down. Sources, highest precedence first: keyword arguments,
+``MODALKIT_`` environment variables (``__`` between nested keys), the YAML layers (``MODALKIT_CONFIG=a.yaml,b.yaml``
+or ``./modalkit.yaml``), a ``.env`` file. Unknown keys are errors naming the full key path and the file.
 
 Example:
     >>> from modalkit.settings import Settings
     >>> s = Settings.load(data={"app_settings": {"app_prefix": "demo"}})
     >>> s.app_settings.batch_config.max_batch_size
-    32
+    256
 """
 
 from __future__ import annotations
 
 import contextvars
-import difflib
-import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self, get_args
+from typing import Any, ClassVar, Literal, Self
 
-import yaml
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ByteSize,
     ConfigDict,
@@ -45,9 +34,17 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-from pydantic_settings.sources import DotEnvSettingsSource
 
 from modalkit.exceptions import ConfigError
+from modalkit.settings_errors import explain
+from modalkit.settings_sources import (
+    ENV_PREFIX,
+    YamlLayers,
+    config_files_from_env,
+    legacy_sources,
+    rename_legacy_keys,
+    renamed_keys,
+)
 
 __all__ = [
     "AppSettings",
@@ -64,13 +61,10 @@ __all__ = [
     "QueueConfig",
     "RetryConfig",
     "Settings",
+    "Volume",
     "config_files_from_env",
 ]
 
-ENV_PREFIX = "MODALKIT_"
-DEFAULT_CONFIG_FILE = "modalkit.yaml"
-# environment variables that belong to modalkit but are not settings fields
-_NON_SETTINGS_ENV = frozenset({"config", "app_postfix"})
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -93,6 +87,13 @@ class Mount(_Strict):
     local_path: str = Field(min_length=1, description="Path on the machine that deploys the app.")
     remote_path: str = Field(min_length=1, description="Absolute path inside the container.")
     type: MountType = Field(MountType.FILE, description="`file` or `dir`.")
+
+
+class Volume(_Strict):
+    """A Modal Volume mounted at a path (the original modalkit's model; ``volumes`` also takes a mapping)."""
+
+    mount_point: str = Field(min_length=1, description="Absolute path inside the container.")
+    volume_name: str = Field(min_length=1, description="Name of the Modal Volume.")
 
 
 class CloudBucketMount(_Strict):
@@ -155,7 +156,10 @@ class DeploymentConfig(_Strict):
     gpu: str | list[str] | None = Field(None, description="GPU type, e.g. `T4`, `A10G`, `H100`, `L4:2`; empty = CPU.")
     cpu: float | None = Field(None, gt=0, le=64, description="CPU cores reserved per container.")
     memory: int | None = Field(None, ge=128, le=1_048_576, description="Memory reserved per container, MiB.")
-    volumes: dict[str, str] = Field(default_factory=dict, description="Mount point -> name of a Modal Volume.")
+    volumes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Mount point -> name of a Modal Volume (a list of {mount_point, volume_name} works too).",
+    )
     volume_reload_interval_seconds: int | None = Field(
         None,
         ge=1,
@@ -167,36 +171,65 @@ class DeploymentConfig(_Strict):
     secrets: list[str] = Field(default_factory=list, description="Names of Modal secrets exposed as env vars.")
     min_containers: int | None = Field(None, ge=0, le=1000, description="Containers kept warm.")
     max_containers: int | None = Field(
-        None,
-        ge=1,
-        le=10_000,
-        validation_alias=AliasChoices("max_containers", "concurrency_limit"),
-        description="Upper bound on containers (the original `concurrency_limit`).",
+        None, ge=1, le=10_000, description="Upper bound on containers (the original `concurrency_limit`)."
     )
     scaledown_window: int = Field(
-        180,
-        ge=2,
-        le=3600,
-        validation_alias=AliasChoices("scaledown_window", "container_idle_timeout"),
-        description="Seconds an idle container stays up (the original `container_idle_timeout`).",
+        180, ge=2, le=3600, description="Seconds an idle container stays up (the original `container_idle_timeout`)."
     )
-    timeout: int = Field(600, ge=1, le=86_400, description="Seconds one input may run.")
+    timeout: int = Field(1800, ge=1, le=86_400, description="Seconds one input (an online batch, a chunk) may run.")
     retries: RetryConfig = Field(default_factory=RetryConfig, description="Retries of a failed input.")
     max_concurrent_inputs: int = Field(
-        1,
-        ge=1,
-        le=1000,
-        validation_alias=AliasChoices("max_concurrent_inputs", "allow_concurrent_inputs"),
-        description="Inputs one model container serves at once (@modal.concurrent).",
+        1, ge=1, le=1000, description="Inputs one model container serves at once (@modal.concurrent)."
     )
     handler_max_concurrent_inputs: int = Field(
-        100,
-        ge=1,
-        le=1000,
-        validation_alias=AliasChoices("handler_max_concurrent_inputs", "allow_concurrent_inputs_handler"),
-        description="Requests one web-handler container serves at once.",
+        100, ge=1, le=1000, description="Requests one web-handler container serves at once."
     )
     secure: bool = Field(False, description="Require Modal proxy auth (Modal-Key/Modal-Secret headers) on the web app.")
+
+    #: The original modalkit's key names, accepted in every source and readable as properties.
+    legacy_names: ClassVar[dict[str, str]] = {
+        "concurrency_limit": "max_containers",
+        "container_idle_timeout": "scaledown_window",
+        "allow_concurrent_inputs": "max_concurrent_inputs",
+        "allow_concurrent_inputs_handler": "handler_max_concurrent_inputs",
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _original_names(cls, data: Any) -> Any:
+        # DeploymentConfig(concurrency_limit=...) built directly; the settings sources rename before merging
+        return rename_legacy_keys(cls, data)
+
+    @property
+    def concurrency_limit(self) -> int | None:
+        """The original name of ``max_containers``."""
+        return self.max_containers
+
+    @property
+    def container_idle_timeout(self) -> int:
+        """The original name of ``scaledown_window``."""
+        return self.scaledown_window
+
+    @property
+    def allow_concurrent_inputs(self) -> int:
+        """The original name of ``max_concurrent_inputs``."""
+        return self.max_concurrent_inputs
+
+    @property
+    def allow_concurrent_inputs_handler(self) -> int:
+        """The original name of ``handler_max_concurrent_inputs``."""
+        return self.handler_max_concurrent_inputs
+
+    @field_validator("volumes", mode="before")
+    @classmethod
+    def _volumes_as_mapping(cls, value: Any) -> Any:
+        # the original allowed `volumes: null`, and its Volume model lists {mount_point, volume_name}
+        if value is None:
+            return {}
+        if isinstance(value, list | tuple):
+            items = [Volume.model_validate(v) if not isinstance(v, Volume) else v for v in value]
+            return {v.mount_point: v.volume_name for v in items}
+        return value
 
     @field_validator("retries", mode="before")
     @classmethod
@@ -216,7 +249,7 @@ class DeploymentConfig(_Strict):
 class BatchConfig(_Strict):
     """Batching: Modal's dynamic batching online, and the sub-batch size inside a batch job."""
 
-    max_batch_size: int = Field(32, ge=1, le=1000, description="Most inputs passed to the pipeline at once.")
+    max_batch_size: int = Field(256, ge=1, le=1000, description="Most inputs passed to the pipeline at once.")
     wait_ms: int = Field(10, ge=0, le=600_000, description="Online: ms to wait for more inputs after the first.")
 
 
@@ -241,7 +274,9 @@ class QueueConfig(_Strict):
         pattern=r"^s3://[^/]+(/.*)?$",
         description="s3://bucket/prefix where large bodies are stored (required to send them over SQS).",
     )
-    max_send_attempts: int = Field(5, ge=1, le=20, description="Attempts for a message SQS reports as failed.")
+    max_send_attempts: int = Field(
+        8, ge=1, le=20, description="SQS: attempts of a send (failed entries, transient errors), about 16 s in all."
+    )
     message_group_id: str = Field(
         "modalkit", min_length=1, max_length=128, description="MessageGroupId for FIFO queues."
     )
@@ -382,107 +417,12 @@ class ModelSettings(_Strict):
         return name, self.model_entries[name]
 
 
-# --- sources -------------------------------------------------------------------------------------------------
+# --- Settings ------------------------------------------------------------------------------------------------
+
 
 _config_files: contextvars.ContextVar[tuple[Path, ...] | None] = contextvars.ContextVar(
     "modalkit_config_files", default=None
 )
-
-
-def config_files_from_env(environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
-    """The YAML layers to read: ``MODALKIT_CONFIG`` (comma-separated) or ``./modalkit.yaml`` if it exists."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(ENV_PREFIX + "CONFIG", "").strip()
-    if raw:
-        return tuple(Path(p.strip()) for p in raw.split(",") if p.strip())
-    default = Path(DEFAULT_CONFIG_FILE)
-    return (default,) if default.is_file() else ()
-
-
-# the original modalkit's names, merged under today's so a later layer's old name overrides an earlier new one
-_ALIASES: dict[tuple[str, ...], str] = {
-    ("app_settings", "deployment_config", "concurrency_limit"): "max_containers",
-    ("app_settings", "deployment_config", "container_idle_timeout"): "scaledown_window",
-    ("app_settings", "deployment_config", "allow_concurrent_inputs"): "max_concurrent_inputs",
-    ("app_settings", "deployment_config", "allow_concurrent_inputs_handler"): "handler_max_concurrent_inputs",
-}
-
-
-def _deep_merge(
-    base: dict[str, Any],
-    layer: Mapping[str, Any],
-    origins: dict[tuple[str, ...], str],
-    source: str,
-    path: tuple[str, ...] = (),
-) -> None:
-    for raw_key, value in layer.items():
-        key = _ALIASES.get((*path, str(raw_key)), str(raw_key))
-        here = (*path, key)
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            origins.setdefault(here, source)
-            _deep_merge(base[key], value, origins, source, here)
-        else:
-            base[key] = _plain(value)
-            for known in [p for p in origins if p[: len(here)] == here]:
-                del origins[known]
-            _record_origins(here, value, origins, source)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
-
-
-def _record_origins(path: tuple[str, ...], value: Any, origins: dict[tuple[str, ...], str], source: str) -> None:
-    origins[path] = source
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            _record_origins((*path, str(k)), v, origins, source)
-
-
-def read_yaml_layers(files: Sequence[Path]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """Read and deep-merge YAML files (later wins); returns the data and the file each key came from."""
-    data: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
-    for file in files:
-        if not file.is_file():
-            raise ConfigError(f"config file {str(file)!r} does not exist (from {ENV_PREFIX}CONFIG or the caller)")
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(f"{file}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
-        if loaded is None:
-            continue
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{file}: the top level must be a mapping of keys, not {type(loaded).__name__}")
-        _deep_merge(data, loaded, origins, file.name)
-    return data, origins
-
-
-class _YamlLayersSource(PydanticBaseSettingsSource):
-    def __init__(self, settings_cls: type[BaseSettings], files: Sequence[Path]) -> None:
-        super().__init__(settings_cls)
-        self.data, self.origins = read_yaml_layers(files)
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
-        return self.data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self.data)
-
-
-class _DotEnvSource(DotEnvSettingsSource):
-    """``.env`` read like the environment; MODALKIT_CONFIG / MODALKIT_APP_POSTFIX there are not settings keys."""
-
-    def __call__(self) -> dict[str, Any]:
-        data = super().__call__()
-        return {k: v for k, v in data.items() if k.lower() not in _NON_SETTINGS_ENV}
-
-
-# --- Settings ------------------------------------------------------------------------------------------------
 
 
 class Settings(BaseSettings):
@@ -519,14 +459,18 @@ class Settings(BaseSettings):
     def __init__(self, **values: Any) -> None:
         origins_token = Settings._yaml_origins.set({})
         files_token = Settings._yaml_files.set([])
+        renamed: dict[tuple[str, ...], str] = {}
+        renamed_token = renamed_keys.set(renamed)
         try:
+            values = rename_legacy_keys(Settings, values)
             super().__init__(**values)
             self._config_files = tuple(Settings._yaml_files.get())
         except ValidationError as exc:
-            raise ConfigError(_explain(exc, Settings._yaml_origins.get(), values)) from None
+            raise ConfigError(explain(exc, Settings, Settings._yaml_origins.get(), values, renamed)) from None
         finally:
             Settings._yaml_origins.reset(origins_token)
             Settings._yaml_files.reset(files_token)
+            renamed_keys.reset(renamed_token)
 
     @property
     def config_files(self) -> tuple[Path, ...]:
@@ -544,11 +488,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         files = _config_files.get()
         files = config_files_from_env() if files is None else files
-        yaml_source = _YamlLayersSource(settings_cls, files)
+        yaml_source = YamlLayers(settings_cls, files)
         Settings._yaml_origins.get({}).update(yaml_source.origins)
         Settings._yaml_files.get([]).extend(files)
-        dotenv = _DotEnvSource(settings_cls)
-        return init_settings, env_settings, yaml_source, dotenv
+        env, dotenv = legacy_sources(env_settings, dotenv_settings)
+        return init_settings, env, yaml_source, dotenv
 
     @classmethod
     def load(
@@ -576,103 +520,3 @@ class Settings(BaseSettings):
             return cls(**dict(data or {}))
         finally:
             _config_files.reset(token)
-
-
-def _explain(exc: ValidationError, yaml_origins: Mapping[tuple[str, ...], str], init: Mapping[str, Any]) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        path = ".".join(loc)
-        where = _origin(loc, yaml_origins, init)
-        if err["type"] == "extra_forbidden":
-            hint = _did_you_mean(loc)
-            lines.append(f"{path}: unknown key{hint} (in {where})")
-        else:
-            shown = _short(_redact(Settings, loc, err.get("input")))
-            lines.append(f"{path}: {err['msg']} (got {shown}, in {where})")
-    noun = "error" if len(lines) == 1 else "errors"
-    return f"invalid modalkit settings, {len(lines)} {noun}:\n  " + "\n  ".join(lines)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-_MASK = "**********"
-
-
-def _redact(model: type[BaseModel] | None, loc: Sequence[str], value: Any) -> Any:
-    """``value`` (the input at ``loc`` under ``model``) with every SecretStr field masked: errors never show secrets."""
-    for i, part in enumerate(loc):
-        field = model.model_fields.get(part) if model is not None else None
-        if field is None:
-            return value
-        if _is_secret(field.annotation):
-            return _MASK if i == len(loc) - 1 else value
-        model = _model_of(field.annotation)
-    if model is None or not isinstance(value, Mapping):
-        return value
-    return {k: _redact(model, (str(k),), v) for k, v in value.items()}
-
-
-def _is_secret(annotation: Any) -> bool:
-    return annotation is SecretStr or SecretStr in get_args(annotation)
-
-
-def _origin(loc: tuple[str, ...], yaml_origins: Mapping[tuple[str, ...], str], init: Mapping[str, Any]) -> str:
-    if _lookup(init, loc):
-        return "the values passed in"
-    # dict/list items: fall back to the nearest enclosing key
-    for end in range(len(loc), 0, -1):
-        env_name = ENV_PREFIX + "__".join(loc[:end]).upper()
-        if any(k.upper() == env_name for k in os.environ):
-            return f"environment variable {env_name}"
-        # an error on a whole section (e.g. auth_config's api_key/ssm_key check) set by variables for its keys
-        nested = sorted(k for k in os.environ if end == len(loc) and k.upper().startswith(env_name + "__"))
-        if nested:
-            return f"environment variable{'s' if len(nested) > 1 else ''} {', '.join(nested)}"
-        if loc[:end] in yaml_origins:
-            return yaml_origins[loc[:end]]
-    if Path(".env").is_file():
-        return ".env or defaults"
-    return "defaults"
-
-
-def _lookup(data: Mapping[str, Any], loc: tuple[str, ...]) -> bool:
-    node: Any = data
-    for part in loc:
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _did_you_mean(loc: tuple[str, ...]) -> str:
-    model: type[BaseModel] | None = Settings
-    for part in loc[:-1]:
-        if model is None:
-            return ""
-        field = model.model_fields.get(part)
-        if field is None:
-            return ""
-        model = _model_of(field.annotation)
-    if model is None:
-        return ""
-    names = list(_field_names(model))
-    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return None
-
-
-def _field_names(model: type[BaseModel]) -> Iterator[str]:
-    for name, field in model.model_fields.items():
-        yield name
-        alias = field.validation_alias
-        if isinstance(alias, AliasChoices):
-            yield from (a for a in alias.choices if isinstance(a, str))

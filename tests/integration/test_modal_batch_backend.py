@@ -35,6 +35,7 @@ from modalkit.exceptions import ConfigError, RemoteError
 from modalkit.iomodel import ChunkSpec, JobSpec
 from modalkit.runners import open_runner
 from modalkit.runners.modal_client import ModalChunkClient
+from modalkit.settings import Settings
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "modalkit.yaml"
 SUMMARY_KEYS = {
@@ -411,17 +412,18 @@ def test_modal_app_module_builds_offline_from_the_repo_modalkit_yaml(
     monkeypatch.delitem(sys.modules, "modalkit.modal_app", raising=False)  # import it afresh, and forget it after
 
     modal_app = importlib.import_module("modalkit.modal_app")
+    shipped = Settings.load(REPO_CONFIG).app_settings  # the test checks the app follows the file, whatever it says
 
     assert isinstance(modal_app.app, modal.App)
-    assert modal_app.app.name == "modalkit-sentiment-dev"
+    assert modal_app.app.name == shipped.app_prefix + "-dev"
     assert modal_app.modal_config.settings.config_files[0] == REPO_CONFIG
     assert isinstance(modal_app.Model, modal.Cls)
     assert isinstance(modal_app.BatchWorker, modal.Cls)
     worker = modal_app.BatchWorker(model_name="sentiment").process_chunk.info()
     assert worker.method_names == ["process_chunk"]
     assert worker.batching_info is None  # one chunk per call
-    assert (worker.timeout, worker.max_retries) == (1800, None)  # the flow retries chunks, not Modal
+    assert (worker.timeout, worker.max_retries) == (shipped.deployment_config.timeout, None)  # the flow retries
     online = modal_app.Model().process_request.info()
     assert online.batching_info is not None
-    assert online.batching_info.max_batch_size == 256
-    assert modal_app.DEFAULT_MODEL == "sentiment"
+    assert online.batching_info.max_batch_size == shipped.batch_config.max_batch_size
+    assert Settings.load(REPO_CONFIG).model_settings.entry()[0] == modal_app.DEFAULT_MODEL

@@ -152,17 +152,19 @@ def test_app_from_modalkit_yaml_builds_offline_as_the_original_docs_write_it(
     import_app: Callable[..., ModuleType], usual_way: bool
 ) -> None:
     app = import_app(usual_way=usual_way)
+    shipped = Settings.load(REPO_CONFIG).app_settings  # the app follows the file, whatever it says
 
     assert isinstance(app.app, modal.App)
-    assert app.app.name == "modalkit-sentiment-dev"
+    assert app.app.name == shipped.app_prefix + "-dev"
     assert app.modal_config.settings.config_files[0] == REPO_CONFIG
     for cls in (app.SentimentApp, app.SentimentFromEntry, app.GuardedApp):
         assert isinstance(cls, modal.Cls)
         info = cls().process_request.info()
         assert info.method_names == ["process_request"]
         assert info.batching_info is not None
-        assert (info.batching_info.max_batch_size, info.batching_info.wait_ms) == (256, 10)  # modalkit.yaml
-        assert (info.timeout, info.gpus, info.max_retries) == (1800, [], None)
+        batch = shipped.batch_config
+        assert (info.batching_info.max_batch_size, info.batching_info.wait_ms) == (batch.max_batch_size, batch.wait_ms)
+        assert (info.timeout, info.gpus, info.max_retries) == (shipped.deployment_config.timeout, [], None)
 
     web = app.web_endpoints.info()
     assert web.web_info is not None

@@ -86,7 +86,7 @@ def test_settings_and_pipeline_modules_load_no_heavy_library(tmp_path: Path) -> 
     )
 
     assert result["heavy"] == []
-    assert result["batch"] == 32
+    assert result["batch"] == 256
 
 
 def test_every_public_name_resolves_lazily(tmp_path: Path) -> None:

@@ -57,9 +57,9 @@ FULL_DEPLOYMENT: dict[str, Any] = {
 
 
 def make_config(deployment: dict[str, Any] | None = None, **app_settings: Any) -> ModalConfig:
-    """ModalConfig of the repo's modalkit.yaml with these deployment_config and app_settings values on top."""
+    """ModalConfig of the default settings with these deployment_config and app_settings values on top."""
     data = {"app_settings": {"deployment_config": deployment or {}, **app_settings}}
-    return ModalConfig(Settings.load(REPO / "modalkit.yaml", data=data))
+    return ModalConfig(Settings.load([], data=data))
 
 
 def all_dicts(config: ModalConfig) -> dict[str, dict[str, Any]]:
@@ -78,13 +78,13 @@ def all_dicts(config: ModalConfig) -> dict[str, dict[str, Any]]:
 
 
 def test_app_name_defaults_to_the_dev_postfix() -> None:
-    assert make_config().app_name == "modalkit-sentiment-dev"
+    assert make_config().app_name == "modalkit-dev"
 
 
 def test_app_name_takes_the_postfix_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODALKIT_APP_POSTFIX", "-prod")
     config = make_config()  # the postfix is not a settings key, so loading must not reject it
-    assert config.app_name == "modalkit-sentiment-prod"
+    assert config.app_name == "modalkit-prod"
 
 
 def test_app_name_follows_app_prefix() -> None:
@@ -127,12 +127,11 @@ def test_app_cls_settings_map_every_setting_to_modal_1x_arguments() -> None:
 
 
 def test_app_cls_settings_leave_out_what_is_not_set() -> None:
-    settings = make_config().get_app_cls_settings()  # modalkit.yaml: no GPU, CPU, memory, region or retries
+    settings = make_config().get_app_cls_settings()  # defaults: no GPU, CPU, memory, region, limits or retries
 
     assert None not in settings.values()
-    for unset in ("gpu", "cpu", "memory", "region", "min_containers", "retries"):
+    for unset in ("gpu", "cpu", "memory", "region", "min_containers", "max_containers", "retries"):
         assert unset not in settings
-    assert settings["max_containers"] == 10
     assert settings["scaledown_window"] == 180
     assert settings["timeout"] == 1800
 

@@ -77,7 +77,7 @@ def test_no_config_file_needed_and_defaults_apply() -> None:
     settings = Settings()
 
     assert settings.config_files == ()
-    assert settings.app_settings.batch_config.max_batch_size == 32
+    assert settings.app_settings.batch_config.max_batch_size == 256
     assert settings.app_settings.job_config.chunk_size == 32 * 1024 * 1024
     assert settings.model_settings.model_entries == {}
 
@@ -139,7 +139,7 @@ def test_empty_yaml_file_means_defaults() -> None:
 
     settings = Settings.load("empty.yaml")
 
-    assert settings.app_settings.batch_config.max_batch_size == 32
+    assert settings.app_settings.batch_config.max_batch_size == 256
     assert settings.config_files == (Path("empty.yaml"),)
 
 
@@ -212,7 +212,7 @@ def test_init_kwargs_merge_with_the_other_sources() -> None:
 def test_dotenv_may_hold_modalkit_variables_that_are_not_settings() -> None:
     write(".env", "MODALKIT_APP_POSTFIX=-prod\nMODALKIT_CONFIG=nowhere.yaml\nUNRELATED=1\n")
 
-    assert Settings().app_settings.batch_config.max_batch_size == 32
+    assert Settings().app_settings.batch_config.max_batch_size == 256
 
 
 # --- errors name the key path and where it came from ------------------------------------------------------
@@ -402,6 +402,68 @@ def test_aliases_are_bounded_like_the_fields_they_name() -> None:
         Settings.load(data={"app_settings": {"deployment_config": {"container_idle_timeout": 1}}})
 
 
+DEPLOYMENT = "app_settings:\n  deployment_config:\n"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        pytest.param("concurrency_limit: 3", "concurrency_limit: 5", 5, id="old-name-in-both-layers"),
+        pytest.param("concurrency_limit: 3", "max_containers: 7", 7, id="old-then-new"),
+        pytest.param("max_containers: 7", "concurrency_limit: 3", 3, id="new-then-old"),
+        pytest.param("concurrency_limit: 3", "gpu: T4", 3, id="old-name-kept-under-a-later-layer"),
+    ],
+)
+def test_original_key_names_in_every_layer_merge_with_the_new_names(first: str, second: str, expected: int) -> None:
+    write("a.yaml", f"{DEPLOYMENT}    {first}\n    container_idle_timeout: 60\n")
+    write("b.yaml", f"{DEPLOYMENT}    {second}\n")
+
+    deployment = Settings.load("a.yaml,b.yaml").app_settings.deployment_config
+
+    assert deployment.max_containers == expected
+    assert deployment.scaledown_window == 60
+
+
+def test_an_original_key_name_in_the_environment_beats_the_new_name_in_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    write("modalkit.yaml", f"{DEPLOYMENT}    max_containers: 7\n    allow_concurrent_inputs_handler: 5\n")
+    monkeypatch.setenv("MODALKIT_APP_SETTINGS__DEPLOYMENT_CONFIG__CONCURRENCY_LIMIT", "4")
+    monkeypatch.setenv("MODALKIT_APP_SETTINGS__DEPLOYMENT_CONFIG__HANDLER_MAX_CONCURRENT_INPUTS", "9")
+
+    deployment = Settings().app_settings.deployment_config
+
+    assert (deployment.max_containers, deployment.handler_max_concurrent_inputs) == (4, 9)
+
+
+def test_a_key_and_its_original_name_in_one_file_is_an_error_naming_both_and_the_file() -> None:
+    write("a.yaml", f"{DEPLOYMENT}    max_containers: 7\n    concurrency_limit: 3\n")
+
+    with pytest.raises(ConfigError, match=r"deployment_config\.max_containers and .*concurrency_limit .*a\.yaml"):
+        Settings.load("a.yaml")
+
+
+def test_the_original_field_names_are_readable_on_the_config_objects() -> None:
+    from modalkit.settings import DeploymentConfig
+
+    deployment = DeploymentConfig(concurrency_limit=3, container_idle_timeout=45, allow_concurrent_inputs=2,
+                                  allow_concurrent_inputs_handler=20)  # fmt: skip
+
+    assert (deployment.max_containers, deployment.concurrency_limit) == (3, 3)
+    assert (deployment.scaledown_window, deployment.container_idle_timeout) == (45, 45)
+    assert (deployment.max_concurrent_inputs, deployment.allow_concurrent_inputs) == (2, 2)
+    assert (deployment.handler_max_concurrent_inputs, deployment.allow_concurrent_inputs_handler) == (20, 20)
+
+
+def test_volumes_may_be_none_or_a_list_of_volume_models_as_in_the_original() -> None:
+    from modalkit.settings import DeploymentConfig, Volume
+
+    assert DeploymentConfig(volumes=None).volumes == {}
+    listed = DeploymentConfig(volumes=[Volume(mount_point="/models", volume_name="weights"),
+                                       {"mount_point": "/data", "volume_name": "data"}])  # fmt: skip
+    assert listed.volumes == {"/models": "weights", "/data": "data"}
+    write("modalkit.yaml", f"{DEPLOYMENT}    volumes: null\n")
+    assert Settings().app_settings.deployment_config.volumes == {}
+
+
 # --- model entries -----------------------------------------------------------------------------------------
 
 
@@ -528,3 +590,41 @@ def test_api_key_is_a_secret_that_is_never_printed(monkeypatch: pytest.MonkeyPat
     assert "sk-live-123456" not in repr(settings)
     assert "sk-live-123456" not in str(settings)
     assert "sk-live-123456" not in settings.model_dump_json()
+
+
+# --- one default per setting: the code's and the shipped modalkit.yaml's agree -----------------------------
+
+REPO_YAML = Path(__file__).resolve().parents[2] / "modalkit.yaml"
+# what the shipped file sets on purpose: the example's own name and model, not defaults
+EXAMPLE_KEYS = {
+    ("app_settings", "app_prefix"),
+    ("model_settings", "default_model"),
+    ("model_settings", "model_entries"),
+}
+
+
+def _leaves(data: object, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    if isinstance(data, dict) and data and path not in EXAMPLE_KEYS:
+        return {k: v for key, value in data.items() for k, v in _leaves(value, (*path, str(key))).items()}
+    return {path: data}
+
+
+def test_the_shipped_modalkit_yaml_gives_every_setting_its_code_default() -> None:
+    import yaml
+
+    shipped = yaml.safe_load(REPO_YAML.read_text(encoding="utf-8"))
+    from_file = Settings.load(REPO_YAML).model_dump(mode="json")
+    defaults = Settings().model_dump(mode="json")
+
+    differ = {
+        ".".join(path): (_at(from_file, path), _at(defaults, path))
+        for path in _leaves(shipped)
+        if path not in EXAMPLE_KEYS and _at(from_file, path) != _at(defaults, path)
+    }
+    assert differ == {}  # (shipped value, code default) of each key that disagrees
+
+
+def _at(data: object, path: tuple[str, ...]) -> object:
+    for part in path:
+        data = data[part] if isinstance(data, dict) else None
+    return data

@@ -1,0 +1,153 @@
+"""How settings are found and layered: YAML layers, the environment, ``.env``, and the original key names.
+
+Sources, highest precedence first: keyword arguments, ``MODALKIT_`` environment variables, the YAML layers
+(``MODALKIT_CONFIG=a.yaml,b.yaml`` or ``./modalkit.yaml``; later files win, mappings merged key by key by
+pydantic-settings' own ``YamlConfigSettingsSource`` with ``deep_merge``), then ``.env``. The sources are merged key
+by key too. Each source's keys are first renamed from the original modalkit's names (``concurrency_limit`` ->
+``max_containers``...), so an old name in one layer merges with a new one in the next instead of both reaching
+validation. Each YAML key remembers the file it came from, for error messages.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, YamlConfigSettingsSource
+
+from modalkit.exceptions import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "ENV_PREFIX",
+    "Origins",
+    "YamlLayers",
+    "config_files_from_env",
+    "legacy_sources",
+    "rename_legacy_keys",
+]
+
+ENV_PREFIX = "MODALKIT_"
+DEFAULT_CONFIG_FILE = "modalkit.yaml"
+# environment variables that belong to modalkit but are not settings fields
+_NON_SETTINGS_ENV = frozenset({"config", "app_postfix", "home", "prefect_idle_seconds"})
+
+#: Where each YAML key came from: key path -> file name.
+Origins = dict[tuple[str, ...], str]
+#: Keys given under an original name while settings load: key path (today's name) -> the name used.
+renamed_keys: contextvars.ContextVar[dict[tuple[str, ...], str] | None] = contextvars.ContextVar(
+    "modalkit_renamed_keys", default=None
+)
+
+
+def config_files_from_env(environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """The YAML layers to read: ``MODALKIT_CONFIG`` (comma-separated) or ``./modalkit.yaml`` if it exists."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(ENV_PREFIX + "CONFIG", "").strip()
+    if raw:
+        return tuple(Path(p.strip()) for p in raw.split(",") if p.strip())
+    default = Path(DEFAULT_CONFIG_FILE)
+    return (default,) if default.is_file() else ()
+
+
+def rename_legacy_keys(model: type[BaseModel], data: Any, path: tuple[str, ...] = ()) -> Any:
+    """``data`` (one source's values for ``model``) with the original modalkit's key names renamed to today's.
+
+    A section declares its old names in a ``legacy_names`` class attribute (old -> new); sections nest, so every
+    level is walked. Both names in one mapping of one source is an error: which one was meant is not knowable.
+
+    Raises:
+        ConfigError: a mapping holds a key and its old name both.
+    """
+    if not isinstance(data, Mapping):
+        return data
+    legacy: Mapping[str, str] = getattr(model, "legacy_names", {})
+    renamed = renamed_keys.get()
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = legacy.get(str(raw_key), str(raw_key))
+        if key in out:
+            old = next(k for k, v in legacy.items() if v == key)
+            where = ".".join(path) + "." if path else ""
+            raise ConfigError(f"{where}{key} and {where}{old} (its old name) are both set; keep one")
+        if key != raw_key and renamed is not None:
+            renamed[(*path, key)] = str(raw_key)
+        field = model.model_fields.get(key)
+        section = field.annotation if field is not None else None
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            value = rename_legacy_keys(section, value, (*path, key))
+        out[key] = value
+    return out
+
+
+class YamlLayers(YamlConfigSettingsSource):
+    """The YAML layers, deep-merged in order by pydantic-settings, each read with modalkit's checks first.
+
+    Every file must exist and hold a mapping; invalid YAML is reported with its line and column; legacy key names
+    are renamed per file; :attr:`origins` records the file of every key.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], files: Sequence[Path]) -> None:
+        self.origins: Origins = {}
+        self.files = tuple(files)
+        self._root = settings_cls  # _read_file runs inside super().__init__, before it sets settings_cls
+        for file in self.files:
+            if not file.is_file():
+                raise ConfigError(f"config file {str(file)!r} does not exist (from {ENV_PREFIX}CONFIG or the caller)")
+        super().__init__(settings_cls, yaml_file=list(self.files), deep_merge=True)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            loaded = yaml.safe_load(Path(file_path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{file_path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        if loaded is None:
+            return {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{file_path}: the top level must be a mapping of keys, not {type(loaded).__name__}")
+        try:
+            data: dict[str, Any] = rename_legacy_keys(self._root, loaded)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {Path(file_path).name})") from None
+        _record_origins((), data, self.origins, Path(file_path).name)
+        return data
+
+
+def _record_origins(path: tuple[str, ...], value: Any, origins: Origins, source: str) -> None:
+    if path:
+        origins[path] = source
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _record_origins((*path, str(k)), v, origins, source)
+
+
+class _RenamingSource(PydanticBaseSettingsSource):
+    """Another source's values with the original key names renamed (environment, ``.env``)."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource, drop: frozenset[str] = frozenset()) -> None:
+        super().__init__(inner.settings_cls)
+        self.inner = inner
+        self.drop = drop
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.inner().items() if k.lower() not in self.drop}
+        renamed: dict[str, Any] = rename_legacy_keys(self.settings_cls, data)
+        return renamed
+
+
+def legacy_sources(
+    env: PydanticBaseSettingsSource, dotenv: PydanticBaseSettingsSource
+) -> tuple[PydanticBaseSettingsSource, PydanticBaseSettingsSource]:
+    """The environment and ``.env`` sources, renaming legacy keys; ``MODALKIT_CONFIG`` and friends in ``.env``
+    are modalkit's variables, not settings keys."""
+    return _RenamingSource(env), _RenamingSource(dotenv, drop=_NON_SETTINGS_ENV)
