@@ -34,13 +34,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
-from modalkit.exceptions import ConfigError, PipelineError, is_retryable
+from modalkit.exceptions import ConfigError, DeviceError, PipelineError, is_retryable
 from modalkit.iomodel import InferenceOutputModel
 
 if TYPE_CHECKING:
     from modalkit.settings import Settings
 
-__all__ = ["InferencePipeline", "RecordError", "import_pipeline", "load_pipeline", "run_isolated"]
+__all__ = [
+    "InferencePipeline",
+    "RecordError",
+    "import_pipeline",
+    "is_device_failure",
+    "load_pipeline",
+    "run_isolated",
+]
 
 #: How to write each method, for the error raised when a subclass lacks one.
 _METHOD_HINTS = {
@@ -239,7 +246,9 @@ def run_isolated(pipeline: InferencePipeline, inputs: Sequence[Any]) -> list[Any
     bad record costs one pass; ``k`` bad records cost about ``2 k log2(n)`` extra calls.
 
     Errors that no record causes are raised instead, for the caller to retry the batch: ``MemoryError``,
-    ``ConnectionError``/``TimeoutError`` and retryable modalkit errors.
+    ``ConnectionError``/``TimeoutError`` and retryable modalkit errors. An error that means the accelerator itself is
+    broken (a CUDA error, a lost GPU) is raised at once as :class:`~modalkit.exceptions.DeviceError`, without
+    splitting the batch: every record would fail the same way on this device.
     """
     outcomes: list[Any] = [None] * len(inputs)
     _run_segment(pipeline, list(inputs), 0, outcomes)
@@ -252,6 +261,11 @@ def _run_segment(pipeline: InferencePipeline, inputs: list[Any], offset: int, ou
     try:
         outputs = _run_stages(pipeline, inputs)
     except _StageFailed as failed:
+        if is_device_failure(failed.cause):
+            text = str(failed.cause) or type(failed.cause).__name__
+            raise DeviceError(
+                f"{failed.stage} failed on a broken device: {type(failed.cause).__name__}: {text}", stage=failed.stage
+            ) from failed.cause
         if _is_infrastructure(failed.cause):
             raise failed.cause from None
         if len(inputs) == 1:
@@ -263,6 +277,31 @@ def _run_segment(pipeline: InferencePipeline, inputs: list[Any], offset: int, ou
         return
     for i, output in enumerate(outputs):
         outcomes[offset + i] = _coerce_output(pipeline, output)
+
+
+#: Texts of errors that mean the accelerator is broken, not that a record is bad (CUDA, cuDNN, cuBLAS, NCCL, the
+#: driver). Running out of memory is not among them: a smaller batch may well fit, so that one is bisected.
+_DEVICE_FAILURES = (
+    "cuda error",
+    "cudnn_status",
+    "cublas_status",
+    "cudnn error",
+    "nccl error",
+    "device-side assert",
+    "illegal memory access",
+    "uncorrectable ecc error",
+    "cuda driver",
+    "gpu has fallen off the bus",
+    "no cuda gpus are available",
+)
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device is broken (so the container or process running it must be replaced)."""
+    if isinstance(exc, DeviceError):
+        return True
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return "out of memory" not in text and any(marker in text for marker in _DEVICE_FAILURES)
 
 
 def _is_infrastructure(exc: BaseException) -> bool:

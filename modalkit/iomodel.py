@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 __all__ = [
+    "OUTPUT_ENVELOPE",
     "AsyncInputModel",
     "AsyncOutputModel",
     "ChunkResult",
@@ -65,17 +66,27 @@ class SyncInputModel(BaseModel, Generic[T]):
     message: T = Field(description="The input for the pipeline.")
 
 
+#: The InferenceOutputModel fields that describe the outcome, not the result: never part of a success row or of a
+#: success record's ``output``.
+OUTPUT_ENVELOPE: set[str] = {"status", "error", "meta"}
+
+
 class InferenceOutputModel(BaseModel):
     """Base of every pipeline output model.
 
-    Subclasses add their fields (``label``, ``score``...). ``status`` and ``error`` are the envelope: a pipeline
-    leaves them at their defaults, and modalkit fills them for inputs that failed.
+    Subclasses add their fields (``label``, ``score``...). ``status``, ``error`` and ``meta`` are the envelope: a
+    pipeline leaves them at their defaults; modalkit fills ``status``/``error`` for inputs that failed and, for an
+    async request, ``meta`` with the request's.
     """
 
     model_config = ConfigDict(extra="allow")
 
     status: str = Field("success", description="`success`, or `error` for an input that failed.")
     error: str | None = Field(None, description="What went wrong, for an input that failed.")
+    meta: dict[str, Any] = Field(default_factory=dict, description="The async request's meta, carried through.")
+
+    #: Why the input failed, as fields (stage, error type, message): what a failure record is built from.
+    _failure: Any = PrivateAttr(default=None)
 
 
 class DelayedFailureOutputModel(InferenceOutputModel):

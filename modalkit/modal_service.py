@@ -30,9 +30,10 @@ import modal
 import orjson
 from pydantic import BaseModel
 
-from modalkit.exceptions import QueueError
+from modalkit.exceptions import DeviceError, QueueError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, load_pipeline, run_isolated
 from modalkit.iomodel import (
+    OUTPUT_ENVELOPE,
     AsyncInputModel,
     AsyncOutputModel,
     FailureRecord,
@@ -44,11 +45,9 @@ from modalkit.modal_config import ModalConfig, VolumeReloader
 from modalkit.queues import QueueBackend, create_backend, deliver_sync
 from modalkit.settings import BatchConfig
 
-__all__ = ["BatchWorker", "ModalService"]
+__all__ = ["BatchWorker", "ModalService", "replace_container"]
 
 log = logging.getLogger(__name__)
-ENVELOPE_FIELDS = {"status", "error"}
-_PIPELINE_STAGES = frozenset({"preprocess", "predict", "postprocess"})
 
 
 class ModalService:
@@ -101,10 +100,11 @@ class ModalService:
         self._reloader: VolumeReloader = utils.volume_reloader()
 
     def _utils(self) -> ModalConfig:
-        utils = getattr(type(self), "modal_utils", None)
+        # the instance's own modal_utils first (an app may set it per instance), then the class's
+        utils = getattr(self, "modal_utils", None)
         if utils is None:
             utils = ModalConfig()
-            type(self).modal_utils = utils
+            self.modal_utils = utils
         return utils
 
     @property
@@ -125,18 +125,26 @@ class ModalService:
         """Run a batch of requests; each gets its own output, ``status="error"`` for those that failed.
 
         Async requests also get a record on their success or failure queue; a record that cannot be delivered
-        turns that request's output into an error saying so (it is never dropped silently).
+        turns that request's output into an error saying so (it is never dropped silently). A broken device fails
+        the whole batch with its error and has Modal replace the container.
         """
         self._reload_volumes_if_needed()
         messages = [item.message for item in input_list]
+        outcomes: list[Any]
         try:
             outcomes = run_isolated(self._model_inference_instance, messages)
+        except DeviceError as exc:
+            log.error("the device is broken; failing %d requests and leaving this container: %s", len(messages), exc)
+            cause = exc.__cause__ or exc
+            outcomes = [RecordError(exc.stage, type(cause).__name__, str(exc))] * len(messages)
+            replace_container()
         except Exception as exc:  # no record caused it (out of memory, a lost connection): each request says so
             log.exception("batch of %d requests failed", len(messages))
             outcomes = [RecordError.from_exception("predict", exc)] * len(messages)
         outputs = [_as_output(outcome) for outcome in outcomes]
         for idx, (item, output) in enumerate(zip(input_list, outputs, strict=True)):
             if isinstance(item, AsyncInputModel):
+                output.meta = dict(item.meta)
                 try:
                     self.send_async_response(idx, output, item)
                 except QueueError as exc:
@@ -179,17 +187,19 @@ class ModalService:
             record = SuccessRecord(
                 job_id=job_id,
                 record_id=record_id,
-                output=raw_output_data.model_dump(mode="json", exclude=ENVELOPE_FIELDS),
+                output=raw_output_data.model_dump(mode="json", exclude=OUTPUT_ENVELOPE),
                 meta=input_data.meta,
             )
         else:
-            stage, error_type, error = _failure_fields(raw_output_data.error or "")
+            failure = raw_output_data._failure
+            if not isinstance(failure, RecordError):  # an output marked failed by code that gave no fields
+                failure = RecordError("predict", "Error", raw_output_data.error or "the request failed")
             record = FailureRecord(
                 job_id=job_id,
                 record_id=record_id,
-                stage=stage,
-                error_type=error_type,
-                error=error,
+                stage=failure.stage,
+                error_type=failure.error_type,
+                error=failure.error,
                 input=input_data.message.model_dump(mode="json"),
                 meta=input_data.meta,
             )
@@ -223,25 +233,28 @@ class ModalService:
         return fn
 
 
-def _failure_fields(text: str) -> tuple[str, str, str]:
-    """``(stage, error_type, error)`` of a failed output's error text.
-
-    Text written by :func:`_as_output` (``"<stage>: <ErrorType>: <message>"``) is split; any other text (an error a
-    pipeline reported itself) is kept whole, as the message of a generic ``predict`` error.
-    """
-    stage, _, rest = text.partition(": ")
-    error_type, _, error = rest.partition(": ")
-    if stage in _PIPELINE_STAGES and error_type.isidentifier() and error:
-        return stage, error_type, error
-    return "predict", "Error", text
-
-
 def _as_output(outcome: Any) -> InferenceOutputModel:
+    """The response of one request: its output, or an error output that keeps the failure's fields."""
     if isinstance(outcome, RecordError):
-        return InferenceOutputModel(status="error", error=f"{outcome.stage}: {outcome.error_type}: {outcome.error}")
+        output = InferenceOutputModel(status="error", error=f"{outcome.stage}: {outcome.error_type}: {outcome.error}")
+        output._failure = outcome
+        return output
     if isinstance(outcome, InferenceOutputModel):
         return outcome
     return InferenceOutputModel(**outcome.model_dump())
+
+
+def replace_container() -> None:
+    """Have Modal stop sending inputs to this container, so that it is replaced (after a device failure).
+
+    Outside a Modal container (a local run, ``.local()``) there is nothing to replace; that is logged.
+    """
+    import modal.experimental
+
+    try:
+        modal.experimental.stop_fetching_inputs()
+    except RuntimeError as exc:  # "Must be called from within a Modal container."
+        log.warning("not in a Modal container, so it cannot be replaced: %s", exc)
 
 
 class BatchWorker:
@@ -270,5 +283,9 @@ class BatchWorker:
         """Process one chunk (given as the JSON forms of JobSpec and ChunkSpec); returns the ChunkResult's."""
         from modalkit.iomodel import ChunkSpec, JobSpec
 
-        result = self._processor.process(JobSpec.model_validate(job), ChunkSpec.model_validate(chunk))
+        try:
+            result = self._processor.process(JobSpec.model_validate(job), ChunkSpec.model_validate(chunk))
+        except DeviceError:
+            replace_container()  # the flow retries the chunk (nothing was committed) on another container
+            raise
         return result.model_dump(mode="json")

@@ -13,8 +13,8 @@ import yaml
 from modalkit.batch import storage
 
 
-def write_config(tmp_path: Path, **app_settings: Any) -> Path:
-    """A settings file for ``pipelines:PoisonAwareSentiment`` with a local queue under ``tmp_path``.
+def write_config(tmp_path: Path, pipeline: str = "pipelines:PoisonAwareSentiment", **app_settings: Any) -> Path:
+    """A settings file for ``pipeline`` (model ``sentiment``) with a local queue under ``tmp_path``.
 
     Keyword arguments are merged into ``app_settings`` (e.g. ``job_config={"chunk_size": "64KiB"}``).
     """
@@ -33,7 +33,7 @@ def write_config(tmp_path: Path, **app_settings: Any) -> Path:
         "model_settings": {
             "local_model_repository_folder": str(tmp_path / "models"),
             "default_model": "sentiment",
-            "model_entries": {"sentiment": {"pipeline": "pipelines:PoisonAwareSentiment"}},
+            "model_entries": {"sentiment": {"pipeline": pipeline}},
         },
     }
     path = tmp_path / "modalkit-test.yaml"

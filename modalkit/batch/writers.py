@@ -21,6 +21,7 @@ import orjson
 from pydantic import BaseModel
 
 from modalkit.exceptions import storage_errors
+from modalkit.iomodel import OUTPUT_ENVELOPE
 
 __all__ = [
     "ENVELOPE",
@@ -35,8 +36,7 @@ __all__ = [
 
 ROW_GROUP_ROWS = 65_536
 BUFFER_BYTES = 1024 * 1024
-#: The InferenceOutputModel fields that describe the outcome, not the result: never part of a success row.
-ENVELOPE: set[str] = {"status", "error", "meta"}
+ENVELOPE = OUTPUT_ENVELOPE
 
 
 class Success(NamedTuple):

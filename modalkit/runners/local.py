@@ -25,7 +25,7 @@ import threading
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from modalkit.exceptions import RemoteError
+from modalkit.exceptions import DeviceError, RemoteError
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.settings import Settings
 
@@ -149,6 +149,11 @@ class LocalRunner:
             return pool.submit(_run_chunk, job, chunk).result()
         except concurrent.futures.CancelledError as exc:
             raise RemoteError(f"chunk {chunk.index} ({chunk.key}) was not run: the workers were stopped") from exc
+        except DeviceError:
+            # the worker that met it sits on a broken device: retire this pool's workers (after their current
+            # chunks) so that the retry, and every later chunk, runs in fresh processes
+            self._restart(pool)
+            raise
         except BrokenProcessPool as exc:
             if self._stopped:
                 raise RemoteError(f"chunk {chunk.index} ({chunk.key}) was stopped with the workers") from exc

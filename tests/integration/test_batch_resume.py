@@ -94,3 +94,23 @@ def test_committed_chunks_of_a_resumed_local_job_never_reach_a_worker(tmp_path: 
     ids += [r["record_id"] for r in read_failures(str(tmp_path / "out"))]
     assert duplicates(ids) == {}
     assert len(ids) == first["records"] == 1200
+
+
+def test_a_local_worker_on_a_broken_gpu_is_replaced_and_its_chunk_runs_again_elsewhere(
+    tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_GPU_MARKER", str(tmp_path / "broken-gpu-claimed"))
+    config = write_config(tmp_path, "pipelines:BrokenGpuInOneWorker", job_config={"retry_delay_seconds": 0.1})
+    write_reviews(tmp_path / "in", 600)
+    runners = Runners()
+
+    summary = build_batch_flow(runners)(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"),
+                                        config=str(config), id_field="id")  # fmt: skip
+
+    assert (tmp_path / "broken-gpu-claimed").exists()  # one worker did sit on the broken GPU
+    assert summary["status"] == "completed"
+    assert (summary["records"], summary["succeeded"], summary["failed"]) == (600, 600, 0)
+    assert len(runners.made[0].chunks) > summary["chunks"]  # the chunk that met it was sent again
+    ids = [r["record_id"] for r in read_parts(str(tmp_path / "out"))]
+    assert duplicates(ids) == {}
+    assert len(ids) == 600

@@ -26,6 +26,7 @@ from typing import Any
 
 import modal
 import modal.exception
+import modal.experimental
 import pytest
 from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
 
@@ -59,8 +60,14 @@ class InProcessModal:
         self.calls: list[dict[str, Any]] = []  # every .remote() call: method, chunk index, payload size
         self.containers: list[Any] = []  # every modal Obj started
         self.before_call: Callable[[str, tuple[Any, ...]], None] | None = None
+        self.retired: list[Any] = []  # containers that called modal.experimental.stop_fetching_inputs()
         self._idle: dict[tuple[str, str, str], list[Any]] = {}
         self._lock = threading.Lock()
+        self._current = threading.local()
+
+    def stop_fetching_inputs(self) -> None:
+        """What ``modal.experimental.stop_fetching_inputs()`` does in a container: it gets no more inputs."""
+        self.retired.append(self._current.container)
 
     def __call__(self, app_name: str, class_name: str) -> _StandinCls:
         return _StandinCls(self, app_name, class_name)
@@ -78,6 +85,7 @@ class InProcessModal:
         if self.before_call is not None:
             self.before_call(method, args)
         container = self._take(module, app_name, class_name, params)
+        self._current.container = container
         try:
             result = getattr(container, method).local(*pickle.loads(payload))
         finally:
@@ -96,6 +104,8 @@ class InProcessModal:
 
     def _give_back(self, app_name: str, class_name: str, params: dict[str, Any], container: Any) -> None:
         with self._lock:
+            if any(container is retired for retired in self.retired):
+                return  # Modal replaces it: later calls start a new container
             self._idle[(app_name, class_name, json.dumps(params, sort_keys=True))].append(container)
 
 
@@ -134,9 +144,8 @@ def config(tmp_path: Path) -> Path:
     return write_config(tmp_path, queue_config={"backend": "sqs"}, job_config={"retry_delay_seconds": 0.1})
 
 
-@pytest.fixture
-def app_module(config: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """``modalkit/modal_app.py`` itself, imported afresh with the test's settings (as ``modal deploy`` would)."""
+def deploy(config: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``modalkit/modal_app.py`` itself, imported afresh with these settings (as ``modal deploy`` would)."""
     monkeypatch.setenv("MODALKIT_CONFIG", str(config))
     monkeypatch.delitem(sys.modules, "modalkit.modal_app", raising=False)
     module = importlib.import_module("modalkit.modal_app")
@@ -145,9 +154,17 @@ def app_module(config: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @pytest.fixture
-def standin(app_module: ModuleType) -> InProcessModal:
-    """The stand-in, with the app "deployed"."""
-    return InProcessModal(app_module)
+def app_module(config: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The app deployed with the test's settings."""
+    return deploy(config, monkeypatch)
+
+
+@pytest.fixture
+def standin(app_module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> InProcessModal:
+    """The stand-in, with the app "deployed"; a container that asks Modal to stop sending it inputs is retired."""
+    fake = InProcessModal(app_module)
+    monkeypatch.setattr(modal.experimental, "stop_fetching_inputs", fake.stop_fetching_inputs)
+    return fake
 
 
 def flow_on(modal_: InProcessModal) -> Any:
@@ -365,6 +382,33 @@ def test_modal_backend_via_in_process_modal_standin_fails_fast_when_the_app_is_n
     summary = raised.value.summary
     assert summary is not None
     assert (summary["records"], summary["chunks"]) == (0, 4)
+
+
+def test_modal_backend_via_in_process_modal_standin_retries_a_chunk_that_met_a_broken_gpu_on_a_new_container(
+    prefect_api: str, tmp_path: Path, s3: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines import FirstGpuBroken
+
+    FirstGpuBroken.built.clear()
+    config = write_config(
+        tmp_path, "pipelines:FirstGpuBroken", queue_config={"backend": "none"}, job_config={"retry_delay_seconds": 0.1}
+    )
+    standin = InProcessModal(deploy(config, monkeypatch))
+    monkeypatch.setattr(modal.experimental, "stop_fetching_inputs", standin.stop_fetching_inputs)
+    bucket = f"gpu-{unique}"
+    data = upload_dataset(s3, bucket, n_good=240)
+
+    summary = flow_on(standin)(input_uri=f"s3://{bucket}/in", output_uri=f"s3://{bucket}/out", backend="modal",
+                               config=str(config), id_field="id", concurrency=1)  # fmt: skip
+
+    assert len(standin.retired) == 1  # the container on the broken GPU asked to be replaced, once
+    assert len(standin.containers) == 2
+    assert len(standin.calls) == summary["chunks"] + 1  # the chunk that met the broken GPU ran again, elsewhere
+    assert (summary["records"], summary["succeeded"], summary["failed"]) == (data["records"], 240, 4)
+    ids = [r["record_id"] for r in read_parts(summary["output_uri"])]
+    ids += [r["record_id"] for r in read_failures(summary["output_uri"])]
+    assert duplicates(ids) == {}
+    assert len(ids) == data["records"]
 
 
 def chunk_ref() -> tuple[JobSpec, ChunkSpec]:

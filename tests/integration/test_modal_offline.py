@@ -15,14 +15,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import modal
+import modal.exception
+import modal.experimental
 import pytest
 from fastapi import FastAPI
 
 from modalkit.examples.sentiment import Review, SentimentPipeline
-from modalkit.iomodel import AsyncInputModel, InferenceOutputModel, SyncInputModel
+from modalkit.iomodel import OUTPUT_ENVELOPE, AsyncInputModel, InferenceOutputModel, SyncInputModel
 from modalkit.modal_config import ModalConfig
 from modalkit.modal_service import ModalService
 from modalkit.settings import Settings
@@ -37,6 +39,8 @@ POISON = "POISON PILL"
 APP_SOURCE = """
 import fastapi
 import modal
+import modal.exception
+import modal.experimental
 
 from modalkit.examples.sentiment import SentimentPipeline
 from modalkit.modal_config import ModalConfig
@@ -387,3 +391,108 @@ def test_containers_that_start_together_on_one_volume_both_save_the_weights(
             "positive",
             "negative",
         ]
+
+
+# --- what apps written for the original modalkit rely on ----------------------------------------------------------
+
+
+def test_load_artefacts_uses_the_instance_modal_utils_over_the_class_one(tmp_path: Path) -> None:
+    class Service(ModalService):
+        inference_implementation = SentimentPipeline
+        model_name = "sentiment"
+        modal_utils = ModalConfig(load_settings(tmp_path / "class"))
+
+    service = Service()
+    service.modal_utils = ModalConfig(load_settings(tmp_path / "instance"))
+    service.load_artefacts()
+
+    assert (tmp_path / "instance" / "models" / "sentiment" / "weights.npz").is_file()
+    assert not (tmp_path / "class").exists()
+    assert Service.modal_utils.settings.model_settings.local_model_repository_folder == tmp_path / "class" / "models"
+
+
+def test_an_async_output_carries_the_request_meta_as_the_original_did(tmp_path: Path) -> None:
+    class Service(ModalService):
+        inference_implementation = SentimentPipeline
+        model_name = "sentiment"
+        modal_utils = ModalConfig(load_settings(tmp_path))
+
+    service = Service(queue_backend=MemoryBackend())
+    service.load_artefacts()
+
+    outputs = service.process_request([async_(POSITIVE, meta={"tenant": "shop"}), sync(NEGATIVE)])
+
+    assert outputs[0].meta == {"tenant": "shop"}
+    assert outputs[1].meta == {}
+    assert InferenceOutputModel().meta == {}
+    assert "meta" not in outputs[0].model_dump(exclude=OUTPUT_ENVELOPE)  # success records' output leaves it out
+
+
+class GpuGoneBad(SentimentPipeline):
+    """Every batch fails in predict with a CUDA error, whatever its records, and counts the tries."""
+
+    tries: ClassVar[list[int]] = []
+
+    def predict(self, input_list: list[Review], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        GpuGoneBad.tries.append(len(input_list))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_broken_gpu_fails_each_request_of_the_batch_once_and_asks_modal_to_replace_the_container(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # outside a container modal.experimental.stop_fetching_inputs() raises; record the request instead
+    asked: list[bool] = []
+    monkeypatch.setattr(modal.experimental, "stop_fetching_inputs", lambda: asked.append(True))
+
+    class Service(ModalService):
+        inference_implementation = GpuGoneBad
+        model_name = "sentiment"
+        modal_utils = ModalConfig(load_settings(tmp_path))
+
+    backend = MemoryBackend()
+    service = Service(queue_backend=backend)
+    service.load_artefacts()
+    GpuGoneBad.tries.clear()
+    inputs = [async_(POSITIVE, failure_queue="failures", meta={"record_id": f"r{i}"}) for i in range(6)]
+
+    outputs = service.process_request(inputs)
+
+    assert GpuGoneBad.tries == [6]  # one try; no bisecting a batch that no record broke
+    assert [o.status for o in outputs] == ["error"] * 6
+    assert all("CUDA error: an illegal memory access" in (o.error or "") for o in outputs)
+    assert asked == [True]
+    failures = bodies(backend, "failures")
+    assert [f["record_id"] for f in failures] == [f"r{i}" for i in range(6)]
+    assert {(f["stage"], f["error_type"]) for f in failures} == {("predict", "RuntimeError")}
+
+
+def test_modal_1_6_refuses_a_custom_constructor_so_a_backend_is_injected_by_keyword_or_class_attribute(
+    tmp_path: Path,
+) -> None:
+    # the original's docs show `def __init__(self, queue_backend=None): super().__init__(queue_backend=...)`;
+    # Modal 1.x rejects any __init__ on an @app.cls class, inherited ones included (README: compatibility)
+    modal_config = ModalConfig(load_settings(tmp_path))
+    app = modal.App(name=modal_config.app_name)
+
+    with pytest.raises(modal.exception.InvalidError, match="cannot have a custom constructor"):
+
+        @app.cls(**modal_config.get_app_cls_settings(), serialized=True)  # defined in a function
+        class WithInit(ModalService):
+            model_name: str = modal.parameter(default="sentiment")
+
+            def __init__(self, queue_backend: Any = None) -> None:
+                super().__init__()
+
+    backend = MemoryBackend()
+
+    @app.cls(**modal_config.get_app_cls_settings(), serialized=True)  # defined in a function
+    class WithAttribute(ModalService):
+        inference_implementation = SentimentPipeline
+        model_name: str = modal.parameter(default="sentiment")
+        modal_utils: ModalConfig = modal_config
+        queue_backend = backend
+
+    [output] = WithAttribute().process_request.local([async_(POSITIVE, success_queue="results")])
+    assert output.label == "positive"
+    assert [r["output"]["label"] for r in bodies(backend, "results")] == ["positive"]

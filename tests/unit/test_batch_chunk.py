@@ -750,7 +750,7 @@ class AllTypes(InferenceOutputModel):
 
 
 def test_arrow_schema_maps_types_and_falls_back_to_json() -> None:
-    schema = arrow_schema(AllTypes, {"status", "error"})
+    schema = arrow_schema(AllTypes, ENVELOPE)
     expected = {
         "record_id": (pa.string(), False),
         "a_int": (pa.int64(), False),
@@ -783,7 +783,7 @@ def test_arrow_schema_maps_types_and_falls_back_to_json() -> None:
 
 
 def test_arrow_schema_keeps_the_envelope_fields_only_when_not_excluded() -> None:
-    assert arrow_schema(Echo, set()).names == ["record_id", "status", "error", "length", "upper"]
+    assert arrow_schema(Echo, set()).names == ["record_id", "status", "error", "meta", "length", "upper"]
 
 
 # --- validation messages --------------------------------------------------------------------------------------

@@ -10,8 +10,15 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from modalkit.exceptions import ConfigError, PipelineError
-from modalkit.inference_pipeline import MAX_ERROR_CHARS, InferencePipeline, RecordError, load_pipeline, run_isolated
+from modalkit.exceptions import ConfigError, DeviceError, PipelineError
+from modalkit.inference_pipeline import (
+    MAX_ERROR_CHARS,
+    InferencePipeline,
+    RecordError,
+    is_device_failure,
+    load_pipeline,
+    run_isolated,
+)
 from modalkit.iomodel import InferenceOutputModel
 from modalkit.settings import Settings
 
@@ -252,6 +259,53 @@ def test_run_isolated_when_every_record_is_poison() -> None:
         ("predict", "poison record x=-2"),
         ("predict", "poison record x=-3"),
     ]
+
+
+class BrokenGpu(Doubler):
+    """A model on a GPU that has gone bad: every batch fails in predict, whatever its records."""
+
+    def __init__(self, message: str = "CUDA error: an illegal memory access was encountered") -> None:
+        super().__init__()
+        self.message = message
+
+    def predict(self, input_list: list[Number], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        self.calls["predict"] += 1
+        raise RuntimeError(self.message)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: an illegal memory access was encountered",
+        "CUDA error: device-side assert triggered",
+        "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED",
+        "NCCL error in: ProcessGroupNCCL.cpp:1191, unhandled cuda error",
+    ],
+)
+def test_run_isolated_stops_at_a_broken_device_without_splitting_the_batch(message: str) -> None:
+    pipeline = BrokenGpu(message)
+
+    with pytest.raises(DeviceError, match="predict failed on a broken device: RuntimeError") as raised:
+        run_isolated(pipeline, numbers(64))
+
+    assert pipeline.calls["predict"] == 1  # not the ~2n calls of bisecting a batch nothing in it can fix
+    assert raised.value.stage == "predict"
+    assert raised.value.retryable  # on another device the same records succeed
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert is_device_failure(RuntimeError(message))
+
+
+def test_running_out_of_gpu_memory_is_not_a_broken_device_and_smaller_batches_are_tried() -> None:
+    class TooBigForTheGpu(Doubler):
+        def predict(self, input_list: list[Number], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+            if len(input_list) > 8:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().predict(input_list, preprocessed_data)
+
+    outcomes = run_isolated(TooBigForTheGpu(), numbers(32))
+
+    assert outcomes == [Doubled(y=2 * i) for i in range(32)]
+    assert not is_device_failure(RuntimeError("CUDA error: out of memory"))
 
 
 def test_run_isolated_coerces_dicts_to_the_output_model() -> None:
