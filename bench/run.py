@@ -16,7 +16,11 @@ a Prefect server started once for the benchmark (as a deployment would have one)
     make bench                                   # 1M and 4M records, 3 rounds each
     BENCH_SIZES=200000 BENCH_ROUNDS=1 make bench  # a quick look
 
-Environment: MODALKIT_SHARED_BENCH (default ../shared/bench), BENCH_SIZES, BENCH_ROUNDS, BENCH_CHUNK_SIZE.
+Before the throughput runs, the start-up of a 10-record job: command to first chunk running, and whole-process
+wall, with a configured Prefect server, with modalkit's local server up, and with it stopped.
+
+Environment: MODALKIT_SHARED_BENCH (default ../shared/bench), BENCH_SIZES, BENCH_ROUNDS, BENCH_CHUNK_SIZE,
+BENCH_STARTUP_ROUNDS (0 skips the start-up runs).
 """
 
 from __future__ import annotations
@@ -225,6 +229,80 @@ def bench_size(rows: int, server: PrefectServer, config: Path) -> dict[str, Any]
     return {"rows": rows, "runs": runs, "server_rss_mb": server.rss_mb()}
 
 
+# --- start-up: command to first chunk running, and whole-process wall, for a 10-record job -----------------------
+
+STARTUP_ROUNDS = int(os.environ.get("BENCH_STARTUP_ROUNDS", "5"))
+#: the CLI's start-up marks (MODALKIT_STARTUP_TRACE), in order, with what each one ends
+PHASES = [
+    ("process", "interpreter start to modalkit.cli imported"),
+    ("options", "settings loaded and options checked"),
+    ("runner", "local workers spawned (they load the model from here on, in parallel)"),
+    ("planned", "input listed, chunks planned, output claimed, committed chunks found, first chunks started"),
+    ("prefect_api", "the Prefect API found (or the local server started)"),
+    ("prefect_import", "Prefect imported (the first chunks run meanwhile)"),
+    ("done", "the flow run (all chunks, manifest, artifacts) and its exit"),
+]
+
+
+def startup_dataset() -> Path:
+    path = DATA / "startup_10"
+    if not (path / ".complete").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        subprocess.run([PY, str(SHARED / "gen_data.py"), "--rows", "10", "--files", "1", "--out", str(path)],
+                       check=True, env={**os.environ, **THREADS_ENV})  # fmt: skip
+        (path / ".complete").touch()
+    return path
+
+
+def startup_run(config: Path, env: dict[str, str], name: str) -> dict[str, Any]:
+    """One 10-record job: seconds from launching the command to its first chunk running, and to its exit."""
+    out = OUT / "startup" / name
+    shutil.rmtree(out, ignore_errors=True)
+    trace = OUT / "startup" / f"{name}.trace.json"
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(BIN / "modalkit"), "batch", str(startup_dataset()), str(out), "--config", str(config), "--json"]
+    launched = time.time()
+    proc = subprocess.run(cmd, env={**env, "MODALKIT_STARTUP_TRACE": str(trace)}, capture_output=True, text=True)
+    wall = time.time() - launched
+    if proc.returncode != 0:
+        raise RuntimeError(f"start-up run {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    manifest = json.loads((out / "_manifest.json").read_text())
+    first = min(r["started_at"] for r in manifest["chunk_results"]) - launched
+    marks = json.loads(trace.read_text()) if trace.exists() else {}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"first_chunk_s": first, "wall_s": wall, "marks": {k: v - launched for k, v in marks.items()}}
+
+
+def bench_startup(server: PrefectServer, config: Path) -> dict[str, Any]:
+    """The three ways a run finds Prefect: a configured server, modalkit's local server already up, and that
+    server stopped (the first run after it went idle: the run starts it). Plus one run on a fresh machine."""
+    home = Path(tempfile.mkdtemp(prefix="modalkit-bench-home-"))
+    base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    base.update(THREADS_ENV, PYTHONPATH=str(HERE), MODALKIT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    scenarios = {
+        "a running Prefect server (PREFECT_API_URL)": {**base, "PREFECT_API_URL": server.api_url},
+        "no server configured, modalkit's local server up": base,
+        "no server configured, modalkit's local server stopped": base,
+    }
+    stop = [str(BIN / "modalkit"), "prefect", "stop"]
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in scenarios}
+    try:
+        first_ever = startup_run(config, base, "first-ever")  # a new MODALKIT_HOME: the server's database is new
+        log(f"start-up, first run on a fresh machine: first chunk at {first_ever['first_chunk_s']:.2f} s, "
+            f"exit at {first_ever['wall_s']:.2f} s")  # fmt: skip
+        for round_no in range(STARTUP_ROUNDS):
+            for i, (name, env) in enumerate(scenarios.items()):
+                if "stopped" in name:
+                    subprocess.run(stop, env=env, capture_output=True, check=True)
+                run = startup_run(config, env, f"{round_no}-{i}")
+                results[name].append(run)
+                log(f"start-up, {name}: first chunk at {run['first_chunk_s']:.2f} s, exit at {run['wall_s']:.2f} s")
+    finally:
+        subprocess.run(stop, env=base, capture_output=True, check=False)
+        shutil.rmtree(home, ignore_errors=True)
+    return {"first_ever": first_ever, "scenarios": results}
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -252,7 +330,38 @@ def summarize(size: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_results(rows: list[dict[str, Any]]) -> None:
+def startup_lines(startup: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Start-up",
+        "",
+        "A 10-record job (`modalkit batch IN OUT --json`, local backend, 2 workers, the toy model): seconds from",
+        "launching the command to its first chunk running (the chunk's own `started_at`), and to the command's",
+        f"exit; medians of {STARTUP_ROUNDS} runs each, min to max in brackets.",
+        "",
+        "| how the run finds Prefect | command to first chunk running, s | whole process, s |",
+        "|---|---|---|",
+    ]
+    for name, runs in startup["scenarios"].items():
+        first = [r["first_chunk_s"] for r in runs]
+        wall = [r["wall_s"] for r in runs]
+        lines.append(f"| {name} | **{_median(first):.2f}** ({min(first):.2f}-{max(first):.2f}) "
+                     f"| {_median(wall):.2f} ({min(wall):.2f}-{max(wall):.2f}) |")  # fmt: skip
+    ever = startup["first_ever"]
+    lines.append(f"| first run on a fresh machine (the local server creates its database) "
+                 f"| {ever['first_chunk_s']:.2f} | {ever['wall_s']:.2f} |")  # fmt: skip
+    runs = next(iter(startup["scenarios"].values()))
+    lines += ["", "Where the seconds go (a running Prefect server; seconds since the command was launched, medians):",
+              ""]  # fmt: skip
+    for key, what in PHASES:
+        marks = [r["marks"][key] for r in runs if key in r["marks"]]
+        if marks:
+            lines.append(f"- {_median(marks):.2f} s: {what}")
+    firsts = [r["first_chunk_s"] for r in runs]
+    lines.append(f"- the first chunk started at {_median(firsts):.2f} s, while Prefect was still being imported")
+    return [*lines, ""]
+
+
+def write_results(rows: list[dict[str, Any]], startup: dict[str, Any] | None = None) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "modalkit", "flows", "tasks"],
                            cwd=REPO, capture_output=True, text=True).stdout.strip()  # fmt: skip
@@ -280,6 +389,8 @@ def write_results(rows: list[dict[str, Any]]) -> None:
             f"| {s['bare_wall']:.1f} | {s['mk_wall']:.1f} | {s['ratio_wall']:.3f}x "
             f"| {s['bare_rss']:.0f} / {s['mk_rss']:.0f} | {s['mk_pss']:.0f} | {'ok' if s['checks_ok'] else 'FAIL'} |"
         )
+    if startup is not None:
+        lines += ["", *startup_lines(startup)]
     lines += ["", "## Targets", ""]
     first = rows[0]
     ratios = "; ".join(f"**{s['ratio_job']:.3f}x** at {s['rows']:,} rows ({s['ratio_wall']:.3f}x by whole-process wall)"
@@ -298,9 +409,8 @@ def write_results(rows: list[dict[str, Any]]) -> None:
         "",
         "- Job clock: modalkit's `seconds` covers the whole flow run (planning, spawning and loading the two",
         "  workers, every chunk, the manifest and the Prefect artifacts); the bare loop's covers pool start to end.",
-        "- Process wall adds interpreter start and imports (Prefect's import is about a second); with no",
-        "  `PREFECT_API_URL`, `modalkit batch` starts a temporary Prefect server first, which adds several more",
-        "  seconds: run a Prefect server for production use.",
+        "- Process wall adds interpreter start and imports (Prefect's import is about two seconds here) and the",
+        "  flow run's exit (Prefect joins its heartbeat thread, which sleeps in one-second steps).",
         f"- CPU seconds over the tree (median, sampled): bare {first['bare_cpu']:.1f}, modalkit {first['mk_cpu']:.1f}.",
         "- The anchors in ../shared/bench/ANCHORS.md put the bare 2-process loop at about 2.7x Ray Data on this",
         "  machine; compare ratios only, never absolute figures across sessions.",
@@ -319,10 +429,11 @@ def main() -> int:
     log("starting a Prefect server for the benchmark")
     server = PrefectServer()
     try:
+        startup = bench_startup(server, config) if STARTUP_ROUNDS else None
         results = [summarize(bench_size(rows, server, config)) for rows in SIZES]
     finally:
         server.stop()
-    write_results(results)
+    write_results(results, startup)
     for s in results:
         log(f"{s['rows']:,} rows: modalkit/bare = {s['ratio_job']:.3f}x (job), {s['ratio_wall']:.3f}x (process); "
             f"peak tree RSS {s['mk_rss']:.0f} MB")  # fmt: skip

@@ -89,13 +89,17 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
             claim_output(plan)
             done = committed_chunks(plan)
+            early = getattr(runner, "early_runs", lambda job_id: None)(plan.job.job_id)  # the CLI's warm start
+            if early is not None:  # chunks this run began before the flow: its own, even if committed by now
+                done = {index: result for index, result in done.items() if index not in early.indexes}
+                started = min(started, early.since)
             get_run_logger().info(
                 "job %s: %d chunks over %d bytes (%d committed before), model %s, backend %s",
                 plan.job.job_id, len(plan.chunks), plan.total_bytes, len(done), plan.job.model_name,
                 job_config.backend,
             )  # fmt: skip
             in_flight = job_config.concurrency or runner.slots
-            results, errors = _run_chunks(plan, done, runner, _chunk_task(job_config), in_flight)
+            results, errors, not_started = _run_chunks(plan, done, runner, _chunk_task(job_config), in_flight)
         except BaseException:
             runner.cancel()  # an interrupt or a crash: stop the workers now, not after their chunks
             raise
@@ -103,7 +107,7 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             runner.close()
         summary = finalize(plan, results, time.perf_counter() - started, len(errors))
         _publish_summary(summary, errors)
-        return _outcome(summary, errors, job_config.max_failure_rate)
+        return _outcome(summary, errors, not_started, job_config.max_failure_rate)
 
     return batch_inference
 
@@ -120,9 +124,9 @@ def _chunk_task(job_config: JobConfig) -> Any:
 
 def _run_chunks(
     plan: JobPlan, done: dict[int, ChunkResult], runner: ChunkRunner, chunk_task: Any, in_flight: int
-) -> tuple[list[ChunkResult], list[tuple[int, BaseException]]]:
-    """Run every chunk not in ``done``, at most ``in_flight`` at once; stop starting new ones after a failure that
-    retries cannot fix. The committed chunks in ``done`` count as finished and are sent nowhere."""
+) -> tuple[list[ChunkResult], list[tuple[int, BaseException]], list[int]]:
+    """Run every chunk not in ``done``, at most ``in_flight`` at once; stop starting new ones once a chunk has failed
+    after its retries. The committed chunks in ``done`` count as finished and are sent nowhere."""
     logger = get_run_logger()
     pending = deque(dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done]))
     running: dict[concurrent.futures.Future[Any], Any] = {}
@@ -151,14 +155,16 @@ def _run_chunks(
                 logger.error("chunk %05d (%s) failed: %s", chunk.index, chunk.key, outcome)
                 errors.append((chunk.index, outcome))
     if pending:
-        logger.error("%d chunks were not started after a failure that retries cannot fix", len(pending))
-        errors.extend((chunk.index, RuntimeError("not started")) for chunk in pending)
+        logger.error("%d chunks were not started after a chunk failed for good", len(pending))
     tracker.finish()
-    return results, errors
+    return results, errors, [chunk.index for chunk in pending]
 
 
 def _fatal(errors: list[tuple[int, BaseException]]) -> bool:
-    return any(not is_retryable(exc) for _, exc in errors)
+    # A chunk that failed after its retries means the job fails: start no more chunks (those in flight finish), so
+    # that an outage fails the job in the time one chunk's retries take, not one chunk after another. A rerun
+    # resumes from the committed chunks.
+    return bool(errors)
 
 
 class _Progress:
@@ -214,12 +220,15 @@ def _publish_summary(summary: JobSummary, errors: list[tuple[int, BaseException]
     )
 
 
-def _outcome(summary: JobSummary, errors: list[tuple[int, BaseException]], max_failure_rate: float) -> dict[str, Any]:
+def _outcome(
+    summary: JobSummary, errors: list[tuple[int, BaseException]], not_started: list[int], max_failure_rate: float
+) -> dict[str, Any]:
     data = summary.model_dump()
     if errors:
         index, first = errors[0]
+        unstarted = f"; {len(not_started)} not started" if not_started else ""
         raise JobFailed(
-            f"job {summary.job_id}: {len(errors)} chunk(s) failed (first: chunk {index:05d}: {first}); "
+            f"job {summary.job_id}: {len(errors)} chunk(s) failed (first: chunk {index:05d}: {first}){unstarted}; "
             "run the job again to resume from the committed chunks",
             data,
             retryable=all(is_retryable(exc) for _, exc in errors),

@@ -85,9 +85,16 @@ def reset_clients() -> None:
 
 
 def s3_storage_options() -> dict[str, Any]:
-    """fsspec/s3fs options that follow the same environment variables as boto3."""
+    """fsspec/s3fs options that follow the same environment variables as boto3, one attempt per call."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    options: dict[str, Any] = {"client_kwargs": {"region_name": aws_region()}}
+    options: dict[str, Any] = {
+        "client_kwargs": {"region_name": aws_region()},
+        "config_kwargs": {
+            "retries": {"total_max_attempts": 1},
+            "connect_timeout": CONNECT_TIMEOUT,
+            "read_timeout": READ_TIMEOUT,
+        },
+    }
     if endpoint:
         options["endpoint_url"] = endpoint
     return options

@@ -4,17 +4,25 @@
                    [--concurrency N] [--id-field FIELD] [--output-format jsonl|parquet]
                    [--success-queue Q] [--failure-queue Q] [--max-failure-rate R] [--json]
     modalkit demo
+    modalkit prefect status|stop
 
-``batch`` runs the Prefect flow ``batch-inference`` in this process (against ``PREFECT_API_URL`` when set, else a
-temporary local Prefect server). Exit status: 0 when the job completed, 1 when it failed, 2 when it could not
-start (bad configuration or input). With ``--json`` the last line of stdout is the summary.
+``batch`` runs the Prefect flow ``batch-inference`` in this process, against ``PREFECT_API_URL`` (or the active
+Prefect profile's API) when one is configured, else against a local Prefect server that modalkit starts once and
+keeps for later runs (:mod:`modalkit.prefect_server`). Options are checked before anything starts; the workers
+load the model, the job is planned and its first chunks start while Prefect connects. Exit status: 0 when the job
+completed, 1 when it failed, 2 when it could not start (a bad option, configuration or input), 130 on Ctrl-C and
+143 on SIGTERM (run the same command again to resume). With ``--json`` the last line of stdout is the summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +33,9 @@ from rich.table import Table
 
 __all__ = ["app", "main"]
 
+#: When start-up phases ended (``time.time()``), written to ``$MODALKIT_STARTUP_TRACE`` when set (``make bench``).
+_marks: dict[str, float] = {"process": time.time()}
+
 app = typer.Typer(
     name="modalkit",
     help="Batch and online inference for one InferencePipeline.",
@@ -32,14 +43,37 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+prefect_app = typer.Typer(help="The local Prefect server modalkit starts when no Prefect API is configured.")
+app.add_typer(prefect_app, name="prefect")
 err = Console(stderr=True, soft_wrap=True)  # an error line is never broken: paths and keys stay whole
 
 EXIT_FAILED = 1
 EXIT_CANNOT_START = 2
+#: How long an interrupted run may take to stop cleanly before it is cut short.
+STOP_SECONDS = 8.0
+#: The CLI option of each job parameter, for error lines.
+OPTION_NAMES = {
+    "backend": "--backend",
+    "chunk_size": "--chunk-size",
+    "concurrency": "--concurrency",
+    "id_field": "--id-field",
+    "output_format": "--output-format",
+    "success_queue": "--success-queue",
+    "failure_queue": "--failure-queue",
+    "max_failure_rate": "--max-failure-rate",
+}
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. A BaseException, so that neither the flow's error handling nor click's swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _prepare_prefect(verbose: bool) -> None:
-    # before prefect is imported: quiet logs unless asked, no analytics from a temporary server
+    # before prefect is imported: quiet logs unless asked, no analytics
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -54,22 +88,20 @@ def batch(
     output_uri: Annotated[str, typer.Argument(help="Where part files, failures and the manifest go.")],
     model: Annotated[str | None, typer.Option(help="Model name in model_settings.model_entries.")] = None,
     config: Annotated[str | None, typer.Option(help="YAML settings file(s), comma-separated.")] = None,
-    backend: Annotated[str | None, typer.Option(help="local (worker processes) or modal.")] = None,
-    chunk_size: Annotated[str | None, typer.Option(help="Input bytes per chunk, e.g. 64MiB.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Chunks in flight at once.")] = None,
+    backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Where chunks run.")] = None,
+    chunk_size: Annotated[str | None, typer.Option(metavar="SIZE", help="Input bytes per chunk, e.g. 64MiB.")] = None,
+    concurrency: Annotated[str | None, typer.Option(metavar="N", help="Chunks in flight at once.")] = None,
     id_field: Annotated[str | None, typer.Option(help="Record field holding the record id.")] = None,
-    output_format: Annotated[str | None, typer.Option(help="jsonl or parquet.")] = None,
+    output_format: Annotated[str | None, typer.Option(metavar="jsonl|parquet", help="Part file format.")] = None,
     success_queue: Annotated[str | None, typer.Option(help="Queue for success records.")] = None,
     failure_queue: Annotated[str | None, typer.Option(help="Queue for failure records.")] = None,
-    max_failure_rate: Annotated[float | None, typer.Option(help="Fail the job above this failed fraction.")] = None,
+    max_failure_rate: Annotated[
+        str | None, typer.Option(metavar="RATE", help="Fail the job above this failed fraction (0..1).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print only the summary, as one JSON line.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
     """Run the batch-inference flow over INPUT_URI and write results to OUTPUT_URI."""
-    if backend not in (None, "local", "modal"):
-        raise typer.BadParameter("must be 'local' or 'modal'", param_hint="--backend")
-    if output_format not in (None, "jsonl", "parquet"):
-        raise typer.BadParameter("must be 'jsonl' or 'parquet'", param_hint="--output-format")
     _prepare_prefect(verbose)
     params = {
         "input_uri": input_uri, "output_uri": output_uri, "model_name": model, "backend": backend,
@@ -82,17 +114,134 @@ def batch(
 
 
 def run_batch(params: dict[str, Any], show_progress: bool = False) -> tuple[dict[str, Any] | None, Exception | None]:
-    """Run flow ``batch-inference`` in this process; returns ``(summary, error)``."""
-    from flows.batch_inference import batch_inference
-    from modalkit.batch.progress import listening
+    """Run flow ``batch-inference`` in this process; returns ``(summary, error)``.
 
-    with _progress_bar(show_progress) as on_progress, listening(on_progress):
-        state: Any = batch_inference(**params, return_state=True)
+    Before Prefect is imported: the settings and parameters are checked, the Prefect API is found (or the local
+    server started, in the background), the runner starts its workers, and the job's first chunks start.
+
+    Raises:
+        Interrupted: Ctrl-C or SIGTERM; the workers have been stopped.
+    """
+    from modalkit.exceptions import ModalkitError
+
+    early = _EarlyStart(params)
+    try:
+        early.start()
+    except ModalkitError as exc:
+        early.cancel()
+        return None, exc
+    except BaseException:
+        early.cancel()
+        raise
+    return _run_flow(params, early, show_progress)
+
+
+class _EarlyStart:
+    """What ``modalkit batch`` does before Prefect: checks, the Prefect API, the runner, the first chunks."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.runner: Any = None
+        self.managed_server = False  # the Prefect API is modalkit's local server (runs renew its lease)
+        self._api_error: BaseException | None = None
+        self._api_thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from modalkit.batch.job import dispatch_order, find_committed, plan_job, resolve_job_config, start_job
+        from modalkit.runners import open_runner
+        from modalkit.runners.prestart import PrestartingRunner
+        from modalkit.settings import Settings
+
+        p = self.params
+        settings = Settings.load(p["config"]) if p["config"] else Settings.load()
+        overrides = {name: p[name] for name in OPTION_NAMES}
+        job_config = resolve_job_config(settings, names=OPTION_NAMES, **overrides)
+        _mark("options")
+        self._find_prefect_api()
+        self.runner = PrestartingRunner(
+            open_runner(settings, settings.model_settings.entry(p["model_name"])[0], job_config)
+        )
+        _mark("runner")
+        plan = plan_job(settings, p["input_uri"], p["output_uri"], p["model_name"], job_config)
+        start_job(plan)
+        done = find_committed(plan)
+        pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
+        self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
+        _mark("planned")
+        self.wait_for_prefect_api()
+        _mark("prefect_api")
+
+    def _find_prefect_api(self) -> None:
+        """Use the configured Prefect API if it answers; else the managed local server (started in a thread)."""
+        from modalkit.prefect_server import PrefectUnavailable, api_answers, configured_api_url, ensure_server
+
+        configured = configured_api_url()
+        if configured is not None:
+            if not api_answers(configured):
+                raise PrefectUnavailable(
+                    f"the Prefect API at {configured} does not answer; start that server, or unset PREFECT_API_URL "
+                    "to let modalkit run a local one"
+                )
+            os.environ["PREFECT_API_URL"] = configured
+            return
+
+        self.managed_server = True
+
+        def start() -> None:
+            try:
+                os.environ["PREFECT_API_URL"] = ensure_server(
+                    on_start=lambda line: err.print(line, highlight=False)
+                ).api_url
+            except BaseException as exc:
+                self._api_error = exc
+
+        self._api_thread = threading.Thread(target=start, name="modalkit-prefect-start", daemon=True)
+        self._api_thread.start()
+
+    def wait_for_prefect_api(self) -> None:
+        if self._api_thread is not None:
+            while self._api_thread.is_alive():  # a loop of short waits: Ctrl-C stays answered
+                self._api_thread.join(timeout=0.2)
+        if self._api_error is not None:
+            raise self._api_error
+
+    def cancel(self) -> None:
+        if self.runner is not None:
+            self.runner.cancel()
+
+
+def _run_flow(
+    params: dict[str, Any], early: _EarlyStart, show_progress: bool
+) -> tuple[dict[str, Any] | None, Exception | None]:
+    from modalkit.batch.progress import listening
+    from modalkit.prefect_server import Lease
+
+    try:
+        from flows.batch_inference import build_batch_flow  # Prefect is imported here, while the first chunks run
+
+        _mark("prefect_import")
+        flow = build_batch_flow(lambda settings, model_name, job_config: early.runner)
+        with contextlib.ExitStack() as stack:
+            if early.managed_server:
+                stack.enter_context(Lease())  # the local server stays up while this run uses it
+            stack.enter_context(listening(stack.enter_context(_progress_bar(show_progress))))
+            state: Any = flow(**params, return_state=True)
+    except BaseException:
+        early.cancel()
+        raise
+    _mark("done", write=True)
     if state.is_completed():
         return state.result(), None
     outcome = state.result(raise_on_failure=False)
     error = outcome if isinstance(outcome, Exception) else RuntimeError(str(state.message))
     return getattr(error, "summary", None), error
+
+
+def _mark(phase: str, write: bool = False) -> None:
+    _marks[phase] = time.time()
+    trace = os.environ.get("MODALKIT_STARTUP_TRACE")
+    if write and trace:
+        Path(trace).write_text(json.dumps(_marks), encoding="utf-8")
 
 
 class _progress_bar:
@@ -148,6 +297,12 @@ def _finish(summary: dict[str, Any] | None, error: Exception | None, json_out: b
 
 
 def _print_error(error: Exception) -> None:
+    from modalkit.batch.job import InvalidJobParameters
+
+    if isinstance(error, InvalidJobParameters):  # name the option as the user typed it
+        for line in error.lines:
+            err.print(f"[red]error:[/red] Invalid value for {escape(line)}", highlight=False)
+        return
     # the message is text, not markup: pydantic's "[type=...]" and lists like "['predict']" must print as they are
     err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
 
@@ -179,20 +334,78 @@ def demo(
             f"scoring {setup.records:,} sample reviews ({setup.poison} of them malformed) from {setup.input_dir}",
             highlight=False,
         )
-    summary, error = run_batch(setup.params, show_progress=not json_out and err.is_terminal)
+    params = {**dict.fromkeys(["model_name", *OPTION_NAMES]), **setup.params}
+    summary, error = run_batch(params, show_progress=not json_out and err.is_terminal)
     if summary is not None and not json_out:
         _print_summary(summary)
         show_demo_results(setup, summary)
     _finish(summary, error, json_out, printed=True)
 
 
+@prefect_app.command("status")
+def prefect_status() -> None:
+    """Say whether modalkit's local Prefect server runs, where, and how long it has been idle."""
+    from modalkit.prefect_server import idle_seconds, server_status, state_dir
+
+    server, idle = server_status()
+    if server is None:
+        print(f"no local Prefect server is running (its files: {state_dir()})")
+        return
+    since = f"{idle:.0f} s since a run used it" if idle is not None else "not used yet"
+    print(f"running: {server.ui_url} (API {server.api_url}, supervisor pid {server.supervisor_pid}); {since}; it stops "
+          f"after {idle_seconds():.0f} s idle")  # fmt: skip
+
+
+@prefect_app.command("stop")
+def prefect_stop() -> None:
+    """Stop modalkit's local Prefect server now (the next `modalkit batch` starts it again)."""
+    from modalkit.prefect_server import stop_server
+
+    stopped = stop_server()
+    print(
+        f"stopped the local Prefect server at {stopped.api_url}" if stopped else "no local Prefect server was running"
+    )
+
+
+# --- signals ---------------------------------------------------------------------------------------------------
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _stopping.is_set():  # a second Ctrl-C: stop now
+        os._exit(128 + signum)
+    _stopping.set()
+    threading.Thread(target=_stop_deadline, args=(128 + signum,), daemon=True).start()
+    raise Interrupted(signum)
+
+
+_stopping = threading.Event()
+
+
+def _stop_deadline(code: int) -> None:
+    time.sleep(STOP_SECONDS)
+    err.print("interrupted; stopping took too long, so it was cut short; run the same command to resume")
+    os._exit(code)  # the local workers die with this process (they are bound to it)
+
+
+def _install_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a job started with Ctrl-C ignored keeps it ignored
+        signal.signal(signal.SIGINT, _on_signal)
+
+
 def main() -> None:
     """Console-script entry point."""
+    _install_signal_handlers()
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except Interrupted as exc:
+        err.print("interrupted; run the same command to resume", highlight=False)
+        sys.exit(128 + exc.signum)
+    except BaseException as exc:
+        if type(exc).__name__ == "TerminationSignal":  # Prefect's own SIGTERM bridge, while a flow ran
+            err.print("interrupted; run the same command to resume", highlight=False)
+            sys.exit(128 + int(getattr(exc, "signal", signal.SIGTERM)))
+        raise
 
 
 if __name__ == "__main__":

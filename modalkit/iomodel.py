@@ -167,6 +167,7 @@ class ChunkResult(BaseModel):
     succeeded: int = 0
     failed: int = 0
     skipped: bool = Field(False, description="True when the chunk was already committed (resume).")
+    started_at: float = Field(0.0, description="When the chunk began processing (seconds since the epoch).")
     seconds: float = 0.0
     part_uri: str | None = None
     failures_uri: str | None = None

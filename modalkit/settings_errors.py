@@ -11,13 +11,13 @@ import difflib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import AliasChoices, BaseModel, SecretStr, ValidationError
+from pydantic import AliasChoices, BaseModel, ByteSize, SecretStr, ValidationError
 
 from modalkit.settings_sources import ENV_PREFIX, Origins
 
-__all__ = ["explain"]
+__all__ = ["describe_allowed", "explain", "invalid_values"]
 
 _MASK = "**********"
 
@@ -130,3 +130,66 @@ def _key_names(model: type[BaseModel]) -> Iterator[str]:
         if isinstance(alias, AliasChoices):
             yield from (a for a in alias.choices if isinstance(a, str))
     yield from getattr(model, "legacy_names", {})
+
+
+def invalid_values(exc: ValidationError, model: type[BaseModel], names: Mapping[str, str] | None = None) -> list[str]:
+    """One line per bad value of ``exc`` (raised validating ``model``): the name it was given under, the value,
+    what is wrong and what is allowed, never pydantic's boilerplate.
+
+    Args:
+        names: How each field was named where the value came from (``chunk_size`` -> ``--chunk-size``).
+
+    Example:
+        ``--chunk-size 'abc': not a size; allowed: a size in bytes or with a unit (64KiB, 32MiB), 64KiB to 8GiB``
+    """
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = (names or {}).get(field, field)
+        problem = _PROBLEMS.get(err["type"], err["msg"])
+        info = model.model_fields.get(field)
+        allowed = f"; allowed: {describe_allowed(info)}" if info is not None else ""
+        lines.append(f"{name} {_short(err.get('input'))}: {problem}{allowed}")
+    return lines
+
+
+_PROBLEMS = {
+    "byte_size": "not a size",
+    "byte_size_unit": "not a size unit",
+    "int_parsing": "not a whole number",
+    "int_from_float": "not a whole number",
+    "float_parsing": "not a number",
+    "greater_than_equal": "too small",
+    "greater_than": "too small",
+    "less_than_equal": "too large",
+    "less_than": "too large",
+    "literal_error": "not one of the choices",
+    "string_too_short": "empty",
+    "bool_parsing": "not true or false",
+}
+
+
+def describe_allowed(info: Any) -> str:
+    """What a field accepts, in words: its kind and its bounds or choices."""
+    low = next((getattr(m, a) for m in info.metadata for a in ("ge", "gt") if hasattr(m, a)), None)
+    high = next((getattr(m, a) for m in info.metadata for a in ("le", "lt") if hasattr(m, a)), None)
+    annotation = info.annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    base = args[0] if len(args) == 1 else annotation
+    choices = get_args(base) if getattr(base, "__origin__", None) is Literal else ()
+    if choices:
+        return "one of " + ", ".join(str(c) for c in choices)
+    if base is ByteSize:
+        return f"a size in bytes or with a unit (64KiB, 32MiB), {_size(low)} to {_size(high)}"
+    kind = {int: "a whole number", float: "a number", bool: "true or false", str: "a text"}.get(base, "a value")
+    if low is not None and high is not None:
+        return f"{kind} from {low} to {high}"
+    if low is not None:
+        return f"{kind} of at least {low}"
+    return kind
+
+
+def _size(value: Any) -> str:
+    if value is None:
+        return "any"
+    return ByteSize(int(value)).human_readable(decimal=False).replace(".0", "")

@@ -1,53 +1,10 @@
-"""The original modalkit's import path for queue backends: everything here lives in :mod:`modalkit.queues`.
+"""The original modalkit's import path for queue backends: everything here is :mod:`modalkit.queues`.
 
-Example:
-    >>> import asyncio
-    >>> from modalkit.task_queue import MemoryBackend
-    >>> backend = MemoryBackend()
-    >>> asyncio.run(backend.send_message("results", '{"ok": true}'))
-    True
-    >>> backend.messages("results")
-    ['{"ok": true}']
+``from modalkit.task_queue import SQSBackend, create_backend, send_response_queue`` keeps working; new code may
+import from ``modalkit.queues``.
 """
 
-from modalkit.queues import (
-    S3_POINTER_CLASS,
-    BackendFactory,
-    BatchQueueBackend,
-    InMemoryBackend,
-    LocalQueueBackend,
-    MemoryBackend,
-    QueueBackend,
-    QueueMessage,
-    SQSBackend,
-    as_message,
-    check_queues,
-    create_backend,
-    deliver,
-    deliver_sync,
-    fifo_dedup_id,
-    register_backend,
-    resolve_message_body,
-    send_response_queue,
-)
+from modalkit import queues
+from modalkit.queues import *  # noqa: F403 - the seed's path re-exports the package as it is
 
-__all__ = [
-    "S3_POINTER_CLASS",
-    "BackendFactory",
-    "BatchQueueBackend",
-    "InMemoryBackend",
-    "LocalQueueBackend",
-    "MemoryBackend",
-    "QueueBackend",
-    "QueueMessage",
-    "SQSBackend",
-    "as_message",
-    "check_queues",
-    "create_backend",
-    "deliver",
-    "deliver_sync",
-    "fifo_dedup_id",
-    "register_backend",
-    "resolve_message_body",
-    "send_response_queue",
-]
+__all__ = list(queues.__all__)

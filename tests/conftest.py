@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import uuid
@@ -11,7 +12,7 @@ from typing import Any
 
 import boto3
 import pytest
-from support import MotoServer
+from support import MotoServer, stop_daemon
 
 # Prefect: a private home for the whole run, no analytics, never a developer's own server.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="modalkit-tests-prefect-")
@@ -23,6 +24,8 @@ os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
 
 # Never let a developer's own AWS/Modal settings leak into a test.
 _SCRUB_PREFIXES = ("MODALKIT_", "AWS_", "MODAL_")
+# A modalkit local Prefect server that a test starts lives here, never under the developer's ~/.modalkit.
+_MODALKIT_HOME = Path(tempfile.mkdtemp(prefix="modalkit-tests-home-"))
 
 
 @pytest.fixture(autouse=True)
@@ -30,12 +33,22 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None
     for name in list(os.environ):
         if name.startswith(_SCRUB_PREFIXES) and name != "AWS_CA_BUNDLE":
             monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MODALKIT_HOME", str(_MODALKIT_HOME))
     monkeypatch.chdir(tmp_path)
     from modalkit.aws import reset_clients
 
     reset_clients()
     yield
     reset_clients()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_local_prefect_server_left() -> Iterator[None]:
+    """Stop, by its pid, any local Prefect server that a run of `modalkit batch` without an API started."""
+    yield
+    info = _MODALKIT_HOME / "prefect" / "server.json"
+    if info.exists():
+        stop_daemon(int(json.loads(info.read_text())["supervisor_pid"]))
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,21 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         proc.wait(timeout=timeout)
 
 
+def stop_daemon(pid: int, timeout: float = 30.0) -> None:
+    """Stop a process that is not our child (a daemon some command started) by its pid: SIGTERM, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 class MotoServer:
     """A moto_server process on a free loopback port."""
 

@@ -76,7 +76,7 @@ class ChunkProcessor:
         marker_uri = layout.marker(chunk.index)
         if storage.exists(marker_uri):  # a guard: the flow skips committed chunks before it sends them anywhere
             return read_marker(marker_uri, chunk.index)
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         staging = storage.local_staging_dir(layout.part(chunk.index))
         sender = self._sender(job, chunk, layout.journal(chunk.index))
         try:
@@ -97,6 +97,7 @@ class ChunkProcessor:
             records=counts["records"],
             succeeded=counts["succeeded"],
             failed=counts["failed"],
+            started_at=round(started_at, 3),
             seconds=round(time.perf_counter() - started, 3),
             part_uri=layout.part(chunk.index),
             failures_uri=layout.failures(chunk.index),

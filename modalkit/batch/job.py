@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from modalkit.batch import storage
 from modalkit.batch.chunk import read_marker
@@ -25,8 +25,18 @@ from modalkit.inference_pipeline import import_pipeline
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, JobSummary
 from modalkit.queues import check_queues, create_backend
 from modalkit.settings import JobConfig, Settings
+from modalkit.settings_errors import invalid_values
 
-__all__ = ["JobPlan", "dispatch_order", "finalize_job", "find_committed", "plan_job", "resolve_job_config", "start_job"]
+__all__ = [
+    "InvalidJobParameters",
+    "JobPlan",
+    "dispatch_order",
+    "finalize_job",
+    "find_committed",
+    "plan_job",
+    "resolve_job_config",
+    "start_job",
+]
 
 #: Commit markers read at once when a job resumes (S3 GETs are slow one by one, fast side by side).
 MARKER_READERS = 16
@@ -40,14 +50,32 @@ class JobPlan(BaseModel):
     total_bytes: int
 
 
-def resolve_job_config(settings: Settings, **overrides: Any) -> JobConfig:
-    """``app_settings.job_config`` with the non-None ``overrides`` applied and validated (bounds included)."""
+def resolve_job_config(settings: Settings, names: Mapping[str, str] | None = None, **overrides: Any) -> JobConfig:
+    """``app_settings.job_config`` with the non-None ``overrides`` applied and validated (bounds included).
+
+    Args:
+        names: How each parameter is named to the caller (the CLI passes ``--chunk-size`` for ``chunk_size``).
+
+    Raises:
+        ConfigError: one line per bad value, naming the parameter, the value and what is allowed.
+    """
     values = settings.app_settings.job_config.model_dump()
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return JobConfig.model_validate(values)
-    except Exception as exc:
-        raise ConfigError(f"invalid job parameters: {exc}") from exc
+    except ValidationError as exc:
+        raise InvalidJobParameters(invalid_values(exc, JobConfig, names)) from None
+
+
+class InvalidJobParameters(ConfigError):
+    """Job parameters out of their bounds; ``lines`` has one per bad value (name, value, what is allowed)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("invalid job parameter: " + "\ninvalid job parameter: ".join(lines))
+        self.lines = lines
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.lines,))
 
 
 def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: str | None, config: JobConfig) -> JobPlan:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, ParamSpec, TypeVar
 
-from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential, wait_random
+from tenacity import RetryCallState, retry, retry_if_exception, wait_exponential, wait_random
 
 from modalkit.exceptions import StorageError, is_retryable, storage_errors
 
@@ -58,11 +58,18 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, StorageError) and is_retryable(exc)
 
 
+def _out_of_time(state: RetryCallState) -> bool:
+    return (state.seconds_since_start or 0.0) >= RETRY_SECONDS  # read at each try, so that tests may shorten it
+
+
 def with_retries(fn: Callable[P, R]) -> Callable[P, R]:
-    """Retry ``fn`` on retryable StorageErrors with exponential backoff, for up to RETRY_SECONDS."""
+    """Retry ``fn`` on retryable StorageErrors with exponential backoff, for up to RETRY_SECONDS.
+
+    This is the one retry layer of a storage call: the S3 client below makes a single attempt per call.
+    """
     wrapped = retry(
         retry=retry_if_exception(_transient),
-        stop=stop_after_delay(RETRY_SECONDS),
+        stop=_out_of_time,
         wait=wait_exponential(multiplier=0.2, max=4.0) + wait_random(0, 0.2),
         reraise=True,
     )(fn)
@@ -113,11 +120,21 @@ def _local() -> Any:
 
 def _s3() -> Any:
     # fsspec caches instances by their arguments (and per process), so this is cheap after the first call
-    import s3fs
-
     from modalkit.aws import s3_storage_options
 
-    return s3fs.S3FileSystem(**s3_storage_options(), default_block_size=8 * 1024 * 1024)
+    return _one_attempt_s3fs()(**s3_storage_options(), default_block_size=8 * 1024 * 1024)
+
+
+@functools.cache
+def _one_attempt_s3fs() -> type:
+    """s3fs, making one attempt per call: it retries 5 times itself, botocore up to 5 times under it, and
+    with_retries above that; three layers multiplied how long an outage took to report."""
+    import s3fs
+
+    class OneAttemptS3FileSystem(s3fs.S3FileSystem):
+        retries = 1
+
+    return OneAttemptS3FileSystem
 
 
 @with_retries

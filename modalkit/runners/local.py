@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -55,6 +56,18 @@ def _die_with_parent(parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Workers spawned inside the block start with SIGINT blocked (a signal mask is inherited across exec), so a
+    Ctrl-C to the terminal's process group while one is still starting up cannot print its traceback: the parent
+    handles Ctrl-C and stops the workers itself."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _init_worker(settings: Settings, model_name: str, parent_pid: int) -> None:
@@ -118,8 +131,9 @@ class LocalRunner:
         ``start=False``.
         """
         pool = self._pool()
-        for _ in range(self.workers):
-            pool.submit(_warm)  # one per worker: each submit finds no idle worker and spawns one
+        with _sigint_blocked():
+            for _ in range(self.workers):
+                pool.submit(_warm)  # one per worker: each submit finds no idle worker and spawns one
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -129,12 +143,13 @@ class LocalRunner:
             if self._stopped:
                 raise RemoteError("the local workers were stopped; no more chunks run", retryable=False)
             if self._executor is None:
-                self._executor = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=self.workers,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_init_worker,
-                    initargs=(self.settings, self.model_name, os.getpid()),
-                )
+                with _sigint_blocked():  # its queues may start multiprocessing's resource tracker
+                    self._executor = concurrent.futures.ProcessPoolExecutor(
+                        max_workers=self.workers,
+                        mp_context=multiprocessing.get_context("spawn"),
+                        initializer=_init_worker,
+                        initargs=(self.settings, self.model_name, os.getpid()),
+                    )
             return self._executor
 
     def run_chunk(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
@@ -146,7 +161,9 @@ class LocalRunner:
         """
         pool = self._pool()
         try:
-            return pool.submit(_run_chunk, job, chunk).result()
+            with _sigint_blocked():  # a submit may spawn a worker
+                future = pool.submit(_run_chunk, job, chunk)  # raises BrokenProcessPool too, if a worker just died
+            return future.result()
         except concurrent.futures.CancelledError as exc:
             raise RemoteError(f"chunk {chunk.index} ({chunk.key}) was not run: the workers were stopped") from exc
         except DeviceError:

@@ -71,9 +71,9 @@ def cli(prefect_api: str, tmp_path: Path) -> Callable[..., subprocess.CompletedP
         "COLUMNS": "200",  # rich wraps at 80 columns when not on a terminal; keep help and tables on one line
     }
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, python_flags: tuple[str, ...] | list[str] = ()) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "modalkit.cli", *args],
+            [sys.executable, *python_flags, "-m", "modalkit.cli", *args],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -213,8 +213,8 @@ def test_batch_exits_1_when_the_failure_rate_passes_max_failure_rate_and_still_p
     [
         ("missing-input", ["does not exist", "no-such-dir"]),
         ("unknown-model", ["no-such-model"]),
-        ("bad-chunk-size", ["chunk_size", "input_value='lots'"]),  # printed as text, not as rich markup
-        ("tiny-chunk-size", ["chunk_size", "65536"]),
+        ("bad-chunk-size", ["Invalid value for --chunk-size 'lots': not a size", "64KiB to 8GiB"]),
+        ("tiny-chunk-size", ["Invalid value for --chunk-size '100': too small", "64KiB to 8GiB"]),
     ],
 )
 def test_batch_that_cannot_start_exits_2_with_an_error_and_no_summary(
@@ -241,17 +241,33 @@ def test_batch_that_cannot_start_exits_2_with_an_error_and_no_summary(
 
 
 @pytest.mark.parametrize(
-    ("option", "value"), [("--backend", "bogus"), ("--output-format", "csv"), ("--concurrency", "many")]
+    ("option", "value", "allowed"),
+    [
+        ("--backend", "bogus", "one of local, modal"),
+        ("--output-format", "csv", "one of jsonl, parquet"),
+        ("--concurrency", "many", "a whole number from 1 to 10000"),
+        ("--concurrency", "0", "a whole number from 1 to 10000"),
+        ("--chunk-size", "abc", "64KiB to 8GiB"),
+        ("--chunk-size", "1", "64KiB to 8GiB"),
+        ("--max-failure-rate", "2", "a number from 0.0 to 1.0"),
+    ],
 )
-def test_batch_rejects_a_bad_option_value_before_running(
-    cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, option: str, value: str
+def test_batch_rejects_a_bad_option_value_in_one_line_before_prefect_or_any_worker_starts(
+    cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, option: str, value: str, allowed: str
 ) -> None:
     (tmp_path / "in").mkdir()
-    proc = cli("batch", str(tmp_path / "in"), str(tmp_path / "out"), option, value, "--json")
+    proc = cli("batch", str(tmp_path / "in"), str(tmp_path / "out"), option, value, "--json", python_flags=["-X",
+               "importtime"])  # fmt: skip
 
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert f"Invalid value for {option}" in proc.stderr.replace("'", "")
+    [line] = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert line.startswith(f"error: Invalid value for {option} '{value}': ")
+    assert line.endswith(allowed)
+    assert "; allowed: " in line
+    assert "pydantic" not in line
+    imported = {row.split("|")[-1].strip() for row in proc.stderr.splitlines() if row.startswith("import time:")}
+    assert not {m for m in imported if m.split(".")[0] in ("prefect", "flows", "multiprocessing")}
     assert not (tmp_path / "out").exists()
 
 

@@ -16,6 +16,7 @@ from batch_support import duplicates, read_failures, read_parts, write_config
 
 from flows.batch_inference import build_batch_flow
 from modalkit.batch.layout import OutputLayout
+from modalkit.exceptions import JobFailed, RemoteError
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.runners import ChunkRunner, open_runner
 from modalkit.settings import JobConfig, Settings
@@ -114,3 +115,35 @@ def test_a_local_worker_on_a_broken_gpu_is_replaced_and_its_chunk_runs_again_els
     ids = [r["record_id"] for r in read_parts(str(tmp_path / "out"))]
     assert duplicates(ids) == {}
     assert len(ids) == 600
+
+
+class OutageRunner(CountingRunner):
+    """Every chunk fails with a retryable error, as in an outage that lasts longer than a chunk's retries."""
+
+    def run_chunk(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
+        with self._lock:
+            self.chunks.append(chunk.index)
+        raise RemoteError(f"chunk {chunk.index}: the storage is unreachable", retryable=True)
+
+
+def test_once_a_chunk_has_failed_for_good_no_new_chunk_starts_and_the_job_fails_as_retryable(
+    tmp_path: Path, prefect_api: str
+) -> None:
+    config = write_config(tmp_path, job_config={"retry_delay_seconds": 0.05, "chunk_retries": 2, "concurrency": 1})
+    write_reviews(tmp_path / "in", 1200)  # six chunks
+    made: list[OutageRunner] = []
+
+    def outage(settings: Settings, model_name: str, job_config: JobConfig) -> ChunkRunner:
+        made.append(OutageRunner(open_runner(settings, model_name, job_config)))
+        return made[-1]
+
+    with pytest.raises(JobFailed, match=r"chunk\(s\) failed.*run the job again to resume") as raised:
+        build_batch_flow(outage)(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"),
+                                 config=str(config), id_field="id")  # fmt: skip
+
+    [runner] = made
+    assert len(set(runner.chunks)) == 1  # one chunk, tried 1 + chunk_retries times; the other five never started
+    assert len(runner.chunks) == 3
+    assert raised.value.retryable
+    assert raised.value.summary is not None
+    assert raised.value.summary["chunks"] >= 5
