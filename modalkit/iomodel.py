@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "OUTPUT_ENVELOPE",
@@ -84,9 +84,6 @@ class InferenceOutputModel(BaseModel):
     status: str = Field("success", description="`success`, or `error` for an input that failed.")
     error: str | None = Field(None, description="What went wrong, for an input that failed.")
     meta: dict[str, Any] = Field(default_factory=dict, description="The async request's meta, carried through.")
-
-    #: Why the input failed, as fields (stage, error type, message): what a failure record is built from.
-    _failure: Any = PrivateAttr(default=None)
 
 
 class DelayedFailureOutputModel(InferenceOutputModel):

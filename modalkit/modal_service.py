@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import modal
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
 from modalkit.exceptions import DeviceError, QueueError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, load_pipeline, run_isolated
@@ -45,7 +45,7 @@ from modalkit.modal_config import ModalConfig, VolumeReloader
 from modalkit.queues import QueueBackend, create_backend, deliver_sync
 from modalkit.settings import BatchConfig
 
-__all__ = ["BatchWorker", "ModalService", "replace_container"]
+__all__ = ["BatchWorker", "FailedOutput", "ModalService", "replace_container"]
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,8 @@ class ModalService:
                 meta=input_data.meta,
             )
         else:
-            failure = raw_output_data._failure
-            if not isinstance(failure, RecordError):  # an output marked failed by code that gave no fields
+            failure = raw_output_data.failure if isinstance(raw_output_data, FailedOutput) else None
+            if failure is None:  # an output marked failed by code that gave no fields
                 failure = RecordError("predict", "Error", raw_output_data.error or "the request failed")
             record = FailureRecord(
                 job_id=job_id,
@@ -233,12 +233,30 @@ class ModalService:
         return fn
 
 
+class FailedOutput(InferenceOutputModel):
+    """The response of a request that failed; it keeps the failure's fields for the failure queue's record.
+
+    (A subclass, so that the successes, built by the million in batch jobs, carry no private state to initialise.)
+    """
+
+    _failure: RecordError | None = PrivateAttr(default=None)
+
+    @classmethod
+    def of(cls, failure: RecordError) -> FailedOutput:
+        output = cls(status="error", error=f"{failure.stage}: {failure.error_type}: {failure.error}")
+        output._failure = failure
+        return output
+
+    @property
+    def failure(self) -> RecordError | None:
+        """Why the request failed: stage, error type, message."""
+        return self._failure
+
+
 def _as_output(outcome: Any) -> InferenceOutputModel:
     """The response of one request: its output, or an error output that keeps the failure's fields."""
     if isinstance(outcome, RecordError):
-        output = InferenceOutputModel(status="error", error=f"{outcome.stage}: {outcome.error_type}: {outcome.error}")
-        output._failure = outcome
-        return output
+        return FailedOutput.of(outcome)
     if isinstance(outcome, InferenceOutputModel):
         return outcome
     return InferenceOutputModel(**outcome.model_dump())
