@@ -88,11 +88,7 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
         try:
             plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
             claim_output(plan)
-            done = committed_chunks(plan)
-            early = getattr(runner, "early_runs", lambda job_id: None)(plan.job.job_id)  # the CLI's warm start
-            if early is not None:  # chunks this run began before the flow: its own, even if committed by now
-                done = {index: result for index, result in done.items() if index not in early.indexes}
-                started = min(started, early.since)
+            done, started = _skippable(plan, runner, started)
             get_run_logger().info(
                 "job %s: %d chunks over %d bytes (%d committed before), model %s, backend %s",
                 plan.job.job_id, len(plan.chunks), plan.total_bytes, len(done), plan.job.model_name,
@@ -113,6 +109,19 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
 
 
 batch_inference = build_batch_flow()
+
+
+def _skippable(plan: JobPlan, runner: ChunkRunner, started: float) -> tuple[dict[int, ChunkResult], float]:
+    """The chunks an earlier run committed (listed once, before any is sent), and when this job started.
+
+    A runner the CLI started early (``early_runs``) holds chunks of this run that may have committed by now: they
+    are this run's, not skipped, and the job's clock starts with them.
+    """
+    done = committed_chunks(plan)
+    early = getattr(runner, "early_runs", lambda job_id: None)(plan.job.job_id)
+    if early is None:
+        return done, started
+    return {i: result for i, result in done.items() if i not in early.indexes}, min(started, early.since)
 
 
 def _chunk_task(job_config: JobConfig) -> Any:

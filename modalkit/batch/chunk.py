@@ -11,10 +11,11 @@ marker is done and is skipped when the job runs again. Counts go back, never dat
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -81,7 +82,8 @@ class ChunkProcessor:
         sender = self._sender(job, chunk, layout.journal(chunk.index))
         try:
             run = _ChunkRun(self, job, chunk, staging, sender)
-            counts = run.execute()
+            with _fewer_collections():
+                counts = run.execute()
             storage.upload_file(run.part_path, layout.part(chunk.index))
             storage.upload_file(run.failures_path, layout.failures(chunk.index))
             if sender is not None:
@@ -123,6 +125,27 @@ class ChunkProcessor:
             group_id=f"{job.job_id}-{chunk.index:05d}",
             skip_before=read_journal(journal_uri),
         )
+
+
+#: The cyclic garbage collector's first threshold while a chunk runs (Python's default is 700).
+GC_THRESHOLD = 50_000
+
+
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Collect cyclic garbage less often while a chunk runs.
+
+    A chunk builds millions of short-lived objects (records, pydantic models, their dicts) that reference counting
+    frees at once; at the default threshold the collector runs every 700 allocations anyway and scans them all.
+    Measured on the benchmark's toy pipeline: building an output model cost 5.9 us at 700 and 2.8 us at 50,000;
+    callgrind over a 20,000-record chunk: 6.64G instructions without it, 6.53G with it.
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], GC_THRESHOLD), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def read_marker(marker_uri: str, index: int) -> ChunkResult:
@@ -220,7 +243,12 @@ class _ChunkRun:
                 continue
             else:
                 data = payload
-            record_id = self._record_id(data, key, pos, id_field)
+            if type(data) is dict and id_field is not None and REPLAY_ID_KEY not in data:
+                record_id = data.get(id_field)  # the common case inline; _record_id says why any other is bad
+                if type(record_id) is not str and type(record_id) is not int:
+                    record_id = self._record_id(data, key, pos, id_field)
+            else:
+                record_id = self._record_id(data, key, pos, id_field)
             if type(record_id) is _BadId:
                 self._fail(ordinal, f"{key}:{pos}", pos, RecordError("validate", "InvalidRecordId", record_id.reason),
                            data)  # fmt: skip
