@@ -21,7 +21,7 @@ from pipelines import PoisonAwareSentiment
 from pydantic import BaseModel, Field, ValidationError
 
 from modalkit.batch import queueing
-from modalkit.batch.chunk import REPLAY_ID_KEY, ChunkProcessor, describe_validation_error, process_chunk
+from modalkit.batch.chunk import GC_THRESHOLD, REPLAY_ID_KEY, ChunkProcessor, describe_validation_error, process_chunk
 from modalkit.batch.planning import list_dataset, plan_chunks
 from modalkit.batch.writers import ENVELOPE, FailureWriter, JsonlPartWriter, ParquetPartWriter, Success, arrow_schema
 from modalkit.examples.sentiment import LABELS
@@ -297,6 +297,26 @@ def test_a_pipeline_failure_splits_only_its_own_records_out(tmp_path: Path) -> N
     assert (result.succeeded, result.failed) == (7, 1)
     (fail,) = read_jsonl(tmp_path / "out" / "_failures" / "part-00000.jsonl")
     assert (fail["input"], fail["stage"], fail["error_type"]) == (records[5], "predict", "ArithmeticError")
+
+
+def test_the_collector_threshold_is_raised_while_a_chunk_runs_and_restored_after_even_on_failure(
+    tmp_path: Path,
+) -> None:
+    seen: list[int] = []
+
+    class Watching(EchoPipeline):
+        def preprocess(self, input_list: list[Item]) -> dict[str, Any]:
+            seen.append(gc.get_threshold()[0])
+            return super().preprocess(input_list)
+
+    before = gc.get_threshold()
+    (chunk,) = plan(write_input(tmp_path, "a.jsonl", jsonl({"text": "a"})))
+    process_chunk(make_job(tmp_path), chunk, Watching())
+    assert seen == [max(before[0], GC_THRESHOLD)]
+    assert gc.get_threshold() == before
+    with pytest.raises(StorageError):  # the output root is a file: the chunk cannot commit
+        process_chunk(make_job(tmp_path, output_uri=str(tmp_path / "in" / "a.jsonl")), chunk, Watching())
+    assert gc.get_threshold() == before
 
 
 def test_default_ids_use_the_key_under_the_input_root(tmp_path: Path) -> None:
