@@ -89,6 +89,12 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
             claim_output(plan)
             done, started = _skippable(plan, runner, started)
+            if plan.skipped_files:
+                shown = ", ".join(plan.skipped_files[:5]) + (", ..." if len(plan.skipped_files) > 5 else "")
+                get_run_logger().warning(
+                    "skipped %d input files whose path has a name starting with '_' or '.' (not data, by the "
+                    "Hadoop convention): %s", len(plan.skipped_files), shown,
+                )  # fmt: skip
             get_run_logger().info(
                 "job %s: %d chunks over %d bytes (%d committed before), model %s, backend %s",
                 plan.job.job_id, len(plan.chunks), plan.total_bytes, len(done), plan.job.model_name,
@@ -236,11 +242,13 @@ def _outcome(
     if errors:
         index, first = errors[0]
         unstarted = f"; {len(not_started)} not started" if not_started else ""
+        retryable = all(is_retryable(exc) for _, exc in errors)
+        # the hint only where a rerun can succeed: a broken pipeline, a corrupt file or bad credentials fail again
+        hint = "; run the job again to resume from the committed chunks" if retryable else ""
         raise JobFailed(
-            f"job {summary.job_id}: {len(errors)} chunk(s) failed (first: chunk {index:05d}: {first}){unstarted}; "
-            "run the job again to resume from the committed chunks",
+            f"job {summary.job_id}: {len(errors)} chunk(s) failed (first: chunk {index:05d}: {first}){unstarted}{hint}",
             data,
-            retryable=all(is_retryable(exc) for _, exc in errors),
+            retryable=retryable,
         )
     if summary.status == "failed":
         raise JobFailed(

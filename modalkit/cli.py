@@ -84,24 +84,57 @@ def _prepare_prefect(verbose: bool) -> None:
 
 @app.command()
 def batch(
-    input_uri: Annotated[str, typer.Argument(help="Dataset: s3://bucket/prefix/, file:///dir, or a local path.")],
-    output_uri: Annotated[str, typer.Argument(help="Where part files, failures and the manifest go.")],
-    model: Annotated[str | None, typer.Option(help="Model name in model_settings.model_entries.")] = None,
-    config: Annotated[str | None, typer.Option(help="YAML settings file(s), comma-separated.")] = None,
-    backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Where chunks run.")] = None,
-    chunk_size: Annotated[str | None, typer.Option(metavar="SIZE", help="Input bytes per chunk, e.g. 64MiB.")] = None,
-    concurrency: Annotated[str | None, typer.Option(metavar="N", help="Chunks in flight at once.")] = None,
-    id_field: Annotated[str | None, typer.Option(help="Record field holding the record id.")] = None,
-    output_format: Annotated[str | None, typer.Option(metavar="jsonl|parquet", help="Part file format.")] = None,
-    success_queue: Annotated[str | None, typer.Option(help="Queue for success records.")] = None,
-    failure_queue: Annotated[str | None, typer.Option(help="Queue for failure records.")] = None,
+    input_uri: Annotated[
+        str, typer.Argument(metavar="INPUT_URI", help="Dataset: s3://bucket/prefix/, file:///dir, or a local path.")
+    ],
+    output_uri: Annotated[
+        str, typer.Argument(metavar="OUTPUT_URI", help="Where part files, failures and the manifest go.")
+    ],
+    model: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Model in model_settings.model_entries. Default: default_model.")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(metavar="PATH", help="YAML settings file(s), comma-separated. Default: ./modalkit.yaml."),
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(metavar="local|modal", help="Where chunks run. Default: job_config (local).")
+    ] = None,
+    chunk_size: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SIZE", help="Input bytes per chunk, 64KiB to 8GiB, e.g. 64MiB. Default: job_config (32MiB)."
+        ),
+    ] = None,
+    concurrency: Annotated[
+        str | None,
+        typer.Option(metavar="N", help="Chunks in flight at once, 1 to 10000. Default: one per local worker."),
+    ] = None,
+    id_field: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FIELD", help="Record field holding the record id. Default: none, ids are <key>:<position>."
+        ),
+    ] = None,
+    output_format: Annotated[
+        str | None, typer.Option(metavar="jsonl|parquet", help="Part file format. Default: job_config (jsonl).")
+    ] = None,
+    success_queue: Annotated[str | None, typer.Option(metavar="QUEUE", help="Queue for success records.")] = None,
+    failure_queue: Annotated[str | None, typer.Option(metavar="QUEUE", help="Queue for failure records.")] = None,
     max_failure_rate: Annotated[
-        str | None, typer.Option(metavar="RATE", help="Fail the job above this failed fraction (0..1).")
+        str | None,
+        typer.Option(
+            metavar="RATE", help="Fail the job above this failed fraction, 0 to 1. Default: job_config (0.1)."
+        ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print only the summary, as one JSON line.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
-    """Run the batch-inference flow over INPUT_URI and write results to OUTPUT_URI."""
+    """Run the batch-inference flow over INPUT_URI and write results to OUTPUT_URI.
+
+    Exit status: 0 the job completed; 1 it failed; 2 it could not start (a bad option, configuration or input);
+    130 Ctrl-C and 143 SIGTERM (run the same command again to resume).
+    """
     _prepare_prefect(verbose)
     params = {
         "input_uri": input_uri, "output_uri": output_uri, "model_name": model, "backend": backend,
@@ -315,6 +348,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
                 "output_uri"):  # fmt: skip
         value = summary.get(key)
         table.add_row(key, f"{value:,}" if isinstance(value, int) else escape(str(value)))
+    if summary.get("files_skipped"):
+        table.add_row("files_skipped", f"{summary['files_skipped']:,} (names starting with _ or .: not data)")
     Console().print(table)
 
 

@@ -191,6 +191,9 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         return f"{err.get('Code', 'ClientError')}: {err.get('Message', str(exc))}"
+    cause = exc.__cause__
+    if isinstance(cause, ClientError):  # s3fs turns AWS errors into OSErrors: the AWS code is in the cause
+        return _describe(cause)
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
 

@@ -25,16 +25,17 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
-from modalkit.exceptions import ConfigError, DeviceError, PipelineError, is_retryable
+from modalkit.exceptions import ConfigError, DeviceError, ModalkitError, PipelineError, is_retryable
 from modalkit.iomodel import InferenceOutputModel
 
 if TYPE_CHECKING:
@@ -67,7 +68,10 @@ class InferencePipeline(ABC):
     * ``input_model``: the pydantic model of one input record; batch rows and HTTP bodies are validated against it.
     * ``output_model``: a subclass of :class:`~modalkit.iomodel.InferenceOutputModel`, one per input.
 
-    Online apps may leave the schemas to ``create_web_endpoints``; batch jobs need them declared.
+    Online apps may leave the schemas to ``create_web_endpoints``; batch jobs need them declared. A third, optional
+    class attribute, ``parameters``, is a pydantic model of the model entry's other keys: they are then validated
+    like the rest of the settings (a typo such as ``tax_rat`` fails, naming the key, before a job writes anything)
+    and reach ``__init__`` as keyword arguments of the declared types.
 
     Args:
         model_name: Name of the model (its key in ``model_settings.model_entries``).
@@ -79,16 +83,48 @@ class InferencePipeline(ABC):
 
     input_model: ClassVar[type[BaseModel] | None] = None
     output_model: ClassVar[type[InferenceOutputModel] | None] = None
+    parameters: ClassVar[type[BaseModel] | None] = None
+
+    @classmethod
+    def validate_parameters(cls, values: Mapping[str, Any], where: str = "the model entry") -> dict[str, Any]:
+        """The model entry's keys checked against ``parameters`` (as they are when none is declared).
+
+        Raises:
+            ConfigError: an unknown key or a bad value, one line each, named ``<where>.<key>``.
+        """
+        if cls.parameters is None:
+            return dict(values)
+        known = set(cls.parameters.model_fields)
+        lines = []
+        for key in sorted(set(values) - known):
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            lines.append(f"{where}.{key}: unknown key{f'; did you mean {close[0]!r}?' if close else ''} "
+                         f"({cls.__qualname__}.parameters has {', '.join(sorted(known)) or 'none'})")  # fmt: skip
+        try:
+            checked = cls.parameters.model_validate({k: v for k, v in values.items() if k in known})
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                lines.append(f"{where}.{loc}: {err['msg']} (got {err.get('input')!r})")
+            checked = None
+        if lines:
+            raise ConfigError("invalid model parameters:\n  " + "\n  ".join(lines))
+        assert checked is not None
+        return {name: getattr(checked, name) for name in cls.parameters.model_fields}
 
     def __new__(cls, *args: Any, **kwargs: Any) -> InferencePipeline:
+        cls._check_methods()
+        cls._check_declared_schemas()
+        return super().__new__(cls)
+
+    @classmethod
+    def _check_methods(cls) -> None:
         missing = sorted(getattr(cls, "__abstractmethods__", ()))
         if missing:
             hints = "\n  ".join(_METHOD_HINTS.get(name, f"def {name}(...)") for name in missing)
             raise PipelineError(
                 f"{cls.__qualname__} cannot be built: it lacks {', '.join(missing)}. Add to the class:\n  {hints}"
             )
-        cls._check_declared_schemas()
-        return super().__new__(cls)
 
     def __init__(
         self,
@@ -125,8 +161,9 @@ class InferencePipeline(ABC):
         """The declared ``(input_model, output_model)``; batch jobs call this before reading any record.
 
         Raises:
-            PipelineError: a schema is missing, with what to add.
+            PipelineError: a schema or a method is missing, with what to add.
         """
+        cls._check_methods()  # at planning, before the job writes anything: not only when a worker builds it
         cls._check_declared_schemas()
         lacking = []
         if cls.input_model is None:
@@ -182,15 +219,29 @@ class RecordError:
         return cls(stage, type(exc).__name__, text)
 
 
+class ContractBroken(PipelineError):
+    """postprocess returned something other than one output per input: a bug in the pipeline, not in a record."""
+
+    def __init__(self, message: str, got: str = "") -> None:
+        super().__init__(message, retryable=False)
+        self.got = got or message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.got))
+
+
 def _check_count(cls: type, n_inputs: int, outputs: object) -> None:
     if not isinstance(outputs, list | tuple):
-        raise PipelineError(
-            f"{cls.__qualname__}.postprocess must return a list with one output per input, got {type(outputs).__name__}"
+        raise ContractBroken(
+            f"{cls.__qualname__}.postprocess must return a list with one output per input, "
+            f"got {type(outputs).__name__}",
+            f"returned {type(outputs).__name__} for {n_inputs} inputs",
         )
     if len(outputs) != n_inputs:
-        raise PipelineError(
+        raise ContractBroken(
             f"{cls.__qualname__}.postprocess returned {len(outputs)} outputs for {n_inputs} inputs; "
-            "it must return exactly one output per input, in input order"
+            "it must return exactly one output per input, in input order",
+            f"returned {len(outputs)} outputs for {n_inputs} inputs",
         )
 
 
@@ -255,12 +306,37 @@ def run_isolated(pipeline: InferencePipeline, inputs: Sequence[Any]) -> list[Any
     return outcomes
 
 
-def _run_segment(pipeline: InferencePipeline, inputs: list[Any], offset: int, outcomes: list[Any]) -> None:
+def _contract_broken(pipeline: InferencePipeline, broken: ContractBroken, first: ContractBroken | None) -> NoReturn:
+    cls = type(pipeline).__qualname__
+    seen = f" (the first batch it failed on: {first.got})" if first is not None and first is not broken else ""
+    raise ContractBroken(
+        f"{cls}.postprocess broke the pipeline contract: it {broken.got}{seen}; it must return a list of exactly one "
+        "output per input, in input order. This is a bug in the pipeline, not in a record: the job stops",
+        broken.got,
+    ) from broken
+
+
+def _run_segment(
+    pipeline: InferencePipeline,
+    inputs: list[Any],
+    offset: int,
+    outcomes: list[Any],
+    first_break: ContractBroken | None = None,
+) -> None:
     if not inputs:
         return
     try:
         outputs = _run_stages(pipeline, inputs)
     except _StageFailed as failed:
+        if isinstance(failed.cause, ContractBroken):
+            # split, in case one record makes it happen; if a single record still does, the pipeline is broken
+            if len(inputs) == 1:
+                _contract_broken(pipeline, failed.cause, first_break)
+            first_break = first_break or failed.cause
+            mid = len(inputs) // 2
+            _run_segment(pipeline, inputs[:mid], offset, outcomes, first_break)
+            _run_segment(pipeline, inputs[mid:], offset + mid, outcomes, first_break)
+            return
         if is_device_failure(failed.cause):
             text = str(failed.cause) or type(failed.cause).__name__
             raise DeviceError(
@@ -272,8 +348,8 @@ def _run_segment(pipeline: InferencePipeline, inputs: list[Any], offset: int, ou
             outcomes[offset] = RecordError.from_exception(failed.stage, failed.cause)
             return
         mid = len(inputs) // 2
-        _run_segment(pipeline, inputs[:mid], offset, outcomes)
-        _run_segment(pipeline, inputs[mid:], offset + mid, outcomes)
+        _run_segment(pipeline, inputs[:mid], offset, outcomes, first_break)
+        _run_segment(pipeline, inputs[mid:], offset + mid, outcomes, first_break)
         return
     model = type(pipeline).output_model
     for i, output in enumerate(outputs, offset):
@@ -352,6 +428,8 @@ def load_pipeline(
 
     Raises:
         ConfigError: unknown model, or an entry without ``pipeline`` and no class given.
+        PipelineError: the pipeline's ``__init__`` raised (named with the exception's type and message; not
+            retryable: loading it again would raise again).
     """
     name, entry = settings.model_settings.entry(model_name)
     if pipeline_cls is None:
@@ -360,9 +438,19 @@ def load_pipeline(
                 f"model_settings.model_entries.{name}.pipeline is not set; name the class as 'package.module:Class'"
             )
         pipeline_cls = import_pipeline(entry.pipeline, where=f"model_settings.model_entries.{name}.pipeline")
-    return pipeline_cls(
-        model_name=name,
-        all_model_data_folder=str(settings.model_settings.local_model_repository_folder),
-        common_settings=dict(settings.model_settings.common),
-        **entry.kwargs,
-    )
+    kwargs = pipeline_cls.validate_parameters(entry.kwargs, f"model_settings.model_entries.{name}")
+    try:
+        return pipeline_cls(
+            model_name=name,
+            all_model_data_folder=str(settings.model_settings.local_model_repository_folder),
+            common_settings=dict(settings.model_settings.common),
+            **kwargs,
+        )
+    except ModalkitError:
+        raise
+    except Exception as exc:
+        raise PipelineError(
+            f"model {name}: the pipeline {pipeline_cls.__module__}.{pipeline_cls.__qualname__} could not be built: "
+            f"its __init__ raised {type(exc).__name__}: {exc}",
+            retryable=False,
+        ) from exc

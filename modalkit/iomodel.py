@@ -154,6 +154,9 @@ class ChunkSpec(BaseModel):
     first_row: int = Field(0, ge=0, description="Parquet: index in the file of the chunk's first row.")
     size: int = Field(0, ge=0, description="Approximate input bytes of the chunk (for progress and balance).")
     header: tuple[str, ...] | None = Field(None, description="CSV: the column names, read from the file's first line.")
+    first_index: int = Field(0, ge=0, description="The index of the first chunk of the same file.")
+    cut_from: int = Field(0, ge=0, description="CSV cut at line ends (split_csv): where the file's first range starts.")
+    cut_step: int = Field(0, ge=0, description="CSV cut at line ends: bytes between cut points; 0 = not cut.")
 
 
 class ChunkResult(BaseModel):
@@ -188,6 +191,7 @@ class JobSummary(BaseModel):
     failure_rate: float = 0.0
     input_uri: str = ""
     model_name: str = ""
+    files_skipped: int = Field(0, description="Input files left out because a name on their path starts with _ or .")
 
 
 class JobStatus(BaseModel):

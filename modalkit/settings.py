@@ -3,8 +3,9 @@
 Declarations only. How settings are found and layered is :mod:`modalkit.settings_sources`; how a bad key is
 explained is :mod:`modalkit.settings_errors`. Nothing is read at import: settings are loaded by an explicit call,
 :meth:`Settings.load` (or ``Settings()``), and passed down. Sources, highest precedence first: keyword arguments,
-``MODALKIT_`` environment variables (``__`` between nested keys), the YAML layers (``MODALKIT_CONFIG=a.yaml,b.yaml``
-or ``./modalkit.yaml``), a ``.env`` file. Unknown keys are errors naming the full key path and the file.
+``MODALKIT_`` environment variables (``__`` between nested keys), a ``.env`` file (the same variables, written
+down), the YAML layers (``MODALKIT_CONFIG=a.yaml,b.yaml`` or ``./modalkit.yaml``). Unknown keys are errors naming
+the full key path and the file.
 
 Example:
     >>> from modalkit.settings import Settings
@@ -30,6 +31,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -278,7 +280,11 @@ class QueueConfig(_Strict):
         8, ge=1, le=20, description="SQS: attempts of a send (failed entries, transient errors), about 16 s in all."
     )
     message_group_id: str = Field(
-        "modalkit", min_length=1, max_length=128, description="MessageGroupId for FIFO queues."
+        "modalkit",
+        min_length=1,
+        max_length=128,
+        description="MessageGroupId for FIFO queues (online async results); a batch job's records use one group "
+        "per chunk, '<job_id>-<chunk>'.",
     )
     broker_url: str | None = Field(None, description="Broker URL for an injected backend (e.g. TaskIQ); unused here.")
 
@@ -391,11 +397,15 @@ class ModelSettings(_Strict):
             return {k: ({} if v is None else v) for k, v in value.items()}
         return value
 
-    @model_validator(mode="after")
-    def _default_exists(self) -> Self:
-        if self.default_model is not None and self.default_model not in self.model_entries:
-            raise ValueError(f"default_model {self.default_model!r} is not one of model_entries")
-        return self
+    @field_validator("default_model")
+    @classmethod
+    def _default_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # on the field (not the section), so that the error names the file that set default_model
+        entries = info.data.get("model_entries")
+        if value is not None and entries is not None and value not in entries:
+            known = ", ".join(sorted(entries)) or "none"
+            raise ValueError(f"{value!r} is not one of model_entries ({known})")
+        return value
 
     def entry(self, name: str | None = None) -> tuple[str, ModelEntry]:
         """The model called ``name`` (or the default one), with a clear error when there is none.
@@ -491,8 +501,8 @@ class Settings(BaseSettings):
         yaml_source = YamlLayers(settings_cls, files)
         Settings._yaml_origins.get({}).update(yaml_source.origins)
         Settings._yaml_files.get([]).extend(files)
-        env, dotenv = legacy_sources(env_settings, dotenv_settings)
-        return init_settings, env, yaml_source, dotenv
+        env, dotenv = legacy_sources(env_settings, dotenv_settings, Settings._yaml_origins.get({}))
+        return init_settings, env, dotenv, yaml_source  # .env is the environment written down: it ranks as one
 
     @classmethod
     def load(

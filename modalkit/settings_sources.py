@@ -1,8 +1,9 @@
 """How settings are found and layered: YAML layers, the environment, ``.env``, and the original key names.
 
-Sources, highest precedence first: keyword arguments, ``MODALKIT_`` environment variables, the YAML layers
-(``MODALKIT_CONFIG=a.yaml,b.yaml`` or ``./modalkit.yaml``; later files win, mappings merged key by key by
-pydantic-settings' own ``YamlConfigSettingsSource`` with ``deep_merge``), then ``.env``. The sources are merged key
+Sources, highest precedence first: keyword arguments, ``MODALKIT_`` environment variables, ``.env`` (the
+environment written down, so it ranks as one), then the YAML layers (``MODALKIT_CONFIG=a.yaml,b.yaml`` or
+``./modalkit.yaml``; later files win, mappings merged key by key by pydantic-settings' own
+``YamlConfigSettingsSource`` with ``deep_merge``). The sources are merged key
 by key too. Each source's keys are first renamed from the original modalkit's names (``concurrency_limit`` ->
 ``max_containers``...), so an old name in one layer merges with a new one in the next instead of both reaching
 validation. Each YAML key remembers the file it came from, for error messages.
@@ -131,10 +132,18 @@ def _record_origins(path: tuple[str, ...], value: Any, origins: Origins, source:
 class _RenamingSource(PydanticBaseSettingsSource):
     """Another source's values with the original key names renamed (environment, ``.env``)."""
 
-    def __init__(self, inner: PydanticBaseSettingsSource, drop: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        inner: PydanticBaseSettingsSource,
+        drop: frozenset[str] = frozenset(),
+        origins: Origins | None = None,
+        name: str = "",
+    ) -> None:
         super().__init__(inner.settings_cls)
         self.inner = inner
         self.drop = drop
+        self.origins = origins
+        self.name = name
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
         return self.inner.get_field_value(field, field_name)
@@ -142,12 +151,22 @@ class _RenamingSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         data = {k: v for k, v in self.inner().items() if k.lower() not in self.drop}
         renamed: dict[str, Any] = rename_legacy_keys(self.settings_cls, data)
+        if self.origins is not None:  # the keys it sets are its own, whatever a YAML file of lower rank says
+            _record_leaf_origins((), renamed, self.origins, self.name)
         return renamed
 
 
+def _record_leaf_origins(path: tuple[str, ...], value: Any, origins: Origins, source: str) -> None:
+    if isinstance(value, Mapping) and value:
+        for k, v in value.items():
+            _record_leaf_origins((*path, str(k)), v, origins, source)
+    elif path:
+        origins[path] = source
+
+
 def legacy_sources(
-    env: PydanticBaseSettingsSource, dotenv: PydanticBaseSettingsSource
+    env: PydanticBaseSettingsSource, dotenv: PydanticBaseSettingsSource, origins: Origins | None = None
 ) -> tuple[PydanticBaseSettingsSource, PydanticBaseSettingsSource]:
     """The environment and ``.env`` sources, renaming legacy keys; ``MODALKIT_CONFIG`` and friends in ``.env``
-    are modalkit's variables, not settings keys."""
-    return _RenamingSource(env), _RenamingSource(dotenv, drop=_NON_SETTINGS_ENV)
+    are modalkit's variables, not settings keys. The keys ``.env`` sets are recorded in ``origins`` as its."""
+    return _RenamingSource(env), _RenamingSource(dotenv, drop=_NON_SETTINGS_ENV, origins=origins, name=".env")

@@ -7,11 +7,9 @@ from prefect.cache_policies import NO_CACHE
 
 from modalkit.batch.job import JobPlan, finalize_job
 from modalkit.iomodel import ChunkResult, JobSummary
-from tasks import retry_if_transient
 
 
-@task(name="finalize-job", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 8],
-      retry_condition_fn=retry_if_transient)  # fmt: skip
+@task(name="finalize-job", cache_policy=NO_CACHE)  # storage calls retry themselves
 def finalize(plan: JobPlan, results: list[ChunkResult], seconds: float, failed_chunks: int) -> JobSummary:
     """Write the manifest and return the summary."""
     return finalize_job(plan, results, seconds, failed_chunks)

@@ -64,7 +64,9 @@ def read_parts(output_uri: str) -> list[dict[str, Any]]:
 
             import pyarrow.parquet as pq
 
-            rows.extend(pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist())
+            for row in pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist():
+                extra = row.pop("_extra", None)  # an output model's extra fields, as JSON: back in the row
+                rows.append({**row, **json.loads(extra)} if extra else row)
         else:
             rows.extend(orjson.loads(line) for line in _lines(uri))
     return rows
@@ -98,3 +100,46 @@ def drain_sqs(sqs: Any, queue_url: str) -> list[dict[str, Any]]:
 def duplicates(ids: list[Any]) -> dict[Any, int]:
     """Ids that appear more than once, with their counts."""
     return {k: n for k, n in Counter(ids).items() if n > 1}
+
+
+def assert_record_invariant(
+    output_uri: str,
+    input_ids: list[Any],
+    queued: dict[str, list[dict[str, Any]]] | None = None,
+    summary: dict[str, Any] | None = None,
+    exactly_once: bool = True,
+) -> dict[str, list[Any]]:
+    """The batch contract's invariant over everything a job left, in one place.
+
+    Every input record id appears exactly once across the part files and the failure files; the manifest (and the
+    summary, when given) counts what the files hold; each queue in ``queued`` (``"success"`` / ``"failure"``: the
+    parsed bodies it held) holds exactly the records of its output files, each once (``exactly_once``) or at
+    least once (a standard SQS queue after a crash), and the manifest's queued counts are what the queues hold.
+    Ids are compared with their JSON types (``7`` and ``"7"`` are different ids). Returns the ids of each kind.
+    """
+    part_ids = [row["record_id"] for row in read_parts(output_uri)]
+    failure_ids = [row["record_id"] for row in read_failures(output_uri)]
+    everything = part_ids + failure_ids
+    typed = [json.dumps(i) for i in everything]
+    assert duplicates(typed) == {}, f"records in the output more than once: {sorted(duplicates(typed))[:10]}"
+    missing = sorted(set(map(json.dumps, input_ids)) - set(typed))
+    foreign = sorted(set(typed) - set(map(json.dumps, input_ids)))
+    assert not missing, f"{len(missing)} input records in no output file: {missing[:10]}"
+    assert not foreign, f"{len(foreign)} output records that are not inputs: {foreign[:10]}"
+    assert len(everything) == len(input_ids)
+    manifest = read_manifest(output_uri)
+    counts = (len(everything), len(part_ids), len(failure_ids))
+    assert (manifest["records"], manifest["succeeded"], manifest["failed"]) == counts, "the manifest's counts"
+    if summary is not None:
+        assert (summary["records"], summary["succeeded"], summary["failed"]) == counts, "the summary's counts"
+    for kind, status, ids in (("success", "success", part_ids), ("failure", "error", failure_ids)):
+        if queued is None or kind not in queued:
+            continue
+        bodies = queued[kind]
+        assert {(b["job_id"], b["status"]) for b in bodies} <= {(manifest["job_id"], status)}
+        on_queue = [json.dumps(b["record_id"]) for b in bodies]
+        if exactly_once:
+            assert duplicates(on_queue) == {}, f"the {kind} queue repeats records"
+        assert set(on_queue) == set(map(json.dumps, ids)), f"the {kind} queue differs from the output files"
+        assert manifest[f"queued_{kind}"] == len(set(on_queue)), f"the manifest's queued_{kind}"
+    return {"success": part_ids, "failure": failure_ids}

@@ -10,7 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, computed_field
+
 from modalkit.examples.sentiment import Review, SentimentPipeline
+from modalkit.inference_pipeline import InferencePipeline
+from modalkit.iomodel import InferenceOutputModel
 
 
 class PoisonAwareSentiment(SentimentPipeline):
@@ -65,3 +69,62 @@ class BrokenGpuInOneWorker(PoisonAwareSentiment):
         if self.broken:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return super().predict(input_list, preprocessed_data)
+
+
+class BrokenInit(PoisonAwareSentiment):
+    """A pipeline whose constructor raises, as one does when its weights are missing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError("weights.bin: no such file in the model folder")
+
+
+class _Numbered(BaseModel):
+    id: int
+    text: str
+
+
+class _Tagged(InferenceOutputModel):
+    model_config = ConfigDict(extra="allow")
+
+    label: str
+    score: float
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def confident(self) -> bool:
+        return self.score > 0.5
+
+
+class TaggedSentiment(SentimentPipeline):
+    """The sentiment pipeline with integer ids in, and an output that has a computed field and an extra field."""
+
+    input_model = _Numbered
+    output_model = _Tagged
+
+    def postprocess(self, input_list: list[Any], raw_output: dict[str, Any]) -> list[Any]:
+        scored = super().postprocess(input_list, raw_output)
+        pairs = zip(input_list, scored, strict=True)
+        return [_Tagged(label=s.label, score=s.score, words=len(r.text.split())) for r, s in pairs]
+
+
+class ReturnsNothing(PoisonAwareSentiment):
+    """A pipeline with a bug: postprocess returns no outputs at all."""
+
+    def postprocess(self, input_list: list[Review], raw_output: dict[str, Any]) -> list[Any]:
+        return []
+
+
+class KillsItsWorker(PoisonAwareSentiment):
+    """The sentiment pipeline, except that a text containing ``KILL-WORKER`` kills the process running it, as a
+    segfault or an out-of-memory kill would (no exception, no cleanup)."""
+
+    def predict(self, input_list: list[Review], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        if any("KILL-WORKER" in r.text for r in input_list):
+            os._exit(139)
+        return super().predict(input_list, preprocessed_data)
+
+
+class LacksPostprocess(PoisonAwareSentiment):
+    """A pipeline that forgot a method (abstract again)."""
+
+    postprocess = InferencePipeline.postprocess  # type: ignore[assignment]

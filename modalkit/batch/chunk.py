@@ -2,16 +2,17 @@
 
 Runs where the model runs (a local worker process or a Modal container). For each sub-batch of
 ``max_batch_size`` records: parse (JSON), pick the record id, validate against the pipeline's ``input_model``,
-run the pipeline through the isolated runner, write success rows and failure rows, hand queue records to the
-background sender. At the end the part file and the failure file are moved into place (one object each), the
-queue records are confirmed sent, and the commit marker ``_chunks/NNNNN.json`` is written last: a chunk with a
-marker is done and is skipped when the job runs again. Counts go back, never data.
+run the pipeline through the isolated runner, write success rows and failure rows, spool queue records. At the end
+the part file and the failure file are moved into place (one object each), then the spooled queue records are sent
+(so a queue never holds a record that no output file holds), and the commit marker ``_chunks/NNNNN.json`` is
+written last: a chunk with a marker is done and is skipped when the job runs again. Counts go back, never data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import shutil
 import time
@@ -22,20 +23,25 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from modalkit.batch import storage
+from modalkit.batch.crashes import CrashLog, CrashPlan, run_guarded
 from modalkit.batch.formats import Unreadable, format_named
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
-from modalkit.batch.writers import ENVELOPE, FailureWriter, Success, open_part_writer
+from modalkit.batch.writers import ENVELOPE, FailureWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.queues import QueueBackend
 
-__all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "process_chunk", "read_marker"]
+__all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "marker_identity", "process_chunk", "read_marker"]
 
 #: A record holding this key takes its value as its record id (replayed failures keep their original ids).
 REPLAY_ID_KEY = "__modalkit_record_id__"
 MAX_INPUT_CHARS = 100_000
+#: A failure record's queue body over this many bytes carries only the start of its input (``input_truncated``),
+#: so that no record is too large for a queue (SQS takes 256 KiB) whatever the input; the failure file has it all.
+MAX_QUEUE_BODY = 128 * 1024
+MAX_QUEUED_INPUT_CHARS = 16 * 1024
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -65,8 +71,10 @@ class ChunkProcessor:
             list[self.input_model]  # type: ignore[name-defined]
         ).validate_python
 
-    def process(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
+    def process(self, job: JobSpec, chunk: ChunkSpec, crash: CrashPlan | None = None) -> ChunkResult:
         """Run one chunk; returns its counts (``skipped`` when it was committed before).
+
+        ``crash`` is given by a runner that can find a record that kills its worker (:mod:`modalkit.batch.crashes`).
 
         Raises:
             StorageError, QueueError: the chunk could not be read or its results not written or sent (the flow
@@ -76,17 +84,24 @@ class ChunkProcessor:
         layout = OutputLayout(job.output_uri, job.output_format)
         marker_uri = layout.marker(chunk.index)
         if storage.exists(marker_uri):  # a guard: the flow skips committed chunks before it sends them anywhere
-            return read_marker(marker_uri, chunk.index)
+            return read_marker(marker_uri, job.job_id, chunk)
         started, started_at = time.perf_counter(), time.time()
         staging = storage.local_staging_dir(layout.part(chunk.index))
-        sender = self._sender(job, chunk, layout.journal(chunk.index))
+        sender = None
         try:
-            run = _ChunkRun(self, job, chunk, staging, sender)
-            with _fewer_collections():
-                counts = run.execute()
-            storage.upload_file(run.part_path, layout.part(chunk.index))
-            storage.upload_file(run.failures_path, layout.failures(chunk.index))
-            if sender is not None:
+            sender = self._sender(job, chunk, layout.journal(chunk.index), staging)
+            run = _ChunkRun(self, job, chunk, staging, sender, CrashLog(crash) if crash is not None else None)
+            try:
+                with _fewer_collections():
+                    counts = run.execute()
+            finally:
+                if run.crash_log is not None:
+                    run.crash_log.close()
+            run.format.prove_start(chunk, lambda: _committed_indices(layout))  # before anything is committed
+            if counts["records"]:  # a chunk that owns no record (a cut inside one long line) leaves only its marker
+                storage.upload_file(run.part_path, layout.part(chunk.index))
+                storage.upload_file(run.failures_path, layout.failures(chunk.index))
+            if sender is not None:  # the records go out only now that the files holding them are durable
                 sender.close()
         except BaseException:
             if sender is not None:
@@ -101,18 +116,18 @@ class ChunkProcessor:
             failed=counts["failed"],
             started_at=round(started_at, 3),
             seconds=round(time.perf_counter() - started, 3),
-            part_uri=layout.part(chunk.index),
-            failures_uri=layout.failures(chunk.index),
+            part_uri=layout.part(chunk.index) if counts["records"] else None,
+            failures_uri=layout.failures(chunk.index) if counts["records"] else None,
             queued_success=sender.sent["success"] if sender else 0,
             queued_failure=sender.sent["failure"] if sender else 0,
         )
-        marker = {"job_id": job.job_id, "key": chunk.key, "start": chunk.start, "end": chunk.end, **result.model_dump()}
+        marker = {**marker_identity(job.job_id, chunk), **result.model_dump()}
         storage.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
         if sender is not None:  # committed: the journal (of this attempt or of an interrupted one) is not needed
             storage.delete(layout.journal(chunk.index))
         return result
 
-    def _sender(self, job: JobSpec, chunk: ChunkSpec, journal_uri: str) -> RecordSender | None:
+    def _sender(self, job: JobSpec, chunk: ChunkSpec, journal_uri: str, staging: str) -> RecordSender | None:
         if not (job.success_queue or job.failure_queue):
             return None
         if self.queue_backend is None:
@@ -124,6 +139,7 @@ class ChunkProcessor:
             journal_uri,
             group_id=f"{job.job_id}-{chunk.index:05d}",
             skip_before=read_journal(journal_uri),
+            spool_dir=staging,
         )
 
 
@@ -148,20 +164,84 @@ def _fewer_collections() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
-def read_marker(marker_uri: str, index: int) -> ChunkResult:
-    """The result a commit marker recorded, as a skipped chunk's result (resume)."""
-    data = orjson.loads(storage.read_bytes(marker_uri))
+def _committed_indices(layout: OutputLayout) -> set[int]:
+    return {i for i in map(OutputLayout.marker_index, storage.list_names(layout.chunks_dir)) if i is not None}
+
+
+def _json_error(line: bytes, pos: int, exc: orjson.JSONDecodeError) -> RecordError:
+    """Why a line is not a JSON record: invalid UTF-8 (at which byte of the file), or the parser's message."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return RecordError("parse", "UnicodeDecodeError", f"invalid UTF-8 at byte {pos + bad.start} ({bad.reason})")
+    try:  # the standard library says it better ("Unterminated string starting at ...", not "control character")
+        json.loads(line.rstrip(b"\r\n"))
+    except json.JSONDecodeError as plain:
+        return RecordError("parse", "JSONDecodeError", f"invalid JSON: {plain.msg} (column {plain.colno})")
+    except RecursionError:
+        pass
+    return RecordError("parse", "JSONDecodeError", f"invalid JSON: {exc}")
+
+
+def marker_identity(job_id: str, chunk: ChunkSpec) -> dict[str, Any]:
+    """What a commit marker says it commits: the job, the file and the byte range or row groups of the chunk."""
+    return {
+        "job_id": job_id,
+        "key": chunk.key,
+        "start": chunk.start,
+        "end": chunk.end,
+        "row_groups": list(chunk.row_groups),
+        "first_row": chunk.first_row,
+    }
+
+
+def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec) -> ChunkResult:
+    """The result a commit marker recorded, as a skipped chunk's result (resume).
+
+    A marker is honoured only when it commits this very chunk of this very job.
+
+    Raises:
+        ConfigError: the marker is not valid JSON, or it belongs to another job or another chunk (a job planned
+            with other parameters, or an output whose ``_job.json`` was deleted): never a skip.
+    """
+    try:
+        data = orjson.loads(storage.read_bytes(marker_uri))
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{marker_uri} is not a commit marker (invalid JSON: {exc}); delete it or use another "
+                          "output") from None  # fmt: skip
+    mine = marker_identity(job_id, chunk)
+    # markers written before row_groups and first_row were recorded hold only the job, key and byte range
+    theirs = {k: data.get(k, mine[k] if k in ("row_groups", "first_row") else None) for k in mine}
+    if not isinstance(data, dict) or theirs != mine:
+        theirs = theirs if isinstance(data, dict) else {"job_id": None}
+        raise ConfigError(
+            f"{marker_uri} commits {_describe(theirs)}, not chunk {chunk.index} of this run ({_describe(mine)}): the "
+            "output holds results of another job or of other parameters; use another output or delete that one"
+        )
     fields = {k: v for k, v in data.items() if k in ChunkResult.model_fields}
-    return ChunkResult(**{**fields, "index": index, "skipped": True})
+    return ChunkResult(**{**fields, "index": chunk.index, "skipped": True})
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    where = f"row groups {identity['row_groups']}" if identity.get("row_groups") else (
+        f"bytes {identity.get('start')}-{'end' if identity.get('end') is None else identity['end']}")  # fmt: skip
+    return f"job {identity.get('job_id')}, {identity.get('key')} {where}"
 
 
 class _ChunkRun:
     """The state of one chunk being processed (kept off the processor so a worker can run chunk after chunk)."""
 
     def __init__(
-        self, proc: ChunkProcessor, job: JobSpec, chunk: ChunkSpec, staging: str, sender: RecordSender | None
+        self,
+        proc: ChunkProcessor,
+        job: JobSpec,
+        chunk: ChunkSpec,
+        staging: str,
+        sender: RecordSender | None,
+        crash_log: CrashLog | None = None,
     ) -> None:
         self.proc = proc
+        self.crash_log = crash_log
         self.job = job
         self.chunk = chunk
         self.sender = sender
@@ -173,6 +253,8 @@ class _ChunkRun:
         self.ordinal = 0
         self._job_json = orjson.dumps(job.job_id)
         self._fail_lines: list[bytes] = []
+        #: the ids seen in this chunk (as text) and where they were, when ids come from the data (the job's id_field)
+        self._seen: dict[str, int] | None = {} if job.id_field is not None else None
 
     def execute(self) -> dict[str, int]:
         job, chunk = self.job, self.chunk
@@ -180,8 +262,9 @@ class _ChunkRun:
             failures = FailureWriter(self.failures_path, f"the failure file of chunk {chunk.index}")
             closing.callback(failures.close)
             part = open_part_writer(
-                job.output_format, self.part_path, self.proc.output_model, f"the part file of chunk {chunk.index}"
-            )
+                job.output_format, self.part_path, self.proc.output_model, f"the part file of chunk {chunk.index}",
+                record_id_type(self.proc.input_model, job.id_field),
+            )  # fmt: skip
             closing.callback(part.close)
             for positions, payloads in self.format.read(chunk, job.max_batch_size):
                 successes = self._sub_batch(positions, payloads)
@@ -197,7 +280,16 @@ class _ChunkRun:
         # the chunk's format, not the key's suffix (which may be upper case)
         return f"{self.chunk.key} at {self.format.position} {pos}"
 
-    def _fail(self, ordinal: int, record_id: Any, pos: int, error: RecordError, data: Any) -> None:
+    def _duplicate(self, ordinal: int, record_id: Any, pos: int, first: int, data: Any) -> None:
+        """A record whose id an earlier record of the chunk has: it fails, so no id is in the output twice."""
+        reason = f"record id {record_id!r} is already the id of the record at {self._where(first)}"
+        error = RecordError("validate", "DuplicateRecordId", reason)
+        # its own dedup id: a queue that drops repeats must not drop this failure record as one
+        self._fail(ordinal, record_id, pos, error, data, f"{dedup_id(self.job.job_id, record_id)}@{pos}")
+
+    def _fail(
+        self, ordinal: int, record_id: Any, pos: int, error: RecordError, data: Any, dedup: str | None = None
+    ) -> None:
         """One failure row, also the failure queue's record: built once from the error's fields."""
         if isinstance(data, bytes):
             data = data.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -217,11 +309,15 @@ class _ChunkRun:
         self._fail_lines.append(body + b"\n")
         self.failed += 1
         if self.sender is not None:
-            self.sender.add("failure", ordinal, dedup_id(self.job.job_id, record_id), body)
+            if len(body) > MAX_QUEUE_BODY:  # the file keeps the whole input; the queue gets its start
+                text = data if isinstance(data, str) else orjson.dumps(data, default=str).decode()
+                body = orjson.dumps({**record, "input": text[:MAX_QUEUED_INPUT_CHARS] + "...", "input_truncated": True})
+            self.sender.add("failure", ordinal, dedup or dedup_id(self.job.job_id, record_id), body)
 
     def _sub_batch(self, positions: list[int], payloads: list[Any]) -> list[Success]:
         key = self.chunk.key
         id_field = self.job.id_field
+        seen = self._seen
         loads = orjson.loads
         ids: list[Any] = []
         datas: list[Any] = []
@@ -232,7 +328,7 @@ class _ChunkRun:
                 try:
                     data = loads(payload)
                 except orjson.JSONDecodeError as exc:
-                    error = RecordError("parse", "JSONDecodeError", f"invalid JSON: {exc}")
+                    error = _json_error(payload, pos, exc)
                     self._fail(ordinal, f"{key}:{pos}", pos, error, payload)
                     ordinal += 1
                     continue
@@ -254,6 +350,12 @@ class _ChunkRun:
                            data)  # fmt: skip
                 ordinal += 1
                 continue
+            if seen is not None:  # ids from the data must be unique; 7 and "7" are one id on a queue
+                first = seen.setdefault(record_id if type(record_id) is str else str(record_id), pos)
+                if first != pos:
+                    self._duplicate(ordinal, record_id, pos, first, data)
+                    ordinal += 1
+                    continue
             ids.append(record_id)
             datas.append(data)
             kept.append((ordinal, pos, data))
@@ -262,7 +364,12 @@ class _ChunkRun:
         models, ids, kept = self._validate(datas, ids, kept)
         if not models:
             return []
-        return self._outcomes(ids, kept, run_isolated(self.proc.pipeline, models))
+        pipeline = self.proc.pipeline
+        if self.crash_log is None:
+            return self._outcomes(ids, kept, run_isolated(pipeline, models))
+        positions = [pos for _, pos, _ in kept]
+        outcomes = run_guarded(lambda some: run_isolated(pipeline, some), models, positions, self.crash_log)
+        return self._outcomes(ids, kept, outcomes)
 
     def _validate(
         self, datas: list[Any], ids: list[Any], kept: list[tuple[int, int, Any]]

@@ -48,6 +48,8 @@ class JobPlan(BaseModel):
     job: JobSpec
     chunks: list[ChunkSpec]
     total_bytes: int
+    #: keys under the input that are not part of the dataset (names starting with ``_`` or ``.``)
+    skipped_files: list[str] = []
 
 
 def resolve_job_config(settings: Settings, names: Mapping[str, str] | None = None, **overrides: Any) -> JobConfig:
@@ -89,11 +91,14 @@ def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: st
     name, entry = settings.model_settings.entry(model_name)
     if entry.pipeline is None:
         raise ConfigError(f"model_settings.model_entries.{name}.pipeline is not set: batch jobs need the import path")
-    import_pipeline(entry.pipeline, where=f"model_settings.model_entries.{name}.pipeline").require_schemas()
+    pipeline_cls = import_pipeline(entry.pipeline, where=f"model_settings.model_entries.{name}.pipeline")
+    pipeline_cls.require_schemas()
+    pipeline_cls.validate_parameters(entry.kwargs, f"model_settings.model_entries.{name}")  # a typo fails here
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
     _check_uris(input_uri, output_uri, config.backend)
     _check_queues(settings, config)
-    files = list_dataset(input_uri)
+    skipped: list[str] = []
+    files = list_dataset(input_uri, skipped)
     params = {
         "output_uri": output_uri,
         "chunk_size": int(config.chunk_size),
@@ -121,7 +126,7 @@ def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: st
         backend=config.backend,
     )
     chunks = plan_chunks(files, int(config.chunk_size), job_id, split_csv=config.split_csv)
-    return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files))
+    return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped)
 
 
 def _check_uris(input_uri: str, output_uri: str, backend: str) -> None:
@@ -152,42 +157,89 @@ def _check_queues(settings: Settings, config: JobConfig) -> None:
 
 
 def _check_owner(output_uri: str, job_id: str) -> None:
-    claim_uri = OutputLayout(output_uri).job_claim
-    if not storage.exists(claim_uri):
+    """The output is this job's, or empty (a replay's ``_replay/`` input aside): never another's, never foreign."""
+    layout = OutputLayout(output_uri)
+    claim = _read_claim(layout)
+    if claim is None:
+        replay_dir = layout.replay_dir.rsplit("/", 1)[-1]
+        # a replay's input, and hidden files (.DS_Store, .gitkeep), are not results
+        entries = storage.list_names(output_uri, folders=True)
+        foreign = [name for name in entries if name != replay_dir and not name.startswith(".")]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            claim_name = layout.job_claim.rsplit("/", 1)[-1]
+            raise ConfigError(
+                f"output {output_uri} holds files ({shown}) but no {claim_name}: it is not a modalkit job's output, "
+                "or its claim was deleted; use an empty output (modalkit never writes into one it cannot tell is "
+                "its own)"
+            )
         return
+    if claim.get("job_id") != job_id:
+        raise _claimed_by_another(output_uri, claim, job_id)
+
+
+def _read_claim(layout: OutputLayout) -> dict[str, Any] | None:
+    claim_uri = layout.job_claim
+    if not storage.exists(claim_uri):
+        return None
     try:
         claim = orjson.loads(storage.read_bytes(claim_uri))
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{claim_uri} is not valid JSON; delete it or use another output") from exc
-    if claim.get("job_id") != job_id:
-        raise ConfigError(
-            f"output {output_uri} already holds job {claim.get('job_id')} (input {claim.get('input_uri')}, "
-            f"model {claim.get('model_name')}); this run is job {job_id}: use another output or delete that one"
-        )
+    if not isinstance(claim, dict):
+        raise ConfigError(f"{claim_uri} is not a job claim; delete it or use another output")
+    return claim
+
+
+def _claimed_by_another(output_uri: str, claim: dict[str, Any], job_id: str) -> ConfigError:
+    return ConfigError(
+        f"output {output_uri} already holds job {claim.get('job_id')} (input {claim.get('input_uri')}, "
+        f"model {claim.get('model_name')}); this run is job {job_id}: use another output or delete that one"
+    )
 
 
 def start_job(plan: JobPlan) -> None:
-    """Claim the output for this job (``_job.json``); the first thing a job writes."""
-    claim_uri = OutputLayout(plan.job.output_uri).job_claim
-    if storage.exists(claim_uri):
-        return
+    """Claim the output for this job (``_job.json``); the first thing a job writes.
+
+    The claim is created atomically (only when no claim exists), then read back: of two jobs started at once on
+    one output exactly one gets it, and the other stops before writing anything. A run of the same job (a resume)
+    finds its own claim and goes on.
+
+    Raises:
+        ConfigError: another job claimed the output first.
+    """
+    layout = OutputLayout(plan.job.output_uri)
     claim = {**plan.job.model_dump(), "chunks": len(plan.chunks), "created_at": _now()}
-    storage.write_bytes(claim_uri, orjson.dumps(claim, option=orjson.OPT_INDENT_2))
+    if storage.create_exclusive(layout.job_claim, orjson.dumps(claim, option=orjson.OPT_INDENT_2)):
+        return
+    existing = _read_claim(layout) or {}
+    if existing.get("job_id") != plan.job.job_id:
+        raise _claimed_by_another(plan.job.output_uri, existing, plan.job.job_id)
 
 
 def find_committed(plan: JobPlan) -> dict[int, ChunkResult]:
     """The chunks of ``plan`` already committed (resume): their results, read from their markers.
 
-    The output's ``_chunks/`` folder is listed once; only the markers of this plan's chunks are read. A job run
-    again sends these chunks nowhere: no worker, no Modal call.
+    The output's ``_chunks/`` folder is listed once and every marker in it is read. A job run again sends these
+    chunks nowhere: no worker, no Modal call.
+
+    Raises:
+        ConfigError: a marker commits a chunk of another job, of another range, or one this plan does not have.
     """
     layout = OutputLayout(plan.job.output_uri, plan.job.output_format)
-    wanted = {chunk.index for chunk in plan.chunks}
-    found = [i for i in map(OutputLayout.marker_index, storage.list_names(layout.chunks_dir)) if i in wanted]
+    chunks = {chunk.index: chunk for chunk in plan.chunks}
+    found = [i for i in map(OutputLayout.marker_index, storage.list_names(layout.chunks_dir)) if i is not None]
+    foreign = sorted(i for i in found if i not in chunks)
+    if foreign:
+        raise ConfigError(
+            f"{layout.marker(foreign[0])} commits a chunk this run does not have (it plans {len(chunks)} chunks): "
+            f"the output {layout.root} holds results of another job or of other parameters; use another output or "
+            "delete that one"
+        )
     if not found:
         return {}
     with concurrent.futures.ThreadPoolExecutor(min(MARKER_READERS, len(found))) as pool:
-        results = pool.map(lambda index: read_marker(layout.marker(index), index), found)
+        results = pool.map(lambda index: read_marker(layout.marker(index), plan.job.job_id, chunks[index]), found)
         return {result.index: result for result in results}
 
 
@@ -221,6 +273,7 @@ def finalize_job(plan: JobPlan, results: Sequence[ChunkResult], seconds: float, 
         failure_rate=round(rate, 6),
         input_uri=job.input_uri,
         model_name=job.model_name,
+        files_skipped=len(plan.skipped_files),
     )
     manifest = {
         **summary.model_dump(),
@@ -232,6 +285,7 @@ def finalize_job(plan: JobPlan, results: Sequence[ChunkResult], seconds: float, 
         "chunk_results": [r.model_dump() for r in sorted(results, key=lambda r: r.index)],
     }
     storage.write_bytes(OutputLayout(job.output_uri).manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    storage.remove_staging_dirs(job.output_uri)  # of workers killed mid-chunk in this run or an earlier one
     return summary
 
 

@@ -4,8 +4,9 @@ Each file's name picks its format plug-in (:mod:`modalkit.batch.formats`), which
 ranges of at most ``chunk_size`` aligned to line ends, CSV whole (or like JSONL with ``split_csv``), Parquet along
 row groups, compressed files whole. Chunks are numbered across files in listing order.
 
-The job id hashes the listing (keys, sizes, ETags/mtimes), the model and the parameters that shape the results,
-so the same job run twice gets the same id, and its committed chunks are skipped.
+The job id hashes the listing (keys, sizes, S3 ETags or local content hashes), the model and the parameters that
+shape the results, so the same job run twice gets the same id, and its committed chunks are skipped; touching a
+local file keeps its id, changing it does not.
 
 Example:
     >>> import tempfile, os
@@ -32,16 +33,23 @@ from modalkit.iomodel import ChunkSpec
 __all__ = ["InputFile", "job_id_for", "list_dataset", "plan_chunks"]
 
 
-def list_dataset(input_uri: str) -> list[InputFile]:
+def list_dataset(input_uri: str, skipped: list[str] | None = None) -> list[InputFile]:
     """The input files under ``input_uri``, sorted, with their formats.
+
+    Files and folders whose names start with ``_`` or ``.`` are not part of the dataset (the Hadoop convention:
+    ``_SUCCESS``, ``.DS_Store``, a job's own ``_failures/``); their keys are appended to ``skipped`` when given.
 
     Raises:
         StorageError: the URI does not exist or holds no files.
         ConfigError: a file has an extension modalkit cannot read (named in the message).
     """
-    files = storage.list_files(input_uri)
+    hidden: list[str] = []
+    files = storage.list_files(input_uri, hidden)
+    if skipped is not None:
+        skipped.extend(hidden)
     if not files:
-        raise StorageError(f"input {input_uri} holds no files", retryable=False)
+        more = f" (only {len(hidden)} skipped, whose names start with '_' or '.')" if hidden else ""
+        raise StorageError(f"input {input_uri} holds no files{more}", retryable=False)
     out, unknown = [], []
     for stored in files:
         detected = detect(stored.key)
@@ -69,7 +77,8 @@ def plan_chunks(
     options = PlanOptions(chunk_size=chunk_size, split_csv=split_csv)
     chunks: list[ChunkSpec] = []
     for f in files:
-        base = {"job_id": job_id, "uri": f.uri, "key": f.key, "format": f.format, "compression": f.compression}
+        base = {"job_id": job_id, "uri": f.uri, "key": f.key, "format": f.format, "compression": f.compression,
+                "first_index": len(chunks)}  # fmt: skip
         for part in format_named(f.format).plan(f, options):
             chunks.append(ChunkSpec(index=len(chunks), **base, **part))
     return chunks

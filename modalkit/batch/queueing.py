@@ -1,7 +1,10 @@
-"""Sending a chunk's success and failure records while the chunk is still being computed.
+"""Sending a chunk's success and failure records once its part and failure files are durable.
 
-Records are handed over one window (one sub-batch) at a time and sent by a background thread, in window order,
-so slow queue I/O overlaps the model's work; at most ``MAX_PENDING_WINDOWS`` windows wait, which bounds memory.
+While a chunk is computed its records are spooled to a local file, one window (one sub-batch) at a time. Only when
+the chunk's part file and failure file are in place does :meth:`RecordSender.close` send them, window by window in
+order, on a background thread (at most ``MAX_PENDING_WINDOWS`` windows wait, which bounds memory). So a queue never
+holds a record that no output file holds: a chunk that fails for good (a truncated input, a crashing record, a
+worker killed) has sent nothing.
 
 Exactly-once across crashes: every message carries ``dedup_id = <job_id>:<record_id>`` (the local queue stores a
 dedup id once; SQS FIFO queues drop repeats within five minutes), and after each acknowledged window the sender
@@ -13,8 +16,12 @@ on a standard SQS queue only the records sent after the last journal write can b
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
+import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 
 import orjson
 
@@ -47,7 +54,7 @@ def read_journal(uri: str) -> int:
 
 
 class RecordSender:
-    """Sends one chunk's records to the success and failure queues, in the background, journaling progress.
+    """Spools one chunk's records while it runs, then sends them to the success and failure queues, journaling.
 
     Args:
         backend: Where messages go.
@@ -56,6 +63,7 @@ class RecordSender:
         journal_uri: Where progress is recorded.
         group_id: FIFO MessageGroupId for this chunk's messages.
         skip_before: Records with an ordinal below this were sent by an earlier attempt and are skipped.
+        spool_dir: A local folder for the spool file (the chunk's staging folder); default: the temp folder.
     """
 
     def __init__(
@@ -66,33 +74,79 @@ class RecordSender:
         journal_uri: str,
         group_id: str,
         skip_before: int = 0,
+        spool_dir: str | None = None,
     ) -> None:
         self.backend = backend
         self.queues = {"success": success_queue, "failure": failure_queue}
         self.journal_uri = journal_uri
         self.group_id = group_id
         self.skip_before = skip_before
+        #: records of this chunk on each queue: sent by this attempt, or by an earlier one (the journal says so)
         self.sent = {"success": 0, "failure": 0}
-        self._window: dict[str, list[QueueMessage]] = {"success": [], "failure": []}
+        fd, self._spool_path = tempfile.mkstemp(dir=spool_dir, prefix="queue-", suffix=".spool")
+        self._spool = os.fdopen(fd, "wb", buffering=1 << 20)
         self._pending: deque[concurrent.futures.Future[None]] = deque()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalkit-queue")
         self._last_journal = 0.0
         self._failed: ModalkitError | None = None
 
     def add(self, kind: str, ordinal: int, dedup: str, body: bytes) -> None:
-        """Queue a record (``kind`` is "success" or "failure") for the current window."""
-        if ordinal < self.skip_before or self.queues[kind] is None:
+        """Spool a record (``kind`` is "success" or "failure") for the current window."""
+        if self.queues[kind] is None:
             return
-        self._window[kind].append(QueueMessage(body.decode("utf-8"), dedup_id=dedup, group_id=self.group_id))
+        if ordinal < self.skip_before:  # an earlier attempt sent it: it is on the queue, and counts as queued
+            self.sent[kind] += 1
+            return
+        self._spool.write(orjson.dumps((kind, dedup, body.decode("utf-8"))) + b"\n")
 
     def end_window(self, next_ordinal: int) -> None:
-        """Hand the window's records to the background thread; ``next_ordinal`` is the first one not in it."""
-        window, self._window = self._window, {"success": [], "failure": []}
-        while len(self._pending) >= MAX_PENDING_WINDOWS:
-            self._pending.popleft().result()
-        for done in [f for f in self._pending if f.done()]:
-            done.result()  # surface a failure early
-        self._pending.append(self._pool.submit(self._send_window, window, next_ordinal))
+        """Close the current window; ``next_ordinal`` is the first record not in it."""
+        self._spool.write(b"%d\n" % next_ordinal)
+
+    def close(self) -> None:
+        """Send every spooled window, in order, and wait until all are acknowledged. Call it only once the chunk's
+        part and failure files are durable.
+
+        Raises:
+            QueueError: a window could not be sent (later windows are not sent either).
+        """
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalkit-queue")
+        try:
+            self._spool.close()
+            for window, next_ordinal in self._windows():
+                while len(self._pending) >= MAX_PENDING_WINDOWS:
+                    self._pending.popleft().result()
+                self._pending.append(pool.submit(self._send_window, window, next_ordinal))
+            while self._pending:
+                self._pending.popleft().result()
+        except QueueError:
+            for future in self._pending:
+                future.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._remove_spool()
+
+    def abort(self) -> None:
+        """Send nothing (the chunk failed); what an earlier attempt sent stays journaled."""
+        self._spool.close()
+        self._remove_spool()
+
+    def _windows(self) -> Iterator[tuple[dict[str, list[QueueMessage]], int]]:
+        window: dict[str, list[QueueMessage]] = {"success": [], "failure": []}
+        with open(self._spool_path, "rb") as spool:
+            for line in spool:
+                if line[0] != 0x5B:  # not "[": a window's end, the ordinal after it
+                    yield window, int(line)
+                    window = {"success": [], "failure": []}
+                    continue
+                kind, dedup, body = orjson.loads(line)
+                window[kind].append(QueueMessage(body, dedup_id=dedup, group_id=self.group_id))
+        if window["success"] or window["failure"]:  # records added after the last end_window
+            yield window, self.skip_before
+
+    def _remove_spool(self) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self._spool_path)
 
     def _send_window(self, window: dict[str, list[QueueMessage]], next_ordinal: int) -> None:
         # Windows run one after another on one thread. Once one fails, no later one may be sent: its journal entry
@@ -118,25 +172,3 @@ class RecordSender:
         except BaseException as exc:
             self._failed = QueueError(f"{type(exc).__name__}: {exc}", retryable=False)
             raise
-
-    def close(self) -> None:
-        """Wait until every window is sent.
-
-        Raises:
-            QueueError: a window could not be sent (later windows are not sent either).
-        """
-        try:
-            while self._pending:
-                self._pending.popleft().result()
-        except QueueError:
-            for future in self._pending:
-                future.cancel()
-            raise
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def abort(self) -> None:
-        """Stop sending (the chunk failed); what was sent stays journaled."""
-        for future in self._pending:
-            future.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, ParamSpec, TypeVar
 
+import orjson
 from tenacity import RetryCallState, retry, retry_if_exception, wait_exponential, wait_random
 
 from modalkit.exceptions import StorageError, is_retryable, storage_errors
 
 __all__ = [
     "StoredFile",
+    "create_exclusive",
     "delete",
     "exists",
     "filesystem",
@@ -41,6 +45,7 @@ __all__ = [
     "list_names",
     "open_input",
     "read_bytes",
+    "remove_staging_dirs",
     "strip_protocol",
     "upload_file",
     "write_bytes",
@@ -51,6 +56,7 @@ R = TypeVar("R")
 #: How long storage calls keep retrying transient errors before giving up (seconds).
 RETRY_SECONDS = 30.0
 READ_BUFFER = 1024 * 1024
+_STAGING_PREFIX = ".staging-"
 REMOTE_READ_BUFFER = 8 * 1024 * 1024
 
 
@@ -162,14 +168,60 @@ def write_bytes(uri: str, data: bytes) -> None:
             fs.pipe_file(path, data)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
+        tmp = _write_temporary(path, data)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
             os.replace(tmp, path)
         except BaseException:
             _remove_quietly(tmp)
             raise
+
+
+@with_retries
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only when nothing is there, atomically; True when this call created it.
+
+    Two writers racing for one path: exactly one creates it (S3 conditional write ``If-None-Match: *``, a hard
+    link of a finished temporary file locally), the other gets False and reads what the winner wrote.
+    """
+    fs, path = filesystem(uri)
+    with storage_errors(f"creating {uri}"):
+        if is_remote(uri):
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _write_temporary(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            _remove_quietly(tmp)
+        return True
+
+
+def _write_temporary(path: str, data: bytes) -> str:
+    """A finished temporary file beside ``path`` holding ``data``, with the mode a new file gets (umask)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the modes part files get
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
 
 
 @with_retries
@@ -193,10 +245,27 @@ def local_staging_dir(uri: str) -> str:
     if is_remote(uri):
         with storage_errors("making a local staging directory"):
             return tempfile.mkdtemp(prefix="modalkit-")
-    path = os.path.join(os.path.dirname(filesystem(uri)[1]), f".staging-{uuid.uuid4().hex[:12]}")
+    path = os.path.join(os.path.dirname(filesystem(uri)[1]), f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
     with storage_errors(f"making the staging directory {path}"):
         os.makedirs(path, exist_ok=True)
     return path
+
+
+def remove_staging_dirs(output_uri: str) -> int:
+    """Remove the staging folders left under a local output by workers that were killed; returns how many.
+
+    Call it only when no chunk of the job runs (the job's end): a live worker's staging folder looks the same.
+    """
+    if is_remote(output_uri):
+        return 0  # remote outputs stage in the worker's temp folder, which goes with the worker
+    root = filesystem(output_uri)[1]
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(root):
+            if entry.is_dir(follow_symlinks=False) and entry.name.startswith(_STAGING_PREFIX):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+    return removed
 
 
 @with_retries
@@ -209,8 +278,9 @@ def delete(uri: str) -> None:
 
 
 @with_retries
-def list_names(uri: str) -> list[str]:
-    """Names of the files directly under the folder ``uri`` (one listing call); empty when it does not exist."""
+def list_names(uri: str, folders: bool = False) -> list[str]:
+    """Names of the files (and with ``folders``, the folders) directly under the folder ``uri`` (one listing call);
+    empty when it does not exist."""
     fs, path = filesystem(uri)
     with storage_errors(f"listing {uri}"):
         if is_remote(uri):
@@ -219,7 +289,8 @@ def list_names(uri: str) -> list[str]:
             entries = fs.ls(path, detail=True)
         except FileNotFoundError:
             return []
-    return sorted(str(entry["name"]).rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "file")
+    kinds = ("file", "directory") if folders else ("file",)
+    return sorted(str(entry["name"]).rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") in kinds)
 
 
 def _remove_quietly(path: str) -> None:
@@ -229,7 +300,8 @@ def _remove_quietly(path: str) -> None:
 
 @dataclass(frozen=True)
 class StoredFile:
-    """One input file: where it is, its key under the input root, size and version tag (ETag or mtime)."""
+    """One input file: where it is, its key under the input root, size and version tag (S3 ETag, or a hash of a
+    local file's content)."""
 
     uri: str
     key: str
@@ -238,17 +310,19 @@ class StoredFile:
 
 
 @with_retries
-def list_files(uri: str) -> list[StoredFile]:
+def list_files(uri: str, skipped: list[str] | None = None) -> list[StoredFile]:
     """Files under ``uri`` (or ``uri`` itself when it is a file), sorted by key.
 
     Under a folder, hidden files and folders (``.name``, ``_name``: our own ``_chunks``, ``_failures``,
-    ``_manifest.json`` among them) are skipped; a file named on its own is taken whatever its name.
+    ``_manifest.json`` among them) are skipped, and their keys appended to ``skipped`` when it is given; a file
+    named on its own is taken whatever its name.
 
     Raises:
         StorageError: ``uri`` does not exist.
     """
     fs, path = filesystem(uri)
     protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    hashes = _ContentHashes()
     single = False
     with storage_errors(f"listing {uri}"):
         if not fs.exists(path):
@@ -270,10 +344,56 @@ def list_files(uri: str) -> list[StoredFile]:
             continue
         key = name[len(root) :].lstrip("/") if name.startswith(root) else os.path.basename(name)
         if not single and any(part.startswith((".", "_")) for part in key.split("/")):
+            if skipped is not None:
+                skipped.append(key)
             continue  # hidden files, and our own _chunks/_failures/_manifest.json
-        etag = str(meta.get("ETag") or meta.get("etag") or meta.get("mtime") or "")
+        if is_remote(uri):
+            etag = str(meta.get("ETag") or meta.get("etag") or "")
+        else:
+            with storage_errors(f"reading {name}"):
+                etag = hashes.version(name)
         files.append(StoredFile(uri=f"{protocol}{name}", key=key, size=int(meta.get("size") or 0), etag=etag))
+    if hashes.dirty:
+        hashes.save()
     return sorted(files, key=lambda f: f.key)
+
+
+class _ContentHashes:
+    """A local file's version is a hash of its content, so that ``touch`` keeps a job's identity and an edit does
+    not. Hashes are cached by (path, size, mtime, inode) under ``$MODALKIT_HOME/cache``: a file is read once, and
+    again only after it was touched or changed."""
+
+    MAX_ENTRIES = 20_000
+
+    def __init__(self) -> None:
+        home = os.environ.get("MODALKIT_HOME") or os.path.expanduser("~/.modalkit")
+        self.path = os.path.join(home, "cache", "content-hashes.json")
+        self.dirty = False
+        try:
+            with open(self.path, "rb") as fh:
+                self.cache: dict[str, str] = orjson.loads(fh.read())
+        except (OSError, orjson.JSONDecodeError):
+            self.cache = {}
+
+    def version(self, path: str) -> str:
+        st = os.stat(path)
+        key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        found = self.cache.get(key)
+        if found is None:
+            with open(path, "rb") as fh:
+                found = "sha1:" + hashlib.file_digest(fh, lambda: hashlib.sha1(usedforsecurity=False)).hexdigest()
+            self.cache[key] = found
+            self.dirty = True
+        return found
+
+    def save(self) -> None:
+        entries = list(self.cache.items())[-self.MAX_ENTRIES :]
+        with contextlib.suppress(OSError):  # a cache: a read-only home only costs the hashing again next time
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(orjson.dumps(dict(entries)))
+            os.replace(tmp, self.path)
 
 
 @contextlib.contextmanager

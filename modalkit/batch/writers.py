@@ -2,8 +2,11 @@
 
 Each writer has one ``write`` method and ``close``; the chunk processor moves the closed file into place whole.
 A success row is ``record_id`` plus the output model's fields, without the envelope (``status``, ``error``,
-``meta``): every row of a part file is a success. Parquet columns come from the output model's field types;
-fields of other types (nested models, dicts) are stored as JSON text. ``record_id`` is a string column in Parquet.
+``meta``): every row of a part file is a success. Parquet columns come from the output model's field types
+(computed fields included); fields of other types (nested models, dicts) are stored as JSON text, and an output
+model that allows extra fields (``InferenceOutputModel`` does) keeps them as a JSON object in the column
+``_extra`` (null when a row has none). ``record_id`` is an integer column when the ids are integers (the input
+model's ``id_field`` is an ``int``, or every id of the first row group is one), else a string column.
 
 Disk errors (a full disk, a read-only file system) become :class:`~modalkit.exceptions.StorageError` naming the
 file, not retryable: another attempt on the same disk meets the same error.
@@ -32,6 +35,7 @@ __all__ = [
     "Success",
     "arrow_schema",
     "open_part_writer",
+    "record_id_type",
 ]
 
 ROW_GROUP_ROWS = 65_536
@@ -99,25 +103,37 @@ class JsonlPartWriter:
 
 
 class ParquetPartWriter:
-    """Successes as Parquet, buffering up to ROW_GROUP_ROWS rows per row group."""
+    """Successes as Parquet, buffering up to ROW_GROUP_ROWS rows per row group.
 
-    def __init__(self, path: str, output_model: type[BaseModel], what: str = "a part file") -> None:
-        import pyarrow.parquet as pq
+    ``id_type`` is the ``record_id`` column's type: ``int`` or ``str``, or None to take it from the ids themselves
+    (an integer column when every id of the first row group is an int; ids of the form ``<key>:<position>`` and
+    mixed ids make a string column).
+    """
 
+    def __init__(
+        self, path: str, output_model: type[BaseModel], what: str = "a part file", id_type: type | None = str
+    ) -> None:
+        self.path = path
         self.what = f"writing {what} ({path})"
-        self.schema = arrow_schema(output_model, ENVELOPE)
-        self._json_columns = [
-            f.name for f in self.schema if f.name != "record_id" and (f.metadata or {}).get(b"encoding") == b"json"
-        ]
+        self.output_model = output_model
+        self._id: type | None = id_type
         self._dump = output_model.__pydantic_serializer__.to_python
-        with storage_errors(self.what):
-            self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._writer: Any = None
         self._buffer: list[dict[str, Any]] = []
+        probe = arrow_schema(output_model, ENVELOPE)
+        self._extra = EXTRA_COLUMN in probe.names
+        self._json_columns = [
+            f.name for f in probe if f.name != "record_id" and (f.metadata or {}).get(b"encoding") == b"json"
+        ]
+        with storage_errors(self.what):
+            open(path, "wb").close()  # fail now, naming the file, if it cannot be written
 
     def write(self, rows: Sequence[Success]) -> None:
         for r in rows:
             row = self._dump(r.output, exclude=ENVELOPE)
-            row["record_id"] = str(r.record_id)
+            row["record_id"] = r.record_id
+            if self._extra and r.output.model_extra:
+                row[EXTRA_COLUMN] = {name: row.pop(name, None) for name in r.output.model_extra}
             for name in self._json_columns:
                 if row.get(name) is not None:
                     row[name] = orjson.dumps(row[name], default=str).decode()
@@ -125,20 +141,37 @@ class ParquetPartWriter:
         if len(self._buffer) >= ROW_GROUP_ROWS:
             self._flush()
 
+    def _open(self) -> Any:
+        import pyarrow.parquet as pq
+
+        if self._id is None:
+            self._id = int if self._buffer and all(type(r["record_id"]) is int for r in self._buffer) else str
+        self.schema = arrow_schema(self.output_model, ENVELOPE, self._id)
+        with storage_errors(self.what):
+            self._writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        return self._writer
+
     def _flush(self) -> None:
         import pyarrow as pa
 
-        if self._buffer:
-            with storage_errors(self.what):
-                self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
-            self._buffer = []
+        if not self._buffer:
+            return
+        writer = self._writer or self._open()
+        convert = self._id
+        for row in self._buffer:
+            if type(row["record_id"]) is not convert:
+                row["record_id"] = convert(row["record_id"])  # type: ignore[misc]
+        with storage_errors(self.what):
+            writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
+        self._buffer = []
 
     def close(self) -> None:
         try:
             self._flush()
         finally:
+            writer = self._writer or self._open()
             with storage_errors(self.what):
-                self._writer.close()
+                writer.close()
 
 
 class FailureWriter:
@@ -156,27 +189,52 @@ class FailureWriter:
         self._file.close()
 
 
-PART_WRITERS: dict[str, type[JsonlPartWriter] | type[ParquetPartWriter]] = {
-    "jsonl": JsonlPartWriter,
-    "parquet": ParquetPartWriter,
-}
+def open_part_writer(
+    output_format: str, path: str, output_model: type[BaseModel], what: str, id_type: type | None = str
+) -> PartWriter:
+    """The writer of ``output_format`` (``jsonl`` or ``parquet``) on a new local file; ``id_type`` (``int`` or
+    ``str``) is the type of the ``record_id`` column where the format has typed columns."""
+    if output_format == "parquet":
+        return ParquetPartWriter(path, output_model, what, id_type)
+    return JsonlPartWriter(path, output_model, what)
 
 
-def open_part_writer(output_format: str, path: str, output_model: type[BaseModel], what: str) -> PartWriter:
-    """The writer of ``output_format`` (``jsonl`` or ``parquet``) on a new local file."""
-    return PART_WRITERS[output_format](path, output_model, what)
+def record_id_type(input_model: type[BaseModel], id_field: str | None) -> type | None:
+    """The type of a job's record ids where the input says it: ``str`` for ids of the form ``<key>:<position>``,
+    ``int`` or ``str`` for an ``id_field`` the input model declares so, else None (the ids themselves tell)."""
+    if not id_field:
+        return str
+    info = input_model.model_fields.get(id_field)
+    annotation = _optional_inner(info.annotation) if info is not None else None
+    return annotation if annotation in (int, str) else None
 
 
-def arrow_schema(model: type[BaseModel], exclude: typing.AbstractSet[str]) -> Any:
-    """The Arrow schema of a part file for ``model``: ``record_id`` then the model's fields, in order."""
+def _optional_inner(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+#: The column holding the extra fields of an output model that allows them (``extra="allow"``), as JSON.
+EXTRA_COLUMN = "_extra"
+
+
+def arrow_schema(model: type[BaseModel], exclude: typing.AbstractSet[str], id_type: type = str) -> Any:
+    """The Arrow schema of a part file for ``model``: ``record_id``, the model's fields in order, its computed
+    fields, and ``_extra`` when the model allows extra fields."""
     import pyarrow as pa
 
-    fields = [pa.field("record_id", pa.string(), nullable=False)]
-    for name, info in model.model_fields.items():
+    fields = [pa.field("record_id", pa.int64() if id_type is int else pa.string(), nullable=False)]
+    declared = [(name, info.annotation) for name, info in model.model_fields.items()]
+    declared += [(name, info.return_type) for name, info in model.model_computed_fields.items()]
+    for name, annotation in declared:
         if name in exclude:
             continue
-        arrow_type, is_json = _arrow_type(info.annotation)
+        arrow_type, is_json = _arrow_type(annotation)
         fields.append(pa.field(name, arrow_type, nullable=True, metadata={"encoding": "json"} if is_json else None))
+    if model.model_config.get("extra") == "allow":
+        fields.append(pa.field(EXTRA_COLUMN, pa.string(), nullable=True, metadata={"encoding": "json"}))
     return pa.schema(fields)
 
 

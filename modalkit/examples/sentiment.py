@@ -41,7 +41,7 @@ from modalkit.iomodel import InferenceOutputModel
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["LABELS", "Review", "Sentiment", "SentimentPipeline", "fit", "training_corpus"]
+__all__ = ["LABELS", "Review", "Sentiment", "SentimentParameters", "SentimentPipeline", "fit", "training_corpus"]
 
 log = logging.getLogger(__name__)
 
@@ -215,16 +215,21 @@ def fit(texts: list[str], labels: list[int], n_features: int = 1 << 16, alpha: f
 # --- the pipeline --------------------------------------------------------------------------------------------
 
 
-class SentimentPipeline(InferencePipeline):
-    """Sentiment of product reviews.
+class SentimentParameters(BaseModel):
+    """The keys of a sentiment model entry (``model_settings.model_entries.<name>``), besides ``pipeline``."""
 
-    Model entry keys (``model_settings.model_entries.<name>``):
-        n_features: Hash buckets when the weights are fitted here (default 65536).
-        weights_file: File name under ``<all_model_data_folder>/<model_name>/`` (default ``weights.npz``).
-    """
+    n_features: int = Field(1 << 16, ge=16, le=1 << 24, description="Hash buckets when the weights are fitted here.")
+    weights_file: str = Field(
+        "weights.npz", min_length=1, description="File name under <all_model_data_folder>/<model_name>/."
+    )
+
+
+class SentimentPipeline(InferencePipeline):
+    """Sentiment of product reviews. Its model entry keys are :class:`SentimentParameters`."""
 
     input_model = Review
     output_model = Sentiment
+    parameters = SentimentParameters
 
     def __init__(
         self,

@@ -19,13 +19,16 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from modalkit.batch.crashes import CrashPlan, CrashTracker
 from modalkit.exceptions import DeviceError, RemoteError
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.settings import Settings
@@ -95,9 +98,13 @@ def _warm() -> None:
         _processor()
 
 
-def _run_chunk(job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
-    result: ChunkResult = _processor().process(job, chunk)
+def _run_chunk(job: JobSpec, chunk: ChunkSpec, crash: Any = None) -> ChunkResult:
+    result: ChunkResult = _processor().process(job, chunk, crash)
     return result
+
+
+class _WorkerDied(Exception):
+    """The process running a chunk died (the pool it belonged to is restarted)."""
 
 
 class LocalRunner:
@@ -118,6 +125,7 @@ class LocalRunner:
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._stopped = False
+        self._crash_dir = tempfile.mkdtemp(prefix="modalkit-crumbs-")  # where workers say what is in flight
         if start:
             self.start()
 
@@ -155,14 +163,33 @@ class LocalRunner:
     def run_chunk(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
         """Run one chunk on a worker and wait for its counts.
 
+        When a worker dies on it, the chunk runs again here, narrowed down by where the deaths happened
+        (:mod:`modalkit.batch.crashes`): a record that kills its worker fails alone, as ``WorkerCrashed``.
+
         Raises:
-            RemoteError: the worker process died (retryable; the pool is restarted for the next chunk).
+            RemoteError: a worker died outside the pipeline, or too often (retryable; the pool is restarted).
             ModalkitError: what the chunk raised (storage, queue, pipeline errors keep their type).
         """
+        tracker = CrashTracker(os.path.join(self._crash_dir, f"{job.job_id}-{chunk.index:05d}.inflight"))
+        while True:
+            try:
+                return self._run_once(job, chunk, tracker.plan())
+            except _WorkerDied as died:
+                if not tracker.died():
+                    raise RemoteError(
+                        f"a local worker died while running chunk {chunk.index} ({chunk.key}), outside the pipeline "
+                        f"or {tracker.deaths} times; it will be retried",
+                        retryable=True,
+                    ) from died.__cause__
+                log.warning("a local worker died running chunk %05d (%s); running it again, narrowed down (%d "
+                            "records one at a time, %d not run again)", chunk.index, chunk.key,
+                            len(tracker.careful), len(tracker.killers))  # fmt: skip
+
+    def _run_once(self, job: JobSpec, chunk: ChunkSpec, crash: CrashPlan) -> ChunkResult:
         pool = self._pool()
         try:
             with _sigint_blocked():  # a submit may spawn a worker
-                future = pool.submit(_run_chunk, job, chunk)  # raises BrokenProcessPool too, if a worker just died
+                future = pool.submit(_run_chunk, job, chunk, crash)  # raises BrokenProcessPool if a worker just died
             return future.result()
         except concurrent.futures.CancelledError as exc:
             raise RemoteError(f"chunk {chunk.index} ({chunk.key}) was not run: the workers were stopped") from exc
@@ -175,10 +202,7 @@ class LocalRunner:
             if self._stopped:
                 raise RemoteError(f"chunk {chunk.index} ({chunk.key}) was stopped with the workers") from exc
             self._restart(pool)
-            raise RemoteError(
-                f"a local worker died while running chunk {chunk.index} ({chunk.key}); it will be retried",
-                retryable=True,
-            ) from exc
+            raise _WorkerDied() from exc
 
     def _restart(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
         with self._lock:
@@ -193,12 +217,14 @@ class LocalRunner:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._crash_dir, ignore_errors=True)
 
     def cancel(self) -> None:
         """Kill the workers now: their chunks stay uncommitted, and threads waiting on them get a RemoteError."""
         with self._lock:
             self._stopped = True
             executor, self._executor = self._executor, None
+        shutil.rmtree(self._crash_dir, ignore_errors=True)
         if executor is None:
             return
         processes = list((getattr(executor, "_processes", None) or {}).values())  # the stdlib keeps them there

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batch_support import duplicates, read_failures, read_manifest, read_parts, write_config
+from batch_support import assert_record_invariant, duplicates, read_failures, read_manifest, read_parts, write_config
 
 from modalkit.task_queue import LocalQueueBackend
 
@@ -53,7 +53,9 @@ def write_dataset(folder: Path, n_good: int) -> dict[str, Any]:
     second.insert(3 * len(second) // 4, json.dumps(poison[2]))
     (folder / "reviews-a.jsonl").write_text("\n".join(first) + "\n", encoding="utf-8")
     (folder / "reviews-b.jsonl").write_text("\n".join(second) + "\n", encoding="utf-8")
+    bad_json_at = (folder / "reviews-a.jsonl").read_bytes().index(BAD_JSON.encode())
     return {
+        "ids": [r["id"] for r in good + poison] + [f"reviews-a.jsonl:{bad_json_at}"],
         "records": n_good + len(poison) + 1,
         "good_ids": {r["id"] for r in good},
         "poison_ids": {r["id"]: stage for r, stage in zip(poison, POISON_TEXTS.values(), strict=True)},
@@ -110,6 +112,7 @@ def table_values(stdout: str) -> dict[str, str]:
 
 def assert_every_record_once(output: Path, data: dict[str, Any]) -> None:
     """The invariant: every input record appears exactly once across part files and failure files."""
+    assert_record_invariant(str(output), data["ids"])
     parts, failures = read_parts(str(output)), read_failures(str(output))
     ids = [row["record_id"] for row in parts] + [row["record_id"] for row in failures]
     assert duplicates(ids) == {}
@@ -281,6 +284,23 @@ def test_batch_help_lists_the_contract_options(cli: Callable[..., subprocess.Com
         assert argument in proc.stdout.upper()
 
 
+def test_batch_help_shows_the_defaults_the_bounds_and_the_exit_codes(
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    from modalkit.settings import JobConfig
+
+    text = " ".join(cli("batch", "--help").stdout.replace("│", " ").split())
+    defaults = JobConfig()
+    size = defaults.chunk_size.human_readable(decimal=False).replace(".0", "")  # 32MiB
+    assert f"e.g. 64MiB. Default: job_config ({size})" in text
+    assert f"Default: job_config ({defaults.max_failure_rate})" in text
+    assert f"Default: job_config ({defaults.backend})" in text
+    assert f"Default: job_config ({defaults.output_format})" in text
+    assert "64KiB to 8GiB" in text
+    assert "0 the job completed; 1 it failed; 2 it could not start" in text
+    assert "130 Ctrl-C and 143 SIGTERM" in text
+
+
 # --- the demo -----------------------------------------------------------------------------------------------------
 
 
@@ -289,27 +309,32 @@ def test_demo_scores_sample_reviews_end_to_end_and_its_numbers_add_up(
 ) -> None:
     workdir = tmp_path / "demo"
 
-    proc = cli("demo", "--records", "300", "--workdir", str(workdir))
+    proc = cli("demo", "--records", "200", "--workdir", str(workdir))  # its 15 bad records are 7%: still completes
 
     assert proc.returncode == 0, proc.stderr
     table = {k: int(v.replace(",", "")) for k, v in table_values(proc.stdout).items() if k in {"records", "succeeded",
              "failed", "chunks", "chunks_skipped"}}  # fmt: skip
     manifest = read_manifest(str(workdir / "results"))
-    assert table["records"] == manifest["records"] == 300 + 15  # 300 reviews and 5 malformed ones in 3 files
+    assert table["records"] == manifest["records"] == 200 + 15  # 200 reviews and 5 malformed ones in 3 files
     assert table["records"] == table["succeeded"] + table["failed"]
-    assert (table["succeeded"], table["failed"]) == (manifest["succeeded"], manifest["failed"]) == (300, 15)
+    assert (table["succeeded"], table["failed"]) == (manifest["succeeded"], manifest["failed"]) == (200, 15)
     assert table["chunks_skipped"] == 0
-    assert "records in = 315 = 300 succeeded + 15 failed" in proc.stdout
+    assert "records in = 215 = 200 succeeded + 15 failed" in proc.stdout
     assert "local queue" in proc.stdout
-    assert "300 success records, 15 failure records" in proc.stdout
+    assert "200 success records, 15 failure records" in proc.stdout
+    assert "and 7 more in " in proc.stdout  # the failures table shows 8 of 15 and says so
+    failures = read_failures(str(workdir / "results"))
+    unterminated = [r for r in failures if "an unterminated string" in str(r["input"])]
+    assert len(unterminated) == 3  # one in each JSONL file
+    assert all("invalid JSON: Unterminated string starting at (column " in r["error"] for r in unterminated)
     # and the queue file really holds them (a second handle on the durable local queue)
     queues = LocalQueueBackend(workdir / "queues")
     try:
-        assert (queues.count("demo-success"), queues.count("demo-failures")) == (300, 15)
+        assert (queues.count("demo-success"), queues.count("demo-failures")) == (200, 15)
         successes = [json.loads(body) for body in queues.messages("demo-success")]
     finally:
         queues.close()
     parts = read_parts(str(workdir / "results"))
     assert {m["record_id"] for m in successes} == {row["record_id"] for row in parts}
-    assert len(parts) == 300
+    assert len(parts) == 200
     assert len(read_failures(str(workdir / "results"))) == 15

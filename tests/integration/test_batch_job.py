@@ -22,7 +22,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
+from batch_support import (
+    assert_record_invariant,
+    drain_sqs,
+    duplicates,
+    read_failures,
+    read_manifest,
+    read_parts,
+    write_config,
+)
 
 from flows.batch_inference import JobFailed, batch_inference
 from modalkit.batch import storage
@@ -337,6 +345,7 @@ def chunks_per_file(output_uri: str) -> Counter[str]:
 
 def check_outputs(ds: Dataset, output_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every input record is in exactly one part or failure file, and each failure says where and why."""
+    assert_record_invariant(output_uri, [e.record_id for e in ds.expected])
     parts, failures = read_parts(output_uri), read_failures(output_uri)
     ids = [row["record_id"] for row in parts] + [row["record_id"] for row in failures]
     assert duplicates(ids) == {}
@@ -458,6 +467,8 @@ def test_jsonl_csv_and_parquet_in_s3_come_out_exactly_once_on_files_queues_and_p
     manifest = check_summary(ds, summary, output)
     parts, failure_rows = check_outputs(ds, output)
     successes, failures = drain_sqs(sqs, ok_url), drain_sqs(sqs, err_url)
+    assert_record_invariant(output, [e.record_id for e in ds.expected], {"success": successes, "failure": failures},
+                            summary)  # fmt: skip
     check_queue_messages(ds, summary["job_id"], successes, failures, parts, failure_rows)
     assert (manifest["queued_success"], manifest["queued_failure"]) == (len(successes), len(failures))
     assert (len(successes), len(failures)) == (summary["succeeded"], summary["failed"])
@@ -492,7 +503,7 @@ def test_without_id_field_records_are_named_by_file_and_position_and_parts_can_b
     assert [n for n in names if n.startswith("part-")] == [f"part-{i:05d}.parquet" for i in range(summary["chunks"])]
     # Parquet parts keep the output model's types
     table = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/part-00000.parquet")))
-    assert table.schema.names == ["record_id", "label", "score"]
+    assert table.schema.names == ["record_id", "label", "score", "_extra"]  # _extra: any extra output fields
     assert (table.schema.field("record_id").type, table.schema.field("score").type) == (pa.string(), pa.float64())
     # every stage failed some record, and each failure's id (checked above) is its file and position
     assert {f["stage"] for f in failures} == {"parse", "validate", "preprocess", "predict", "postprocess"}
@@ -540,6 +551,9 @@ def test_a_job_run_again_skips_its_committed_chunks_and_sends_nothing_twice(
         second = run_job(tmp_path, ds.uri, output, SPLIT_CSV, **params)
 
         assert (queues.count("ok"), queues.count("err")) == sent
+        queued = {"success": [json.loads(b) for b in queues.messages("ok")],
+                  "failure": [json.loads(b) for b in queues.messages("err")]}  # fmt: skip
+        assert_record_invariant(output, [e.record_id for e in ds.expected], queued, second)
     finally:
         queues.close()
     assert second["job_id"] == first["job_id"]

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
+from batch_support import (
+    assert_record_invariant,
+    drain_sqs,
+    duplicates,
+    read_manifest,
+    write_config,
+)
 from support import MotoServer, TcpProxy, stop_process
 
 from flows.batch_inference import JobFailed, batch_inference  # imports Prefect, which sets up its logging
@@ -66,47 +72,36 @@ def make_records(n: int, pad: int = 0) -> tuple[bytes, list[str], set[str]]:
     return ("\n".join(lines) + "\n").encode(), ids, bad
 
 
-def check_invariant(output_uri: str, ids: list[str], bad: set[str], summary: dict[str, Any]) -> dict[str, set[str]]:
-    """The job invariant over what the job wrote; returns the ids that succeeded and the ids that failed."""
-    part_ids = [row["record_id"] for row in read_parts(output_uri)]
-    failure_ids = [row["record_id"] for row in read_failures(output_uri)]
-    assert duplicates(part_ids + failure_ids) == {}
-    assert sorted(part_ids + failure_ids) == sorted(ids)
-    assert set(failure_ids) == bad  # per-record isolation: exactly the bad records failed
-    assert summary["records"] == len(ids) == summary["succeeded"] + summary["failed"]
-    assert (summary["succeeded"], summary["failed"]) == (len(part_ids), len(failure_ids))
+def check_invariant(
+    output_uri: str,
+    ids: list[str],
+    bad: set[str],
+    summary: dict[str, Any],
+    queued: dict[str, list[dict[str, Any]]] | None = None,
+    exactly_once: bool = True,
+) -> dict[str, set[str]]:
+    """The job invariant (batch_support's one helper) over what the job wrote and queued, and per-record isolation:
+    exactly the bad records failed. Returns the ids that succeeded and the ids that failed."""
+    outcome = assert_record_invariant(output_uri, ids, queued, summary, exactly_once=exactly_once)
+    assert set(outcome["failure"]) == bad  # per-record isolation: exactly the bad records failed
     manifest = read_manifest(output_uri)
-    assert (manifest["job_id"], manifest["records"], manifest["status"]) == (summary["job_id"], len(ids), "completed")
-    return {"success": set(part_ids), "failure": set(failure_ids)}
+    assert (manifest["job_id"], manifest["status"]) == (summary["job_id"], "completed")
+    return {"success": set(outcome["success"]), "failure": set(outcome["failure"])}
 
 
-def queue_ids(bodies: list[dict[str, Any]], job_id: str, status: str) -> list[str]:
-    assert {(b["job_id"], b["status"]) for b in bodies} <= {(job_id, status)}
-    return [b["record_id"] for b in bodies]
-
-
-def check_exactly_once(outcome: dict[str, set[str]], queued: dict[str, list[str]]) -> None:
-    for kind, status in (("success", "success"), ("failure", "error")):
-        assert duplicates(queued[kind]) == {}, f"{kind} queue repeats records"
-        assert set(queued[kind]) == outcome[kind], f"{kind} queue differs from the {status} records"
-
-
-def local_queue(root: Path, job_id: str, ok: str, bad: str) -> dict[str, list[str]]:
+def local_queue(root: Path, ok: str, bad: str) -> dict[str, list[dict[str, Any]]]:
     backend = LocalQueueBackend(root)
     try:
         return {
-            "success": queue_ids([json.loads(b) for b in backend.messages(ok)], job_id, "success"),
-            "failure": queue_ids([json.loads(b) for b in backend.messages(bad)], job_id, "error"),
+            "success": [json.loads(b) for b in backend.messages(ok)],
+            "failure": [json.loads(b) for b in backend.messages(bad)],
         }
     finally:
         backend.close()
 
 
-def sqs_queue(sqs: Any, job_id: str, ok_url: str, bad_url: str) -> dict[str, list[str]]:
-    return {
-        "success": queue_ids(drain_sqs(sqs, ok_url), job_id, "success"),
-        "failure": queue_ids(drain_sqs(sqs, bad_url), job_id, "error"),
-    }
+def sqs_queue(sqs: Any, ok_url: str, bad_url: str) -> dict[str, list[dict[str, Any]]]:
+    return {"success": drain_sqs(sqs, ok_url), "failure": drain_sqs(sqs, bad_url)}
 
 
 # --- where a job stands: markers and manifest, read straight from disk or moto --------------------------------
@@ -303,8 +298,7 @@ def test_killed_job_resumes_from_committed_chunks_with_local_queue(tmp_path: Pat
     summary = cli.summary(*args)
 
     assert 2 <= summary["chunks_skipped"] < summary["chunks"]
-    outcome = check_invariant(out, ids, bad, summary)
-    check_exactly_once(outcome, local_queue(tmp_path / "queues", summary["job_id"], "ok", "bad"))
+    check_invariant(out, ids, bad, summary, local_queue(tmp_path / "queues", "ok", "bad"))
 
 
 @pytest.mark.slow
@@ -325,8 +319,7 @@ def test_killed_job_resumes_with_sqs_fifo_queues_exactly_once(
     summary = cli.summary(*args)
 
     assert 2 <= summary["chunks_skipped"] < summary["chunks"]
-    outcome = check_invariant(out, ids, bad, summary)
-    check_exactly_once(outcome, sqs_queue(direct["sqs"], summary["job_id"], ok_url, bad_url))
+    check_invariant(out, ids, bad, summary, sqs_queue(direct["sqs"], ok_url, bad_url))
 
 
 # --- 2. S3 or SQS unreachable for a few seconds mid-job ------------------------------------------------------
@@ -410,11 +403,10 @@ def test_outage_mid_job_loses_no_record(
         reset_clients()
 
     assert outage.cut_mid_job, "the outage never happened while the job ran; make the job longer"
-    outcome = check_invariant(out, ids, bad, summary)
-    queued = sqs_queue(direct["sqs"], summary["job_id"], ok_url, bad_url)
-    for kind in ("success", "failure"):  # at least once: standard queues may repeat what a retried chunk resent
-        assert set(queued[kind]) == outcome[kind], f"{kind} records lost or foreign on the queue"
-    repeated = duplicates(queued["success"] + queued["failure"])
+    queued = sqs_queue(direct["sqs"], ok_url, bad_url)
+    # at least once: standard queues may repeat what a retried chunk resent
+    check_invariant(out, ids, bad, summary, queued, exactly_once=False)
+    repeated = duplicates([b["record_id"] for b in queued["success"] + queued["failure"]])
     record_property("runs", runs)
     record_property("repeated_messages", sum(repeated.values()) - len(repeated))
     print(f"{service} outage: {runs} run(s), {len(repeated)} records sent more than once: {sorted(repeated)[:10]}")
@@ -465,7 +457,8 @@ def send_windows(sender: RecordSender, windows: int, size: int = 4) -> None:
 
 
 class RetryLog(logging.Handler):
-    """Collects Prefect's task-run log lines that announce a retry."""
+    """Collects the log lines that announce a retry: Prefect's task runs, and the local runner's own reruns of a
+    chunk whose worker died."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -473,19 +466,21 @@ class RetryLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if "Retry" in message:
+        if "Retry" in message or "worker died" in message:
             self.lines.append(message)
 
 
 @pytest.fixture
 def retry_log() -> Iterator[RetryLog]:
     handler = RetryLog()
-    logger = logging.getLogger("prefect.task_runs")
-    logger.addHandler(handler)
+    loggers = [logging.getLogger("prefect.task_runs"), logging.getLogger("modalkit.runners.local")]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         yield handler
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
 
 
 class WorkerKiller(threading.Thread):
@@ -530,8 +525,7 @@ def test_local_worker_killed_mid_chunk_costs_only_a_retry(
     assert not alive(killer.killed)
     assert any("a local worker died" in line for line in retry_log.lines), retry_log.lines
     assert summary["chunks_skipped"] == 0
-    outcome = check_invariant(out, ids, bad, summary)
-    check_exactly_once(outcome, local_queue(tmp_path / "queues", summary["job_id"], "ok", "bad"))
+    check_invariant(out, ids, bad, summary, local_queue(tmp_path / "queues", "ok", "bad"))
 
 
 # --- 3. fail fast, writing nothing ---------------------------------------------------------------------------

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-from batch_support import duplicates, read_failures, read_parts, write_config
+from batch_support import assert_record_invariant, write_config
 
 from flows.batch_inference import build_batch_flow
 from modalkit.batch.layout import OutputLayout
@@ -91,10 +90,8 @@ def test_committed_chunks_of_a_resumed_local_job_never_reach_a_worker(tmp_path: 
         assert {k: summary[k] for k in ("records", "succeeded", "failed")} == {
             k: first[k] for k in ("records", "succeeded", "failed")
         }
-    ids: list[Any] = [r["record_id"] for r in read_parts(str(tmp_path / "out"))]
-    ids += [r["record_id"] for r in read_failures(str(tmp_path / "out"))]
-    assert duplicates(ids) == {}
-    assert len(ids) == first["records"] == 1200
+    assert first["records"] == 1200
+    assert_record_invariant(str(tmp_path / "out"), [f"r{i:05d}" for i in range(1200)], summary=partly)
 
 
 def test_a_local_worker_on_a_broken_gpu_is_replaced_and_its_chunk_runs_again_elsewhere(
@@ -112,9 +109,7 @@ def test_a_local_worker_on_a_broken_gpu_is_replaced_and_its_chunk_runs_again_els
     assert summary["status"] == "completed"
     assert (summary["records"], summary["succeeded"], summary["failed"]) == (600, 600, 0)
     assert len(runners.made[0].chunks) > summary["chunks"]  # the chunk that met it was sent again
-    ids = [r["record_id"] for r in read_parts(str(tmp_path / "out"))]
-    assert duplicates(ids) == {}
-    assert len(ids) == 600
+    assert_record_invariant(str(tmp_path / "out"), [f"r{i:05d}" for i in range(600)], summary=summary)
 
 
 class OutageRunner(CountingRunner):

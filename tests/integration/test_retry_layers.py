@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,19 @@ def test_an_sqs_send_makes_exactly_max_send_attempts_http_attempts(dropping: Dro
 
     assert raised.value.retryable
     assert dropping.accepted == 3  # the shared boto3 client retried nothing itself
+
+
+def test_planning_a_job_on_an_unreachable_s3_gives_up_with_the_storage_layer_alone(
+    dropping: DroppingServer, monkeypatch: pytest.MonkeyPatch, prefect_api: str, tmp_path: Path
+) -> None:
+    from batch_support import write_config
+
+    from flows.batch_inference import batch_inference
+
+    monkeypatch.setattr(storage, "RETRY_SECONDS", 0.0)  # one try per storage call
+    config = write_config(tmp_path)
+    with pytest.raises(StorageError, match="s3://bucket/in") as raised:
+        batch_inference(input_uri="s3://bucket/in", output_uri=str(tmp_path / "out"), config=str(config))
+    assert raised.value.retryable
+    # the Prefect task around planning tries once: it used to run twice more, tripling how long an outage took
+    assert dropping.accepted <= 2

@@ -212,9 +212,11 @@ def test_csv_header_problems_are_storage_errors_naming_the_file(tmp_path: Path) 
     (tmp_path / "dup.csv").write_bytes(b"a,a\n1,2\n")
     with pytest.raises(StorageError, match=r"dup\.csv.*repeated"):
         plan_chunks(list_dataset(str(tmp_path / "dup.csv")), 100)
-    (tmp_path / "empty.csv").write_bytes(b"\n")
-    with pytest.raises(StorageError, match=r"empty\.csv.*no header"):
-        plan_chunks(list_dataset(str(tmp_path / "empty.csv")), 100)
+    (tmp_path / "empty.csv").write_bytes(b"\n")  # nothing but a blank line: no records, as in every format
+    assert plan_chunks(list_dataset(str(tmp_path / "empty.csv")), 100) == []
+    (tmp_path / "bad.csv").write_bytes(b"a,\n1,2\n")
+    with pytest.raises(StorageError, match=r"bad\.csv.*empty or repeated column names"):
+        plan_chunks(list_dataset(str(tmp_path / "bad.csv")), 100)
 
 
 def test_csv_header_with_a_byte_order_mark(tmp_path: Path) -> None:
@@ -362,7 +364,9 @@ def test_job_id_is_stable_and_changes_with_listing_model_or_params(tmp_path: Pat
     assert job_id_for(list_dataset(str(root)), "m", {**params, "id_field": "id"}) != base
 
     stat = (root / "a.jsonl").stat()
-    os.utime(root / "a.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # same size, new version
+    os.utime(root / "a.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # touched: same content
+    assert job_id_for(list_dataset(str(root)), "m", params) == base
+    (root / "a.jsonl").write_bytes(b'{"x": 3}\n')  # same size, new content
     touched = job_id_for(list_dataset(str(root)), "m", params)
     assert touched != base
     assert job_id_for(list_dataset(str(root)), "m", params) == touched

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from modalkit.exceptions import ConfigError, DeviceError, PipelineError
 from modalkit.inference_pipeline import (
     MAX_ERROR_CHARS,
+    ContractBroken,
     InferencePipeline,
     RecordError,
     is_device_failure,
@@ -337,12 +338,16 @@ def test_run_isolated_without_output_model_requires_pydantic_outputs() -> None:
     assert all(isinstance(o, RecordError) and o.error_type == "InvalidOutput" for o in outcomes)
 
 
-def test_run_isolated_wrong_output_count_becomes_record_errors_naming_the_counts() -> None:
-    outcomes = run_isolated(DropsOne(), numbers(4))
+def test_a_wrong_output_count_that_one_record_reproduces_stops_naming_the_stage_and_both_counts() -> None:
+    pipeline = DropsOne()
+    with pytest.raises(ContractBroken) as broken:
+        run_isolated(pipeline, numbers(256))
 
-    assert len(outcomes) == 4
-    assert all(isinstance(o, RecordError) and o.error_type == "PipelineError" for o in outcomes)
-    assert "returned 0 outputs for 1 inputs" in outcomes[0].error
+    message = str(broken.value)
+    assert "DropsOne.postprocess broke the pipeline contract: it returned 0 outputs for 1 inputs" in message
+    assert "(the first batch it failed on: returned 255 outputs for 256 inputs)" in message
+    assert broken.value.retryable is False
+    assert pipeline.calls["predict"] == 9  # halved down to one record, not bisected over all 256
 
 
 def test_record_error_message_is_bounded() -> None:

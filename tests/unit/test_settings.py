@@ -143,7 +143,7 @@ def test_empty_yaml_file_means_defaults() -> None:
     assert settings.config_files == (Path("empty.yaml"),)
 
 
-# --- precedence: init kwargs > env > YAML > .env ----------------------------------------------------------
+# --- precedence: init kwargs > env > .env > YAML ----------------------------------------------------------
 
 
 def test_env_var_beats_yaml_and_keeps_the_other_yaml_keys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,7 +165,7 @@ def test_dotenv_in_working_directory_is_read() -> None:
     assert settings.app_settings.app_prefix == "from-dotenv"
 
 
-def test_sources_precedence_is_init_then_env_then_yaml_then_dotenv(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sources_precedence_is_init_then_env_then_dotenv_then_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
     # each field is set by every source up to the one that must win
     write(
         ".env",
@@ -193,10 +193,37 @@ def test_sources_precedence_is_init_then_env_then_yaml_then_dotenv(monkeypatch: 
     settings = Settings.load(data={"app_settings": {"batch_config": {"max_batch_size": 4}}})
 
     app = settings.app_settings
-    assert app.batch_config.max_batch_size == 4  # init kwargs beat env, YAML and .env
-    assert app.batch_config.wait_ms == 3  # env beats YAML and .env
-    assert app.deployment_config.timeout == 2  # YAML beats .env
+    assert app.batch_config.max_batch_size == 4  # init kwargs beat env, .env and YAML
+    assert app.batch_config.wait_ms == 3  # env beats .env and YAML
+    assert app.deployment_config.timeout == 1  # .env beats YAML
     assert app.app_prefix == "dotenv"  # .env beats the defaults
+
+
+def test_dotenv_takes_effect_beside_the_shipped_yaml_that_sets_every_key() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "modalkit.yaml"
+    write("modalkit.yaml", shipped.read_text(encoding="utf-8"))
+    write(".env", f"{MAX_BATCH_ENV}=48\n")
+
+    assert Settings().app_settings.batch_config.max_batch_size == 48
+
+
+def test_a_typo_in_dotenv_is_blamed_on_dotenv_not_on_the_yaml() -> None:
+    write("modalkit.yaml", "app_settings:\n  batch_config:\n    max_batch_size: 8\n")
+    write(".env", "MODALKIT_APP_SETTINGS__BATCH_CONFIG__MAX_BATCH_SISE=7\n")
+
+    with pytest.raises(ConfigError, match=r"max_batch_sise: unknown key; did you mean 'max_batch_size'\? \(in \.env\)"):
+        Settings()
+
+
+def test_a_bad_default_model_in_a_users_layer_is_blamed_on_that_layer() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "modalkit.yaml"
+    write("modalkit.yaml", shipped.read_text(encoding="utf-8"))
+    write("prod.yaml", "model_settings:\n  default_model: nowhere\n")
+
+    with pytest.raises(
+        ConfigError, match=r"model_settings.default_model: .*'nowhere' is not one of model_entries .*in prod\.yaml\)"
+    ):
+        Settings.load("modalkit.yaml,prod.yaml")
 
 
 def test_init_kwargs_merge_with_the_other_sources() -> None:
@@ -538,7 +565,9 @@ def test_entry_with_no_models_configured_says_so() -> None:
 
 
 def test_default_model_must_be_a_model_entry() -> None:
-    with pytest.raises(ConfigError, match=r"default_model 'spam' is not one of model_entries"):
+    with pytest.raises(
+        ConfigError, match=r"model_settings.default_model: Value error, 'spam' is not one of model_entries"
+    ):
         entries("reviews", default="spam")
 
 

@@ -8,7 +8,7 @@ Parquet row), or :class:`Unreadable` (a record that could not be split into fiel
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, Literal
 
@@ -64,6 +64,13 @@ class InputFormat(ABC):
     def read(self, chunk: Any, batch_size: int) -> Iterator[Batch]:
         """The records of ``chunk`` (a ChunkSpec), in file order, at most ``batch_size`` per sub-batch."""
 
+    def prove_start(self, chunk: Any, committed: Callable[[], set[int]]) -> None:  # noqa: B027 - optional
+        """Raise unless ``chunk`` provably starts at a record boundary; called before its results are committed.
+
+        ``committed`` lists the indices of the job's committed chunks. Nothing to prove by default: JSONL lines
+        and Parquet row groups are records' boundaries by construction.
+        """
+
 
 class Codec(ABC):
     """A compression a file name may declare after its format's suffix (``reviews.jsonl.gz``).
@@ -73,6 +80,8 @@ class Codec(ABC):
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]]
+    #: What reading the decompressed stream raises when the file is corrupt or truncated (no retry can fix it).
+    corrupt_errors: ClassVar[tuple[type[BaseException], ...]] = ()
 
     @abstractmethod
     def open(self, stream: IO[bytes]) -> IO[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from typing import IO, cast
 
 from modalkit.batch.formats.base import Codec
@@ -15,6 +16,7 @@ class Gzip(Codec):
 
     name = "gzip"
     suffixes = (".gz",)
+    corrupt_errors = (EOFError, gzip.BadGzipFile, zlib.error)
 
     def open(self, stream: IO[bytes]) -> IO[bytes]:
         return cast(IO[bytes], gzip.GzipFile(fileobj=stream, mode="rb"))

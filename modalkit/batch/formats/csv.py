@@ -2,15 +2,19 @@
 
 A quoted field may hold a line break, and whether a byte offset falls inside quotes cannot be known without
 reading everything before it. So a CSV file is one chunk, unless ``job_config.split_csv`` says its quoted fields
-hold no line breaks: then it is cut at line ends like JSONL, and a record found running across a cut fails the
-job loudly instead of being scored broken.
+hold no line breaks: then it is cut at line ends like JSONL, and each chunk proves what that promise rests on.
+With no quoted line breaks every line holds an even number of quote characters, so every line end is a record
+boundary; a chunk fails loudly on a line with an odd number, and before it commits it proves that every line
+before its start is even too: the lines of the chunks before it that have committed were checked by them, and
+it reads the rest itself (usually one chunk's worth: the one still running beside it). A chunk that starts
+inside a quoted field therefore never commits records cut out of it.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from modalkit.batch.formats.base import Batch, InputFile, InputFormat, PlanOptions, Unreadable, batched
@@ -29,28 +33,74 @@ class CsvFormat(InputFormat):
     suffixes = (".csv",)
 
     def plan(self, file: InputFile, options: PlanOptions) -> list[dict[str, Any]]:
-        header, header_bytes = _read_header(file)
+        found = _read_header(file)
+        if found is None:
+            return []  # an empty file (or one of blank lines) holds no records, in every format
+        header, header_bytes = found
         if file.compression or file.size <= options.chunk_size or not options.split_csv:
             return [{"start": header_bytes, "end": None, "size": file.size, "header": header}]
-        return [{**part, "header": header} for part in byte_ranges(file.size, header_bytes, options.chunk_size)]
+        parts = byte_ranges(file.size, header_bytes, options.chunk_size)
+        if len(parts) == 1:
+            return [{**parts[0], "header": header}]
+        cut = {"header": header, "cut_from": header_bytes, "cut_step": parts[0]["end"] - parts[0]["start"]}
+        return [{**part, **cut} for part in parts]
 
     def read(self, chunk: Any, batch_size: int) -> Iterator[Batch]:
         yield from batched(_rows(chunk), batch_size)
 
+    def prove_start(self, chunk: Any, committed: Callable[[], set[int]]) -> None:
+        if not chunk.cut_step or chunk.index == chunk.first_index:
+            return  # a whole file, or its first chunk: it starts right after the header
+        done = committed()
+        behind = chunk.index - chunk.first_index
+        proven = 0  # the file's first chunks that committed: each checked its own lines
+        while proven < behind and chunk.first_index + proven in done:
+            proven += 1
+        if proven == behind:
+            return
+        region = chunk.model_copy(update={"start": chunk.cut_from + proven * chunk.cut_step, "end": chunk.start})
+        for pos, line in read_lines(region):
+            if line.count(b'"') & 1:
+                raise _unbalanced(chunk.key, pos, f"so chunk {chunk.index} cannot be proven to start at a record")
 
-def _read_header(f: InputFile) -> tuple[tuple[str, ...], int]:
-    """The column names and the byte length of the header line (0 for compressed files, read from byte 0)."""
+
+def _read_header(f: InputFile) -> tuple[tuple[str, ...], int] | None:
+    """The column names and the byte length of the header line (0 for compressed files, read from byte 0); None for
+    a file with nothing but blank lines."""
     with storage_errors(f"reading the header of {f.uri}"), open_chunk(f.uri, f.compression) as fh:
         probe = fh.readline(HEADER_PROBE_BYTES)
-    if not probe.strip():
-        raise StorageError(f"{f.key}: CSV file has no header line", retryable=False)
+        skipped = 0
+        while probe and not probe.strip():  # blank lines before the header
+            skipped += len(probe)
+            probe = fh.readline(HEADER_PROBE_BYTES)
+    if not probe:
+        return None
+    if probe.startswith(b"\xef\xbb\xbf") and not probe[3:].strip():
+        return None
     try:
         names = next(csv.reader(io.StringIO(probe.decode("utf-8-sig"))))
     except (UnicodeDecodeError, csv.Error, StopIteration) as exc:
         raise StorageError(f"{f.key}: cannot read the CSV header: {exc}", retryable=False) from exc
     if len(set(names)) != len(names) or any(not n for n in names):
         raise StorageError(f"{f.key}: CSV header has empty or repeated column names: {names}", retryable=False)
-    return tuple(names), 0 if f.compression else len(probe)
+    return tuple(names), 0 if f.compression else skipped + len(probe)
+
+
+def _unbalanced(key: str, pos: int, consequence: str) -> StorageError:
+    return StorageError(
+        f"{key}: the CSV line at byte {pos} has an odd number of quote characters (a quoted field holding a line "
+        f"break, or a stray quote), {consequence}; this file cannot be cut at line ends: set "
+        "app_settings.job_config.split_csv to false (CSV files are then read whole)",
+        retryable=False,
+    )
+
+
+def _checked(lines: Iterator[tuple[int, bytes]], key: str, end: int) -> Iterator[tuple[int, bytes]]:
+    """The lines, failing on an owned line (one starting before ``end``) with an odd number of quotes."""
+    for pos, line in lines:
+        if pos < end and line.count(b'"') & 1:
+            raise _unbalanced(key, pos, "against the promise of split_csv")
+        yield pos, line
 
 
 def _rows(chunk: Any) -> Iterator[tuple[int, Any]]:
@@ -58,13 +108,18 @@ def _rows(chunk: Any) -> Iterator[tuple[int, Any]]:
     if not header:
         raise StorageError(f"{chunk.key}: CSV chunk planned without a header", retryable=False)
     lines = read_lines(chunk, stop_at_end=False)
-    if chunk.start == 0:
-        next(lines, None)  # the header line itself (compressed files are read from their first byte)
+    if chunk.cut_step:
+        lines = _checked(lines, chunk.key, chunk.end if chunk.end is not None else 1 << 62)
+    if chunk.start == 0:  # the header line itself, and blank lines before it (compressed files are read whole)
+        for _, line in lines:
+            if line.strip():
+                break
     source = _LineSource(lines)
     reader = csv.reader(source)
     end = chunk.end
     while True:
         source.row_start = None
+        source.bad_utf8 = None
         try:
             row = next(reader)
         except StopIteration:
@@ -73,6 +128,9 @@ def _rows(chunk: Any) -> Iterator[tuple[int, Any]]:
             yield source.row_start or 0, Unreadable("CSVError", str(exc), source.last_text)
             continue
         pos = source.row_start if source.row_start is not None else 0
+        if source.bad_utf8 is not None:
+            yield pos, Unreadable("UnicodeDecodeError", source.bad_utf8, source.last_text)
+            continue
         if end is not None and pos >= end:
             return  # the next chunk's first record
         if end is not None and source.last_start >= end:
@@ -82,8 +140,8 @@ def _rows(chunk: Any) -> Iterator[tuple[int, Any]]:
                 "app_settings.job_config.split_csv to false (CSV files are then read whole)",
                 retryable=False,
             )
-        if not row or row == [""]:
-            continue  # blank line
+        if not row or (len(row) == 1 and source.row_start == source.last_start and not row[0].strip()):
+            continue  # a blank line, or one of only spaces: not a record, as in JSONL
         if len(row) != len(header):
             yield (
                 pos,
@@ -101,6 +159,8 @@ class _LineSource:
         self.row_start: int | None = None
         self.last_start = 0
         self.last_text = ""
+        #: what was not UTF-8 in the current row (the row fails; its text is read with replacement characters)
+        self.bad_utf8: str | None = None
 
     def __iter__(self) -> _LineSource:
         return self
@@ -110,5 +170,10 @@ class _LineSource:
         if self.row_start is None:
             self.row_start = pos
         self.last_start = pos
-        self.last_text = line.decode("utf-8", errors="replace")
+        try:
+            self.last_text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if self.bad_utf8 is None:
+                self.bad_utf8 = f"invalid UTF-8 at byte {pos + exc.start} ({exc.reason})"
+            self.last_text = line.decode("utf-8", errors="replace")
         return self.last_text

@@ -8,7 +8,9 @@ from typing import Any
 from modalkit.batch.formats.base import Batch, InputFile, InputFormat, PlanOptions, batched
 from modalkit.batch.formats.lines import byte_ranges, read_lines
 
-__all__ = ["JsonlFormat"]
+__all__ = ["BOM", "JsonlFormat"]
+
+BOM = b"\xef\xbb\xbf"
 
 
 class JsonlFormat(InputFormat):
@@ -24,5 +26,15 @@ class JsonlFormat(InputFormat):
 
     def read(self, chunk: Any, batch_size: int) -> Iterator[Batch]:
         # "{" starts nearly every record, so the strip() that finds blank lines is seldom needed
-        lines = ((pos, line) for pos, line in read_lines(chunk) if line[0] == 0x7B or line.strip())
+        lines = ((pos, line) for pos, line in _without_bom(read_lines(chunk)) if line[0] == 0x7B or line.strip())
         yield from batched(lines, batch_size)
+
+
+def _without_bom(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    """The lines, with a UTF-8 byte order mark at the start of the file dropped (as CSV readers accept one)."""
+    for pos, line in lines:
+        if pos == 0 and line.startswith(BOM):
+            line = line[len(BOM) :] or b"\n"
+        yield pos, line
+        yield from lines
+        return

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 from modalkit.batch import storage
 from modalkit.batch.formats.codecs import codec_named
-from modalkit.exceptions import storage_errors
+from modalkit.exceptions import StorageError, storage_errors
 
 __all__ = ["byte_ranges", "open_chunk", "read_lines"]
 
@@ -43,11 +43,24 @@ def open_chunk(uri: str, compression: str | None) -> Iterator[IO[bytes]]:
             yield stream
 
 
+@contextlib.contextmanager
+def _corrupt_is_final(chunk: Any, corrupt: tuple[type[BaseException], ...]) -> Iterator[None]:
+    try:
+        yield
+    except corrupt as exc:
+        raise StorageError(
+            f"{chunk.key}: the {chunk.compression} data is corrupt or truncated ({type(exc).__name__}: {exc}); "
+            "replace the file: running the job again cannot fix it",
+            retryable=False,
+        ) from exc
+
+
 def read_lines(chunk: Any, stop_at_end: bool = True) -> Iterator[tuple[int, bytes]]:
     """The lines that start in the chunk's byte range, with their offsets. With ``stop_at_end=False`` the lines go
     on to the end of the file and the caller stops (a CSV record may continue past the range)."""
     what = f"reading {chunk.uri}"
-    with storage_errors(what), open_chunk(chunk.uri, chunk.compression) as fh:
+    corrupt = codec_named(chunk.compression).corrupt_errors if chunk.compression else ()
+    with storage_errors(what), _corrupt_is_final(chunk, corrupt), open_chunk(chunk.uri, chunk.compression) as fh:
         pos = chunk.start
         if pos > 0 and not chunk.compression:
             fh.seek(pos - 1)

@@ -23,6 +23,8 @@ class ParquetFormat(InputFormat):
     def plan(self, file: InputFile, options: PlanOptions) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
+        if file.size == 0:
+            return []  # an empty file holds no records, in every format
         with storage_errors(f"reading the Parquet footer of {file.uri}"), storage.open_input(file.uri) as fh:
             try:
                 meta = pq.ParquetFile(fh).metadata

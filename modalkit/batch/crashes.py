@@ -1,0 +1,127 @@
+"""Finding the record that kills its worker process (``os._exit``, a segfault, an OOM kill), instead of failing its
+whole chunk.
+
+A worker that runs a chunk under a :class:`CrashPlan` writes a breadcrumb to a local file before each pipeline call:
+which records (by position) are in flight. When the process dies, the runner reads the breadcrumb and runs the chunk
+again with a narrower plan: a sub-batch that was in flight at two deaths in a row is run one record at a time
+(``careful``), and a record that was alone in flight at a death is not run again but failed with
+``error_type: WorkerCrashed`` (``killers``). The other records of the chunk are scored as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from modalkit.inference_pipeline import RecordError
+
+__all__ = ["CrashLog", "CrashPlan", "CrashTracker", "read_breadcrumb", "run_guarded"]
+
+#: What a record that killed its worker gets, in place of an output.
+WORKER_CRASHED = "WorkerCrashed"
+
+
+@dataclass(frozen=True)
+class CrashPlan:
+    """How a worker runs a chunk that has killed workers before (positions are the records' positions)."""
+
+    breadcrumb: str
+    careful: frozenset[int] = frozenset()
+    killers: frozenset[int] = frozenset()
+
+
+class CrashLog:
+    """The worker's side: the breadcrumb file, rewritten before each pipeline call."""
+
+    def __init__(self, plan: CrashPlan) -> None:
+        self.plan = plan
+        self._fh = open(plan.breadcrumb, "wb")  # noqa: SIM115 - closed in close()
+
+    def note(self, kind: str, positions: Sequence[int]) -> None:
+        """Record that the pipeline is about to run these records (``kind``: "batch" or "one")."""
+        fh = self._fh
+        fh.seek(0)
+        fh.write(f"{kind} {' '.join(map(str, positions))}\n".encode())
+        fh.truncate()
+        fh.flush()  # to the OS: it outlives this process however it dies
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fh.close()
+
+
+def read_breadcrumb(path: str) -> tuple[str, tuple[int, ...]] | None:
+    """What was in flight when the worker died: ``("batch" | "one", positions)``, or None when nothing was."""
+    try:
+        with open(path, "rb") as fh:
+            kind, _, rest = fh.read().decode().strip().partition(" ")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if kind not in ("batch", "one"):
+        return None
+    return kind, tuple(int(p) for p in rest.split())
+
+
+def run_guarded(
+    run: Callable[[list[Any]], list[Any]], models: list[Any], positions: list[int], log: CrashLog
+) -> list[Any]:
+    """``run(models)`` under the crash plan: killers are not run, careful records are run one by one."""
+    plan = log.plan
+    outcomes: list[Any] = [None] * len(models)
+    normal = []
+    for i, pos in enumerate(positions):
+        if pos in plan.killers:
+            outcomes[i] = RecordError(
+                "predict", WORKER_CRASHED, "the worker process died while running this record alone (an os._exit, a "
+                "segfault or an out-of-memory kill); it was not run again, so that the rest of its chunk could be"
+            )  # fmt: skip
+        elif pos not in plan.careful:
+            normal.append(i)
+    if normal:
+        log.note("batch", [positions[i] for i in normal])
+        for i, outcome in zip(normal, run([models[i] for i in normal]), strict=True):
+            outcomes[i] = outcome
+    for i, pos in enumerate(positions):
+        if pos in plan.careful and pos not in plan.killers:
+            log.note("one", [pos])
+            (outcomes[i],) = run([models[i]])
+    log.note("batch", [])
+    return outcomes
+
+
+@dataclass
+class CrashTracker:
+    """The runner's side: what the worker deaths on one chunk say, and the plan for its next attempt."""
+
+    breadcrumb: str
+    max_deaths: int = 12
+    deaths: int = 0
+    careful: set[int] = field(default_factory=set)
+    killers: set[int] = field(default_factory=set)
+    _last: tuple[int, ...] | None = None
+
+    def plan(self) -> CrashPlan:
+        return CrashPlan(self.breadcrumb, frozenset(self.careful), frozenset(self.killers))
+
+    def died(self) -> bool:
+        """Account for a death; True when the chunk should run again with the narrower plan."""
+        self.deaths += 1
+        crumb = read_breadcrumb(self.breadcrumb)
+        with contextlib.suppress(OSError):
+            os.remove(self.breadcrumb)
+        if self.deaths > self.max_deaths:
+            return False
+        if crumb is None or not crumb[1]:
+            # nothing of this chunk was in the pipeline: another chunk's worker died and took the pool down, or this
+            # one died outside the pipeline; try again as it is, twice
+            return self.deaths <= 2
+        kind, positions = crumb
+        if kind == "one":
+            self.killers.update(positions)
+        elif positions == self._last:
+            self.careful.update(positions)  # the same records in flight at two deaths in a row: one at a time
+        self._last = positions
+        return True
