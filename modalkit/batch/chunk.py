@@ -253,8 +253,10 @@ class _ChunkRun:
         self.ordinal = 0
         self._job_json = orjson.dumps(job.job_id)
         self._fail_lines: list[bytes] = []
-        #: the ids seen in this chunk (as text) and where they were, when ids come from the data (the job's id_field)
-        self._seen: dict[str, int] | None = {} if job.id_field is not None else None
+        #: the ids seen in this chunk and where they were, when ids come from the data (the job's id_field); ids keep
+        #: their type here (a str() per int id cost ~5% of a job), and _duplicate_across_types catches 7 and "7"
+        self._seen: dict[Any, int] | None = {} if job.id_field is not None else None
+        self._id_type: type | None = None  # the one type of the chunk's ids so far; None once there are two
 
     def execute(self) -> dict[str, int]:
         job, chunk = self.job, self.chunk
@@ -279,6 +281,21 @@ class _ChunkRun:
     def _where(self, pos: int) -> str:
         # the chunk's format, not the key's suffix (which may be upper case)
         return f"{self.chunk.key} at {self.format.position} {pos}"
+
+    def _first_across_types(self, record_id: Any, pos: int) -> int:
+        """Where an id was first seen as the other JSON type (7 for "7", "7" for 7), else ``pos``. Runs for the
+        chunk's first id, and for every id once the chunk has held both types (while it holds one, never)."""
+        if self._seen is not None and len(self._seen) == 1:
+            self._id_type = type(record_id)  # the first id
+            return pos
+        self._id_type = None
+        assert self._seen is not None
+        if type(record_id) is int:
+            return self._seen.get(str(record_id), pos)
+        text = str(record_id)
+        if text.lstrip("-").isdigit() and str(int(text)) == text:
+            return self._seen.get(int(text), pos)
+        return pos
 
     def _duplicate(self, ordinal: int, record_id: Any, pos: int, first: int, data: Any) -> None:
         """A record whose id an earlier record of the chunk has: it fails, so no id is in the output twice."""
@@ -351,7 +368,9 @@ class _ChunkRun:
                 ordinal += 1
                 continue
             if seen is not None:  # ids from the data must be unique; 7 and "7" are one id on a queue
-                first = seen.setdefault(record_id if type(record_id) is str else str(record_id), pos)
+                first = seen.setdefault(record_id, pos)
+                if first == pos and type(record_id) is not self._id_type:
+                    first = self._first_across_types(record_id, pos)
                 if first != pos:
                     self._duplicate(ordinal, record_id, pos, first, data)
                     ordinal += 1
