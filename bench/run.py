@@ -19,8 +19,10 @@ a Prefect server started once for the benchmark (as a deployment would have one)
 Before the throughput runs, the start-up of a 10-record job: command to first chunk running, and whole-process
 wall, with a configured Prefect server, with modalkit's local server up, and with it stopped.
 
+Then W2, online (``bench/w2.py``): ``modalkit serve`` beside LitServe and plain FastAPI at 1 and 32 clients.
+
 Environment: MODALKIT_SHARED_BENCH (default ../shared/bench), BENCH_SIZES, BENCH_ROUNDS, BENCH_CHUNK_SIZE,
-BENCH_STARTUP_ROUNDS (0 skips the start-up runs).
+BENCH_STARTUP_ROUNDS (0 skips the start-up runs), BENCH_W2 (0 skips W2), W2_ROUNDS, W2_REQUESTS.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CHUNK_SIZE = os.environ.get("BENCH_CHUNK_SIZE", "32MiB")  # the default chunk_size
 FILES = 4
 TIMEOUT = 1800
+W2 = os.environ.get("BENCH_W2", "1") != "0"  # W2, online: modalkit serve beside LitServe and plain FastAPI
 
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -361,7 +364,9 @@ def startup_lines(startup: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def write_results(rows: list[dict[str, Any]], startup: dict[str, Any] | None = None) -> None:
+def write_results(
+    rows: list[dict[str, Any]], startup: dict[str, Any] | None = None, w2: list[str] | None = None
+) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "modalkit", "flows", "tasks"],
                            cwd=REPO, capture_output=True, text=True).stdout.strip()  # fmt: skip
@@ -415,6 +420,8 @@ def write_results(rows: list[dict[str, Any]], startup: dict[str, Any] | None = N
         "- The anchors in ../shared/bench/ANCHORS.md put the bare 2-process loop at about 2.7x Ray Data on this",
         "  machine; compare ratios only, never absolute figures across sessions.",
     ]
+    if w2:
+        lines += ["", *w2]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     log(f"wrote {RESULTS}")
 
@@ -433,7 +440,13 @@ def main() -> int:
         results = [summarize(bench_size(rows, server, config)) for rows in SIZES]
     finally:
         server.stop()
-    write_results(results, startup)
+    w2_lines = None
+    if W2:  # the online workload, after the batch one (never beside it: they would share the cores)
+        sys.path.insert(0, str(HERE))
+        import w2
+
+        w2_lines = w2.markdown(w2.run())
+    write_results(results, startup, w2_lines)
     for s in results:
         log(f"{s['rows']:,} rows: modalkit/bare = {s['ratio_job']:.3f}x (job), {s['ratio_wall']:.3f}x (process); "
             f"peak tree RSS {s['mk_rss']:.0f} MB")  # fmt: skip

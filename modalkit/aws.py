@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 from modalkit.exceptions import ConfigError
 
-__all__ = ["aws_client", "aws_region", "make_client", "reset_clients", "s3_storage_options"]
+__all__ = ["SsmKey", "aws_client", "aws_region", "make_client", "reset_clients", "s3_storage_options"]
 
 _lock = threading.Lock()
 _clients: dict[tuple[Any, ...], Any] = {}
@@ -98,3 +99,45 @@ def s3_storage_options() -> dict[str, Any]:
     if endpoint:
         options["endpoint_url"] = endpoint
     return options
+
+
+class SsmKey:
+    """An API key kept in AWS SSM Parameter Store: read with decryption, cached, read again every
+    ``refresh_seconds``; after a rotation the previous key stays valid for ``refresh_seconds`` more, so that
+    clients that fetched it just before are not cut off.
+
+    A read that fails keeps the keys known so far (and is tried again at the next request); with no key known yet,
+    no request is let in.
+    """
+
+    def __init__(self, name: str, refresh_seconds: float) -> None:
+        self.name = name
+        self.refresh_seconds = refresh_seconds
+        self._lock = threading.Lock()
+        self._current: str | None = None
+        self._previous: tuple[str, float] | None = None  # the key before a rotation, and until when it is valid
+        self._read_at = float("-inf")
+
+    def valid_keys(self) -> tuple[str, ...]:
+        """The keys a request may carry now."""
+        now = time.monotonic()
+        if now - self._read_at >= self.refresh_seconds:
+            self._refresh(now)
+        keys = [self._current] if self._current is not None else []
+        if self._previous is not None and now < self._previous[1]:
+            keys.append(self._previous[0])
+        return tuple(keys)
+
+    def _refresh(self, now: float) -> None:
+        with self._lock:
+            if now - self._read_at < self.refresh_seconds:
+                return
+            try:
+                value = aws_client("ssm").get_parameter(Name=self.name, WithDecryption=True)["Parameter"]["Value"]
+            except Exception:  # botocore's errors, a lost endpoint: keep what we know, try again soon
+                self._read_at = now - self.refresh_seconds + 1.0
+                return
+            if self._current is not None and value != self._current:
+                self._previous = (self._current, now + self.refresh_seconds)
+            self._current = str(value)
+            self._read_at = now

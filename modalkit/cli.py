@@ -354,6 +354,60 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    model: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Default model (?model_name= selects another). Default: default_model."),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(metavar="PATH", help="YAML settings file(s), comma-separated. Default: ./modalkit.yaml."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes (each loads the model).")] = 1,
+) -> None:
+    """Serve the pipeline over HTTP here: /predict_sync, /predict_batch, /predict_async, /jobs/{id}, /health,
+    /metrics, with dynamic batching (batch_config). SIGTERM or Ctrl-C: requests in flight finish, then it exits 0.
+    """
+    from modalkit.exceptions import ModalkitError
+
+    try:
+        settings = _load_settings(config)
+        settings.model_settings.entry(model)  # an unknown model fails now, in one line
+    except ModalkitError as exc:
+        _print_error(exc)
+        raise typer.Exit(EXIT_CANNOT_START) from None
+    import uvicorn
+
+    for signum in (signal.SIGINT, signal.SIGTERM):  # uvicorn handles them (a graceful stop), then hands them back
+        signal.signal(signum, lambda *_: None)
+    if workers > 1:
+        os.environ["MODALKIT_SERVE_MODEL"] = model or ""
+        if config:
+            os.environ["MODALKIT_CONFIG"] = config
+        uvicorn.run("modalkit.fast_api:serve_app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning", timeout_graceful_shutdown=30)  # fmt: skip
+    else:
+        from modalkit.fast_api import serve_app
+
+        try:
+            app_ = serve_app(settings, model)
+        except ModalkitError as exc:
+            _print_error(exc)
+            raise typer.Exit(EXIT_CANNOT_START) from None
+        err.print(f"serving {app_.state.service.default_model} on http://{host}:{port}", highlight=False)
+        uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    err.print("modalkit serve stopped", highlight=False)
+
+
+def _load_settings(config: str | None) -> Any:
+    from modalkit.settings import Settings
+
+    return Settings.load(config) if config else Settings.load()
+
+
+@app.command()
 def demo(
     records: Annotated[int, typer.Option(help="How many sample reviews to score.")] = 20_000,
     workdir: Annotated[Path, typer.Option(help="Where the sample data, results and queues go.")] = Path("demo-output"),

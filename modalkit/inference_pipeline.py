@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from modalkit.exceptions import ConfigError, DeviceError, ModalkitError, PipelineError, is_retryable
 from modalkit.iomodel import InferenceOutputModel
@@ -42,8 +42,11 @@ if TYPE_CHECKING:
     from modalkit.settings import Settings
 
 __all__ = [
+    "FailedOutput",
     "InferencePipeline",
     "RecordError",
+    "as_output",
+    "async_result",
     "import_pipeline",
     "is_device_failure",
     "load_pipeline",
@@ -228,6 +231,63 @@ class ContractBroken(PipelineError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (str(self), self.got))
+
+
+class FailedOutput(InferenceOutputModel):
+    """The response of a request that failed; it keeps the failure's fields (for the failure queue's record and
+    the HTTP error body).
+
+    (A subclass, so that the successes, built by the million in batch jobs, carry no private state to initialise.)
+    """
+
+    _failure: RecordError | None = PrivateAttr(default=None)
+
+    @classmethod
+    def of(cls, failure: RecordError) -> FailedOutput:
+        output = cls(status="error", error=f"{failure.stage}: {failure.error_type}: {failure.error}")
+        output._failure = failure
+        return output
+
+    @property
+    def failure(self) -> RecordError | None:
+        """Why the request failed: stage, error type, message."""
+        return self._failure
+
+
+def as_output(outcome: Any) -> InferenceOutputModel:
+    """The response of one request from its run_isolated outcome: its output, or an error output that keeps the
+    failure's fields."""
+    if isinstance(outcome, RecordError):
+        return FailedOutput.of(outcome)
+    if isinstance(outcome, InferenceOutputModel):
+        return outcome
+    return InferenceOutputModel(**outcome.model_dump())
+
+
+def async_result(
+    job_id: str, record_id: str, output: InferenceOutputModel, request: Any
+) -> tuple[str | None, dict[str, Any]]:
+    """Where an async request's result goes and what the message says: ``(queue, body)``; the queue is the
+    request's success or failure queue (None when it names none), the body a SuccessRecord or FailureRecord."""
+    from modalkit.iomodel import OUTPUT_ENVELOPE, FailureRecord, SuccessRecord
+
+    if output.status == "success":
+        body = SuccessRecord(job_id=job_id, record_id=record_id, meta=request.meta,
+                             output=output.model_dump(mode="json", exclude=OUTPUT_ENVELOPE))  # fmt: skip
+        return request.success_queue, body.model_dump(mode="json")
+    failure = output.failure if isinstance(output, FailedOutput) else None
+    if failure is None:  # an output marked failed by code that gave no fields
+        failure = RecordError("predict", "Error", output.error or "the request failed")
+    record = FailureRecord(
+        job_id=job_id,
+        record_id=record_id,
+        stage=failure.stage,
+        error_type=failure.error_type,
+        error=failure.error,
+        input=request.message.model_dump(mode="json"),
+        meta=request.meta,
+    )
+    return request.failure_queue, record.model_dump(mode="json")
 
 
 def _check_count(cls: type, n_inputs: int, outputs: object) -> None:

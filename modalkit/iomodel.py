@@ -198,6 +198,6 @@ class JobStatus(BaseModel):
     """State of an async online job, as GET /jobs/{job_id} returns it."""
 
     job_id: str
-    status: Literal["queued", "running", "success", "error"]
+    status: Literal["queued", "running", "success", "error", "unknown"]
     result: dict[str, Any] | None = None
     error: str | None = None

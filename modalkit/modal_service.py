@@ -28,24 +28,30 @@ from typing import Any, ClassVar
 
 import modal
 import orjson
-from pydantic import BaseModel, PrivateAttr
+from pydantic import BaseModel
 
 from modalkit.exceptions import DeviceError, QueueError
-from modalkit.inference_pipeline import InferencePipeline, RecordError, load_pipeline, run_isolated
+from modalkit.fast_api import create_web_endpoints  # the original modalkit's docs import it from here
+from modalkit.inference_pipeline import (
+    FailedOutput,
+    InferencePipeline,
+    RecordError,
+    as_output,
+    async_result,
+    load_pipeline,
+    run_isolated,
+)
 from modalkit.iomodel import (
-    OUTPUT_ENVELOPE,
     AsyncInputModel,
     AsyncOutputModel,
-    FailureRecord,
     InferenceOutputModel,
-    SuccessRecord,
     SyncInputModel,
 )
 from modalkit.modal_config import ModalConfig, VolumeReloader
 from modalkit.queues import QueueBackend, create_backend, deliver_sync
 from modalkit.settings import BatchConfig
 
-__all__ = ["BatchWorker", "FailedOutput", "ModalService", "replace_container"]
+__all__ = ["BatchWorker", "FailedOutput", "ModalService", "create_web_endpoints", "replace_container"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,12 @@ class ModalService:
         if "process_request" in cls.__dict__:
             return  # the subclass wrote its own
         utils = getattr(cls, "modal_utils", None)
-        batching = utils.get_batched_method_settings() if isinstance(utils, ModalConfig) else BatchConfig().model_dump()
+        defaults = BatchConfig()
+        batching = (
+            utils.get_batched_method_settings()
+            if isinstance(utils, ModalConfig)
+            else {"max_batch_size": defaults.max_batch_size, "wait_ms": defaults.wait_ms}
+        )
 
         def process_request(
             self: ModalService, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
@@ -141,7 +152,7 @@ class ModalService:
         except Exception as exc:  # no record caused it (out of memory, a lost connection): each request says so
             log.exception("batch of %d requests failed", len(messages))
             outcomes = [RecordError.from_exception("predict", exc)] * len(messages)
-        outputs = [_as_output(outcome) for outcome in outcomes]
+        outputs = [as_output(outcome) for outcome in outcomes]
         for idx, (item, output) in enumerate(zip(input_list, outputs, strict=True)):
             if isinstance(item, AsyncInputModel):
                 output.meta = dict(item.meta)
@@ -173,37 +184,15 @@ class ModalService:
         Raises:
             QueueError: the record could not be delivered.
         """
-        success = raw_output_data.status == "success"
-        queue = input_data.success_queue if success else input_data.failure_queue
+        job_id = modal.current_function_call_id() or "local"
+        record_id = str(input_data.meta.get("record_id", f"{job_id}:{message_idx}"))
+        queue, body = async_result(job_id, record_id, raw_output_data, input_data)
         if not queue:
             return
         backend = self._queue_backend()
         if backend is None:
             raise QueueError(f"request {message_idx} names queue {queue!r} but queue_config.backend is none")
-        job_id = modal.current_function_call_id() or "local"
-        record_id = str(input_data.meta.get("record_id", f"{job_id}:{message_idx}"))
-        record: BaseModel
-        if success:
-            record = SuccessRecord(
-                job_id=job_id,
-                record_id=record_id,
-                output=raw_output_data.model_dump(mode="json", exclude=OUTPUT_ENVELOPE),
-                meta=input_data.meta,
-            )
-        else:
-            failure = raw_output_data.failure if isinstance(raw_output_data, FailedOutput) else None
-            if failure is None:  # an output marked failed by code that gave no fields
-                failure = RecordError("predict", "Error", raw_output_data.error or "the request failed")
-            record = FailureRecord(
-                job_id=job_id,
-                record_id=record_id,
-                stage=failure.stage,
-                error_type=failure.error_type,
-                error=failure.error,
-                input=input_data.message.model_dump(mode="json"),
-                meta=input_data.meta,
-            )
-        deliver_sync(backend, queue, [orjson.dumps(record.model_dump(mode="json")).decode()])
+        deliver_sync(backend, queue, [orjson.dumps(body).decode()])
 
     @staticmethod
     def sync_call(cls: Any) -> Callable[[str, BaseModel], Awaitable[InferenceOutputModel]]:
@@ -231,35 +220,6 @@ class ModalService:
             return AsyncOutputModel(job_id=call.object_id)
 
         return fn
-
-
-class FailedOutput(InferenceOutputModel):
-    """The response of a request that failed; it keeps the failure's fields for the failure queue's record.
-
-    (A subclass, so that the successes, built by the million in batch jobs, carry no private state to initialise.)
-    """
-
-    _failure: RecordError | None = PrivateAttr(default=None)
-
-    @classmethod
-    def of(cls, failure: RecordError) -> FailedOutput:
-        output = cls(status="error", error=f"{failure.stage}: {failure.error_type}: {failure.error}")
-        output._failure = failure
-        return output
-
-    @property
-    def failure(self) -> RecordError | None:
-        """Why the request failed: stage, error type, message."""
-        return self._failure
-
-
-def _as_output(outcome: Any) -> InferenceOutputModel:
-    """The response of one request: its output, or an error output that keeps the failure's fields."""
-    if isinstance(outcome, RecordError):
-        return FailedOutput.of(outcome)
-    if isinstance(outcome, InferenceOutputModel):
-        return outcome
-    return InferenceOutputModel(**outcome.model_dump())
 
 
 def replace_container() -> None:

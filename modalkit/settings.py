@@ -253,6 +253,15 @@ class BatchConfig(_Strict):
 
     max_batch_size: int = Field(256, ge=1, le=1000, description="Most inputs passed to the pipeline at once.")
     wait_ms: int = Field(10, ge=0, le=600_000, description="Online: ms to wait for more inputs after the first.")
+    max_body_bytes: ByteSize = Field(
+        ByteSize(16 * 1024 * 1024), ge=1024, le=1024**3, description="Online: larger request bodies get 413."
+    )
+    max_pending: int = Field(
+        1024, ge=1, le=1_000_000, description="Online: requests waiting for the pipeline before new ones get 503."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Online: a request still waiting after this long gets 504 and is not run."
+    )
 
 
 class QueueConfig(_Strict):
@@ -287,6 +296,9 @@ class QueueConfig(_Strict):
         "per chunk, '<job_id>-<chunk>'.",
     )
     broker_url: str | None = Field(None, description="Broker URL for an injected backend (e.g. TaskIQ); unused here.")
+    allowed_queues: list[str] = Field(
+        default_factory=list, description="Queues an online async request may name (others get 403); empty = none."
+    )
 
 
 class AuthConfig(_Strict):
@@ -295,6 +307,9 @@ class AuthConfig(_Strict):
     api_key: SecretStr | None = Field(None, description="Static API key (prefer `ssm_key` in production).")
     ssm_key: str | None = Field(None, min_length=1, description="Name of the AWS SSM parameter holding the key.")
     auth_header: str = Field("x-api-key", pattern=r"^[A-Za-z0-9-]+$", description="Header that carries the key.")
+    ssm_refresh_seconds: float = Field(
+        300.0, ge=1, le=86_400, description="How often the SSM key is read again; the previous key stays valid as long."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:

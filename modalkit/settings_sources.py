@@ -36,7 +36,7 @@ __all__ = [
 ENV_PREFIX = "MODALKIT_"
 DEFAULT_CONFIG_FILE = "modalkit.yaml"
 # environment variables that belong to modalkit but are not settings fields
-_NON_SETTINGS_ENV = frozenset({"config", "app_postfix", "home", "prefect_idle_seconds"})
+_NON_SETTINGS_ENV = frozenset({"config", "app_postfix", "home", "prefect_idle_seconds", "serve_model"})
 
 #: Where each YAML key came from: key path -> file name.
 Origins = dict[tuple[str, ...], str]

@@ -8,6 +8,7 @@ on one bad record.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, computed_field
@@ -128,3 +129,39 @@ class LacksPostprocess(PoisonAwareSentiment):
     """A pipeline that forgot a method (abstract again)."""
 
     postprocess = InferencePipeline.postprocess  # type: ignore[assignment]
+
+
+class _EchoIn(BaseModel):
+    text: str
+
+
+class _Echoed(InferenceOutputModel):
+    echo: str
+    label: str
+
+
+class ServeProbe(PoisonAwareSentiment):
+    """The sentiment pipeline for tests of ``modalkit serve``: its output echoes the text (so each caller can tell
+    its own answer), and environment variables make it observable and slow:
+
+    ``PROBE_LOG``: a file each batch's size is appended to; ``PROBE_DELAY``: seconds to sleep per batch;
+    ``PROBE_GATE``: while this file exists, predict waits.
+    """
+
+    input_model = _EchoIn
+    output_model = _Echoed
+
+    def predict(self, input_list: list[Any], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        gate = os.environ.get("PROBE_GATE")
+        while gate and os.path.exists(gate):
+            time.sleep(0.02)
+        if os.environ.get("PROBE_DELAY"):
+            time.sleep(float(os.environ["PROBE_DELAY"]))
+        if os.environ.get("PROBE_LOG"):
+            with open(os.environ["PROBE_LOG"], "a", encoding="utf-8") as fh:
+                fh.write(f"{len(input_list)}\n")
+        return super().predict(input_list, preprocessed_data)
+
+    def postprocess(self, input_list: list[Any], raw_output: dict[str, Any]) -> list[Any]:
+        scored = super().postprocess(input_list, raw_output)
+        return [_Echoed(echo=r.text, label=s.label) for r, s in zip(input_list, scored, strict=True)]

@@ -44,7 +44,7 @@ MAX_BACKOFF_SECONDS = 5.0
 S3_POINTER_CLASS = "software.amazon.payloadoffloading.PayloadS3Pointer"
 _DEDUP_ID_OK = re.compile(r"^[!-~]{1,128}$")  # printable ASCII without space, 1..128 characters, as SQS requires
 # keys of a QueueConfig dump that the original modalkit passed to every backend (create_backend(backend, **dump))
-_CONFIG_ONLY_KEYS = frozenset({"backend", "local_path", "broker_url"})
+_CONFIG_ONLY_KEYS = frozenset({"backend", "local_path", "broker_url", "allowed_queues"})
 
 
 def fifo_dedup_id(message: QueueMessage) -> str:
@@ -73,8 +73,8 @@ class SQSBackend(BatchQueueBackend):
         large_message_uri: ``s3://bucket/prefix`` for those bodies.
         max_send_attempts: Attempts of a send (entries SQS reports as failed, transient errors), with backoff.
         message_group_id: ``MessageGroupId`` for FIFO queues when a message names none.
-        **config_keys: ``backend``, ``local_path`` and ``broker_url`` are accepted and ignored, so that
-            ``create_backend("sqs", **queue_config.model_dump())`` works as it did in the original modalkit.
+        **config_keys: ``backend``, ``local_path``, ``broker_url`` and ``allowed_queues`` are accepted and ignored,
+            so that ``create_backend("sqs", **queue_config.model_dump())`` works as it did in the original modalkit.
 
     Raises:
         BackendError: an unknown keyword.

@@ -471,3 +471,8 @@ def test_modal_app_module_builds_offline_from_the_repo_modalkit_yaml(
     assert online.batching_info is not None
     assert online.batching_info.max_batch_size == shipped.batch_config.max_batch_size
     assert Settings.load(REPO_CONFIG).model_settings.entry()[0] == modal_app.DEFAULT_MODEL
+    web = modal_app.web.info()
+    assert web.web_info is not None  # the HTTP endpoints, a function of their own beside the batched class
+    assert web.concurrency_info is not None
+    routes = set(modal_app.web.local().openapi()["paths"])
+    assert {"/predict_sync", "/predict_batch", "/predict_async", "/jobs/{job_id}", "/health", "/metrics"} <= routes

@@ -85,7 +85,10 @@ class GuardedApp(ModalService):
 @modal.concurrent(**modal_config.get_handler_concurrent_settings())
 @modal.asgi_app(**modal_config.get_asgi_app_settings())
 def web_endpoints():
-    return fastapi.FastAPI(title="sentiment")
+    from modalkit.examples.sentiment import Review, Sentiment
+    from modalkit.modal_service import create_web_endpoints
+
+    return create_web_endpoints(app_cls=SentimentApp, input_model=Review, output_model=Sentiment)
 """
 
 
@@ -175,7 +178,10 @@ def test_app_from_modalkit_yaml_builds_offline_as_the_original_docs_write_it(
     assert web.web_info.unauthenticated  # deployment_config.secure: false
     assert web.concurrency_info is not None
     assert web.concurrency_info.max_inputs == 100
-    assert isinstance(app.web_endpoints.local(), FastAPI)
+    web_app = app.web_endpoints.local()
+    assert isinstance(web_app, FastAPI)
+    routes = set(web_app.openapi()["paths"])
+    assert {"/predict_sync", "/predict_batch", "/predict_async", "/jobs/{job_id}", "/health", "/metrics"} <= routes
 
 
 @pytest.mark.filterwarnings("error")
@@ -496,3 +502,67 @@ def test_modal_1_6_refuses_a_custom_constructor_so_a_backend_is_injected_by_keyw
     [output] = WithAttribute().process_request.local([async_(POSITIVE, success_queue="results")])
     assert output.label == "positive"
     assert [r["output"]["label"] for r in bodies(backend, "results")] == ["positive"]
+
+
+# --- the web endpoints on Modal, through an in-process stand-in for the deployed class ----------------------------
+
+
+class _StandInMethod:
+    """``process_request`` of a deployed class as the web function calls it: ``.remote.aio`` runs one input in a
+    batch of one here (``.local``, the real batched method's body); ``.spawn.aio`` runs it and returns a call id."""
+
+    def __init__(self, method: Any, calls: list[Any]) -> None:
+        self.method = method
+        self.calls = calls
+        self.remote = self
+        self.spawn = self
+
+    async def aio(self, request: Any) -> Any:
+        self.calls.append(request)
+        (output,) = self.method.local([request])
+        if isinstance(request, AsyncInputModel):
+            return type("FunctionCall", (), {"object_id": "fc-standin-1"})()
+        return output
+
+
+def test_web_endpoints_on_modal_send_each_request_to_the_model_class_through_an_in_process_stand_in(
+    import_app: Callable[..., ModuleType],
+) -> None:
+    import asyncio
+
+    import httpx
+
+    from modalkit.examples.sentiment import Sentiment
+    from modalkit.modal_service import create_web_endpoints
+
+    app = import_app()
+    calls: list[Any] = []
+    instance = app.GuardedApp()
+
+    class StandInCls:  # the call surface of a modal.Cls: StandInCls(model_name=...).process_request...
+        modal_utils = app.modal_config
+
+        def __init__(self, model_name: str) -> None:
+            self.model_name = model_name
+            self.process_request = _StandInMethod(instance.process_request, calls)
+
+    web = create_web_endpoints(app_cls=StandInCls, input_model=Review, output_model=Sentiment)
+
+    async def main() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=web)
+        async with httpx.AsyncClient(transport=transport, base_url="http://modal") as client:
+            return [
+                await client.post("/predict_sync", json={"text": POSITIVE}),
+                await client.post("/predict_sync", json={"text": POISON}),
+                await client.post("/predict_batch", json=[{"text": NEGATIVE}, {"text": POISON}]),
+                await client.post("/predict_async", json={"message": {"text": POSITIVE}}),
+            ]
+
+    ok, poison, batch, spawned = asyncio.run(main())
+    assert (ok.status_code, ok.json()["label"]) == (200, "positive")
+    assert poison.status_code == 422
+    assert poison.json()["error"].endswith("poisoned review: cannot score it")
+    assert [a["status"] for a in batch.json()] == ["success", "error"]
+    assert spawned.json() == {"job_id": "fc-standin-1"}
+    assert len(calls) == 5  # one call of the model class per record: Modal batches them
+    assert all(isinstance(c, SyncInputModel | AsyncInputModel) for c in calls)

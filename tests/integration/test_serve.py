@@ -1,0 +1,394 @@
+"""``modalkit serve`` as a real process on a free loopback port, called over HTTP with httpx: the routes, the error
+matrix, auth, dynamic batching, backpressure and timeouts, async jobs that survive a crash, and a graceful stop.
+
+The pipeline is the example sentiment model with probes (``tests/pipelines.py: ServeProbe``): it echoes each text
+so every caller can check it got its own answer, and it appends each batch's size to a file, so the tests assert on
+the pipeline's own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from batch_support import write_config
+from support import free_port, stop_process
+
+from modalkit.task_queue import LocalQueueBackend
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+POISON = "POISON-PREDICT in this one"
+
+
+class Server:
+    """A ``modalkit serve`` process; ``url`` once ``/health`` answers 200."""
+
+    def __init__(self, tmp_path: Path, config: Path, env: dict[str, str] | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.config = config
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "PROBE_LOG": str(tmp_path / "batches.log"),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_healthy: bool = True) -> Server:
+        self.stderr = self.tmp_path / f"serve-{self.port}.err"
+        with self.stderr.open("ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "modalkit.cli", "serve", "--port", str(self.port), "--config", str(self.config)],
+                cwd=self.tmp_path, env=self.env, stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
+        if wait_healthy:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"modalkit serve exited: {self.stderr.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("modalkit serve never became healthy")
+
+    def batches(self) -> list[int]:
+        log = self.tmp_path / "batches.log"
+        return [int(n) for n in log.read_text().split()] if log.exists() else []
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        stop_process(self.proc, timeout=30)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def config_for(tmp_path: Path, **app: Any) -> Path:
+    return write_config(tmp_path, pipeline="pipelines:ServeProbe", **app)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    config = config_for(tmp_path, queue_config={"allowed_queues": ["ok", "bad"]},
+                        batch_config={"max_batch_size": 32, "wait_ms": 20})  # fmt: skip
+    srv = Server(tmp_path, config).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+# --- routes and the error matrix ---------------------------------------------------------------------------------
+
+
+def test_sync_call_answers_the_record_and_a_poison_record_gets_its_error_alone(server: Server) -> None:
+    ok = httpx.post(f"{server.url}/predict_sync", json={"text": "great kettle, love it"})
+    assert ok.status_code == 200
+    assert (ok.json()["status"], ok.json()["echo"], ok.json()["label"]) == (
+        "success",
+        "great kettle, love it",
+        "positive",
+    )
+
+    bad = httpx.post(f"{server.url}/predict_sync", json={"text": POISON})
+    assert bad.status_code == 422
+    assert bad.json() == {"status": "error", "stage": "predict", "error_type": "RuntimeError",
+                          "error": "predict failed on a POISON-PREDICT text"}  # fmt: skip
+    assert "Traceback" not in bad.text
+
+
+def test_batch_call_answers_each_item_in_order_and_fails_only_the_bad_ones(server: Server) -> None:
+    items = [{"text": "great"}, {"text": POISON}, {"txt": "no text"}, {"text": "awful, broke"}]
+    reply = httpx.post(f"{server.url}/predict_batch", json=items)
+    assert reply.status_code == 200
+    answers = reply.json()
+    assert [a["status"] for a in answers] == ["success", "error", "error", "success"]
+    assert [answers[0]["echo"], answers[3]["echo"]] == ["great", "awful, broke"]
+    assert (answers[1]["stage"], answers[1]["error_type"]) == ("predict", "RuntimeError")
+    assert (answers[2]["stage"], answers[2]["error_type"]) == ("validate", "ValidationError")
+    assert "field 'text': Field required" in answers[2]["error"]
+
+
+def test_bad_bodies_get_422_with_the_field_errors_and_oversized_ones_413_before_they_are_read(server: Server) -> None:
+    missing = httpx.post(f"{server.url}/predict_sync", json={"txt": "x"})
+    assert missing.status_code == 422
+    assert missing.json()["detail"][0]["loc"] == ["body", "text"]
+    not_json = httpx.post(
+        f"{server.url}/predict_sync", content=b"not json", headers={"content-type": "application/json"}
+    )
+    assert not_json.status_code == 422
+    huge = b'{"text": "' + b"x" * (32 * 1024 * 1024) + b'"}'
+    too_large = httpx.post(f"{server.url}/predict_sync", content=huge, headers={"content-type": "application/json"})
+    assert too_large.status_code == 413
+    assert too_large.json()["error_type"] == "PayloadTooLarge"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is counted as the body arrives
+        yield b'{"text": "'
+        for _ in range(32):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    chunked = httpx.post(f"{server.url}/predict_sync", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+
+
+def test_an_async_request_naming_a_queue_off_the_allowlist_gets_403(server: Server) -> None:
+    reply = httpx.post(f"{server.url}/predict_async", json={"message": {"text": "x"}, "success_queue": "elsewhere"})
+    assert reply.status_code == 403
+    assert "elsewhere" in reply.json()["error"]
+
+
+def test_health_metrics_and_openapi_show_the_pipelines_own_models(server: Server) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    httpx.post(f"{server.url}/predict_sync", json={"text": "great"})
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'modalkit_http_requests_total{route="/predict_sync",status="200"} 1.0' in metrics
+    assert "modalkit_batch_size_count" in metrics
+    assert "modalkit_queue_depth" in metrics
+    schemas = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
+    assert {"_EchoIn", "_Echoed"} <= set(schemas)
+
+
+# --- batching, backpressure, timeouts ----------------------------------------------------------------------------
+
+
+def test_32_concurrent_clients_are_batched_and_each_of_320_calls_gets_its_own_answer(server: Server) -> None:
+    async def main() -> list[tuple[str, dict[str, Any]]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            sem = asyncio.Semaphore(32)
+
+            async def call(i: int) -> tuple[str, dict[str, Any]]:
+                async with sem:
+                    text = f"review number {i}: great value"
+                    reply = await client.post("/predict_sync", json={"text": text})
+                    return text, reply.json()
+
+            return await asyncio.gather(*(call(i) for i in range(320)))
+
+    before = len(server.batches())
+    results = asyncio.run(main())
+    assert all(answer["echo"] == text for text, answer in results)
+    sizes = server.batches()[before:]
+    assert sum(sizes) == 320
+    assert max(sizes) > 1, sizes  # the pipeline itself saw batches, not 320 single calls
+
+
+def burst(srv: Server, n: int) -> list[httpx.Response]:
+    """``n`` sync calls sent at once."""
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/predict_sync", json={"text": f"t{i}"}) for i in range(n)))
+
+    return asyncio.run(main())
+
+
+def test_a_full_batcher_answers_503_with_retry_after(tmp_path: Path) -> None:
+    config = config_for(tmp_path, batch_config={"max_batch_size": 1, "wait_ms": 0, "max_pending": 2})
+    srv = Server(tmp_path, config, {"PROBE_DELAY": "0.3"}).start()
+    try:
+        replies = burst(srv, 12)
+    finally:
+        srv.stop()
+    codes = sorted(r.status_code for r in replies)
+    assert 200 in codes
+    refused = [r for r in replies if r.status_code == 503]
+    assert refused, codes
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert sum(srv.batches()) == codes.count(200)  # what was refused never ran
+
+
+def test_a_request_that_waited_past_its_timeout_gets_504_and_is_never_run(tmp_path: Path) -> None:
+    config = config_for(tmp_path, batch_config={"max_batch_size": 1, "wait_ms": 0, "request_timeout_s": 0.5})
+    srv = Server(tmp_path, config, {"PROBE_DELAY": "0.4"}).start()
+    try:
+        replies = burst(srv, 5)
+        time.sleep(1.0)  # anything still to run would run now
+    finally:
+        srv.stop()
+    codes = [r.status_code for r in replies]
+    assert 504 in codes, codes
+    assert 200 in codes, codes
+    assert sum(srv.batches()) == codes.count(200)  # the ones answered 504 never reached the pipeline
+
+
+# --- auth --------------------------------------------------------------------------------------------------------
+
+
+def test_a_static_api_key_guards_every_route_but_health(tmp_path: Path) -> None:
+    config = config_for(tmp_path, auth_config={"api_key": "s3cret-key"})
+    srv = Server(tmp_path, config).start()
+    try:
+        missing = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+        wrong = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"}, headers={"x-api-key": "nope"})
+        right = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"}, headers={"x-api-key": "s3cret-key"})
+        health = httpx.get(f"{srv.url}/health")
+    finally:
+        srv.stop()
+    assert (missing.status_code, wrong.status_code, right.status_code, health.status_code) == (401, 401, 200, 200)
+    assert sum(srv.batches()) == 1  # the refused calls did no work
+
+
+def test_an_ssm_key_is_read_from_parameter_store_and_a_rotation_keeps_the_old_key_for_a_grace_period(
+    tmp_path: Path, aws: Any
+) -> None:
+    import boto3
+
+    ssm = boto3.client("ssm", endpoint_url=aws.url, region_name="us-east-1")
+    name = f"/modalkit/test/{tmp_path.name}"
+    ssm.put_parameter(Name=name, Value="first-key", Type="SecureString")
+    config = config_for(tmp_path, auth_config={"ssm_key": name, "ssm_refresh_seconds": 1})
+    srv = Server(tmp_path, config, {"AWS_ENDPOINT_URL": aws.url, "AWS_ACCESS_KEY_ID": "testing",
+                                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}).start()  # fmt: skip
+    try:
+
+        def call(key: str) -> int:
+            return httpx.post(f"{srv.url}/predict_sync", json={"text": "x"}, headers={"x-api-key": key}).status_code
+
+        assert (call("first-key"), call("second-key")) == (200, 401)
+        ssm.put_parameter(Name=name, Value="second-key", Type="SecureString", Overwrite=True)
+        time.sleep(1.2)
+        assert (call("second-key"), call("first-key")) == (200, 200)  # the old one, for a grace period
+        time.sleep(2.5)
+        assert (call("second-key"), call("first-key")) == (200, 401)
+    finally:
+        srv.stop()
+
+
+# --- async jobs ----------------------------------------------------------------------------------------------------
+
+
+def wait_job(url: str, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status: dict[str, Any] = httpx.get(f"{url}/jobs/{job_id}").json()
+        if status["status"] in ("success", "error"):
+            return status
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} never finished")
+
+
+def queued(tmp_path: Path, queue: str) -> list[dict[str, Any]]:
+    backend = LocalQueueBackend(tmp_path / "queues")
+    try:
+        return [json.loads(m) for m in backend.messages(queue)]
+    finally:
+        backend.close()
+
+
+def test_an_async_job_lands_on_its_queue_with_its_meta_and_its_status_says_so(server: Server, tmp_path: Path) -> None:
+    reply = httpx.post(f"{server.url}/predict_async", json={"message": {"text": "great"}, "success_queue": "ok",
+                                                            "failure_queue": "bad", "meta": {"ticket": 7}})  # fmt: skip
+    assert reply.status_code == 200
+    job_id = reply.json()["job_id"]
+    status = wait_job(server.url, job_id)
+    assert status["status"] == "success"
+    assert status["result"]["echo"] == "great"
+    (message,) = queued(tmp_path, "ok")
+    assert (message["job_id"], message["status"], message["meta"]) == (job_id, "success", {"ticket": 7})
+    assert httpx.get(f"{server.url}/jobs/nope").json()["status"] == "unknown"
+
+
+def test_an_async_job_accepted_before_a_crash_runs_once_after_a_restart(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.write_text("closed")
+    config = config_for(tmp_path, queue_config={"allowed_queues": ["ok"]})
+    srv = Server(tmp_path, config, {"PROBE_GATE": str(gate)}).start()
+    reply = httpx.post(f"{srv.url}/predict_async", json={"message": {"text": "great"}, "success_queue": "ok"})
+    job_id = reply.json()["job_id"]
+    srv.kill()  # SIGKILL while the job waits at the gate: it has not run
+    assert queued(tmp_path, "ok") == []
+    gate.unlink()
+    again = Server(tmp_path, config)
+    again.port, again.url = srv.port, srv.url
+    again.start()
+    try:
+        assert wait_job(again.url, job_id)["status"] == "success"
+    finally:
+        again.stop()
+    messages = queued(tmp_path, "ok")
+    assert [m["job_id"] for m in messages] == [job_id]  # ran once, landed once
+
+
+# --- stopping ------------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(tmp_path: Path) -> None:
+    config = config_for(tmp_path)
+    srv = Server(tmp_path, config, {"PROBE_DELAY": "1.0"}).start()
+    assert srv.proc is not None
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            call = asyncio.create_task(client.post("/predict_sync", json={"text": "great"}))
+            await asyncio.sleep(0.3)
+            os.kill(srv.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+            return await call
+
+    reply = asyncio.run(main())
+    assert reply.status_code == 200
+    assert srv.proc.wait(timeout=30) == 0
+    assert "Traceback" not in srv.stderr.read_text()
+
+
+def test_an_async_job_lands_on_a_moto_sqs_queue_with_its_meta(tmp_path: Path, sqs: Any, aws: Any, unique: str) -> None:
+    from batch_support import drain_sqs
+
+    ok = f"serve-ok-{unique}"
+    url = sqs.create_queue(QueueName=ok)["QueueUrl"]
+    config = config_for(tmp_path, queue_config={"backend": "sqs", "allowed_queues": [ok]})
+    env = {"AWS_ENDPOINT_URL": aws.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1"}  # fmt: skip
+    srv = Server(tmp_path, config, env).start()
+    try:
+        request = {"message": {"text": "great"}, "success_queue": ok, "meta": {"order": "A-17"}}
+        reply = httpx.post(f"{srv.url}/predict_async", json=request)
+        job_id = reply.json()["job_id"]
+        assert wait_job(srv.url, job_id)["status"] == "success"
+    finally:
+        srv.stop()
+    (message,) = drain_sqs(sqs, url)
+    assert (message["job_id"], message["status"], message["meta"]) == (job_id, "success", {"order": "A-17"})
+    assert message["output"]["echo"] == "great"
+
+
+def test_model_name_selects_a_model_entry_and_an_unknown_one_is_a_400_naming_the_entries(tmp_path: Path) -> None:
+    config = config_for(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["model_settings"]["model_entries"]["second"] = {"pipeline": "pipelines:ServeProbe"}
+    config.write_text(yaml.safe_dump(data))
+    srv = Server(tmp_path, config).start()
+    try:
+        default = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+        second = httpx.post(f"{srv.url}/predict_sync?model_name=second", json={"text": "great"})
+        unknown = httpx.post(f"{srv.url}/predict_sync?model_name=nope", json={"text": "great"})
+    finally:
+        srv.stop()
+    assert (default.status_code, second.status_code) == (200, 200)
+    assert unknown.status_code == 400
+    assert "unknown model 'nope'" in unknown.json()["error"]
+    assert (tmp_path / "models" / "second" / "weights.npz").is_file()  # the second entry loaded its own model
