@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import _descendants, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -55,12 +57,6 @@ model_settings:
 
 def log(msg: str) -> None:
     print(f"[w2] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def servers(config: Path) -> dict[str, tuple[list[str], str]]:
@@ -125,25 +121,6 @@ class Server:
             return {}
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        for child in children.get(pid, []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def run() -> dict[str, Any]:
     OUT.mkdir(parents=True, exist_ok=True)
     config = OUT / "modalkit-w2.yaml"
@@ -202,7 +179,7 @@ def markdown(data: dict[str, Any]) -> list[str]:
     lines = [
         "## W2 online",
         "",
-        f"One `{{\"id\", \"text\"}}` per POST, the toy model, the harness's `load.py` ({REQUESTS:,} measured requests "
+        f'One `{{"id", "text"}}` per POST, the toy model, the harness\'s `load.py` ({REQUESTS:,} measured requests '
         f"after 100 warm-up ones, client on the same 2 cores); the three servers took turns, {ROUNDS} rounds; "
         "medians, ratios taken round by round. `modalkit serve`: max_batch_size 32, wait_ms 10; LitServe: "
         "max_batch_size 32, batch_timeout 0.01; plain FastAPI: one model call per request, no batching.",

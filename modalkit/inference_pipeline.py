@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from abc import ABC, abstractmethod
@@ -37,6 +36,7 @@ from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from modalkit.exceptions import ConfigError, DeviceError, ModalkitError, PipelineError, is_retryable
 from modalkit.iomodel import InferenceOutputModel
+from modalkit.settings_errors import did_you_mean
 
 if TYPE_CHECKING:
     from modalkit.settings import Settings
@@ -100,8 +100,7 @@ class InferencePipeline(ABC):
         known = set(cls.parameters.model_fields)
         lines = []
         for key in sorted(set(values) - known):
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            lines.append(f"{where}.{key}: unknown key{f'; did you mean {close[0]!r}?' if close else ''} "
+            lines.append(f"{where}.{key}: unknown key{did_you_mean(cls.parameters, (key,))} "
                          f"({cls.__qualname__}.parameters has {', '.join(sorted(known)) or 'none'})")  # fmt: skip
         try:
             checked = cls.parameters.model_validate({k: v for k, v in values.items() if k in known})
@@ -389,24 +388,23 @@ def _run_segment(
         outputs = _run_stages(pipeline, inputs)
     except _StageFailed as failed:
         if isinstance(failed.cause, ContractBroken):
-            # split, in case one record makes it happen; if a single record still does, the pipeline is broken
+            # split like any failure, in case one record makes it happen; if a single record still does, the
+            # pipeline itself is broken
             if len(inputs) == 1:
                 _contract_broken(pipeline, failed.cause, first_break)
             first_break = first_break or failed.cause
-            mid = len(inputs) // 2
-            _run_segment(pipeline, inputs[:mid], offset, outcomes, first_break)
-            _run_segment(pipeline, inputs[mid:], offset + mid, outcomes, first_break)
-            return
-        if is_device_failure(failed.cause):
-            text = str(failed.cause) or type(failed.cause).__name__
-            raise DeviceError(
-                f"{failed.stage} failed on a broken device: {type(failed.cause).__name__}: {text}", stage=failed.stage
-            ) from failed.cause
-        if _is_infrastructure(failed.cause):
-            raise failed.cause from None
-        if len(inputs) == 1:
-            outcomes[offset] = RecordError.from_exception(failed.stage, failed.cause)
-            return
+        else:
+            if is_device_failure(failed.cause):
+                text = str(failed.cause) or type(failed.cause).__name__
+                raise DeviceError(
+                    f"{failed.stage} failed on a broken device: {type(failed.cause).__name__}: {text}",
+                    stage=failed.stage,
+                ) from failed.cause
+            if _is_infrastructure(failed.cause):
+                raise failed.cause from None
+            if len(inputs) == 1:
+                outcomes[offset] = RecordError.from_exception(failed.stage, failed.cause)
+                return
         mid = len(inputs) // 2
         _run_segment(pipeline, inputs[:mid], offset, outcomes, first_break)
         _run_segment(pipeline, inputs[mid:], offset + mid, outcomes, first_break)

@@ -17,7 +17,7 @@ from pydantic import AliasChoices, BaseModel, ByteSize, SecretStr, ValidationErr
 
 from modalkit.settings_sources import ENV_PREFIX, Origins
 
-__all__ = ["describe_allowed", "explain", "invalid_values"]
+__all__ = ["describe_allowed", "did_you_mean", "explain", "invalid_values"]
 
 _MASK = "**********"
 
@@ -42,7 +42,7 @@ def explain(
             path += f" (given as {old})"
         where = _origin(loc, origins, init)
         if err["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key{_did_you_mean(root, loc)} (in {where})")
+            lines.append(f"{path}: unknown key{did_you_mean(root, loc)} (in {where})")
         else:
             shown = _short(_redact(root, loc, err.get("input")))
             lines.append(f"{path}: {err['msg']} (got {shown}, in {where})")
@@ -101,7 +101,7 @@ def _lookup(data: Mapping[str, Any], loc: tuple[str, ...]) -> bool:
     return True
 
 
-def _did_you_mean(root: type[BaseModel], loc: tuple[str, ...]) -> str:
+def did_you_mean(root: type[BaseModel], loc: tuple[str, ...]) -> str:
     model: type[BaseModel] | None = root
     for part in loc[:-1]:
         if model is None:

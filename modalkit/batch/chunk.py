@@ -97,7 +97,7 @@ class ChunkProcessor:
             finally:
                 if run.crash_log is not None:
                     run.crash_log.close()
-            run.format.prove_start(chunk, lambda: _committed_indices(layout))  # before anything is committed
+            run.format.prove_start(chunk, lambda: set(layout.committed_indices()))  # before anything is committed
             if counts["records"]:  # a chunk that owns no record (a cut inside one long line) leaves only its marker
                 storage.upload_file(run.part_path, layout.part(chunk.index))
                 storage.upload_file(run.failures_path, layout.failures(chunk.index))
@@ -164,10 +164,6 @@ def _fewer_collections() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
-def _committed_indices(layout: OutputLayout) -> set[int]:
-    return {i for i in map(OutputLayout.marker_index, storage.list_names(layout.chunks_dir)) if i is not None}
-
-
 def _json_error(line: bytes, pos: int, exc: orjson.JSONDecodeError) -> RecordError:
     """Why a line is not a JSON record: invalid UTF-8 (at which byte of the file), or the parser's message."""
     try:
@@ -211,9 +207,12 @@ def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec) -> ChunkResult:
                           "output") from None  # fmt: skip
     mine = marker_identity(job_id, chunk)
     # markers written before row_groups and first_row were recorded hold only the job, key and byte range
-    theirs = {k: data.get(k, mine[k] if k in ("row_groups", "first_row") else None) for k in mine}
-    if not isinstance(data, dict) or theirs != mine:
-        theirs = theirs if isinstance(data, dict) else {"job_id": None}
+    theirs = (
+        {k: data.get(k, mine[k] if k in ("row_groups", "first_row") else None) for k in mine}
+        if isinstance(data, dict)
+        else {"job_id": None}
+    )
+    if theirs != mine:
         raise ConfigError(
             f"{marker_uri} commits {_describe(theirs)}, not chunk {chunk.index} of this run ({_describe(mine)}): the "
             "output holds results of another job or of other parameters; use another output or delete that one"
@@ -254,7 +253,7 @@ class _ChunkRun:
         self._job_json = orjson.dumps(job.job_id)
         self._fail_lines: list[bytes] = []
         #: the ids seen in this chunk and where they were, when ids come from the data (the job's id_field); ids keep
-        #: their type here (a str() per int id cost ~5% of a job), and _duplicate_across_types catches 7 and "7"
+        #: their type here (a str() per int id cost ~8% of a job), and _first_across_types catches 7 and "7"
         self._seen: dict[Any, int] | None = {} if job.id_field is not None else None
         self._id_type: type | None = None  # the one type of the chunk's ids so far; None once there are two
 

@@ -228,7 +228,7 @@ def find_committed(plan: JobPlan) -> dict[int, ChunkResult]:
     """
     layout = OutputLayout(plan.job.output_uri, plan.job.output_format)
     chunks = {chunk.index: chunk for chunk in plan.chunks}
-    found = [i for i in map(OutputLayout.marker_index, storage.list_names(layout.chunks_dir)) if i is not None]
+    found = layout.committed_indices()
     foreign = sorted(i for i in found if i not in chunks)
     if foreign:
         raise ConfigError(

@@ -71,6 +71,10 @@ class OutputLayout:
         match = _MARKER_NAME.match(name)
         return int(match.group(1)) if match else None
 
+    def committed_indices(self) -> list[int]:
+        """The indices of the chunks that have a commit marker (one listing of ``_chunks/``)."""
+        return [i for i in map(OutputLayout.marker_index, storage.list_names(self.chunks_dir)) if i is not None]
+
     # --- per job -------------------------------------------------------------------------------------------------
 
     @property

@@ -203,9 +203,6 @@ class LocalService:
         return len(unfinished)
 
     def _input_for(self, model: str) -> type[BaseModel]:
-        pipeline, _ = self._models.get(model) or (None, None)
-        if pipeline is not None and type(pipeline).input_model is not None:
-            return type(pipeline).input_model  # type: ignore[return-value]
         self.load(model)
         return type(self._models[model][0]).require_schemas()[0]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,10 +32,12 @@ class JsonlFormat(InputFormat):
 
 
 def _without_bom(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
-    """The lines, with a UTF-8 byte order mark at the start of the file dropped (as CSV readers accept one)."""
-    for pos, line in lines:
-        if pos == 0 and line.startswith(BOM):
-            line = line[len(BOM) :] or b"\n"
-        yield pos, line
-        yield from lines
-        return
+    """The lines, with a UTF-8 byte order mark at the start of the file dropped (as CSV readers accept one); only
+    the first line is looked at, the rest pass through itertools.chain (no Python frame per line)."""
+    first = next(lines, None)
+    if first is None:
+        return iter(())
+    pos, line = first
+    if pos == 0 and line.startswith(BOM):
+        line = line[len(BOM) :] or b"\n"
+    return itertools.chain(((pos, line),), lines)
