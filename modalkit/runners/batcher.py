@@ -1,14 +1,15 @@
 """The dynamic batcher of ``modalkit serve``: concurrent requests grouped into one pipeline call, with Modal's
 ``@modal.batched`` semantics (``max_batch_size``, ``wait_ms``), bounded, and off the event loop.
 
-A request joins the queue and waits for its own outcome. The batching loop takes the first waiting request, waits up
-to ``wait_ms`` for more (until ``max_batch_size``, and only while requests keep arriving: a 1 ms pause ends the
-wait, so a lone client is answered at once; under load the requests that arrive while a batch runs form the
-next one), and runs the batch on one worker thread (the pipeline runs
-one batch at a time, as a model on one device does); each request gets its own outcome back (the isolated runner
-makes a bad record fail only its own request). When ``max_pending`` requests wait, a new one is refused at once
-(:class:`Overloaded`: 503 with ``Retry-After``); a request still waiting after ``request_timeout_s`` is answered
-:class:`TimedOut` (504) and never run.
+A request joins the queue and waits for its own outcome. A request that finds the pipeline idle, with nobody beside
+it and nobody having come while the last batch ran, is run at once: a lone client waits for nobody. Otherwise the
+batching loop waits up to ``wait_ms`` for more (until ``max_batch_size``, and only while requests keep arriving: a
+1 ms pause ends the wait); under load the requests that arrive while a batch runs form the next one. A batch runs on
+one worker thread (the pipeline runs one batch at a time, as a model on one device does); each request gets its own
+outcome back (the isolated runner makes a bad record fail only its own request). When ``max_pending`` requests wait,
+a new one is refused at once (:class:`Overloaded`: 503 with ``Retry-After``); a request still waiting after
+``request_timeout_s`` is answered :class:`TimedOut` (504) and never run; nor is one whose caller was cancelled
+before it ran.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class DynamicBatcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalkit-pipeline")
         self._batch_seconds = 0.05  # running estimate of a batch's duration, for Retry-After
         self._in_flight = 0
+        self._arrived_while_running = False  # a request came while a batch ran: the next one waits for company
 
     @property
     def pending(self) -> int:
@@ -121,17 +123,28 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         request = _Request(item, loop.create_future())
         self._queue.append(request)
+        if self._in_flight:
+            self._arrived_while_running = True
         self._start(loop)
         assert self._wakeup is not None
         self._wakeup.set()
+        timer = loop.call_later(self.request_timeout_s, self._expire, request)
         try:
-            return await asyncio.wait_for(asyncio.shield(request.future), self.request_timeout_s)
-        except TimeoutError:
-            if request.state == "queued":  # still waiting: it is not run
+            return await request.future
+        except asyncio.CancelledError:  # the caller was cancelled: a request not yet running is never run
+            if request.state == "queued":
                 request.state = "cancelled"
-                self.stats.timed_out += 1
-                raise TimedOut(f"the request waited {self.request_timeout_s:g} s for the pipeline") from None
-            return await request.future  # already running: its outcome is on its way
+            raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, request: _Request) -> None:
+        """``request_timeout_s`` after it came: a request still waiting is answered TimedOut and never run (one
+        already running gets its outcome)."""
+        if request.state == "queued" and not request.future.done():
+            request.state = "cancelled"
+            self.stats.timed_out += 1
+            request.future.set_exception(TimedOut(f"the request waited {self.request_timeout_s:g} s for the pipeline"))
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -147,8 +160,10 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             # wait up to wait_ms for more requests, but only while they keep coming: a quiet gap of ARRIVAL_GAP_S
-            # ends the wait (one client waits for nobody), and so does a full batch
-            deadline = loop.time() + self.wait_s
+            # ends the wait, and so does a full batch. A request that finds the pipeline idle with nobody beside it,
+            # while none came during the last batch either, waits for nobody: a lone client pays no wait at all
+            crowded = self._arrived_while_running or len(self._queue) > 1
+            deadline = loop.time() + (self.wait_s if crowded else 0.0)
             while len(self._queue) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
                 self._wakeup.clear()
                 try:
@@ -160,6 +175,7 @@ class DynamicBatcher:
                 continue
             started = time.perf_counter()
             self._in_flight = len(batch)
+            self._arrived_while_running = False
             try:
                 outcomes = await loop.run_in_executor(self._executor, self.run, [r.item for r in batch])
                 if len(outcomes) != len(batch):
