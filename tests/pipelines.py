@@ -145,11 +145,18 @@ class ServeProbe(PoisonAwareSentiment):
     its own answer), and environment variables make it observable and slow:
 
     ``PROBE_LOG``: a file each batch's size is appended to; ``PROBE_DELAY``: seconds to sleep per batch;
-    ``PROBE_GATE``: while this file exists, predict waits.
+    ``PROBE_GATE``: while this file exists, predict waits; ``PROBE_PIDS``: a file each batch's process id is appended
+    to (which server process ran it); ``PROBE_LOADS``: a file each load of the pipeline appends its process id to.
     """
 
     input_model = _EchoIn
     output_model = _Echoed
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if os.environ.get("PROBE_LOADS"):
+            with open(os.environ["PROBE_LOADS"], "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()}\n")
 
     def predict(self, input_list: list[Any], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
         gate = os.environ.get("PROBE_GATE")
@@ -160,6 +167,9 @@ class ServeProbe(PoisonAwareSentiment):
         if os.environ.get("PROBE_LOG"):
             with open(os.environ["PROBE_LOG"], "a", encoding="utf-8") as fh:
                 fh.write(f"{len(input_list)}\n")
+        if os.environ.get("PROBE_PIDS"):
+            with open(os.environ["PROBE_PIDS"], "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()}\n")
         return super().predict(input_list, preprocessed_data)
 
     def postprocess(self, input_list: list[Any], raw_output: dict[str, Any]) -> list[Any]:

@@ -9,6 +9,7 @@ the pipeline's own counters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -34,8 +35,11 @@ POISON = "POISON-PREDICT in this one"
 class Server:
     """A ``modalkit serve`` process; ``url`` once ``/health`` answers 200."""
 
-    def __init__(self, tmp_path: Path, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.tmp_path = tmp_path
+        self.args = args
         self.config = config
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,8 +55,9 @@ class Server:
         self.stderr = self.tmp_path / f"serve-{self.port}.err"
         with self.stderr.open("ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "modalkit.cli", "serve", "--port", str(self.port), "--config", str(self.config)],
-                cwd=self.tmp_path, env=self.env, stdout=subprocess.DEVNULL, stderr=err,
+                [sys.executable, "-m", "modalkit.cli", "serve", "--port", str(self.port), "--config", str(self.config),
+                 *self.args],
+                cwd=self.tmp_path, env=self.env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
             )  # fmt: skip
         if wait_healthy:
             self.wait_healthy()
@@ -82,9 +87,30 @@ class Server:
         return self.proc.returncode
 
     def kill(self) -> None:
+        """SIGKILL the server and every process it started (a crash of its machine)."""
         assert self.proc is not None
-        self.proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+    def group(self) -> list[int]:
+        """The processes alive in the server's process group (itself and its workers)."""
+        assert self.proc is not None
+        alive = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError):
+                    if os.getpgid(int(entry.name)) == self.proc.pid and _running(int(entry.name)):
+                        alive.append(int(entry.name))
+        return alive
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def config_for(tmp_path: Path, **app: Any) -> Path:
@@ -392,3 +418,57 @@ def test_model_name_selects_a_model_entry_and_an_unknown_one_is_a_400_naming_the
     assert unknown.status_code == 400
     assert "unknown model 'nope'" in unknown.json()["error"]
     assert (tmp_path / "models" / "second" / "weights.npz").is_file()  # the second entry loaded its own model
+
+
+# --- several server processes ---------------------------------------------------------------------------------------
+
+
+def test_workers_2_serves_from_two_processes_runs_unfinished_jobs_once_and_stops_them_all(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.write_text("closed")
+    pids, loads = tmp_path / "pids.log", tmp_path / "loads.log"
+    config = config_for(tmp_path, queue_config={"allowed_queues": ["ok"]}, batch_config={"max_batch_size": 4})
+    env = {"PROBE_GATE": str(gate), "PROBE_PIDS": str(pids), "PROBE_LOADS": str(loads)}
+    srv = Server(tmp_path, config, env, args=("--workers", "2")).start()
+    jobs = [
+        httpx.post(f"{srv.url}/predict_async", json={"message": {"text": f"job {i}"}, "success_queue": "ok"})
+        for i in range(4)
+    ]
+    assert [r.status_code for r in jobs] == [200] * 4
+    srv.kill()  # the machine dies with every job still at the gate: none has run
+    assert queued(tmp_path, "ok") == []
+    loads.unlink()
+
+    again = Server(tmp_path, config, env, args=("--workers", "2"))
+    again.port, again.url = srv.port, srv.url
+    again.start()
+    try:
+        # both processes have loaded the model and found the four unfinished jobs before any can finish
+        deadline = time.monotonic() + 60
+        while len(loads.read_text().split()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        gate.unlink()
+        for reply in jobs:
+            assert wait_job(again.url, reply.json()["job_id"])["status"] == "success"
+
+        async def one_client(i: int) -> list[str]:
+            async with httpx.AsyncClient(base_url=again.url, timeout=60) as client:  # its own connection
+                replies = [await client.post("/predict_sync", json={"text": f"c{i} r{j}"}) for j in range(4)]
+            return [r.json()["echo"] for r in replies]
+
+        async def clients() -> list[list[str]]:
+            return list(await asyncio.gather(*(one_client(i) for i in range(32))))
+
+        answers = asyncio.run(clients())
+        workers = {pid for pid in again.group() if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+        served_by = {int(p) for p in pids.read_text().split()}
+    finally:
+        code = again.stop()
+    assert answers == [[f"c{i} r{j}" for j in range(4)] for i in range(32)]
+    assert len(workers) == 2
+    assert served_by == workers  # both server processes ran batches, and only they did
+    assert sorted(m["job_id"] for m in queued(tmp_path, "ok")) == sorted(r.json()["job_id"] for r in jobs)
+    assert sum(again.batches()) == 4 + 32 * 4  # each job ran once, in one process only, and each call once
+    assert code == 0
+    assert again.group() == []  # no worker outlives the server
