@@ -1,10 +1,15 @@
 """Flow ``batch-inference``: an input dataset to scored results, success/failure records and a summary.
 
-Orchestration only: plan the chunks, skip those an earlier run committed (they are sent nowhere), run the rest on
-the job's runner with bounded concurrency and retries, report progress (a Prefect progress artifact and any
-in-process listeners), write the manifest, publish a summary table artifact, and return the summary. Record
-failures do not fail the flow unless their rate passes ``max_failure_rate``; a chunk that fails after its retries
-does (a rerun resumes from the committed chunks).
+Orchestration only: fill a dated partition's ``{date}`` into the URIs (:mod:`modalkit.batch.partition`), plan the
+chunks, skip those an earlier run committed (they are sent nowhere), run the rest on the job's runner with bounded
+concurrency and retries, report progress (a Prefect progress artifact and any in-process listeners), write the
+manifest, publish a summary table artifact and a markdown report, emit ``modalkit.job.completed`` or
+``modalkit.job.failed`` (the summary as its payload) for automations, and return the summary. Record failures do not
+fail the flow unless their rate passes ``max_failure_rate``; a chunk that fails after its retries does (a rerun
+resumes from the committed chunks).
+
+A run is named ``batch-inference/<model>/<date>`` and tagged ``model:<name>``, ``backend:<name>`` and, when a
+deployment started it, ``deployment:<name>``.
 
     prefect deployment run 'batch-inference/nightly'
     modalkit batch s3://bucket/reviews/ s3://bucket/scored/
@@ -18,13 +23,20 @@ from collections import deque
 from typing import Any, Literal
 
 from prefect import Flow, flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.tasks import exponential_backoff
 
+from flows.monitoring import emit_job_event, job_report, run_name, tag_run
 from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
 from modalkit.batch.layout import OutputLayout
+from modalkit.batch.partition import fill_partition, is_template, partition_date
 from modalkit.batch.progress import JobProgress, report
-from modalkit.exceptions import JobFailed, is_retryable
+from modalkit.exceptions import JobFailed, StorageError, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
 from modalkit.runners import ChunkRunner, RunnerFactory, open_runner
 from modalkit.settings import JobConfig, Settings
@@ -45,7 +57,7 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
     it started early) build their own.
     """
 
-    @flow(name="batch-inference", log_prints=False)
+    @flow(name="batch-inference", log_prints=False, flow_run_name=run_name)
     def batch_inference(
         input_uri: str,
         output_uri: str,
@@ -59,34 +71,59 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
         max_failure_rate: float | None = None,
         output_format: Literal["jsonl", "parquet"] | None = None,
         config: str | None = None,
+        date: str | None = None,
     ) -> dict[str, Any]:
         """Score every record under ``input_uri`` into ``output_uri``.
 
         Parameters left empty take their value from ``app_settings.job_config`` (``config`` names the YAML layers,
         comma-separated; default: ``MODALKIT_CONFIG`` or ``./modalkit.yaml``). ``chunk_size`` is a size in bytes
-        of input per chunk, e.g. ``"64MiB"``.
+        of input per chunk, e.g. ``"64MiB"``. ``{date}`` or ``{date:%Y/%m/%d}`` in either URI is the night the run
+        reads: the UTC date of the flow run's scheduled start, or ``date`` (``YYYY-MM-DD``) for a backfill.
 
         Returns:
             The summary: job_id, records, succeeded, failed, chunks, chunks_skipped, seconds, records_per_s,
             output_uri.
         """
         started = time.perf_counter()
-        settings = Settings.load(config) if config else Settings.load()
-        job_config = resolve_job_config(
-            settings,
-            backend=backend,
-            chunk_size=chunk_size,
-            concurrency=concurrency,
-            id_field=id_field,
-            success_queue=success_queue,
-            failure_queue=failure_queue,
-            max_failure_rate=max_failure_rate,
-            output_format=output_format,
-        )
-        # a local runner starts its workers (and they load the model) while the input is listed and planned
-        runner = runner_factory(settings, settings.model_settings.entry(model_name)[0], job_config)
+        job_uris = {"input_uri": input_uri, "output_uri": output_uri}
         try:
-            plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
+            return _run_job(started, job_uris, model_name, config, date, backend=backend, chunk_size=chunk_size,
+                            concurrency=concurrency, id_field=id_field, success_queue=success_queue,
+                            failure_queue=failure_queue, max_failure_rate=max_failure_rate,
+                            output_format=output_format)  # fmt: skip
+        except JobFailed as exc:
+            emit_job_event("failed", exc.summary, str(exc), job_uris)
+            raise
+        except Exception as exc:
+            emit_job_event("failed", None, f"{type(exc).__name__}: {exc}", job_uris)
+            raise
+
+    def _run_job(
+        started: float, job_uris: dict[str, str], model_name: str | None, config: str | None, date: str | None,
+        **options: Any,
+    ) -> dict[str, Any]:  # fmt: skip
+        input_uri, output_uri = job_uris["input_uri"], job_uris["output_uri"]
+        night = None
+        if is_template(input_uri) or is_template(output_uri):
+            from prefect.runtime import flow_run
+
+            night = partition_date(date, flow_run.scheduled_start_time)
+            input_uri = job_uris["input_uri"] = fill_partition(input_uri, night, "input_uri")
+            output_uri = job_uris["output_uri"] = fill_partition(output_uri, night, "output_uri")
+            get_run_logger().info("partition %s: reading %s, writing %s", night, input_uri, output_uri)
+        settings = Settings.load(config) if config else Settings.load()
+        job_config = resolve_job_config(settings, **options)
+        model = settings.model_settings.entry(model_name)[0]
+        tag_run(model, job_config.backend)
+        # a local runner starts its workers (and they load the model) while the input is listed and planned
+        runner = runner_factory(settings, model, job_config)
+        try:
+            try:
+                plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
+            except StorageError as exc:
+                if night is None:
+                    raise
+                raise StorageError(f"the partition for {night}: {exc}", retryable=False) from None
             claim_output(plan)
             done, started = _skippable(plan, runner, started)
             if plan.skipped_files:
@@ -109,7 +146,14 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             runner.close()
         summary = finalize(plan, results, time.perf_counter() - started, len(errors))
         _publish_summary(summary, errors)
-        return _outcome(summary, errors, not_started, job_config.max_failure_rate)
+        create_markdown_artifact(
+            job_report(summary, results, errors, job_config.max_failure_rate),
+            key=f"batch-report-{summary.job_id}",
+            description=f"Report of batch job {summary.job_id}",
+        )
+        outcome = _outcome(summary, errors, not_started, job_config.max_failure_rate)
+        emit_job_event("completed", summary.model_dump(), None, job_uris)
+        return outcome
 
     return batch_inference
 

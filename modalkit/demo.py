@@ -166,3 +166,21 @@ def show_demo_results(setup: DemoSetup, summary: dict[str, Any]) -> None:
         queues.close()
     console.print(f"records in = {summary['records']:,} = {summary['succeeded']:,} succeeded + "
                   f"{summary['failed']:,} failed", highlight=False)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m modalkit.demo WORKDIR [RECORDS]``: write the sample data and settings, print the flow
+    parameters as JSON (``make deploy`` starts its first run with them)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or len(args) > 2:
+        print("usage: python -m modalkit.demo WORKDIR [RECORDS]", file=sys.stderr)
+        return 2
+    setup = prepare_demo(Path(args[0]).resolve(), int(args[1]) if len(args) > 1 else 20_000)
+    print(json.dumps(setup.params))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -173,6 +173,10 @@ class ChunkResult(BaseModel):
     failures_uri: str | None = None
     queued_success: int = 0
     queued_failure: int = 0
+    errors_by_type: dict[str, int] = Field(default_factory=dict, description="Failed records per error_type.")
+    error_examples: dict[str, str] = Field(
+        default_factory=dict, description="The first failure's stage and message per error_type (for the report)."
+    )
 
 
 class JobSummary(BaseModel):

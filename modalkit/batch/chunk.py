@@ -38,6 +38,11 @@ __all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "marker_identity", "process_chunk"
 #: A record holding this key takes its value as its record id (replayed failures keep their original ids).
 REPLAY_ID_KEY = "__modalkit_record_id__"
 MAX_INPUT_CHARS = 100_000
+#: A chunk reports its failures by error_type (for the job's report) for at most this many types, each with the
+#: first failure's stage and message cut to MAX_EXAMPLE_CHARS; the failure files hold every failure.
+MAX_ERROR_TYPES = 20
+MAX_EXAMPLE_CHARS = 300
+
 #: A failure record's queue body over this many bytes carries only the start of its input (``input_truncated``),
 #: so that no record is too large for a queue (SQS takes 256 KiB) whatever the input; the failure file has it all.
 MAX_QUEUE_BODY = 128 * 1024
@@ -120,6 +125,8 @@ class ChunkProcessor:
             failures_uri=layout.failures(chunk.index) if counts["records"] else None,
             queued_success=sender.sent["success"] if sender else 0,
             queued_failure=sender.sent["failure"] if sender else 0,
+            errors_by_type=run.errors_by_type,
+            error_examples=run.error_examples,
         )
         marker = {**marker_identity(job.job_id, chunk), **result.model_dump()}
         storage.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
@@ -250,6 +257,8 @@ class _ChunkRun:
         self.failed = 0
         self.succeeded = 0
         self.ordinal = 0
+        self.errors_by_type: dict[str, int] = {}
+        self.error_examples: dict[str, str] = {}
         self._job_json = orjson.dumps(job.job_id)
         self._fail_lines: list[bytes] = []
         #: the ids seen in this chunk and where they were, when ids come from the data (the job's id_field); ids keep
@@ -324,6 +333,11 @@ class _ChunkRun:
         body = orjson.dumps(record, default=str)
         self._fail_lines.append(body + b"\n")
         self.failed += 1
+        seen = self.errors_by_type.get(error.error_type)
+        if seen is None and len(self.errors_by_type) < MAX_ERROR_TYPES:
+            self.error_examples[error.error_type] = f"{error.stage}: {record['error']}"[:MAX_EXAMPLE_CHARS]
+        if seen is not None or len(self.errors_by_type) < MAX_ERROR_TYPES:
+            self.errors_by_type[error.error_type] = (seen or 0) + 1
         if self.sender is not None:
             if len(body) > MAX_QUEUE_BODY:  # the file keeps the whole input; the queue gets its start
                 text = data if isinstance(data, str) else orjson.dumps(data, default=str).decode()

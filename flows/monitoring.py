@@ -1,0 +1,150 @@
+"""What a person watching a batch job in the Prefect UI, or an automation, sees of it: the flow run's name and tags,
+the markdown report, and the ``modalkit.job.completed`` / ``modalkit.job.failed`` event.
+
+The event's resource is the job (``modalkit.job.<job_id>``, labelled with its model, input, output and outcome:
+``clean``, ``with-failures`` or ``failed``); its payload is the job's summary (or, for a job that never started,
+the error). An automation matching ``modalkit.job.failed``, or ``modalkit.job.completed`` with the label
+``modalkit.outcome: with-failures``, notifies on a night that went wrong (README, "Alerts").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Literal
+
+from modalkit.batch.layout import OutputLayout
+from modalkit.iomodel import ChunkResult, JobSummary
+
+__all__ = ["emit_job_event", "job_report", "run_name", "tag_run"]
+
+log = logging.getLogger(__name__)
+
+#: How many error types the report lists (the failure files hold every failure).
+REPORT_ERROR_TYPES = 5
+
+
+def run_name() -> str:
+    """``batch-inference/<model>/<date>``: the model the run scores and the night it reads (a dated partition's
+    date, or the UTC date of its scheduled start). Never raises: a bad parameter fails the run, not its name."""
+    from prefect.runtime import flow_run
+
+    from modalkit.batch.partition import partition_date
+
+    params = flow_run.parameters or {}
+    model = params.get("model_name")
+    if not model:
+        try:
+            from modalkit.settings import Settings
+
+            config = params.get("config")
+            model = (Settings.load(config) if config else Settings.load()).model_settings.entry(None)[0]
+        except Exception:
+            model = "default"
+    try:
+        day = str(partition_date(params.get("date"), flow_run.scheduled_start_time))
+    except Exception:
+        day = str(params.get("date"))
+    return f"batch-inference/{model}/{day}"
+
+
+def tag_run(model: str, backend: str) -> None:
+    """Add ``model:<name>``, ``backend:<name>`` and ``deployment:<name>`` to this flow run's tags (the UI filters
+    on them). A run outside Prefect's API, or an API that does not answer, keeps its tags; the job goes on."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment, flow_run
+
+    run_id = flow_run.id
+    if run_id is None:
+        return
+    tags = [f"model:{model}", f"backend:{backend}"]
+    if deployment.name:
+        tags.append(f"deployment:{deployment.name}")
+    try:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(run_id).tags
+            client.update_flow_run(run_id, tags=[*current, *(t for t in tags if t not in current)])
+    except Exception as exc:  # tags help the UI; they are never worth failing a job
+        log.warning("could not tag flow run %s: %s", run_id, exc)
+
+
+def job_report(
+    summary: JobSummary,
+    results: list[ChunkResult],
+    errors: list[tuple[int, BaseException]],
+    max_failure_rate: float,
+) -> str:
+    """The markdown report of a finished job: counts, failure rate, throughput, wall time, where the output and
+    the failures are, and the first failure reasons grouped by ``error_type``."""
+    layout = OutputLayout(summary.output_uri)
+    state = "failed" if errors or summary.status == "failed" else "completed"
+    lines = [
+        f"# Batch job `{summary.job_id}`: {state}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model | `{summary.model_name}` |",
+        f"| records | {summary.records:,} |",
+        f"| succeeded | {summary.succeeded:,} |",
+        f"| failed | {summary.failed:,} ({summary.failure_rate:.2%}; the job fails over {max_failure_rate:.2%}) |",
+        f"| chunks | {summary.chunks:,} ({summary.chunks_skipped:,} committed by an earlier run) |",
+        f"| throughput | {summary.records_per_s:,.0f} records/s |",
+        f"| wall time | {summary.seconds:,.1f} s |",
+        f"| input | `{summary.input_uri}` |",
+        f"| output | `{summary.output_uri}` (manifest: `{layout.manifest}`) |",
+        f"| failures | `{layout.failures_dir}/` |",
+    ]
+    if errors:
+        lines += ["", f"## {len(errors)} chunk(s) failed after their retries", ""]
+        lines += [f"- chunk {index:05d}: `{_one_line(exc)}`" for index, exc in errors[:REPORT_ERROR_TYPES]]
+    by_type: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for result in sorted(results, key=lambda r: r.index):
+        by_type.update(result.errors_by_type)
+        for error_type, example in result.error_examples.items():
+            examples.setdefault(error_type, example)
+    if by_type:
+        lines += ["", "## Failures by error type", "", "| error_type | records | first failure |", "|---|---|---|"]
+        for error_type, count in by_type.most_common(REPORT_ERROR_TYPES):
+            lines.append(f"| `{error_type}` | {count:,} | {_cell(examples.get(error_type, ''))} |")
+        if len(by_type) > REPORT_ERROR_TYPES:
+            lines.append(f"| ({len(by_type) - REPORT_ERROR_TYPES} more types) | | see the failures folder |")
+    return "\n".join(lines) + "\n"
+
+
+def emit_job_event(
+    outcome: Literal["completed", "failed"],
+    summary: dict[str, Any] | None,
+    error: str | None,
+    uris: dict[str, str],
+) -> None:
+    """Emit ``modalkit.job.<outcome>`` with the summary as its payload and the job as its resource. Sent through
+    Prefect's events client (to the server the run reports to); never fails the job."""
+    from prefect.events import emit_event
+
+    payload: dict[str, Any] = dict(summary or {})
+    if error is not None:
+        payload["error"] = error
+    job_id = str(payload.get("job_id") or "unplanned")
+    failed = int(payload.get("failed") or 0)
+    label = "failed" if outcome == "failed" else "with-failures" if failed else "clean"
+    resource = {
+        "prefect.resource.id": f"modalkit.job.{job_id}",
+        "prefect.resource.name": f"batch job {job_id}",
+        "modalkit.outcome": label,
+        "modalkit.model": str(payload.get("model_name") or ""),
+        "modalkit.input_uri": uris.get("input_uri", ""),
+        "modalkit.output_uri": uris.get("output_uri", ""),
+    }
+    try:
+        emit_event(event=f"modalkit.job.{outcome}", resource=resource, payload=payload)
+    except Exception as exc:
+        log.warning("could not emit modalkit.job.%s: %s", outcome, exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300].replace("`", "'")
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")[:300]
