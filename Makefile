@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean server worker deploy ui-shot
+.PHONY: demo test lint bench clean server worker deploy alerts ui-shot
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ deploy: $(STAMP)
 	@echo "Watch it at http://127.0.0.1:4200/runs; run your own with"
 	@echo "  PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect deployment run 'batch-inference/adhoc' \\"
 	@echo "      --param input_uri=... --param output_uri=... --watch"
+
+# Prefect automations that notify on a failed job or one with failed records (automations/modalkit-alerts.yaml).
+alerts: $(STAMP)
+	@test -n "$(SLACK_WEBHOOK_URL)" || { echo "usage: make alerts SLACK_WEBHOOK_URL=https://hooks.slack.com/services/..."; exit 2; }
+	@PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python scripts/create_alerts.py \
+		--slack-webhook-url "$(SLACK_WEBHOOK_URL)"
 
 # A headless Chromium screenshot of a flow run's page in the Prefect UI, artifacts shown (docs/ui-shot.png).
 ui-shot: $(STAMP)

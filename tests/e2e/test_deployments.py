@@ -263,7 +263,12 @@ def test_a_nightly_run_scheduled_for_a_past_night_reads_that_nights_partition_an
     config = config_in(stack, "nightly")
     params = {"input_uri": f"s3://{stack.bucket}/nightly/{{date}}/", "config": str(config), "id_field": "id",
               "output_uri": f"s3://{stack.bucket}/scored/{{date:%Y/%m/%d}}", "max_failure_rate": 0.5}  # fmt: skip
+    script = stack.clone / "scripts" / "create_alerts.py"  # what `make alerts SLACK_WEBHOOK_URL=...` runs
+    alerts = subprocess.run([sys.executable, str(script), "--slack-webhook-url", "http://127.0.0.1:9/never"],
+                            env=stack.env, capture_output=True, text=True, check=False)  # fmt: skip
+    assert alerts.returncode == 0, alerts.stderr
     with client() as c:
+        (alert,) = c.read_automations_by_name("modalkit job failed")
         nightly = c.read_deployment_by_name("batch-inference/nightly")
         good = c.create_flow_run_from_deployment(
             nightly.id, parameters=params, state=Scheduled(scheduled_time=dt.datetime(2026, 11, 20, 2, 0, tzinfo=UTC))
@@ -288,6 +293,10 @@ def test_a_nightly_run_scheduled_for_a_past_night_reads_that_nights_partition_an
               if e.resource.get("modalkit.input_uri") == f"s3://{stack.bucket}/nightly/2026-11-19/"]  # fmt: skip
     assert len(failed) == 1
     assert f"s3://{stack.bucket}/nightly/2026-11-19 does not exist" in failed[0].payload["error"]
+    # the README's automation fired on it (its Slack webhook goes nowhere here; the trigger is what is tested)
+    triggered = [e for e in events_named("prefect.automation.triggered")
+                 if e.resource.id == f"prefect.automation.{alert.id}"]  # fmt: skip
+    assert triggered
 
 
 def test_an_adhoc_run_whose_input_does_not_exist_fails_with_a_state_message_naming_the_uri(api: Stack) -> None:

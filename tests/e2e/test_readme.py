@@ -53,3 +53,17 @@ def test_readme_block_runs_and_prints_what_it_says(index: int, tmp_path: Path) -
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == expected_output(block)
+
+
+def test_the_readmes_automation_is_the_first_one_of_automations_modalkit_alerts_yaml() -> None:
+    import yaml
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    (shown,) = [yaml.safe_load(b)[0] for b in blocks if "modalkit.job.failed" in b]
+    first = yaml.safe_load((REPO / "automations" / "modalkit-alerts.yaml").read_text(encoding="utf-8"))
+    first = first["automations"][0]
+    assert shown["name"] == first["name"]
+    assert shown["trigger"] == first["trigger"]
+    assert [(a["type"], a["subject"]) for a in shown["actions"]] == [
+        (a["type"], a["subject"]) for a in first["actions"]
+    ]
