@@ -127,10 +127,16 @@ def batch(
             metavar="RATE", help="Fail the job above this failed fraction, 0 to 1. Default: job_config (0.1)."
         ),
     ] = None,
+    date: Annotated[
+        str | None,
+        typer.Option(metavar="YYYY-MM-DD", help="The night {date} in the URIs stands for. Default: today (UTC)."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print only the summary, as one JSON line.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
     """Run the batch-inference flow over INPUT_URI and write results to OUTPUT_URI.
+
+    Either URI may hold {date} or {date:%Y/%m/%d} (a dated partition): filled with --date, or today in UTC.
 
     Exit status: 0 the job completed; 1 it failed; 2 it could not start (a bad option, configuration or input);
     130 Ctrl-C and 143 SIGTERM (run the same command again to resume).
@@ -140,7 +146,7 @@ def batch(
         "input_uri": input_uri, "output_uri": output_uri, "model_name": model, "backend": backend,
         "chunk_size": chunk_size, "concurrency": concurrency, "id_field": id_field, "output_format": output_format,
         "success_queue": success_queue, "failure_queue": failure_queue, "max_failure_rate": max_failure_rate,
-        "config": config,
+        "config": config, "date": date,
     }  # fmt: skip
     summary, error = run_batch(params, show_progress=not json_out and err.is_terminal)
     _finish(summary, error, json_out)
@@ -169,6 +175,17 @@ def run_batch(params: dict[str, Any], show_progress: bool = False) -> tuple[dict
     return _run_flow(params, early, show_progress)
 
 
+def _fill_partition(params: dict[str, Any]) -> None:
+    """``{date}`` in the URIs filled in place with ``date`` (or today, UTC); the flow then gets plain URIs."""
+    from modalkit.batch.partition import fill_partition, is_template, partition_date
+
+    date = params.pop("date", None)
+    if is_template(params["input_uri"]) or is_template(params["output_uri"]) or date:
+        day = partition_date(date, None, "--date")
+        params["input_uri"] = fill_partition(params["input_uri"], day, "INPUT_URI")
+        params["output_uri"] = fill_partition(params["output_uri"], day, "OUTPUT_URI")
+
+
 class _EarlyStart:
     """What ``modalkit batch`` does before Prefect: checks, the Prefect API, the runner, the first chunks."""
 
@@ -186,6 +203,7 @@ class _EarlyStart:
         from modalkit.settings import Settings
 
         p = self.params
+        _fill_partition(p)
         settings = Settings.load(p["config"]) if p["config"] else Settings.load()
         overrides = {name: p[name] for name in OPTION_NAMES}
         job_config = resolve_job_config(settings, names=OPTION_NAMES, **overrides)

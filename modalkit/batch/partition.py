@@ -21,18 +21,18 @@ def is_template(uri: str) -> bool:
     return any(field is not None for _, field, _, _ in _parse(uri, "uri"))
 
 
-def partition_date(date: str | None, scheduled: dt.datetime | None) -> dt.date:
+def partition_date(date: str | None, scheduled: dt.datetime | None, name: str = "parameter date") -> dt.date:
     """The night a run reads: ``date`` when given (``YYYY-MM-DD``), else the UTC date of ``scheduled`` (the flow
     run's scheduled start), else today in UTC.
 
     Raises:
-        ConfigError: ``date`` is not a date (the message names the parameter and the value).
+        ConfigError: ``date`` is not a date (the message names it as ``name`` and shows the value).
     """
     if date:
         try:
             return dt.date.fromisoformat(date.strip())
         except ValueError:
-            raise ConfigError(f"parameter date: {date!r} is not a date; use YYYY-MM-DD, e.g. 2026-11-30") from None
+            raise ConfigError(f"{name}: {date!r} is not a date; use YYYY-MM-DD, e.g. 2026-11-30") from None
     when = scheduled or dt.datetime.now(dt.UTC)
     if when.tzinfo is None:  # a naive time is taken as UTC
         when = when.replace(tzinfo=dt.UTC)

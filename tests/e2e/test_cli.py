@@ -126,6 +126,27 @@ def assert_every_record_once(output: Path, data: dict[str, Any]) -> None:
     assert unparsed["input"] == BAD_JSON  # kept verbatim, not as an object
 
 
+def test_batch_fills_date_in_both_uris_with_the_date_option_and_a_bad_date_fails_in_one_line(
+    cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    data = write_dataset(tmp_path / "in" / "2026-11-20", n_good=40)
+    write_dataset(tmp_path / "in" / "2026-11-21", n_good=10)  # another night's: not read
+    config = write_config(tmp_path)
+
+    proc = cli("batch", str(tmp_path / "in" / "{date}"), str(tmp_path / "out" / "{date:%Y/%m/%d}"), "--config",
+               str(config), "--id-field", "id", "--date", "2026-11-20", "--json")  # fmt: skip
+    bad = cli("batch", str(tmp_path / "in" / "{date}"), str(tmp_path / "out"), "--date", "2026-11-31")
+
+    assert proc.returncode == 0, proc.stderr
+    summary = last_json_line(proc.stdout)
+    assert summary["output_uri"] == str(tmp_path / "out" / "2026" / "11" / "20")
+    assert summary["records"] == data["records"]  # that night's records only
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: --date: '2026-11-31' is not a date; use YYYY-MM-DD, e.g. 2026-11-30"
+    ]
+
+
 # --- a job that completes ----------------------------------------------------------------------------------------
 
 
