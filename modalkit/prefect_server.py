@@ -337,7 +337,9 @@ def _flows_running(api_url: str) -> bool:
 def supervise(root: Path, port: int, idle: float) -> int:
     """Run ``prefect server start`` on ``port`` and keep it until it is idle, told to stop, or dies."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    api_url = f"http://127.0.0.1:{port}/api"
+    # the UI's API is this server's, not Prefect's default (127.0.0.1:4200, another server or none)
+    env.update(PREFECT_HOME=str(root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=api_url)
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -347,7 +349,6 @@ def supervise(root: Path, port: int, idle: float) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.set())
-    api_url = f"http://127.0.0.1:{port}/api"
     check = min(15.0, max(0.5, idle / 4))
     lease, ready_at = root / "lease", 0.0
     while not stopping.wait(check):

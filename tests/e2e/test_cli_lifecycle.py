@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def server_info(home: Path) -> dict[str, Any]:
     return dict(json.loads((home / "prefect" / "server.json").read_text()))
 
 
-def test_without_a_prefect_api_the_first_run_starts_a_local_server_and_the_next_run_reuses_it(
+def test_without_a_prefect_api_the_first_run_starts_a_local_server_the_next_reuses_it_and_its_ui_uses_its_api(
     home: Path, tmp_path: Path
 ) -> None:
     write_reviews(tmp_path / "in", 10)
@@ -91,6 +92,8 @@ def test_without_a_prefect_api_the_first_run_starts_a_local_server_and_the_next_
     status = run(tmp_path, env, "prefect", "status")
     assert status.returncode == 0
     assert f"running: http://127.0.0.1:{server['port']}" in status.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/ui-settings", timeout=10) as reply:
+        assert json.loads(reply.read())["api_url"] == server["api_url"]  # the UI shows this server's runs
 
 
 def test_modalkit_prefect_stop_stops_the_local_server(home: Path, tmp_path: Path) -> None:
