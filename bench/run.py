@@ -113,14 +113,7 @@ class PrefectServer:
         raise RuntimeError(f"prefect server did not start; see {self.home}/server.log")
 
     def rss_mb(self) -> float:
-        total = 0
-        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
-            try:
-                with open(f"/proc/{pid}/statm") as fh:
-                    total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except OSError:
-                pass
-        return total / 2**20
+        return rss_mb([self.proc.pid, *_descendants(self.proc.pid)])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -132,6 +125,18 @@ class PrefectServer:
                 self.proc.wait()
         self.log.close()
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+def rss_mb(pids: list[int]) -> float:
+    """The resident memory of these processes now, in MiB (those gone meanwhile count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+    return total / 2**20
 
 
 def _descendants(root: int) -> list[int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _descendants, free_port
+from run import _descendants, free_port, rss_mb
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -97,14 +97,7 @@ class Server:
 
     def rss_mb(self) -> float:
         """RSS of the server's process tree now (treemem's children and theirs)."""
-        total = 0
-        for pid in _descendants(self.proc.pid):
-            try:
-                with open(f"/proc/{pid}/statm") as fh:
-                    total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except OSError:
-                continue
-        return total / 2**20
+        return rss_mb(_descendants(self.proc.pid))
 
     def stop(self) -> dict[str, Any]:
         if self.proc.poll() is None:

@@ -29,9 +29,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from flows.monitoring import emit_job_event, job_report, run_name, tag_run
+from flows.monitoring import emit_job_event, job_report, label_run
 from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.partition import fill_partition, is_template, partition_date
@@ -57,7 +58,7 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
     it started early) build their own.
     """
 
-    @flow(name="batch-inference", log_prints=False, flow_run_name=run_name)
+    @flow(name="batch-inference", log_prints=False)
     def batch_inference(
         input_uri: str,
         output_uri: str,
@@ -103,18 +104,17 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
         **options: Any,
     ) -> dict[str, Any]:  # fmt: skip
         input_uri, output_uri = job_uris["input_uri"], job_uris["output_uri"]
+        scheduled = flow_run.scheduled_start_time
         night = None
         if is_template(input_uri) or is_template(output_uri):
-            from prefect.runtime import flow_run
-
-            night = partition_date(date, flow_run.scheduled_start_time)
+            night = partition_date(date, scheduled)
             input_uri = job_uris["input_uri"] = fill_partition(input_uri, night, "input_uri")
             output_uri = job_uris["output_uri"] = fill_partition(output_uri, night, "output_uri")
             get_run_logger().info("partition %s: reading %s, writing %s", night, input_uri, output_uri)
-        settings = Settings.load(config) if config else Settings.load()
+        settings = Settings.load(config or None)
         job_config = resolve_job_config(settings, **options)
         model = settings.model_settings.entry(model_name)[0]
-        tag_run(model, job_config.backend)
+        label_run(model, job_config.backend, str(night or date or partition_date(None, scheduled)))
         # a local runner starts its workers (and they load the model) while the input is listed and planned
         runner = runner_factory(settings, model, job_config)
         try:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from modalkit.batch.layout import OutputLayout
 from modalkit.iomodel import ChunkResult, JobSummary
 
-__all__ = ["emit_job_event", "job_report", "run_name", "tag_run"]
+__all__ = ["emit_job_event", "job_report", "label_run"]
 
 log = logging.getLogger(__name__)
 
@@ -24,48 +24,24 @@ log = logging.getLogger(__name__)
 REPORT_ERROR_TYPES = 5
 
 
-def run_name() -> str:
-    """``batch-inference/<model>/<date>``: the model the run scores and the night it reads (a dated partition's
-    date, or the UTC date of its scheduled start). Never raises: a bad parameter fails the run, not its name."""
-    from prefect.runtime import flow_run
-
-    from modalkit.batch.partition import partition_date
-
-    params = flow_run.parameters or {}
-    model = params.get("model_name")
-    if not model:
-        try:
-            from modalkit.settings import Settings
-
-            config = params.get("config")
-            model = (Settings.load(config) if config else Settings.load()).model_settings.entry(None)[0]
-        except Exception:
-            model = "default"
-    try:
-        day = str(partition_date(params.get("date"), flow_run.scheduled_start_time))
-    except Exception:
-        day = str(params.get("date"))
-    return f"batch-inference/{model}/{day}"
-
-
-def tag_run(model: str, backend: str) -> None:
-    """Add ``model:<name>``, ``backend:<name>`` and ``deployment:<name>`` to this flow run's tags (the UI filters
-    on them). A run outside Prefect's API, or an API that does not answer, keeps its tags; the job goes on."""
+def label_run(model: str, backend: str, day: str) -> None:
+    """Name this flow run ``batch-inference/<model>/<day>`` (the model it scores, the night it reads) and add the
+    tags ``model:<name>``, ``backend:<name>`` and ``deployment:<name>`` (the UI filters on them), in one API call.
+    A run outside Prefect's API, or an API that does not answer, keeps its name and tags; the job goes on."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import deployment, flow_run
 
     run_id = flow_run.id
     if run_id is None:
         return
-    tags = [f"model:{model}", f"backend:{backend}"]
-    if deployment.name:
-        tags.append(f"deployment:{deployment.name}")
+    current = list(flow_run.tags)
+    tags = [f"model:{model}", f"backend:{backend}"] + ([f"deployment:{deployment.name}"] if deployment.name else [])
     try:
         with get_client(sync_client=True) as client:
-            current = client.read_flow_run(run_id).tags
-            client.update_flow_run(run_id, tags=[*current, *(t for t in tags if t not in current)])
-    except Exception as exc:  # tags help the UI; they are never worth failing a job
-        log.warning("could not tag flow run %s: %s", run_id, exc)
+            client.update_flow_run(run_id, name=f"batch-inference/{model}/{day}",
+                                   tags=[*current, *(t for t in tags if t not in current)])  # fmt: skip
+    except Exception as exc:  # a name and tags help the UI; they are never worth failing a job
+        log.warning("could not name and tag flow run %s: %s", run_id, exc)
 
 
 def job_report(

@@ -204,7 +204,7 @@ class _EarlyStart:
 
         p = self.params
         _fill_partition(p)
-        settings = Settings.load(p["config"]) if p["config"] else Settings.load()
+        settings = Settings.load(p["config"] or None)
         overrides = {name: p[name] for name in OPTION_NAMES}
         job_config = resolve_job_config(settings, names=OPTION_NAMES, **overrides)
         _mark("options")
@@ -422,7 +422,7 @@ def serve(
 def _load_settings(config: str | None) -> Any:
     from modalkit.settings import Settings
 
-    return Settings.load(config) if config else Settings.load()
+    return Settings.load(config or None)
 
 
 @app.command()

@@ -41,7 +41,7 @@ class HttpMetrics:
     """Prometheus metrics of one app, in a registry of its own: requests by route and status, latency, batch
     sizes, queue depth."""
 
-    def __init__(self, queue_depth: Callable[[], float] | None = None) -> None:
+    def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -56,9 +56,8 @@ class HttpMetrics:
             "modalkit_batch_size", "Records per pipeline call.", registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
         )  # fmt: skip
-        depth = Gauge("modalkit_queue_depth", "Requests waiting for the pipeline.", registry=self.registry)
-        if queue_depth is not None:
-            depth.set_function(queue_depth)
+        #: ``queue_depth.set_function(f)``: what the gauge reads at each scrape (0 until set)
+        self.queue_depth = Gauge("modalkit_queue_depth", "Requests waiting for the pipeline.", registry=self.registry)
 
     def render(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -346,22 +345,22 @@ def create_web_endpoints(app_cls: Any, input_model: type[BaseModel], output_mode
     from modalkit.modal_service import ModalService
 
     utils = getattr(app_cls, "modal_utils", None)
-    settings = utils.settings if utils is not None else None
-    auth = settings.app_settings.auth_config if settings is not None else None
-    dependency = api_key_dependency(auth) if auth is not None else None
-    default_model = settings.model_settings.entry(None)[0] if settings is not None else ""
-    batch = settings.app_settings.batch_config if settings is not None else None
-    queues = settings.app_settings.queue_config.allowed_queues if settings is not None else []
+    configured: dict[str, Any] = {}
+    if utils is not None:  # the class's settings: auth, the default model, the queue allowlist, the body limit
+        app_settings = utils.settings.app_settings
+        configured = {
+            "router_dependency": api_key_dependency(app_settings.auth_config),
+            "default_model": utils.settings.model_settings.entry(None)[0],
+            "allowed_queues": app_settings.queue_config.allowed_queues,
+            "max_body_bytes": int(app_settings.batch_config.max_body_bytes),
+        }
     return create_app(
         input_model,
         output_model,
-        router_dependency=dependency,
         sync_fn=ModalService.sync_call(app_cls),
         async_fn=ModalService.async_call(app_cls),
         job_fn=_modal_job_status,
-        default_model=default_model,
-        allowed_queues=queues,
-        max_body_bytes=int(batch.max_body_bytes) if batch is not None else 16 * 1024 * 1024,
+        **configured,
     )
 
 
@@ -409,10 +408,9 @@ def serve_app(settings: Any, model_name: str | None = None) -> FastAPI:
 
     from modalkit.runners.serving import LocalService
 
-    holder: dict[str, Any] = {}
-    metrics = HttpMetrics(queue_depth=lambda: float(holder["service"].pending()) if "service" in holder else 0.0)
+    metrics = HttpMetrics()
     service = LocalService(settings, model_name, on_batch=metrics.batch_size.observe)
-    holder["service"] = service
+    metrics.queue_depth.set_function(lambda: float(service.pending()))
     app_settings = settings.app_settings
 
     @contextlib.asynccontextmanager

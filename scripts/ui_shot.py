@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """``make ui-shot``: a headless Chromium screenshot of a batch job's flow run page in the Prefect UI.
 
-Starts a Prefect server of its own (SQLite under a temporary PREFECT_HOME, a free loopback port), runs the demo's
-sample reviews through flow ``batch-inference`` against it, opens the flow run's page on its Artifacts tab in
-Debian's ``chromium --headless`` and writes the picture (default ``docs/ui-shot.png``), and one of the job's markdown
-report (``docs/ui-shot-report.png``), then stops the server.
+Starts modalkit's managed local Prefect server under a temporary MODALKIT_HOME (SQLite, a free loopback port),
+runs the demo's sample reviews through flow ``batch-inference`` against it, opens the flow run's page on its
+Artifacts tab in Debian's ``chromium --headless`` and writes the picture (default ``docs/ui-shot.png``) and one of
+the job's markdown report (``docs/ui-shot-report.png``), then stops the server.
 
     python scripts/ui_shot.py [--out docs/ui-shot.png] [--records 5000] [--tab Artifacts]
 """
@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,45 +27,23 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def run_and_report(api_url: str) -> tuple[str, str]:
+    """The newest batch-inference flow run on the server, and the id of its markdown report."""
+    os.environ["PREFECT_API_URL"] = api_url  # before Prefect is imported: its settings are read once
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
 
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"ui-shot: the Prefect server exited ({proc.returncode})")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("ui-shot: the Prefect server did not answer in time")
-
-
-def latest_flow_run(api: str) -> str:
-    body = json.dumps({"sort": "START_TIME_DESC", "limit": 1, "flows": {"name": {"any_": ["batch-inference"]}}})
-    request = urllib.request.Request(f"{api}/flow_runs/filter", body.encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        runs = json.loads(reply.read())
-    if not runs:
-        raise SystemExit("ui-shot: no batch-inference flow run on the server")
-    return str(runs[0]["id"])
-
-
-def artifact_id(api: str, key_prefix: str) -> str:
-    body = json.dumps({"sort": "CREATED_DESC", "limit": 50})
-    request = urllib.request.Request(f"{api}/artifacts/filter", body.encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        found = [a for a in json.loads(reply.read()) if str(a.get("key") or "").startswith(key_prefix)]
-    if not found:
-        raise SystemExit(f"ui-shot: no artifact {key_prefix}* on the server")
-    return str(found[0]["id"])
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["batch-inference"])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)  # fmt: skip
+        if not runs:
+            raise SystemExit("ui-shot: no batch-inference flow run on the server")
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])))
+    reports = [a for a in artifacts if (a.key or "").startswith("batch-report-")]
+    if not reports:
+        raise SystemExit("ui-shot: the flow run has no batch-report artifact")
+    return str(runs[0].id), str(reports[0].id)
 
 
 def chromium() -> str:
@@ -155,45 +132,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     browser = chromium()
     work = Path(tempfile.mkdtemp(prefix="modalkit-ui-shot-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"{url}/api", "PREFECT_UI_API_URL": f"{url}/api"}  # fmt: skip
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=(work / "server.log").open("wb"), start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_healthy(f"{url}/api", server)
-        print(f"ui-shot: Prefect server on {url}; running the demo job against it", file=sys.stderr)
-        from modalkit.demo import prepare_demo
+    # modalkit's managed local server, kept under this temporary home and stopped at the end
+    os.environ.update({"MODALKIT_HOME": str(work), "PREFECT_HOME": str(work / "prefect-home"),
+                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})  # fmt: skip
+    os.environ.pop("PREFECT_API_URL", None)
+    from modalkit.demo import prepare_demo
+    from modalkit.prefect_server import ensure_server, stop_server
 
+    try:
+        server = ensure_server()
+        print(f"ui-shot: Prefect server on {server.ui_url}; running the demo job against it", file=sys.stderr)
         setup = prepare_demo(work / "demo", args.records)
         job = [str(BIN / "modalkit"), "batch", setup.params["input_uri"], setup.params["output_uri"], "--config",
                setup.params["config"], "--success-queue", setup.params["success_queue"], "--failure-queue",
                setup.params["failure_queue"], "--json"]  # fmt: skip
-        subprocess.run(job, env=env, cwd=work, check=True, stdout=subprocess.DEVNULL)
-        run_id = latest_flow_run(f"{url}/api")
-        page = f"{url}/runs/flow-run/{run_id}?tab={args.tab}"
-        report = artifact_id(f"{url}/api", "batch-report-")
+        subprocess.run(job, cwd=work, check=True, stdout=subprocess.DEVNULL)
+        run_id, report = run_and_report(server.api_url)
+        page = f"{server.ui_url}/runs/flow-run/{run_id}?tab={args.tab}"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         report_out = args.out.with_name(args.out.stem + "-report" + args.out.suffix)
         run_png, report_png = screenshots(
             browser,
-            [(page, args.tab, "batch-report-"), (f"{url}/artifacts/artifact/{report}", None, "Failures by error type")],
+            [(page, args.tab, "batch-report-"),
+             (f"{server.ui_url}/artifacts/artifact/{report}", None, "Failures by error type")],
             work / "chromium",
-        )
+        )  # fmt: skip
         args.out.write_bytes(run_png)
         report_out.write_bytes(report_png)
         print(f"ui-shot: {page} -> {args.out}; the markdown report -> {report_out}", file=sys.stderr)
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
+        stop_server()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

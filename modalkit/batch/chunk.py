@@ -333,11 +333,12 @@ class _ChunkRun:
         body = orjson.dumps(record, default=str)
         self._fail_lines.append(body + b"\n")
         self.failed += 1
-        seen = self.errors_by_type.get(error.error_type)
-        if seen is None and len(self.errors_by_type) < MAX_ERROR_TYPES:
+        count = self.errors_by_type.get(error.error_type)
+        if count is not None:
+            self.errors_by_type[error.error_type] = count + 1
+        elif len(self.errors_by_type) < MAX_ERROR_TYPES:
+            self.errors_by_type[error.error_type] = 1
             self.error_examples[error.error_type] = f"{error.stage}: {record['error']}"[:MAX_EXAMPLE_CHARS]
-        if seen is not None or len(self.errors_by_type) < MAX_ERROR_TYPES:
-            self.errors_by_type[error.error_type] = (seen or 0) + 1
         if self.sender is not None:
             if len(body) > MAX_QUEUE_BODY:  # the file keeps the whole input; the queue gets its start
                 text = data if isinstance(data, str) else orjson.dumps(data, default=str).decode()
