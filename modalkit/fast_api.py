@@ -24,9 +24,14 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from modalkit.batch.chunk import describe_validation_error
 from modalkit.exceptions import ConfigError
-from modalkit.iomodel import AsyncInputModel, AsyncOutputModel, InferenceOutputModel, JobStatus
+from modalkit.iomodel import (
+    AsyncInputModel,
+    AsyncOutputModel,
+    InferenceOutputModel,
+    JobStatus,
+    describe_validation_error,
+)
 from modalkit.runners.batcher import Overloaded, TimedOut
 
 __all__ = ["ApiKeyAuth", "BodyLimit", "HttpMetrics", "create_app", "create_web_endpoints", "outcome_body"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "OUTPUT_ENVELOPE",
@@ -30,6 +30,7 @@ __all__ = [
     "Stage",
     "SuccessRecord",
     "SyncInputModel",
+    "describe_validation_error",
 ]
 
 T = TypeVar("T", bound=BaseModel)
@@ -205,3 +206,13 @@ class JobStatus(BaseModel):
     status: Literal["queued", "running", "success", "error", "unknown"]
     result: dict[str, Any] | None = None
     error: str | None = None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """``field 'text': Field required; field 'score': Input should be a valid number`` (first five)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"field '{loc}': {err['msg']}" if loc else err["msg"])
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

@@ -30,7 +30,7 @@ from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
 from modalkit.batch.writers import ENVELOPE, FailureWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
-from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
+from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, describe_validation_error
 from modalkit.queues import QueueBackend
 
 __all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "marker_identity", "process_chunk", "read_marker"]
@@ -47,16 +47,6 @@ MAX_EXAMPLE_CHARS = 300
 #: so that no record is too large for a queue (SQS takes 256 KiB) whatever the input; the failure file has it all.
 MAX_QUEUE_BODY = 128 * 1024
 MAX_QUEUED_INPUT_CHARS = 16 * 1024
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """``field 'text': Field required; field 'score': Input should be a valid number`` (first five)."""
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"field '{loc}': {err['msg']}" if loc else err["msg"])
-    more = exc.error_count() - len(parts)
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 class ChunkProcessor:

@@ -20,13 +20,13 @@ from pipelines import PoisonAwareSentiment
 from pydantic import BaseModel, Field, ValidationError
 
 from modalkit.batch import queueing
-from modalkit.batch.chunk import GC_THRESHOLD, REPLAY_ID_KEY, ChunkProcessor, describe_validation_error, process_chunk
+from modalkit.batch.chunk import GC_THRESHOLD, REPLAY_ID_KEY, ChunkProcessor, process_chunk
 from modalkit.batch.planning import list_dataset, plan_chunks
 from modalkit.batch.writers import ENVELOPE, FailureWriter, JsonlPartWriter, ParquetPartWriter, Success, arrow_schema
 from modalkit.examples.sentiment import LABELS
 from modalkit.exceptions import ConfigError, PipelineError, QueueError, StorageError
 from modalkit.inference_pipeline import InferencePipeline
-from modalkit.iomodel import ChunkResult, ChunkSpec, InferenceOutputModel, JobSpec
+from modalkit.iomodel import ChunkResult, ChunkSpec, InferenceOutputModel, JobSpec, describe_validation_error
 from modalkit.task_queue import MemoryBackend, QueueMessage
 
 JOB_ID = "job0123456789abc"
