@@ -22,6 +22,7 @@ __all__ = [
     "ChunkResult",
     "ChunkSpec",
     "DelayedFailureOutputModel",
+    "ErrorBody",
     "FailureRecord",
     "InferenceOutputModel",
     "JobSpec",
@@ -91,6 +92,21 @@ class DelayedFailureOutputModel(InferenceOutputModel):
     """A failure answered through a queue: carries the original request (kept from the original modalkit)."""
 
     original_message: AsyncInputModel[Any]
+
+
+class ErrorBody(BaseModel):
+    """The one shape of every error a client sees: an HTTP error body, and the error part of a failure record.
+
+    ``stage`` names the pipeline stage a record failed in; it is None for errors that are not a record's
+    (a missing key, a full server).
+    """
+
+    status: Literal["error"] = "error"
+    stage: Stage | None = Field(
+        None, description="parse, validate, preprocess, predict, postprocess; None when no record stage."
+    )
+    error_type: str = Field(description="Class name of the error, e.g. ValidationError, Unauthorized, Overloaded.")
+    error: str = Field(description="What went wrong and, where it helps, what to do next.")
 
 
 class SuccessRecord(BaseModel):
