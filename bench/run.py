@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from procs import descendants, free_port, rss_mb
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -83,12 +84,6 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PrefectServer:
     """`prefect server start` on a free loopback port, SQLite in a temporary PREFECT_HOME; stopped by PID."""
 
@@ -113,7 +108,7 @@ class PrefectServer:
         raise RuntimeError(f"prefect server did not start; see {self.home}/server.log")
 
     def rss_mb(self) -> float:
-        return rss_mb([self.proc.pid, *_descendants(self.proc.pid)])
+        return rss_mb([self.proc.pid, *descendants(self.proc.pid)])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -125,37 +120,6 @@ class PrefectServer:
                 self.proc.wait()
         self.log.close()
         shutil.rmtree(self.home, ignore_errors=True)
-
-
-def rss_mb(pids: list[int]) -> float:
-    """The resident memory of these processes now, in MiB (those gone meanwhile count 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm") as fh:
-                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            continue
-    return total / 2**20
-
-
-def _descendants(root: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as fh:
-                    stat = fh.read()
-                ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-            except (OSError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        for kid in kids.get(todo.pop(), []):
-            out.append(kid)
-            todo.append(kid)
-    return out
 
 
 def dataset(rows: int) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _descendants, free_port, rss_mb
+from procs import descendants, free_port, rss_mb
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -97,7 +97,7 @@ class Server:
 
     def rss_mb(self) -> float:
         """RSS of the server's process tree now (treemem's children and theirs)."""
-        return rss_mb(_descendants(self.proc.pid))
+        return rss_mb(descendants(self.proc.pid))
 
     def stop(self) -> dict[str, Any]:
         if self.proc.poll() is None:
