@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextvars
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -35,6 +36,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from modalkit.exceptions import ConfigError
@@ -56,6 +58,7 @@ __all__ = [
     "CloudBucketMount",
     "DeploymentConfig",
     "JobConfig",
+    "JobParameter",
     "ModelEntry",
     "ModelSettings",
     "Mount",
@@ -65,6 +68,8 @@ __all__ = [
     "Settings",
     "Volume",
     "config_files_from_env",
+    "job_parameter",
+    "run_parameters",
 ]
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -318,36 +323,89 @@ class AuthConfig(_Strict):
         return self
 
 
-class JobConfig(_Strict):
-    """Defaults of batch jobs (each can be overridden per run)."""
+@dataclass(frozen=True)
+class JobParameter:
+    """How a ``job_config`` field takes part in a batch job (metadata on the field, beside its type and bounds).
 
-    backend: Literal["local", "modal"] = Field("local", description="Where chunks run: local worker pool or Modal.")
-    chunk_size: ByteSize = Field(
+    Attributes:
+        per_run: Each run may override it: flow ``batch-inference`` takes it as a parameter and ``modalkit batch``
+            as the option ``--<name>`` (both: empty = the ``job_config`` value).
+        identity: It is part of the job id: the same input under another value is another job, in another output.
+        metavar: How ``modalkit batch --help`` shows the option's value.
+        example: A value shown in the option's help.
+    """
+
+    per_run: bool = False
+    identity: bool = False
+    metavar: str = "VALUE"
+    example: str | None = None
+
+
+class JobConfig(_Strict):
+    """Defaults of batch jobs, and the one declaration of each job parameter.
+
+    A field marked :class:`JobParameter` ``per_run`` is a parameter of flow ``batch-inference`` and an option of
+    ``modalkit batch`` (:func:`run_parameters`); one marked ``identity`` is part of the job id (:meth:`identity`).
+    ``JobSpec`` carries these fields as declared here.
+    """
+
+    backend: Annotated[Literal["local", "modal"], JobParameter(per_run=True, metavar="local|modal")] = Field(
+        "local", description="Where chunks run: the local worker pool or Modal."
+    )
+    chunk_size: Annotated[ByteSize, JobParameter(per_run=True, identity=True, metavar="SIZE", example="64MiB")] = Field(
         ByteSize(32 * 1024 * 1024),
         ge=64 * 1024,
         le=8 * 1024**3,
-        description="Bytes of input per chunk (`64MiB` works); a Parquet row group is never split.",
+        description="Input bytes per chunk; a Parquet row group is never split.",
     )
-    concurrency: int | None = Field(
+    concurrency: Annotated[int | None, JobParameter(per_run=True, metavar="N")] = Field(
         None, ge=1, le=10_000, description="Chunks in flight at once; empty = the number of local workers."
     )
-    split_csv: bool = Field(
+    split_csv: Annotated[bool, JobParameter(identity=True)] = Field(
         False,
         description="Cut CSV files at line ends like JSONL; only for CSV whose quoted fields hold no line breaks "
         "(a record found running across a cut fails the job). False: each CSV file is one chunk.",
     )
     local_workers: int | None = Field(None, ge=1, le=512, description="Local worker processes; empty = CPU count.")
-    id_field: str | None = Field(
-        None, min_length=1, description="Record field holding its id; empty = <file key>:<position>."
+    id_field: Annotated[str | None, JobParameter(per_run=True, identity=True, metavar="FIELD")] = Field(
+        None, min_length=1, description="Record field holding the record id; empty = <file key>:<position>."
     )
-    output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="Format of the part files.")
-    success_queue: str | None = Field(None, min_length=1, description="Queue for success records; empty = none.")
-    failure_queue: str | None = Field(None, min_length=1, description="Queue for failure records; empty = none.")
-    max_failure_rate: float = Field(
+    output_format: Annotated[
+        Literal["jsonl", "parquet"], JobParameter(per_run=True, identity=True, metavar="jsonl|parquet")
+    ] = Field("jsonl", description="Format of the part files.")
+    success_queue: Annotated[str | None, JobParameter(per_run=True, identity=True, metavar="QUEUE")] = Field(
+        None, min_length=1, description="Queue for success records; empty = none."
+    )
+    failure_queue: Annotated[str | None, JobParameter(per_run=True, identity=True, metavar="QUEUE")] = Field(
+        None, min_length=1, description="Queue for failure records; empty = none."
+    )
+    max_failure_rate: Annotated[float, JobParameter(per_run=True, metavar="RATE")] = Field(
         0.1, ge=0.0, le=1.0, description="The job fails when more than this fraction of its records fail."
     )
     chunk_retries: int = Field(3, ge=0, le=20, description="Retries of a chunk after a transient error.")
     retry_delay_seconds: float = Field(2.0, ge=0.0, le=600.0, description="First retry delay; doubles each time.")
+
+    def identity(self) -> dict[str, Any]:
+        """The values of the parameters that are part of the job id (``JobParameter.identity``)."""
+        return {
+            name: getattr(self, name)
+            for name, field in type(self).model_fields.items()
+            if job_parameter(field).identity
+        }
+
+
+def job_parameter(field: FieldInfo) -> JobParameter:
+    """How the ``job_config`` field ``field`` takes part in a job (unmarked: settings only)."""
+    return next((m for m in field.metadata if isinstance(m, JobParameter)), _SETTINGS_ONLY)
+
+
+_SETTINGS_ONLY = JobParameter()
+
+
+def run_parameters() -> dict[str, FieldInfo]:
+    """The job parameters each run may override, in declaration order: flow ``batch-inference``'s parameters (less
+    the URIs, the model, ``config`` and ``date``) and ``modalkit batch``'s options."""
+    return {name: field for name, field in JobConfig.model_fields.items() if job_parameter(field).per_run}
 
 
 class AppSettings(_Strict):
