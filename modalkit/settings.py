@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import contextvars
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,14 +40,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from modalkit.exceptions import ConfigError
 from modalkit.settings_errors import explain
-from modalkit.settings_sources import (
-    ENV_PREFIX,
-    YamlLayers,
-    config_files_from_env,
-    legacy_sources,
-    rename_legacy_keys,
-    renamed_keys,
-)
+from modalkit.settings_sources import ENV_PREFIX, SourceChain, config_files_from_env, rename_legacy_keys
 
 __all__ = [
     "AppSettings",
@@ -503,11 +495,6 @@ class ModelSettings(_Strict):
 # --- Settings ------------------------------------------------------------------------------------------------
 
 
-_config_files: contextvars.ContextVar[tuple[Path, ...] | None] = contextvars.ContextVar(
-    "modalkit_config_files", default=None
-)
-
-
 class Settings(BaseSettings):
     """All of modalkit's configuration: ``app_settings`` and ``model_settings``.
 
@@ -533,27 +520,17 @@ class Settings(BaseSettings):
     app_settings: AppSettings = Field(default_factory=AppSettings, description="Application settings.")
     model_settings: ModelSettings = Field(default_factory=ModelSettings, description="Model settings.")
 
-    _yaml_origins: ClassVar[contextvars.ContextVar[dict[tuple[str, ...], str]]] = contextvars.ContextVar(
-        "modalkit_yaml_origins"
-    )
-    _yaml_files: ClassVar[contextvars.ContextVar[list[Path]]] = contextvars.ContextVar("modalkit_yaml_files")
     _config_files: tuple[Path, ...] = PrivateAttr(default=())
 
-    def __init__(self, **values: Any) -> None:
-        origins_token = Settings._yaml_origins.set({})
-        files_token = Settings._yaml_files.set([])
-        renamed: dict[tuple[str, ...], str] = {}
-        renamed_token = renamed_keys.set(renamed)
+    def __init__(self, _sources: SourceChain | None = None, **values: Any) -> None:
+        """Read every source (``_sources``: the chain :meth:`load` made; default: ``MODALKIT_CONFIG``'s files)."""
+        chain = SourceChain(config_files_from_env()) if _sources is None else _sources
+        values = rename_legacy_keys(Settings, values, renamed=chain.renamed)
         try:
-            values = rename_legacy_keys(Settings, values)
-            super().__init__(**values)
-            self._config_files = tuple(Settings._yaml_files.get())
+            super().__init__(**chain.values(Settings, values))
         except ValidationError as exc:
-            raise ConfigError(explain(exc, Settings, Settings._yaml_origins.get(), values, renamed)) from None
-        finally:
-            Settings._yaml_origins.reset(origins_token)
-            Settings._yaml_files.reset(files_token)
-            renamed_keys.reset(renamed_token)
+            raise ConfigError(explain(exc, Settings, chain.origins, values, chain.renamed)) from None
+        self._config_files = chain.files
 
     @property
     def config_files(self) -> tuple[Path, ...]:
@@ -569,13 +546,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        files = _config_files.get()
-        files = config_files_from_env() if files is None else files
-        yaml_source = YamlLayers(settings_cls, files)
-        Settings._yaml_origins.get({}).update(yaml_source.origins)
-        Settings._yaml_files.get([]).extend(files)
-        env, dotenv = legacy_sources(env_settings, dotenv_settings, Settings._yaml_origins.get({}))
-        return init_settings, env, dotenv, yaml_source  # .env is the environment written down: it ranks as one
+        # the values come merged from every source (SourceChain.values, in __init__): read nothing more
+        return (init_settings,)
 
     @classmethod
     def load(
@@ -594,12 +566,9 @@ class Settings(BaseSettings):
         Raises:
             ConfigError: a file is missing or invalid, a key is unknown, or a value is out of bounds.
         """
-        files: tuple[Path, ...] | None = None
-        if config is not None:
+        if config is None:
+            files = config_files_from_env()
+        else:
             items = config.split(",") if isinstance(config, str) else ([config] if isinstance(config, Path) else config)
             files = tuple(Path(str(p).strip()) for p in items if str(p).strip())
-        token = _config_files.set(files)
-        try:
-            return cls(**dict(data or {}))
-        finally:
-            _config_files.reset(token)
+        return cls(SourceChain(files), **dict(data or {}))

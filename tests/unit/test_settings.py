@@ -5,7 +5,9 @@ Every test runs in its own empty working directory with no MODALKIT_ variables (
 
 from __future__ import annotations
 
+import concurrent.futures
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,33 @@ def test_load_reads_the_given_layers_instead_of_modalkit_config(
 
     assert_base_then_prod(settings)
     assert settings.config_files == base_and_prod
+
+
+def test_loads_in_parallel_threads_each_read_their_own_files_and_blame_their_own_file() -> None:
+    layers = {n: write(f"team{n}.yaml", f"app_settings:\n  batch_config:\n    max_batch_size: {n}\n") for n in (1, 2)}
+    typos = {n: write(f"typo{n}.yaml", f"app_settings:\n  batch_config:\n    wait_mss: {n}\n") for n in (1, 2)}
+    start = threading.Barrier(2)
+
+    def load_many(n: int) -> tuple[set[object], set[str]]:
+        start.wait()
+        sizes: set[object] = set()
+        errors: set[str] = set()
+        for _ in range(25):
+            settings = Settings.load(layers[n])
+            sizes.add((settings.app_settings.batch_config.max_batch_size, settings.config_files))
+            with pytest.raises(ConfigError) as refused:
+                Settings.load([layers[n], typos[n]])
+            errors.add(str(refused.value).splitlines()[-1].strip())
+        return sizes, errors
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = dict(zip((1, 2), pool.map(load_many, (1, 2)), strict=True))
+
+    for n in (1, 2):
+        assert results[n] == (
+            {(n, (layers[n],))},
+            {f"app_settings.batch_config.wait_mss: unknown key; did you mean 'wait_ms'? (in typo{n}.yaml)"},
+        )
 
 
 def test_empty_yaml_file_means_defaults() -> None:
