@@ -199,3 +199,15 @@ def test_the_batch_command_has_an_option_per_run_parameter_named_helped_and_defa
         shown = default.human_readable(decimal=False).replace(".0", "") if isinstance(default, ByteSize) else default
         if default is not None:
             assert option.help.endswith(f"Default: job_config ({shown})."), name
+
+
+def test_the_demos_parameters_are_the_batch_flows(tmp_path: Path) -> None:
+    from flows.batch_inference import batch_inference
+    from modalkit.demo import prepare_demo
+
+    params = prepare_demo(tmp_path / "demo", records=10).params  # `make deploy` starts a run with them
+
+    assert set(params) <= set(inspect.signature(batch_inference.fn).parameters)
+    overrides = {name: value for name, value in params.items() if name in run_parameters()}
+    config = resolve_job_config(Settings.load(params["config"]), **overrides)  # within the declared bounds
+    assert {name: getattr(config, name) for name in overrides} == overrides
