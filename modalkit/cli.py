@@ -27,9 +27,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ByteSize
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from modalkit.settings import job_parameter, run_parameters
+from modalkit.settings_errors import describe_allowed
 
 __all__ = ["app", "main"]
 
@@ -51,17 +56,29 @@ EXIT_FAILED = 1
 EXIT_CANNOT_START = 2
 #: How long an interrupted run may take to stop cleanly before it is cut short.
 STOP_SECONDS = 8.0
-#: The CLI option of each job parameter, for error lines.
-OPTION_NAMES = {
-    "backend": "--backend",
-    "chunk_size": "--chunk-size",
-    "concurrency": "--concurrency",
-    "id_field": "--id-field",
-    "output_format": "--output-format",
-    "success_queue": "--success-queue",
-    "failure_queue": "--failure-queue",
-    "max_failure_rate": "--max-failure-rate",
-}
+#: The ``modalkit batch`` option of each run parameter (declared on ``JobConfig``), also for error lines.
+OPTION_NAMES = {name: "--" + name.replace("_", "-") for name in run_parameters()}
+
+
+def _job_option(name: str) -> Any:
+    """The option of the run parameter ``name``: its name, metavar and help come from the declaration."""
+    field = run_parameters()[name]
+    return typer.Option(OPTION_NAMES[name], metavar=job_parameter(field).metavar, help=_option_help(field))
+
+
+def _option_help(field: FieldInfo) -> str:
+    """The declared description, what is allowed, an example, and the default (``job_config``'s)."""
+    summary, _, when_empty = (field.description or "").rstrip(".").partition("; empty = ")
+    text = summary + "."
+    allowed = describe_allowed(field)
+    if allowed != "a text":
+        text += f" Allowed: {allowed}"
+        example = job_parameter(field).example
+        text += f", e.g. {example}." if example else "."
+    default = field.default
+    if isinstance(default, ByteSize):
+        default = default.human_readable(decimal=False).replace(".0", "")
+    return f"{text} Default: job_config ({when_empty if default is None else default})."
 
 
 class Interrupted(BaseException):
@@ -97,36 +114,14 @@ def batch(
         str | None,
         typer.Option(metavar="PATH", help="YAML settings file(s), comma-separated. Default: ./modalkit.yaml."),
     ] = None,
-    backend: Annotated[
-        str | None, typer.Option(metavar="local|modal", help="Where chunks run. Default: job_config (local).")
-    ] = None,
-    chunk_size: Annotated[
-        str | None,
-        typer.Option(
-            metavar="SIZE", help="Input bytes per chunk, 64KiB to 8GiB, e.g. 64MiB. Default: job_config (32MiB)."
-        ),
-    ] = None,
-    concurrency: Annotated[
-        str | None,
-        typer.Option(metavar="N", help="Chunks in flight at once, 1 to 10000. Default: one per local worker."),
-    ] = None,
-    id_field: Annotated[
-        str | None,
-        typer.Option(
-            metavar="FIELD", help="Record field holding the record id. Default: none, ids are <key>:<position>."
-        ),
-    ] = None,
-    output_format: Annotated[
-        str | None, typer.Option(metavar="jsonl|parquet", help="Part file format. Default: job_config (jsonl).")
-    ] = None,
-    success_queue: Annotated[str | None, typer.Option(metavar="QUEUE", help="Queue for success records.")] = None,
-    failure_queue: Annotated[str | None, typer.Option(metavar="QUEUE", help="Queue for failure records.")] = None,
-    max_failure_rate: Annotated[
-        str | None,
-        typer.Option(
-            metavar="RATE", help="Fail the job above this failed fraction, 0 to 1. Default: job_config (0.1)."
-        ),
-    ] = None,
+    backend: Annotated[str | None, _job_option("backend")] = None,
+    chunk_size: Annotated[str | None, _job_option("chunk_size")] = None,
+    concurrency: Annotated[str | None, _job_option("concurrency")] = None,
+    id_field: Annotated[str | None, _job_option("id_field")] = None,
+    output_format: Annotated[str | None, _job_option("output_format")] = None,
+    success_queue: Annotated[str | None, _job_option("success_queue")] = None,
+    failure_queue: Annotated[str | None, _job_option("failure_queue")] = None,
+    max_failure_rate: Annotated[str | None, _job_option("max_failure_rate")] = None,
     date: Annotated[
         str | None,
         typer.Option(metavar="YYYY-MM-DD", help="The night {date} in the URIs stands for. Default: today (UTC)."),

@@ -11,9 +11,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+
+from modalkit.settings import BatchConfig, JobConfig
 
 __all__ = [
     "OUTPUT_ENVELOPE",
@@ -132,8 +135,18 @@ class FailureRecord(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
+def _declared(section: type[BaseModel], name: str) -> Any:
+    """The field ``name`` of a settings section, to declare the same field on another model (a copy: pydantic
+    completes a field with the annotation it is given, which must not change the section's own)."""
+    return copy.copy(section.model_fields[name])
+
+
 class JobSpec(BaseModel):
-    """What every chunk of a batch job shares: where results go and how records are read and reported."""
+    """What every chunk of a batch job shares: where results go and how records are read and reported.
+
+    The job parameters are ``JobConfig``'s fields (and ``BatchConfig.max_batch_size``) as declared there: the same
+    type, default, bounds and description, so a spec holds nothing the settings would refuse.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -141,14 +154,14 @@ class JobSpec(BaseModel):
     input_uri: str
     output_uri: str
     model_name: str
-    id_field: str | None = None
-    output_format: Literal["jsonl", "parquet"] = "jsonl"
-    success_queue: str | None = None
-    failure_queue: str | None = None
-    max_batch_size: int = Field(256, ge=1, le=100_000)
-    chunk_size: int = Field(32 * 1024 * 1024, ge=1)
-    max_failure_rate: float = Field(0.1, ge=0.0, le=1.0)
-    backend: Literal["local", "modal"] = "local"
+    id_field: str | None = _declared(JobConfig, "id_field")
+    output_format: Literal["jsonl", "parquet"] = _declared(JobConfig, "output_format")
+    success_queue: str | None = _declared(JobConfig, "success_queue")
+    failure_queue: str | None = _declared(JobConfig, "failure_queue")
+    max_batch_size: int = _declared(BatchConfig, "max_batch_size")
+    chunk_size: ByteSize = _declared(JobConfig, "chunk_size")
+    max_failure_rate: float = _declared(JobConfig, "max_failure_rate")
+    backend: Literal["local", "modal"] = _declared(JobConfig, "backend")
 
 
 class ChunkSpec(BaseModel):

@@ -16,12 +16,12 @@ Example:
 
 from __future__ import annotations
 
-import contextvars
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -35,18 +35,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from modalkit.exceptions import ConfigError
 from modalkit.settings_errors import explain
-from modalkit.settings_sources import (
-    ENV_PREFIX,
-    YamlLayers,
-    config_files_from_env,
-    legacy_sources,
-    rename_legacy_keys,
-    renamed_keys,
-)
+from modalkit.settings_sources import ENV_PREFIX, SourceChain, config_files_from_env, rename_legacy_keys
 
 __all__ = [
     "AppSettings",
@@ -56,6 +50,7 @@ __all__ = [
     "CloudBucketMount",
     "DeploymentConfig",
     "JobConfig",
+    "JobParameter",
     "ModelEntry",
     "ModelSettings",
     "Mount",
@@ -65,6 +60,8 @@ __all__ = [
     "Settings",
     "Volume",
     "config_files_from_env",
+    "job_parameter",
+    "run_parameters",
 ]
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -318,36 +315,89 @@ class AuthConfig(_Strict):
         return self
 
 
-class JobConfig(_Strict):
-    """Defaults of batch jobs (each can be overridden per run)."""
+@dataclass(frozen=True)
+class JobParameter:
+    """How a ``job_config`` field takes part in a batch job (metadata on the field, beside its type and bounds).
 
-    backend: Literal["local", "modal"] = Field("local", description="Where chunks run: local worker pool or Modal.")
-    chunk_size: ByteSize = Field(
+    Attributes:
+        per_run: Each run may override it: flow ``batch-inference`` takes it as a parameter and ``modalkit batch``
+            as the option ``--<name>`` (both: empty = the ``job_config`` value).
+        identity: It is part of the job id: the same input under another value is another job, in another output.
+        metavar: How ``modalkit batch --help`` shows the option's value.
+        example: A value shown in the option's help.
+    """
+
+    per_run: bool = False
+    identity: bool = False
+    metavar: str = "VALUE"
+    example: str | None = None
+
+
+class JobConfig(_Strict):
+    """Defaults of batch jobs, and the one declaration of each job parameter.
+
+    A field marked :class:`JobParameter` ``per_run`` is a parameter of flow ``batch-inference`` and an option of
+    ``modalkit batch`` (:func:`run_parameters`); one marked ``identity`` is part of the job id (:meth:`identity`).
+    ``JobSpec`` carries these fields as declared here.
+    """
+
+    backend: Annotated[Literal["local", "modal"], JobParameter(per_run=True, metavar="local|modal")] = Field(
+        "local", description="Where chunks run: the local worker pool or Modal."
+    )
+    chunk_size: Annotated[ByteSize, JobParameter(per_run=True, identity=True, metavar="SIZE", example="64MiB")] = Field(
         ByteSize(32 * 1024 * 1024),
         ge=64 * 1024,
         le=8 * 1024**3,
-        description="Bytes of input per chunk (`64MiB` works); a Parquet row group is never split.",
+        description="Input bytes per chunk; a Parquet row group is never split.",
     )
-    concurrency: int | None = Field(
+    concurrency: Annotated[int | None, JobParameter(per_run=True, metavar="N")] = Field(
         None, ge=1, le=10_000, description="Chunks in flight at once; empty = the number of local workers."
     )
-    split_csv: bool = Field(
+    split_csv: Annotated[bool, JobParameter(identity=True)] = Field(
         False,
         description="Cut CSV files at line ends like JSONL; only for CSV whose quoted fields hold no line breaks "
         "(a record found running across a cut fails the job). False: each CSV file is one chunk.",
     )
     local_workers: int | None = Field(None, ge=1, le=512, description="Local worker processes; empty = CPU count.")
-    id_field: str | None = Field(
-        None, min_length=1, description="Record field holding its id; empty = <file key>:<position>."
+    id_field: Annotated[str | None, JobParameter(per_run=True, identity=True, metavar="FIELD")] = Field(
+        None, min_length=1, description="Record field holding the record id; empty = <file key>:<position>."
     )
-    output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="Format of the part files.")
-    success_queue: str | None = Field(None, min_length=1, description="Queue for success records; empty = none.")
-    failure_queue: str | None = Field(None, min_length=1, description="Queue for failure records; empty = none.")
-    max_failure_rate: float = Field(
+    output_format: Annotated[
+        Literal["jsonl", "parquet"], JobParameter(per_run=True, identity=True, metavar="jsonl|parquet")
+    ] = Field("jsonl", description="Format of the part files.")
+    success_queue: Annotated[str | None, JobParameter(per_run=True, identity=True, metavar="QUEUE")] = Field(
+        None, min_length=1, description="Queue for success records; empty = none."
+    )
+    failure_queue: Annotated[str | None, JobParameter(per_run=True, identity=True, metavar="QUEUE")] = Field(
+        None, min_length=1, description="Queue for failure records; empty = none."
+    )
+    max_failure_rate: Annotated[float, JobParameter(per_run=True, metavar="RATE")] = Field(
         0.1, ge=0.0, le=1.0, description="The job fails when more than this fraction of its records fail."
     )
     chunk_retries: int = Field(3, ge=0, le=20, description="Retries of a chunk after a transient error.")
     retry_delay_seconds: float = Field(2.0, ge=0.0, le=600.0, description="First retry delay; doubles each time.")
+
+    def identity(self) -> dict[str, Any]:
+        """The values of the parameters that are part of the job id (``JobParameter.identity``)."""
+        return {
+            name: getattr(self, name)
+            for name, field in type(self).model_fields.items()
+            if job_parameter(field).identity
+        }
+
+
+def job_parameter(field: FieldInfo) -> JobParameter:
+    """How the ``job_config`` field ``field`` takes part in a job (unmarked: settings only)."""
+    return next((m for m in field.metadata if isinstance(m, JobParameter)), _SETTINGS_ONLY)
+
+
+_SETTINGS_ONLY = JobParameter()
+
+
+def run_parameters() -> dict[str, FieldInfo]:
+    """The job parameters each run may override, in declaration order: flow ``batch-inference``'s parameters (less
+    the URIs, the model, ``config`` and ``date``) and ``modalkit batch``'s options."""
+    return {name: field for name, field in JobConfig.model_fields.items() if job_parameter(field).per_run}
 
 
 class AppSettings(_Strict):
@@ -445,11 +495,6 @@ class ModelSettings(_Strict):
 # --- Settings ------------------------------------------------------------------------------------------------
 
 
-_config_files: contextvars.ContextVar[tuple[Path, ...] | None] = contextvars.ContextVar(
-    "modalkit_config_files", default=None
-)
-
-
 class Settings(BaseSettings):
     """All of modalkit's configuration: ``app_settings`` and ``model_settings``.
 
@@ -475,27 +520,17 @@ class Settings(BaseSettings):
     app_settings: AppSettings = Field(default_factory=AppSettings, description="Application settings.")
     model_settings: ModelSettings = Field(default_factory=ModelSettings, description="Model settings.")
 
-    _yaml_origins: ClassVar[contextvars.ContextVar[dict[tuple[str, ...], str]]] = contextvars.ContextVar(
-        "modalkit_yaml_origins"
-    )
-    _yaml_files: ClassVar[contextvars.ContextVar[list[Path]]] = contextvars.ContextVar("modalkit_yaml_files")
     _config_files: tuple[Path, ...] = PrivateAttr(default=())
 
-    def __init__(self, **values: Any) -> None:
-        origins_token = Settings._yaml_origins.set({})
-        files_token = Settings._yaml_files.set([])
-        renamed: dict[tuple[str, ...], str] = {}
-        renamed_token = renamed_keys.set(renamed)
+    def __init__(self, _sources: SourceChain | None = None, **values: Any) -> None:
+        """Read every source (``_sources``: the chain :meth:`load` made; default: ``MODALKIT_CONFIG``'s files)."""
+        chain = SourceChain(config_files_from_env()) if _sources is None else _sources
+        values = rename_legacy_keys(Settings, values, renamed=chain.renamed)
         try:
-            values = rename_legacy_keys(Settings, values)
-            super().__init__(**values)
-            self._config_files = tuple(Settings._yaml_files.get())
+            super().__init__(**chain.values(Settings, values))
         except ValidationError as exc:
-            raise ConfigError(explain(exc, Settings, Settings._yaml_origins.get(), values, renamed)) from None
-        finally:
-            Settings._yaml_origins.reset(origins_token)
-            Settings._yaml_files.reset(files_token)
-            renamed_keys.reset(renamed_token)
+            raise ConfigError(explain(exc, Settings, chain.origins, values, chain.renamed)) from None
+        self._config_files = chain.files
 
     @property
     def config_files(self) -> tuple[Path, ...]:
@@ -511,13 +546,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        files = _config_files.get()
-        files = config_files_from_env() if files is None else files
-        yaml_source = YamlLayers(settings_cls, files)
-        Settings._yaml_origins.get({}).update(yaml_source.origins)
-        Settings._yaml_files.get([]).extend(files)
-        env, dotenv = legacy_sources(env_settings, dotenv_settings, Settings._yaml_origins.get({}))
-        return init_settings, env, dotenv, yaml_source  # .env is the environment written down: it ranks as one
+        # the values come merged from every source (SourceChain.values, in __init__): read nothing more
+        return (init_settings,)
 
     @classmethod
     def load(
@@ -536,12 +566,9 @@ class Settings(BaseSettings):
         Raises:
             ConfigError: a file is missing or invalid, a key is unknown, or a value is out of bounds.
         """
-        files: tuple[Path, ...] | None = None
-        if config is not None:
+        if config is None:
+            files = config_files_from_env()
+        else:
             items = config.split(",") if isinstance(config, str) else ([config] if isinstance(config, Path) else config)
             files = tuple(Path(str(p).strip()) for p in items if str(p).strip())
-        token = _config_files.set(files)
-        try:
-            return cls(**dict(data or {}))
-        finally:
-            _config_files.reset(token)
+        return cls(SourceChain(files), **dict(data or {}))

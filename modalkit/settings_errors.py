@@ -45,9 +45,33 @@ def explain(
             lines.append(f"{path}: unknown key{did_you_mean(root, loc)} (in {where})")
         else:
             shown = _short(_redact(root, loc, err.get("input")))
-            lines.append(f"{path}: {err['msg']} (got {shown}, in {where})")
-    noun = "error" if len(lines) == 1 else "errors"
-    return f"invalid modalkit settings, {len(lines)} {noun}:\n  " + "\n  ".join(lines)
+            lines.append(f"{path}: {_problem(root, loc, err)} (got {shown}, in {where})")
+    if len(lines) == 1:
+        return f"invalid modalkit settings: {lines[0]}"
+    return f"invalid modalkit settings, {len(lines)} errors:\n  " + "\n  ".join(lines)
+
+
+def _problem(root: type[BaseModel], loc: tuple[str, ...], err: Any) -> str:
+    """What is wrong, in the words the CLI uses for a bad option (with what is allowed), where the field is known."""
+    field = _field_at(root, loc)
+    problem = _PROBLEMS.get(err["type"])
+    if field is None or problem is None:
+        return str(err["msg"])
+    return f"{problem}; allowed: {describe_allowed(field)}"
+
+
+def _field_at(root: type[BaseModel], loc: tuple[str, ...]) -> Any:
+    """The field at key path ``loc`` under ``root``, or None (a key of a mapping, an item of a list)."""
+    model: type[BaseModel] | None = root
+    field = None
+    for part in loc:
+        if model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _model_of(field.annotation)
+    return field
 
 
 def _short(value: Any) -> str:

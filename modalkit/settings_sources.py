@@ -7,19 +7,30 @@ environment written down, so it ranks as one), then the YAML layers (``MODALKIT_
 by key too. Each source's keys are first renamed from the original modalkit's names (``concurrency_limit`` ->
 ``max_containers``...), so an old name in one layer merges with a new one in the next instead of both reaching
 validation. Each YAML key remembers the file it came from, for error messages.
+
+One :class:`SourceChain` per load holds the files it reads and what it learns on the way (where each key came
+from, which keys were given under an old name); it is handed to each source, so loads share no state, across
+threads included.
 """
 
 from __future__ import annotations
 
-import contextvars
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, YamlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 from modalkit.exceptions import ConfigError
 
@@ -27,9 +38,10 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "ENV_PREFIX",
     "Origins",
+    "Renamed",
+    "SourceChain",
     "YamlLayers",
     "config_files_from_env",
-    "legacy_sources",
     "rename_legacy_keys",
 ]
 
@@ -40,10 +52,8 @@ _NON_SETTINGS_ENV = frozenset({"config", "app_postfix", "home", "prefect_idle_se
 
 #: Where each YAML key came from: key path -> file name.
 Origins = dict[tuple[str, ...], str]
-#: Keys given under an original name while settings load: key path (today's name) -> the name used.
-renamed_keys: contextvars.ContextVar[dict[tuple[str, ...], str] | None] = contextvars.ContextVar(
-    "modalkit_renamed_keys", default=None
-)
+#: Keys given under an original name: key path (today's name) -> the name used.
+Renamed = dict[tuple[str, ...], str]
 
 
 def config_files_from_env(environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
@@ -56,11 +66,14 @@ def config_files_from_env(environ: Mapping[str, str] | None = None) -> tuple[Pat
     return (default,) if default.is_file() else ()
 
 
-def rename_legacy_keys(model: type[BaseModel], data: Any, path: tuple[str, ...] = ()) -> Any:
+def rename_legacy_keys(
+    model: type[BaseModel], data: Any, path: tuple[str, ...] = (), renamed: Renamed | None = None
+) -> Any:
     """``data`` (one source's values for ``model``) with the original modalkit's key names renamed to today's.
 
     A section declares its old names in a ``legacy_names`` class attribute (old -> new); sections nest, so every
     level is walked. Both names in one mapping of one source is an error: which one was meant is not knowable.
+    Each renamed key is recorded in ``renamed``, if given.
 
     Raises:
         ConfigError: a mapping holds a key and its old name both.
@@ -68,7 +81,6 @@ def rename_legacy_keys(model: type[BaseModel], data: Any, path: tuple[str, ...] 
     if not isinstance(data, Mapping):
         return data
     legacy: Mapping[str, str] = getattr(model, "legacy_names", {})
-    renamed = renamed_keys.get()
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = legacy.get(str(raw_key), str(raw_key))
@@ -81,7 +93,7 @@ def rename_legacy_keys(model: type[BaseModel], data: Any, path: tuple[str, ...] 
         field = model.model_fields.get(key)
         section = field.annotation if field is not None else None
         if isinstance(section, type) and issubclass(section, BaseModel):
-            value = rename_legacy_keys(section, value, (*path, key))
+            value = rename_legacy_keys(section, value, (*path, key), renamed)
         out[key] = value
     return out
 
@@ -90,11 +102,12 @@ class YamlLayers(YamlConfigSettingsSource):
     """The YAML layers, deep-merged in order by pydantic-settings, each read with modalkit's checks first.
 
     Every file must exist and hold a mapping; invalid YAML is reported with its line and column; legacy key names
-    are renamed per file; :attr:`origins` records the file of every key.
+    are renamed per file; :attr:`origins` records the file of every key (the files are read on construction).
     """
 
-    def __init__(self, settings_cls: type[BaseSettings], files: Sequence[Path]) -> None:
+    def __init__(self, settings_cls: type[BaseSettings], files: Sequence[Path], renamed: Renamed | None = None) -> None:
         self.origins: Origins = {}
+        self.renamed = renamed
         self.files = tuple(files)
         self._root = settings_cls  # _read_file runs inside super().__init__, before it sets settings_cls
         for file in self.files:
@@ -114,7 +127,7 @@ class YamlLayers(YamlConfigSettingsSource):
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{file_path}: the top level must be a mapping of keys, not {type(loaded).__name__}")
         try:
-            data: dict[str, Any] = rename_legacy_keys(self._root, loaded)
+            data: dict[str, Any] = rename_legacy_keys(self._root, loaded, renamed=self.renamed)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (in {Path(file_path).name})") from None
         _record_origins((), data, self.origins, Path(file_path).name)
@@ -135,12 +148,14 @@ class _RenamingSource(PydanticBaseSettingsSource):
     def __init__(
         self,
         inner: PydanticBaseSettingsSource,
+        renamed: Renamed,
         drop: frozenset[str] = frozenset(),
         origins: Origins | None = None,
         name: str = "",
     ) -> None:
         super().__init__(inner.settings_cls)
         self.inner = inner
+        self.renamed = renamed
         self.drop = drop
         self.origins = origins
         self.name = name
@@ -150,7 +165,7 @@ class _RenamingSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         data = {k: v for k, v in self.inner().items() if k.lower() not in self.drop}
-        renamed: dict[str, Any] = rename_legacy_keys(self.settings_cls, data)
+        renamed: dict[str, Any] = rename_legacy_keys(self.settings_cls, data, renamed=self.renamed)
         if self.origins is not None:  # the keys it sets are its own, whatever a YAML file of lower rank says
             _record_leaf_origins((), renamed, self.origins, self.name)
         return renamed
@@ -164,9 +179,46 @@ def _record_leaf_origins(path: tuple[str, ...], value: Any, origins: Origins, so
         origins[path] = source
 
 
-def legacy_sources(
-    env: PydanticBaseSettingsSource, dotenv: PydanticBaseSettingsSource, origins: Origins | None = None
-) -> tuple[PydanticBaseSettingsSource, PydanticBaseSettingsSource]:
-    """The environment and ``.env`` sources, renaming legacy keys; ``MODALKIT_CONFIG`` and friends in ``.env``
-    are modalkit's variables, not settings keys. The keys ``.env`` sets are recorded in ``origins`` as its."""
-    return _RenamingSource(env), _RenamingSource(dotenv, drop=_NON_SETTINGS_ENV, origins=origins, name=".env")
+@dataclass
+class SourceChain:
+    """One load of the settings: the YAML layers it reads, and what it learns on the way, for error messages.
+
+    Made for one load (:meth:`modalkit.settings.Settings.load` or ``Settings()``) and passed to its sources.
+
+    Attributes:
+        files: The YAML layers, in order (later files win).
+        origins: Where each key came from: the YAML file, or ``.env``.
+        renamed: The keys given under an original modalkit name, and that name.
+    """
+
+    files: tuple[Path, ...]
+    origins: Origins = field(default_factory=dict)
+    renamed: Renamed = field(default_factory=dict)
+
+    def values(self, settings_cls: type[BaseSettings], init: Mapping[str, Any]) -> dict[str, Any]:
+        """Every source's values for ``settings_cls``, merged key by key; ``init`` (already renamed) ranks first.
+
+        Raises:
+            ConfigError: a YAML file is missing or invalid, or a source holds a key and its old name both.
+        """
+        yaml_layers = YamlLayers(settings_cls, self.files, self.renamed)  # reads the files, records their keys
+        self.origins.update(yaml_layers.origins)
+        env = _RenamingSource(EnvSettingsSource(settings_cls), self.renamed)
+        dotenv = DotEnvSettingsSource(settings_cls)
+        # .env is the environment written down: it ranks as one; ``MODALKIT_CONFIG`` and friends there are
+        # modalkit's variables, not settings keys; the keys it sets are recorded as its own
+        dotenv_source = _RenamingSource(dotenv, self.renamed, _NON_SETTINGS_ENV, self.origins, ".env")
+        layers = [InitSettingsSource(settings_cls, init_kwargs=dict(init))(), env(), dotenv_source(), yaml_layers()]
+        merged: dict[str, Any] = {}
+        for layer in reversed(layers):  # lowest rank first, each higher one merged over it
+            merged = _merge(merged, layer)
+        return merged
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: mappings key by key, anything else replaced (lists are not concatenated)."""
+    out = dict(base)
+    for key, value in over.items():
+        below = out.get(key)
+        out[key] = _merge(below, value) if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    return out

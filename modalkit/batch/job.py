@@ -99,31 +99,16 @@ def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: st
     _check_queues(settings, config)
     skipped: list[str] = []
     files = list_dataset(input_uri, skipped)
-    params = {
-        "output_uri": output_uri,
-        "chunk_size": int(config.chunk_size),
-        "split_csv": config.split_csv,
-        "id_field": config.id_field,
-        "output_format": config.output_format,
-        "success_queue": config.success_queue,
-        "failure_queue": config.failure_queue,
-        "pipeline": entry.pipeline,
-    }
-    job_id = job_id_for(files, name, params)
+    job_id = job_id_for(files, name, {"output_uri": output_uri, "pipeline": entry.pipeline, **config.identity()})
     _check_owner(output_uri, job_id)
+    parameters = {field: getattr(config, field) for field in JobSpec.model_fields if field in JobConfig.model_fields}
     job = JobSpec(
         job_id=job_id,
         input_uri=input_uri,
         output_uri=output_uri,
         model_name=name,
-        id_field=config.id_field,
-        output_format=config.output_format,
-        success_queue=config.success_queue,
-        failure_queue=config.failure_queue,
         max_batch_size=settings.app_settings.batch_config.max_batch_size,
-        chunk_size=int(config.chunk_size),
-        max_failure_rate=config.max_failure_rate,
-        backend=config.backend,
+        **parameters,
     )
     chunks = plan_chunks(files, int(config.chunk_size), job_id, split_csv=config.split_csv)
     return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped)

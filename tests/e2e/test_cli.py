@@ -295,6 +295,32 @@ def test_batch_rejects_a_bad_option_value_in_one_line_before_prefect_or_any_work
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("chunk_sise: 1MiB",
+         "app_settings.job_config.chunk_sise: unknown key; did you mean 'chunk_size'? (in bad.yaml)"),
+        ("chunk_size: 1", "app_settings.job_config.chunk_size: too small; allowed: a size in bytes or with a unit "
+         "(64KiB, 32MiB), 64KiB to 8GiB (got 1, in bad.yaml)"),
+    ],
+)  # fmt: skip
+def test_batch_with_a_bad_job_setting_exits_2_with_one_line_naming_it_before_prefect_starts(
+    cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, setting: str, expected: str
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "bad.yaml").write_text(f"app_settings:\n  job_config:\n    {setting}\n", encoding="utf-8")
+
+    proc = cli("batch", "in", "out", "--config", "bad.yaml", "--json", python_flags=["-X", "importtime"])
+
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    [line] = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert line == f"error: invalid modalkit settings: {expected}"
+    imported = {row.split("|")[-1].strip() for row in proc.stderr.splitlines() if row.startswith("import time:")}
+    assert not {m for m in imported if m.split(".")[0] in ("prefect", "flows", "multiprocessing")}
+    assert not (tmp_path / "out").exists()
+
+
 def test_batch_help_lists_the_contract_options(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
     proc = cli("batch", "--help")
 

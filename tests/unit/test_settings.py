@@ -5,7 +5,9 @@ Every test runs in its own empty working directory with no MODALKIT_ variables (
 
 from __future__ import annotations
 
+import concurrent.futures
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,36 @@ def test_load_reads_the_given_layers_instead_of_modalkit_config(
     assert settings.config_files == base_and_prod
 
 
+def test_loads_in_parallel_threads_each_read_their_own_files_and_blame_their_own_file() -> None:
+    layers = {n: write(f"team{n}.yaml", f"app_settings:\n  batch_config:\n    max_batch_size: {n}\n") for n in (1, 2)}
+    typos = {n: write(f"typo{n}.yaml", f"app_settings:\n  batch_config:\n    wait_mss: {n}\n") for n in (1, 2)}
+    start = threading.Barrier(2)
+
+    def load_many(n: int) -> tuple[set[object], set[str]]:
+        start.wait()
+        sizes: set[object] = set()
+        errors: set[str] = set()
+        for _ in range(25):
+            settings = Settings.load(layers[n])
+            sizes.add((settings.app_settings.batch_config.max_batch_size, settings.config_files))
+            with pytest.raises(ConfigError) as refused:
+                Settings.load([layers[n], typos[n]])
+            errors.add(str(refused.value))
+        return sizes, errors
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = dict(zip((1, 2), pool.map(load_many, (1, 2)), strict=True))
+
+    for n in (1, 2):
+        assert results[n] == (
+            {(n, (layers[n],))},
+            {
+                "invalid modalkit settings: app_settings.batch_config.wait_mss: unknown key; did you mean 'wait_ms'? "
+                f"(in typo{n}.yaml)"
+            },
+        )
+
+
 def test_empty_yaml_file_means_defaults() -> None:
     write("empty.yaml", "# nothing set yet\n")
 
@@ -256,6 +288,41 @@ def test_typo_in_yaml_names_full_key_path_file_and_suggestion(base_and_prod: tup
     assert "prod.yaml" in message
     assert "base.yaml" not in message  # the typo is in the later layer only
     assert "did you mean 'max_batch_size'" in message
+
+
+def test_a_single_bad_key_is_one_line_naming_the_key_the_file_and_the_suggestion() -> None:
+    write("prod.yaml", "app_settings:\n  job_config:\n    chunk_sise: 1MiB\n")
+
+    with pytest.raises(ConfigError) as info:
+        Settings.load("prod.yaml")
+
+    assert str(info.value) == (
+        "invalid modalkit settings: app_settings.job_config.chunk_sise: unknown key; did you mean 'chunk_size'? "
+        "(in prod.yaml)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("chunk_size", "1", "too small; allowed: a size in bytes or with a unit (64KiB, 32MiB), 64KiB to 8GiB"),
+        ("max_failure_rate", "2", "too large; allowed: a number from 0.0 to 1.0"),
+        ("output_format", "csv", "not one of the choices; allowed: one of jsonl, parquet"),
+    ],
+)
+def test_an_out_of_bounds_job_parameter_in_yaml_says_what_is_allowed_in_one_line(
+    key: str, value: str, problem: str
+) -> None:
+    write("prod.yaml", f"app_settings:\n  job_config:\n    {key}: {value}\n")
+
+    with pytest.raises(ConfigError) as info:
+        Settings.load("prod.yaml")
+
+    got = repr(int(value)) if value.isdigit() else repr(value)
+    assert (
+        str(info.value)
+        == f"invalid modalkit settings: app_settings.job_config.{key}: {problem} (got {got}, in prod.yaml)"
+    )
 
 
 def test_typo_in_top_level_yaml_key_is_caught() -> None:
