@@ -264,7 +264,7 @@ def as_output(outcome: Any) -> InferenceOutputModel:
 
 
 def async_result(
-    job_id: str, record_id: str, output: InferenceOutputModel, request: Any
+    job_id: str, record_id: str | int, output: InferenceOutputModel, request: Any
 ) -> tuple[str | None, dict[str, Any]]:
     """Where an async request's result goes and what the message says: ``(queue, body)``; the queue is the
     request's success or failure queue (None when it names none), the body a SuccessRecord or FailureRecord."""

@@ -30,7 +30,16 @@ from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
 from modalkit.batch.writers import ENVELOPE, FailureWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
-from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, describe_validation_error
+from modalkit.iomodel import (
+    ChunkResult,
+    ChunkSpec,
+    FailureRecord,
+    JobSpec,
+    SuccessRecord,
+    describe_validation_error,
+    json_template,
+    truncate_failure_input,
+)
 from modalkit.queues import QueueBackend
 
 __all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "marker_identity", "process_chunk", "read_marker"]
@@ -46,7 +55,10 @@ MAX_EXAMPLE_CHARS = 300
 #: A failure record's queue body over this many bytes carries only the start of its input (``input_truncated``),
 #: so that no record is too large for a queue (SQS takes 256 KiB) whatever the input; the failure file has it all.
 MAX_QUEUE_BODY = 128 * 1024
-MAX_QUEUED_INPUT_CHARS = 16 * 1024
+
+#: Success and failure records are built as bytes in the loop, from the record models' field names.
+SUCCESS_BODY = json_template(SuccessRecord, ("job_id", "record_id", "output", "meta"))
+FAILURE_BODY = json_template(FailureRecord, ("job_id", "record_id", "stage", "error_type", "error", "input", "meta"))
 
 
 class ChunkProcessor:
@@ -310,17 +322,17 @@ class _ChunkRun:
             data = data.decode("utf-8", errors="replace").rstrip("\r\n")
         if isinstance(data, str) and len(data) > MAX_INPUT_CHARS:
             data = data[:MAX_INPUT_CHARS] + "..."
-        record = {
-            "job_id": self.job.job_id,
-            "record_id": record_id,
-            "status": "error",
-            "stage": error.stage,
-            "error_type": error.error_type,
-            "error": f"{self._where(pos)}: {error.error}",
-            "input": data,
-            "meta": {"key": self.chunk.key, "position": pos},
-        }
-        body = orjson.dumps(record, default=str)
+        error_text = f"{self._where(pos)}: {error.error}"
+        dumps = orjson.dumps
+        body = FAILURE_BODY % (
+            self._job_json,
+            dumps(record_id),
+            dumps(error.stage),
+            dumps(error.error_type),
+            dumps(error_text),
+            dumps(data, default=str),
+            dumps({"key": self.chunk.key, "position": pos}),
+        )
         self._fail_lines.append(body + b"\n")
         self.failed += 1
         count = self.errors_by_type.get(error.error_type)
@@ -328,11 +340,10 @@ class _ChunkRun:
             self.errors_by_type[error.error_type] = count + 1
         elif len(self.errors_by_type) < MAX_ERROR_TYPES:
             self.errors_by_type[error.error_type] = 1
-            self.error_examples[error.error_type] = f"{error.stage}: {record['error']}"[:MAX_EXAMPLE_CHARS]
+            self.error_examples[error.error_type] = f"{error.stage}: {error_text}"[:MAX_EXAMPLE_CHARS]
         if self.sender is not None:
             if len(body) > MAX_QUEUE_BODY:  # the file keeps the whole input; the queue gets its start
-                text = data if isinstance(data, str) else orjson.dumps(data, default=str).decode()
-                body = orjson.dumps({**record, "input": text[:MAX_QUEUED_INPUT_CHARS] + "...", "input_truncated": True})
+                body = (truncate_failure_input(body.decode(), MAX_QUEUE_BODY) or "").encode()
             self.sender.add("failure", ordinal, dedup or dedup_id(self.job.job_id, record_id), body)
 
     def _sub_batch(self, positions: list[int], payloads: list[Any]) -> list[Success]:
@@ -444,8 +455,7 @@ class _ChunkRun:
             successes.append(Success(record_id, outcome, body))
             if sender is not None:
                 meta = orjson.dumps({"key": self.chunk.key, "position": pos})
-                message = b'{"job_id":%s,"record_id":%s,"status":"success","output":%s,"meta":%s}' % (
-                    self._job_json, orjson.dumps(record_id), body, meta)  # fmt: skip
+                message = SUCCESS_BODY % (self._job_json, orjson.dumps(record_id), body, meta)
                 sender.add("success", ordinal, dedup_id(job_id, record_id), message)
         return successes
 

@@ -1,0 +1,58 @@
+"""The record shapes have one owner (modalkit.iomodel): ids keep their JSON type, a failure record's error part is
+the error body clients see, templates for hot loops take their keys from the models, and a failure body can be cut
+to fit a queue's size limit."""
+
+from __future__ import annotations
+
+import doctest
+import json
+
+import pytest
+
+from modalkit import iomodel
+from modalkit.iomodel import ErrorBody, FailureRecord, SuccessRecord, json_template
+
+
+def failure(**fields: object) -> FailureRecord:
+    return FailureRecord(
+        **{"job_id": "j", "record_id": 7, "stage": "validate", "error_type": "ValidationError", "error": "bad"} | fields
+    )
+
+
+@pytest.mark.parametrize("record_id", [7, "7", "data.jsonl:0"])
+def test_record_ids_keep_their_json_type_through_both_records(record_id: int | str) -> None:
+    success = SuccessRecord(job_id="j", record_id=record_id, output={})
+    assert json.loads(success.model_dump_json())["record_id"] == record_id
+    assert SuccessRecord.model_validate_json(success.model_dump_json()).record_id == record_id
+    assert json.loads(failure(record_id=record_id).model_dump_json())["record_id"] == record_id
+
+
+def test_a_failure_records_error_part_is_an_error_body_with_the_same_descriptions() -> None:
+    record = failure(input={"text": 5})
+    body = ErrorBody.model_validate(record.model_dump(include=set(ErrorBody.model_fields)))
+    assert body == ErrorBody(stage="validate", error_type="ValidationError", error="bad")
+    for name in ("error_type", "error"):
+        assert FailureRecord.model_fields[name].description == ErrorBody.model_fields[name].description
+
+
+def test_the_record_bodies_hold_exactly_the_contract_keys() -> None:
+    assert list(json.loads(SuccessRecord(job_id="j", record_id=1, output={}).model_dump_json())) == [
+        "job_id", "record_id", "status", "output", "meta"]  # fmt: skip
+    assert list(json.loads(failure().model_dump_json())) == [
+        "job_id", "record_id", "status", "stage", "error_type", "error", "input", "meta"]  # fmt: skip
+
+
+def test_a_json_template_names_the_models_fields_and_refuses_others() -> None:
+    template = json_template(SuccessRecord, ["job_id", "record_id", "output", "meta"])
+    body = template % (b'"j"', b"7", b'{"label":1}', b"{}")
+    assert SuccessRecord.model_validate_json(body) == SuccessRecord(job_id="j", record_id=7, output={"label": 1})
+    with pytest.raises(ValueError, match="must be fields"):
+        json_template(SuccessRecord, ["job_id", "id", "output", "meta"])
+    with pytest.raises(ValueError, match="in field order"):
+        json_template(SuccessRecord, ["record_id", "job_id", "output", "meta"])
+    with pytest.raises(ValueError, match="no plain default"):
+        json_template(SuccessRecord, ["job_id", "record_id", "meta"])
+
+
+def test_the_examples_in_iomodel_run() -> None:
+    assert doctest.testmod(iomodel).failed == 0
