@@ -38,7 +38,6 @@ from modalkit.iomodel import (
     SuccessRecord,
     describe_validation_error,
     json_template,
-    truncate_failure_input,
 )
 from modalkit.queues import QueueBackend
 
@@ -51,10 +50,6 @@ MAX_INPUT_CHARS = 100_000
 #: first failure's stage and message cut to MAX_EXAMPLE_CHARS; the failure files hold every failure.
 MAX_ERROR_TYPES = 20
 MAX_EXAMPLE_CHARS = 300
-
-#: A failure record's queue body over this many bytes carries only the start of its input (``input_truncated``),
-#: so that no record is too large for a queue (SQS takes 256 KiB) whatever the input; the failure file has it all.
-MAX_QUEUE_BODY = 128 * 1024
 
 #: Success and failure records are built as bytes in the loop, from the record models' field names.
 SUCCESS_BODY = json_template(SuccessRecord, ("job_id", "record_id", "output", "meta"))
@@ -341,9 +336,7 @@ class _ChunkRun:
         elif len(self.errors_by_type) < MAX_ERROR_TYPES:
             self.errors_by_type[error.error_type] = 1
             self.error_examples[error.error_type] = f"{error.stage}: {error_text}"[:MAX_EXAMPLE_CHARS]
-        if self.sender is not None:
-            if len(body) > MAX_QUEUE_BODY:  # the file keeps the whole input; the queue gets its start
-                body = (truncate_failure_input(body.decode(), MAX_QUEUE_BODY) or "").encode()
+        if self.sender is not None:  # whole: a body too large for its queue is the queue backend's to place
             self.sender.add("failure", ordinal, dedup or dedup_id(self.job.job_id, record_id), body)
 
     def _sub_batch(self, positions: list[int], payloads: list[Any]) -> list[Success]:

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from modalkit import iomodel
-from modalkit.iomodel import ErrorBody, FailureRecord, SuccessRecord, json_template
+from modalkit.iomodel import ErrorBody, FailureRecord, SuccessRecord, json_template, truncate_failure_input
 
 
 def failure(**fields: object) -> FailureRecord:
@@ -56,3 +56,20 @@ def test_a_json_template_names_the_models_fields_and_refuses_others() -> None:
 
 def test_the_examples_in_iomodel_run() -> None:
     assert doctest.testmod(iomodel).failed == 0
+
+
+def test_a_failure_body_is_cut_to_fit_by_its_input_only() -> None:
+    record = failure(input={"notes": ["é\n" * 1000] * 50}, meta={"key": "a.jsonl"})
+    cut = truncate_failure_input(record.model_dump_json(), 4096)
+    assert cut is not None
+    assert len(cut.encode()) <= 4096
+    back = FailureRecord.model_validate_json(cut)
+    assert back.input_truncated
+    assert back.model_dump(exclude={"input", "input_truncated"}) == record.model_dump(exclude={"input"})
+    assert json.dumps(record.input, ensure_ascii=False, separators=(",", ":")).startswith(back.input[:-3])
+
+
+def test_only_a_failure_record_that_can_fit_is_cut() -> None:
+    assert truncate_failure_input(SuccessRecord(job_id="j", record_id=1, output={}).model_dump_json(), 1024) is None
+    assert truncate_failure_input("not json", 1024) is None
+    assert truncate_failure_input(failure(error="e" * 2000, input="x").model_dump_json(), 1024) is None
