@@ -228,9 +228,6 @@ class ContractBroken(PipelineError):
         super().__init__(message, retryable=False)
         self.got = got or message
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (str(self), self.got))
-
 
 class FailedOutput(InferenceOutputModel):
     """The response of a request that failed; it keeps the failure's fields (for the failure queue's record and
