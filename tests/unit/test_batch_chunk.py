@@ -22,11 +22,12 @@ from pydantic import BaseModel, Field, ValidationError
 from modalkit.batch import queueing
 from modalkit.batch.chunk import GC_THRESHOLD, REPLAY_ID_KEY, ChunkProcessor, process_chunk
 from modalkit.batch.planning import list_dataset, plan_chunks
-from modalkit.batch.writers import ENVELOPE, FailureWriter, JsonlPartWriter, ParquetPartWriter, Success, arrow_schema
+from modalkit.batch.writers import FailureWriter, JsonlPartWriter, ParquetPartWriter, Success, arrow_schema
 from modalkit.examples.sentiment import LABELS
 from modalkit.exceptions import ConfigError, PipelineError, QueueError, StorageError
 from modalkit.inference_pipeline import InferencePipeline
 from modalkit.iomodel import (
+    OUTPUT_ENVELOPE,
     ChunkResult,
     ChunkSpec,
     FailureRecord,
@@ -671,12 +672,13 @@ def test_a_job_naming_queues_needs_a_backend(tmp_path: Path) -> None:
 
 def successes(*outputs: Echo, first_id: int = 0) -> list[Success]:
     return [
-        Success(first_id + i, o, o.__pydantic_serializer__.to_json(o, exclude=ENVELOPE)) for i, o in enumerate(outputs)
+        Success(first_id + i, o, o.__pydantic_serializer__.to_json(o, exclude=OUTPUT_ENVELOPE))
+        for i, o in enumerate(outputs)
     ]
 
 
 def test_jsonl_part_writer_writes_record_id_then_the_output_fields_without_the_envelope(tmp_path: Path) -> None:
-    writer = JsonlPartWriter(str(tmp_path / "w.jsonl"), Echo)
+    writer = JsonlPartWriter(str(tmp_path / "w.jsonl"))
     writer.write(successes(Echo(length=1, upper="A"), Echo(length=2, upper="BB", status="success")))
     writer.write([])
     writer.write(successes(Echo(length=3, upper="C"), first_id=2))
@@ -746,7 +748,7 @@ class AllTypes(InferenceOutputModel):
 
 
 def test_arrow_schema_maps_types_and_falls_back_to_json() -> None:
-    schema = arrow_schema(AllTypes, ENVELOPE)
+    schema = arrow_schema(AllTypes, OUTPUT_ENVELOPE)
     expected = {
         "record_id": (pa.string(), False),
         "a_int": (pa.int64(), False),
