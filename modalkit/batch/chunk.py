@@ -149,9 +149,8 @@ def _fewer_collections() -> Iterator[None]:
     """Collect cyclic garbage less often while a chunk runs.
 
     A chunk builds millions of short-lived objects (records, pydantic models, their dicts) that reference counting
-    frees at once; at the default threshold the collector runs every 700 allocations anyway and scans them all.
-    Measured on the benchmark's toy pipeline: building an output model cost 5.9 us at 700 and 2.8 us at 50,000;
-    callgrind over a 20,000-record chunk: 6.64G instructions without it, 6.53G with it.
+    frees at once; at the default threshold the collector runs every 700 allocations anyway and scans them all,
+    which slows building each output model (bench/RESULTS.md has the numbers).
     """
     before = gc.get_threshold()
     gc.set_threshold(max(before[0], GC_THRESHOLD), *before[1:])
