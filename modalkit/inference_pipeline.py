@@ -8,7 +8,7 @@ in halves until only the records that fail on their own are left, and each of th
 Example:
     >>> from pydantic import BaseModel
     >>> from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
-    >>> from modalkit.iomodel import InferenceOutputModel
+    >>> from modalkit.iomodel import OUTPUT_ENVELOPE, FailureRecord, InferenceOutputModel, SuccessRecord
     >>> class In(BaseModel):
     ...     x: float
     >>> class Out(InferenceOutputModel):
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from modalkit.exceptions import ConfigError, DeviceError, ModalkitError, PipelineError, is_retryable
-from modalkit.iomodel import InferenceOutputModel
+from modalkit.iomodel import OUTPUT_ENVELOPE, FailureRecord, InferenceOutputModel, SuccessRecord
 from modalkit.settings_errors import did_you_mean
 
 if TYPE_CHECKING:
@@ -265,8 +265,6 @@ def async_result(
 ) -> tuple[str | None, dict[str, Any]]:
     """Where an async request's result goes and what the message says: ``(queue, body)``; the queue is the
     request's success or failure queue (None when it names none), the body a SuccessRecord or FailureRecord."""
-    from modalkit.iomodel import OUTPUT_ENVELOPE, FailureRecord, SuccessRecord
-
     if output.status == "success":
         body = SuccessRecord(job_id=job_id, record_id=record_id, meta=request.meta,
                              output=output.model_dump(mode="json", exclude=OUTPUT_ENVELOPE))  # fmt: skip

@@ -73,3 +73,31 @@ def test_only_a_failure_record_that_can_fit_is_cut() -> None:
     assert truncate_failure_input(SuccessRecord(job_id="j", record_id=1, output={}).model_dump_json(), 1024) is None
     assert truncate_failure_input("not json", 1024) is None
     assert truncate_failure_input(failure(error="e" * 2000, input="x").model_dump_json(), 1024) is None
+
+
+def test_online_async_bodies_are_the_record_models_with_the_contract_keys() -> None:
+    from pydantic import BaseModel
+
+    from modalkit.inference_pipeline import FailedOutput, RecordError, async_result
+    from modalkit.iomodel import AsyncInputModel, InferenceOutputModel
+
+    class TextIn(BaseModel):
+        text: str
+
+    class Label(InferenceOutputModel):
+        label: str
+
+    request = AsyncInputModel[TextIn](message={"text": "hi"}, success_queue="ok", failure_queue="bad", meta={"a": 1})
+    queue, body = async_result("job1", 7, Label(label="pos"), request)
+    assert queue == "ok"
+    assert body == SuccessRecord(job_id="job1", record_id=7, output={"label": "pos"}, meta={"a": 1}).model_dump()
+    assert list(body) == ["job_id", "record_id", "status", "output", "meta"]
+
+    failed = FailedOutput.of(RecordError("predict", "RuntimeError", "boom"))
+    queue, body = async_result("job1", "r1", failed, request)
+    assert queue == "bad"
+    assert FailureRecord.model_validate(body) == failure(
+        job_id="job1", record_id="r1", stage="predict", error_type="RuntimeError", error="boom",
+        input={"text": "hi"}, meta={"a": 1},
+    )  # fmt: skip
+    assert list(body) == ["job_id", "record_id", "status", "stage", "error_type", "error", "input", "meta"]
