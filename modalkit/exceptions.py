@@ -76,12 +76,14 @@ class ModalkitError(Exception):
         self.retryable = retryable
 
     def __reduce__(self) -> tuple[object, ...]:
-        # keep `retryable` when the error crosses a process boundary (worker pool, Modal)
-        return (_rebuild, (type(self), str(self), self.retryable))
+        # An error crosses process boundaries (the local worker pool, Modal, Prefect's stored results) with all of
+        # its attributes (retryable, a subclass's own), whatever its constructor's signature: rebuilt from its
+        # args without calling __init__, its attributes restored as state.
+        return (_rebuild, (type(self), self.args), self.__dict__)
 
 
-def _rebuild(cls: type[ModalkitError], message: str, retryable: bool) -> ModalkitError:
-    return cls(message, retryable=retryable)
+def _rebuild(cls: type[ModalkitError], args: tuple[Any, ...]) -> ModalkitError:
+    return cls.__new__(cls, *args)
 
 
 class ConfigError(ModalkitError):
@@ -118,13 +120,6 @@ class DeviceError(RemoteError):
         super().__init__(message, retryable=retryable)
         self.stage = stage
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_device, (str(self), self.retryable, self.stage))
-
-
-def _rebuild_device(message: str, retryable: bool, stage: str) -> DeviceError:
-    return DeviceError(message, retryable=retryable, stage=stage)
-
 
 class JobFailed(ModalkitError):
     """A batch job finished as failed: chunks failed after their retries, or too many records failed.
@@ -136,14 +131,6 @@ class JobFailed(ModalkitError):
     def __init__(self, message: str, summary: dict[str, Any] | None = None, *, retryable: bool = False) -> None:
         super().__init__(message, retryable=retryable)
         self.summary = summary
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # Prefect keeps a flow's exception as its result, and the local pool pickles errors: keep all three
-        return (_rebuild_job_failed, (str(self), self.summary, self.retryable))
-
-
-def _rebuild_job_failed(message: str, summary: dict[str, Any] | None, retryable: bool) -> JobFailed:
-    return JobFailed(message, summary, retryable=retryable)
 
 
 # --- the original modalkit's names: same builtin bases, now inside our hierarchy ---------------------------------

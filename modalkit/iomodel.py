@@ -12,8 +12,10 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import Sequence
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from modalkit.settings import BatchConfig, JobConfig
@@ -35,6 +37,8 @@ __all__ = [
     "SuccessRecord",
     "SyncInputModel",
     "describe_validation_error",
+    "json_template",
+    "truncate_failure_input",
 ]
 
 T = TypeVar("T", bound=BaseModel)
@@ -97,6 +101,16 @@ class DelayedFailureOutputModel(InferenceOutputModel):
     original_message: AsyncInputModel[Any]
 
 
+#: The fields an error body and a failure record share (one definition, one description).
+ErrorType = Annotated[
+    str, Field(description="Class name of the error, e.g. ValidationError, JSONDecodeError, Unauthorized, Overloaded.")
+]
+_ERROR_TEXT = "What went wrong, naming the file, position and field where known, and what to do next where it helps."
+ErrorText = Annotated[str, Field(description=_ERROR_TEXT)]
+#: A record id: the value of the job's ``id_field`` as the input had it (a string or an integer), else a string.
+RecordId = Annotated[str | int, Field(description="The record's id: a string or an integer, as the input had it.")]
+
+
 class ErrorBody(BaseModel):
     """The one shape of every error a client sees: an HTTP error body, and the error part of a failure record.
 
@@ -108,31 +122,101 @@ class ErrorBody(BaseModel):
     stage: Stage | None = Field(
         None, description="parse, validate, preprocess, predict, postprocess; None when no record stage."
     )
-    error_type: str = Field(description="Class name of the error, e.g. ValidationError, Unauthorized, Overloaded.")
-    error: str = Field(description="What went wrong and, where it helps, what to do next.")
+    error_type: ErrorType
+    error: ErrorText
 
 
 class SuccessRecord(BaseModel):
     """Body of a message on the success queue."""
 
     job_id: str
-    record_id: str
+    record_id: RecordId
     status: Literal["success"] = "success"
-    output: dict[str, Any]
+    output: dict[str, Any] = Field(description="The output model's fields, without status, error and meta.")
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
 class FailureRecord(BaseModel):
-    """Body of a message on the failure queue, and a row of ``_failures/part-NNNNN.jsonl``."""
+    """Body of a message on the failure queue, and a row of ``_failures/part-NNNNN.jsonl``.
+
+    Its ``status``, ``stage``, ``error_type`` and ``error`` are an :class:`ErrorBody` (with a stage always).
+    """
 
     job_id: str
-    record_id: str
+    record_id: RecordId
     status: Literal["error"] = "error"
     stage: Stage = Field(description="parse, validate, preprocess, predict or postprocess.")
-    error_type: str = Field(description="Class name of the error, e.g. ValidationError, JSONDecodeError.")
-    error: str = Field(description="The message, naming the file, position and field where known.")
+    error_type: ErrorType
+    error: ErrorText
     input: Any = Field(None, description="The record as read (parsed JSON, CSV row as a dict, or the raw line).")
     meta: dict[str, Any] = Field(default_factory=dict)
+    input_truncated: bool = Field(
+        False,
+        exclude_if=lambda cut: not cut,
+        description="Present (true) only when a queue with a size limit got the start of the input as text; the "
+        "failure file holds it whole.",
+    )
+
+
+#: A cut input keeps at most this many characters.
+MAX_CUT_INPUT_CHARS = 16 * 1024
+
+
+def truncate_failure_input(body: str, max_bytes: int) -> str | None:
+    """A failure record's body cut to fit ``max_bytes`` (UTF-8): its input becomes the start of the input's text
+    plus ``...``, and ``input_truncated`` is true. None when ``body`` is not a failure record, or does not fit even
+    without its input. For queues with a size limit and nowhere to put a larger body.
+
+    Example:
+        >>> body = FailureRecord(job_id="j", record_id=1, stage="validate", error_type="E", error="bad",
+        ...                      input="x" * 5000).model_dump_json()
+        >>> cut = FailureRecord.model_validate_json(truncate_failure_input(body, 1024))
+        >>> cut.input_truncated, cut.input[-3:]
+        (True, '...')
+    """
+    try:
+        record = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(record) is not dict or record.get("status") != "error" or "input" not in record:
+        return None
+    value = record["input"]
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    rest = len(orjson.dumps({**record, "input": "...", "input_truncated": True}))
+    # a character takes at most 6 bytes in JSON (a control character escaped as \u00XX)
+    keep = min(MAX_CUT_INPUT_CHARS, (max_bytes - rest) // 6)
+    if keep < 0:
+        return None
+    return orjson.dumps({**record, "input": text[:keep] + "...", "input_truncated": True}).decode()
+
+
+def json_template(model: type[BaseModel], slots: Sequence[str]) -> bytes:
+    """A ``model`` record's JSON object as a ``bytes`` %-template, for loops that build records as bytes.
+
+    The fields named in ``slots`` (in the model's field order) become ``%s`` placeholders for JSON values; every
+    other field is written with its default. The keys come from the model, so a renamed field fails here.
+
+    Example:
+        >>> json_template(SuccessRecord, ["job_id", "record_id", "output", "meta"]) % (b'"j"', b"7", b"{}", b"{}")
+        b'{"job_id":"j","record_id":7,"status":"success","output":{},"meta":{}}'
+
+    Raises:
+        ValueError: a slot is not a field of the model, the slots are out of order, or a field outside the slots
+            has no default.
+    """
+    fields = model.model_fields
+    order = [name for name in fields if name in slots]
+    if order != list(slots):
+        raise ValueError(f"{model.__name__}: slots {list(slots)} must be fields, in field order ({list(fields)})")
+    parts = []
+    for name, info in fields.items():
+        if name in slots:
+            parts.append(orjson.dumps(name) + b":%s")
+        elif info.is_required() or info.default_factory is not None:
+            raise ValueError(f"{model.__name__}.{name} has no plain default: make it a slot")
+        elif not (info.exclude_if is not None and info.exclude_if(info.default)):
+            parts.append(orjson.dumps(name) + b":" + orjson.dumps(info.default))
+    return b"{" + b",".join(parts) + b"}"
 
 
 def _declared(section: type[BaseModel], name: str) -> Any:

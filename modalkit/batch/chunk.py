@@ -24,29 +24,29 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from modalkit.batch import storage
 from modalkit.batch.crashes import CrashLog, CrashPlan, run_guarded
+from modalkit.batch.failure_log import FailureLog
 from modalkit.batch.formats import Unreadable, format_named
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
-from modalkit.batch.writers import ENVELOPE, FailureWriter, Success, open_part_writer, record_id_type
+from modalkit.batch.record_ids import REPLAY_ID_KEY, IdPolicy, Parsed, Rejected
+from modalkit.batch.writers import FailureWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
-from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, describe_validation_error
+from modalkit.iomodel import (
+    OUTPUT_ENVELOPE,
+    ChunkResult,
+    ChunkSpec,
+    JobSpec,
+    SuccessRecord,
+    describe_validation_error,
+    json_template,
+)
 from modalkit.queues import QueueBackend
 
 __all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "marker_identity", "process_chunk", "read_marker"]
 
-#: A record holding this key takes its value as its record id (replayed failures keep their original ids).
-REPLAY_ID_KEY = "__modalkit_record_id__"
-MAX_INPUT_CHARS = 100_000
-#: A chunk reports its failures by error_type (for the job's report) for at most this many types, each with the
-#: first failure's stage and message cut to MAX_EXAMPLE_CHARS; the failure files hold every failure.
-MAX_ERROR_TYPES = 20
-MAX_EXAMPLE_CHARS = 300
-
-#: A failure record's queue body over this many bytes carries only the start of its input (``input_truncated``),
-#: so that no record is too large for a queue (SQS takes 256 KiB) whatever the input; the failure file has it all.
-MAX_QUEUE_BODY = 128 * 1024
-MAX_QUEUED_INPUT_CHARS = 16 * 1024
+#: Success records are built as bytes in the loop, from the record model's field names.
+SUCCESS_BODY = json_template(SuccessRecord, ("job_id", "record_id", "output", "meta"))
 
 
 class ChunkProcessor:
@@ -149,9 +149,8 @@ def _fewer_collections() -> Iterator[None]:
     """Collect cyclic garbage less often while a chunk runs.
 
     A chunk builds millions of short-lived objects (records, pydantic models, their dicts) that reference counting
-    frees at once; at the default threshold the collector runs every 700 allocations anyway and scans them all.
-    Measured on the benchmark's toy pipeline: building an output model cost 5.9 us at 700 and 2.8 us at 50,000;
-    callgrind over a 20,000-record chunk: 6.64G instructions without it, 6.53G with it.
+    frees at once; at the default threshold the collector runs every 700 allocations anyway and scans them all,
+    which slows building each output model (bench/RESULTS.md has the numbers).
     """
     before = gc.get_threshold()
     gc.set_threshold(max(before[0], GC_THRESHOLD), *before[1:])
@@ -225,7 +224,12 @@ def _describe(identity: dict[str, Any]) -> str:
 
 
 class _ChunkRun:
-    """The state of one chunk being processed (kept off the processor so a worker can run chunk after chunk)."""
+    """The state of one chunk being processed (kept off the processor so a worker can run chunk after chunk).
+
+    Each sub-batch goes through the same steps, each once for the whole sub-batch: parse, ids (the id policy),
+    validate, run the pipeline (under the crash guard when there is one), then the successes become part rows and
+    success records; every record that fails at a step goes to the failure log.
+    """
 
     def __init__(
         self,
@@ -244,17 +248,19 @@ class _ChunkRun:
         self.format = format_named(chunk.format)
         self.part_path = os.path.join(staging, "part")
         self.failures_path = os.path.join(staging, "failures")
-        self.failed = 0
         self.succeeded = 0
         self.ordinal = 0
-        self.errors_by_type: dict[str, int] = {}
-        self.error_examples: dict[str, str] = {}
+        self.ids = IdPolicy(job.job_id, chunk.key, job.id_field, self._where)
+        self.failures = FailureLog(job.job_id, chunk.key, self._where, sender)
         self._job_json = orjson.dumps(job.job_id)
-        self._fail_lines: list[bytes] = []
-        #: the ids seen in this chunk and where they were, when ids come from the data (the job's id_field); ids keep
-        #: their type here (a str() per int id cost ~8% of a job), and _first_across_types catches 7 and "7"
-        self._seen: dict[Any, int] | None = {} if job.id_field is not None else None
-        self._id_type: type | None = None  # the one type of the chunk's ids so far; None once there are two
+
+    @property
+    def errors_by_type(self) -> dict[str, int]:
+        return self.failures.errors_by_type
+
+    @property
+    def error_examples(self) -> dict[str, str]:
+        return self.failures.error_examples
 
     def execute(self) -> dict[str, int]:
         job, chunk = self.job, self.chunk
@@ -270,191 +276,90 @@ class _ChunkRun:
                 successes = self._sub_batch(positions, payloads)
                 part.write(successes)
                 self.succeeded += len(successes)
-                failures.write(self._fail_lines)
-                self._fail_lines = []
+                failures.write(self.failures.take_lines())
                 if self.sender is not None:
                     self.sender.end_window(self.ordinal)
-        return {"records": self.ordinal, "succeeded": self.succeeded, "failed": self.failed}
+        return {"records": self.ordinal, "succeeded": self.succeeded, "failed": self.failures.failed}
 
     def _where(self, pos: int) -> str:
         # the chunk's format, not the key's suffix (which may be upper case)
         return f"{self.chunk.key} at {self.format.position} {pos}"
 
-    def _first_across_types(self, record_id: Any, pos: int) -> int:
-        """Where an id was first seen as the other JSON type (7 for "7", "7" for 7), else ``pos``. Runs for the
-        chunk's first id, and for every id once the chunk has held both types (while it holds one, never)."""
-        if self._seen is not None and len(self._seen) == 1:
-            self._id_type = type(record_id)  # the first id
-            return pos
-        self._id_type = None
-        assert self._seen is not None
-        if type(record_id) is int:
-            return self._seen.get(str(record_id), pos)
-        text = str(record_id)
-        if text.lstrip("-").isdigit() and str(int(text)) == text:
-            return self._seen.get(int(text), pos)
-        return pos
-
-    def _duplicate(self, ordinal: int, record_id: Any, pos: int, first: int, data: Any) -> None:
-        """A record whose id an earlier record of the chunk has: it fails, so no id is in the output twice."""
-        reason = f"record id {record_id!r} is already the id of the record at {self._where(first)}"
-        error = RecordError("validate", "DuplicateRecordId", reason)
-        # its own dedup id: a queue that drops repeats must not drop this failure record as one
-        self._fail(ordinal, record_id, pos, error, data, f"{dedup_id(self.job.job_id, record_id)}@{pos}")
-
-    def _fail(
-        self, ordinal: int, record_id: Any, pos: int, error: RecordError, data: Any, dedup: str | None = None
-    ) -> None:
-        """One failure row, also the failure queue's record: built once from the error's fields."""
-        if isinstance(data, bytes):
-            data = data.decode("utf-8", errors="replace").rstrip("\r\n")
-        if isinstance(data, str) and len(data) > MAX_INPUT_CHARS:
-            data = data[:MAX_INPUT_CHARS] + "..."
-        record = {
-            "job_id": self.job.job_id,
-            "record_id": record_id,
-            "status": "error",
-            "stage": error.stage,
-            "error_type": error.error_type,
-            "error": f"{self._where(pos)}: {error.error}",
-            "input": data,
-            "meta": {"key": self.chunk.key, "position": pos},
-        }
-        body = orjson.dumps(record, default=str)
-        self._fail_lines.append(body + b"\n")
-        self.failed += 1
-        count = self.errors_by_type.get(error.error_type)
-        if count is not None:
-            self.errors_by_type[error.error_type] = count + 1
-        elif len(self.errors_by_type) < MAX_ERROR_TYPES:
-            self.errors_by_type[error.error_type] = 1
-            self.error_examples[error.error_type] = f"{error.stage}: {record['error']}"[:MAX_EXAMPLE_CHARS]
-        if self.sender is not None:
-            if len(body) > MAX_QUEUE_BODY:  # the file keeps the whole input; the queue gets its start
-                text = data if isinstance(data, str) else orjson.dumps(data, default=str).decode()
-                body = orjson.dumps({**record, "input": text[:MAX_QUEUED_INPUT_CHARS] + "...", "input_truncated": True})
-            self.sender.add("failure", ordinal, dedup or dedup_id(self.job.job_id, record_id), body)
-
     def _sub_batch(self, positions: list[int], payloads: list[Any]) -> list[Success]:
-        key = self.chunk.key
-        id_field = self.job.id_field
-        seen = self._seen
-        loads = orjson.loads
-        ids: list[Any] = []
-        datas: list[Any] = []
-        kept: list[tuple[int, int, Any]] = []  # (ordinal, position, raw data) of the records that parsed
-        ordinal = self.ordinal
-        for pos, payload in zip(positions, payloads, strict=True):
-            if type(payload) is bytes:
-                try:
-                    data = loads(payload)
-                except orjson.JSONDecodeError as exc:
-                    error = _json_error(payload, pos, exc)
-                    self._fail(ordinal, f"{key}:{pos}", pos, error, payload)
-                    ordinal += 1
-                    continue
-            elif type(payload) is Unreadable:
-                error = RecordError("parse", payload.error_type, payload.error)
-                self._fail(ordinal, f"{key}:{pos}", pos, error, payload.raw.rstrip("\r\n"))
-                ordinal += 1
-                continue
-            else:
-                data = payload
-            if type(data) is dict and id_field is not None and REPLAY_ID_KEY not in data:
-                record_id = data.get(id_field)  # the common case inline; _record_id says why any other is bad
-                if type(record_id) is not str and type(record_id) is not int:
-                    record_id = self._record_id(data, key, pos, id_field)
-            else:
-                record_id = self._record_id(data, key, pos, id_field)
-            if type(record_id) is _BadId:
-                self._fail(ordinal, f"{key}:{pos}", pos, RecordError("validate", "InvalidRecordId", record_id.reason),
-                           data)  # fmt: skip
-                ordinal += 1
-                continue
-            if seen is not None:  # ids from the data must be unique; 7 and "7" are one id on a queue
-                first = seen.setdefault(record_id, pos)
-                if first == pos and type(record_id) is not self._id_type:
-                    first = self._first_across_types(record_id, pos)
-                if first != pos:
-                    self._duplicate(ordinal, record_id, pos, first, data)
-                    ordinal += 1
-                    continue
-            ids.append(record_id)
-            datas.append(data)
-            kept.append((ordinal, pos, data))
-            ordinal += 1
-        self.ordinal = ordinal
-        models, ids, kept = self._validate(datas, ids, kept)
+        parsed, rejected = self._parse(positions, payloads)
+        ids, kept, bad_ids = self.ids.assign(parsed)
+        if bad_ids:  # failure rows in record order, as the records came
+            rejected = sorted(rejected + bad_ids, key=lambda r: r.ordinal) if rejected else bad_ids
+        for reject in rejected:
+            self.failures.add(*reject)
+        models, ids, kept = self._validate(ids, kept)
         if not models:
             return []
         pipeline = self.proc.pipeline
         if self.crash_log is None:
             return self._outcomes(ids, kept, run_isolated(pipeline, models))
-        positions = [pos for _, pos, _ in kept]
+        positions = [record.pos for record in kept]
         outcomes = run_guarded(lambda some: run_isolated(pipeline, some), models, positions, self.crash_log)
         return self._outcomes(ids, kept, outcomes)
 
-    def _validate(
-        self, datas: list[Any], ids: list[Any], kept: list[tuple[int, int, Any]]
-    ) -> tuple[list[BaseModel], list[Any], list[tuple[int, int, Any]]]:
+    def _parse(self, positions: list[int], payloads: list[Any]) -> tuple[list[Parsed], list[Rejected]]:
+        """The records of a sub-batch as data, numbered in the chunk; those that do not parse, rejected."""
+        loads = orjson.loads
+        parsed: list[Parsed] = []
+        rejected: list[Rejected] = []
+        ordinal = self.ordinal
+        for pos, payload in zip(positions, payloads, strict=True):
+            if type(payload) is bytes:
+                try:
+                    parsed.append(Parsed(ordinal, pos, loads(payload)))
+                except orjson.JSONDecodeError as exc:
+                    error = _json_error(payload, pos, exc)
+                    rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload))
+            elif type(payload) is Unreadable:
+                error = RecordError("parse", payload.error_type, payload.error)
+                rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload.raw.rstrip("\r\n")))
+            else:
+                parsed.append(Parsed(ordinal, pos, payload))
+            ordinal += 1
+        self.ordinal = ordinal
+        return parsed, rejected
+
+    def _validate(self, ids: list[Any], kept: list[Parsed]) -> tuple[list[BaseModel], list[Any], list[Parsed]]:
         """Validate a sub-batch in one call; only when it holds an invalid record, record by record."""
         try:
-            return self.proc.validate_many(datas), ids, kept
+            return self.proc.validate_many([record.data for record in kept]), ids, kept
         except ValidationError:
             pass
         validate_one = self.proc.validate_one
         models, good_ids, good_kept = [], [], []
-        for data, record_id, item in zip(datas, ids, kept, strict=True):
+        for record_id, record in zip(ids, kept, strict=True):
             try:
-                models.append(validate_one(data))
+                models.append(validate_one(record.data))
             except ValidationError as exc:
-                ordinal, pos, raw = item
-                self._fail(ordinal, record_id, pos, RecordError("validate", "ValidationError",
-                                                                describe_validation_error(exc)), raw)  # fmt: skip
+                error = RecordError("validate", "ValidationError", describe_validation_error(exc))
+                self.failures.add(record.ordinal, record_id, record.pos, error, record.data)
                 continue
             good_ids.append(record_id)
-            good_kept.append(item)
+            good_kept.append(record)
         return models, good_ids, good_kept
 
-    def _record_id(self, data: Any, key: str, pos: int, id_field: str | None) -> Any:
-        if type(data) is not dict:
-            return _BadId(f"the record is a JSON {type(data).__name__}, not an object")
-        if REPLAY_ID_KEY in data:
-            return data.pop(REPLAY_ID_KEY)
-        if id_field is None:
-            return f"{key}:{pos}"
-        value = data.get(id_field)
-        if type(value) is str or type(value) is int:
-            return value
-        if value is None:
-            return _BadId(f"the record has no '{id_field}' field (the job's id_field)")
-        return _BadId(f"'{id_field}' is a {type(value).__name__}; record ids must be str or int")
-
-    def _outcomes(self, ids: list[Any], kept: list[tuple[int, int, Any]], outcomes: list[Any]) -> list[Success]:
-        """The successes of a sub-batch (their queue records handed to the sender); failures to the failure rows."""
+    def _outcomes(self, ids: list[Any], kept: list[Parsed], outcomes: list[Any]) -> list[Success]:
+        """The successes of a sub-batch (their queue records handed to the sender); failures to the failure log."""
         serializer = self.proc.output_model.__pydantic_serializer__
         sender = self.sender
         job_id = self.job.job_id
         successes: list[Success] = []
         for record_id, (ordinal, pos, data), outcome in zip(ids, kept, outcomes, strict=True):
             if type(outcome) is RecordError:
-                self._fail(ordinal, record_id, pos, outcome, data)
+                self.failures.add(ordinal, record_id, pos, outcome, data)
                 continue
-            body = serializer.to_json(outcome, exclude=ENVELOPE)
+            body = serializer.to_json(outcome, exclude=OUTPUT_ENVELOPE)
             successes.append(Success(record_id, outcome, body))
             if sender is not None:
                 meta = orjson.dumps({"key": self.chunk.key, "position": pos})
-                message = b'{"job_id":%s,"record_id":%s,"status":"success","output":%s,"meta":%s}' % (
-                    self._job_json, orjson.dumps(record_id), body, meta)  # fmt: skip
+                message = SUCCESS_BODY % (self._job_json, orjson.dumps(record_id), body, meta)
                 sender.add("success", ordinal, dedup_id(job_id, record_id), message)
         return successes
-
-
-class _BadId:
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
 
 
 def process_chunk(

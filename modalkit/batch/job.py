@@ -76,9 +76,6 @@ class InvalidJobParameters(ConfigError):
         super().__init__("invalid job parameter: " + "\ninvalid job parameter: ".join(lines))
         self.lines = lines
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.lines,))
-
 
 def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: str | None, config: JobConfig) -> JobPlan:
     """Check everything, list the input and cut it into chunks. Writes nothing.

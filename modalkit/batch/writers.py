@@ -27,7 +27,6 @@ from modalkit.exceptions import storage_errors
 from modalkit.iomodel import OUTPUT_ENVELOPE
 
 __all__ = [
-    "ENVELOPE",
     "FailureWriter",
     "JsonlPartWriter",
     "ParquetPartWriter",
@@ -40,7 +39,6 @@ __all__ = [
 
 ROW_GROUP_ROWS = 65_536
 BUFFER_BYTES = 1024 * 1024
-ENVELOPE = OUTPUT_ENVELOPE
 
 
 class Success(NamedTuple):
@@ -83,7 +81,7 @@ class _File:
 class JsonlPartWriter:
     """Successes as JSON lines: ``{"record_id": ..., <output fields>}``."""
 
-    def __init__(self, path: str, output_model: type[BaseModel], what: str = "a part file") -> None:
+    def __init__(self, path: str, what: str = "a part file") -> None:
         self._file = _File(path, what)
 
     def write(self, rows: Sequence[Success]) -> None:
@@ -120,7 +118,7 @@ class ParquetPartWriter:
         self._dump = output_model.__pydantic_serializer__.to_python
         self._writer: Any = None
         self._buffer: list[dict[str, Any]] = []
-        probe = arrow_schema(output_model, ENVELOPE)
+        probe = arrow_schema(output_model, OUTPUT_ENVELOPE)
         self._extra = EXTRA_COLUMN in probe.names
         self._json_columns = [
             f.name for f in probe if f.name != "record_id" and (f.metadata or {}).get(b"encoding") == b"json"
@@ -130,7 +128,7 @@ class ParquetPartWriter:
 
     def write(self, rows: Sequence[Success]) -> None:
         for r in rows:
-            row = self._dump(r.output, exclude=ENVELOPE)
+            row = self._dump(r.output, exclude=OUTPUT_ENVELOPE)
             row["record_id"] = r.record_id
             if self._extra and r.output.model_extra:
                 row[EXTRA_COLUMN] = {name: row.pop(name, None) for name in r.output.model_extra}
@@ -146,7 +144,7 @@ class ParquetPartWriter:
 
         if self._id is None:
             self._id = int if self._buffer and all(type(r["record_id"]) is int for r in self._buffer) else str
-        self.schema = arrow_schema(self.output_model, ENVELOPE, self._id)
+        self.schema = arrow_schema(self.output_model, OUTPUT_ENVELOPE, self._id)
         with storage_errors(self.what):
             self._writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
         return self._writer
@@ -196,7 +194,7 @@ def open_part_writer(
     ``str``) is the type of the ``record_id`` column where the format has typed columns."""
     if output_format == "parquet":
         return ParquetPartWriter(path, output_model, what, id_type)
-    return JsonlPartWriter(path, output_model, what)
+    return JsonlPartWriter(path, what)
 
 
 def record_id_type(input_model: type[BaseModel], id_field: str | None) -> type | None:

@@ -37,6 +37,7 @@ class LocalQueueBackend(BatchQueueBackend):
     """Durable queues in a SQLite file.
 
     Messages are committed before :meth:`send_batch` returns, so they survive the process (and a crash of it).
+    A body of any size is stored whole.
     Several processes may send at once. Messages with a ``dedup_id`` are stored once per queue, ever: a taken
     message is marked, not deleted, so a resumed or retried batch job sends each record once even after a
     consumer drained the queue. Consumers read with :meth:`messages` or take with :meth:`receive`.

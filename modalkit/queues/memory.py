@@ -14,7 +14,8 @@ __all__ = ["InMemoryBackend", "MemoryBackend"]
 class MemoryBackend(BatchQueueBackend):
     """Keeps messages in memory, per queue; inspect them with :meth:`messages`.
 
-    A message with a ``dedup_id`` already seen on its queue is dropped, as the local backend does.
+    A message with a ``dedup_id`` already seen on its queue is dropped, as the local backend does; a body of any
+    size is kept whole.
     """
 
     _shared: ClassVar[MemoryBackend | None] = None

@@ -2,9 +2,11 @@
 
 ``SendMessageBatch`` in tens; entries SQS reports as failed and transient errors are tried again, with backoff,
 up to ``max_send_attempts`` times (this is the one retry layer of a send: the boto3 clients modalkit makes do not
-retry on their own). Bodies over the threshold are stored in S3 behind a pointer message in the AWS SQS Extended
-Client format. FIFO queues get a ``MessageGroupId`` and a ``MessageDeduplicationId``. A queue that does not exist
-is an error: modalkit never creates queues.
+retry on their own). The size policy is this backend's: bodies over ``large_message_threshold`` (256 KiB, SQS's
+limit) are stored in S3 behind a pointer message in the AWS SQS Extended Client format when ``large_message_uri``
+is set; without it, a failure record is sent with the start of its input (``input_truncated``), and any other body
+over the threshold is an error. FIFO queues get a ``MessageGroupId`` and a ``MessageDeduplicationId``. A queue
+that does not exist is an error: modalkit never creates queues.
 
 Example:
     >>> from modalkit.queues import SQSBackend
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from modalkit.exceptions import BackendError, QueueError, is_retryable, queue_errors, storage_errors
+from modalkit.iomodel import truncate_failure_input
 from modalkit.queues.base import BatchQueueBackend, QueueMessage, as_message
 
 if TYPE_CHECKING:
@@ -70,7 +73,8 @@ class SQSBackend(BatchQueueBackend):
         region_name: Region for a client of this backend's own (default: ``AWS_REGION``, else us-east-1).
         endpoint_url: Endpoint for a client of this backend's own (default: ``AWS_ENDPOINT_URL_SQS``).
         large_message_threshold: Bodies over this many bytes (UTF-8) are stored in S3; the message is a pointer.
-        large_message_uri: ``s3://bucket/prefix`` for those bodies.
+        large_message_uri: ``s3://bucket/prefix`` for those bodies. Without it a failure record over the threshold
+            carries the start of its input (``input_truncated``: true), and any other body over it is an error.
         max_send_attempts: Attempts of a send (entries SQS reports as failed, transient errors), with backoff.
         message_group_id: ``MessageGroupId`` for FIFO queues when a message names none.
         **config_keys: ``backend``, ``local_path``, ``broker_url`` and ``allowed_queues`` are accepted and ignored,
@@ -197,8 +201,12 @@ class SQSBackend(BatchQueueBackend):
         entry: dict[str, Any] = {}
         size = len(body.encode("utf-8"))
         if size > self.large_message_threshold:
-            body = self._offload(queue_name, body, size)
-            entry["MessageAttributes"] = {"ExtendedPayloadSize": {"DataType": "Number", "StringValue": str(size)}}
+            cut = None if self.large_message_uri else truncate_failure_input(body, self.large_message_threshold)
+            if cut is not None:
+                body = cut
+            else:
+                body = self._offload(queue_name, body, size)
+                entry["MessageAttributes"] = {"ExtendedPayloadSize": {"DataType": "Number", "StringValue": str(size)}}
         entry["MessageBody"] = body
         if fifo:
             entry["MessageGroupId"] = msg.group_id or self.message_group_id

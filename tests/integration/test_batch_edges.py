@@ -11,9 +11,11 @@ import gzip
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from batch_support import write_config
 
@@ -23,7 +25,15 @@ from modalkit.batch.job import JobPlan, find_committed, plan_job, resolve_job_co
 from modalkit.batch.layout import OutputLayout
 from modalkit.exceptions import ConfigError, StorageError
 from modalkit.inference_pipeline import InferencePipeline, import_pipeline
-from modalkit.iomodel import ChunkResult
+from modalkit.iomodel import ChunkResult, FailureRecord
+from modalkit.queues import (
+    S3_POINTER_CLASS,
+    BatchQueueBackend,
+    LocalQueueBackend,
+    QueueBackend,
+    QueueMessage,
+    SQSBackend,
+)
 from modalkit.settings import Settings
 from modalkit.task_queue import MemoryBackend
 
@@ -57,7 +67,7 @@ class Job:
             self._pipeline = import_pipeline(entry.pipeline)(name, folder, {})
         return self._pipeline
 
-    def run(self, input_uri: str, output_uri: str, backend: MemoryBackend | None = None) -> list[ChunkResult]:
+    def run(self, input_uri: str, output_uri: str, backend: QueueBackend | None = None) -> list[ChunkResult]:
         plan = self.plan(input_uri, output_uri)
         start_job(plan)
         done = find_committed(plan)
@@ -481,25 +491,72 @@ def test_a_typo_in_a_model_entry_fails_the_job_before_it_writes_anything(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-# --- 11. every queue body fits a queue; what can be checked at start-up is checked before anything is written ---
+# --- 11. a queue gets every body whole that it can take; the size policy is the queue backend's ------------------
+
+HUGE = {"id": "huge", "text": 12345, "notes": ["x" * 1000] * 200}  # 200 KB, and text is not a string
 
 
-def test_a_huge_parsed_record_that_fails_is_queued_capped_and_kept_whole_in_the_failure_file(tmp_path: Path) -> None:
+def huge_failure_job(tmp_path: Path, backend: QueueBackend) -> list[dict[str, Any]]:
+    """Runs a job whose first record (HUGE) fails validation, with the failure queue ``bad``; its failure rows."""
     from batch_support import read_failures
 
     (tmp_path / "in").mkdir()
-    huge = {"id": "huge", "text": 12345, "notes": ["x" * 1000] * 400}  # 400 KB, and text is not a string
-    (tmp_path / "in" / "r.jsonl").write_bytes(json.dumps(huge).encode() + b"\n" + reviews(2))
-    backend = MemoryBackend()
+    (tmp_path / "in" / "r.jsonl").write_bytes(json.dumps(HUGE).encode() + b"\n" + reviews(2))
     out = str(tmp_path / "out")
     Job(tmp_path, id_field="id", failure_queue="bad").run(str(tmp_path / "in"), out, backend)
+    failures = read_failures(out)
+    assert [f["input"] for f in failures] == [HUGE]  # the failure file has it whole, whatever the queue
+    return failures
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_a_huge_failure_reaches_a_queue_without_a_size_limit_whole(tmp_path: Path, kind: str) -> None:
+    backend = LocalQueueBackend(tmp_path / "queues") if kind == "local" else MemoryBackend()
+    failures = huge_failure_job(tmp_path, backend)
     (message,) = backend.messages("bad")
-    assert len(message.encode()) < 256 * 1024
-    queued = json.loads(message)
-    assert queued["input_truncated"] is True
-    assert queued["error_type"] == "ValidationError"
-    (failure,) = read_failures(out)
-    assert failure["input"] == huge
+    queued = FailureRecord.model_validate_json(message)
+    assert queued.input == HUGE
+    assert not queued.input_truncated
+    assert json.loads(message) == failures[0]
+    backend.close()
+
+
+def test_a_huge_failure_on_sqs_goes_to_s3_and_its_pointer_resolves_to_the_whole_record(
+    tmp_path: Path, s3: Any, sqs: Any, unique: str
+) -> None:
+    s3.create_bucket(Bucket=f"big-{unique}")
+    url = sqs.create_queue(QueueName=f"bad-{unique}")["QueueUrl"]
+    backend = SQSBackend(sqs, s3_client=s3, large_message_threshold=64 * 1024, large_message_uri=f"s3://big-{unique}/q")
+    failures = huge_failure_job(tmp_path, _Renamed(backend, {"bad": f"bad-{unique}"}))
+    (message,) = [m["Body"] for m in sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]]
+    assert message.startswith(f'["{S3_POINTER_CLASS}"')
+    assert json.loads(backend.resolve_body(message)) == failures[0]
+
+
+def test_a_huge_failure_on_sqs_without_large_message_uri_is_queued_with_the_start_of_its_input(
+    tmp_path: Path, sqs: Any, unique: str
+) -> None:
+    url = sqs.create_queue(QueueName=f"bad-{unique}")["QueueUrl"]
+    backend = SQSBackend(sqs, large_message_threshold=64 * 1024)
+    failures = huge_failure_job(tmp_path, _Renamed(backend, {"bad": f"bad-{unique}"}))
+    (message,) = [m["Body"] for m in sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]]
+    assert len(message.encode()) <= 64 * 1024
+    queued = FailureRecord.model_validate_json(message)
+    assert queued.input_truncated
+    assert orjson.dumps(HUGE).decode().startswith(queued.input.removesuffix("..."))
+    assert queued.model_dump(exclude={"input", "input_truncated"}) == FailureRecord.model_validate(
+        failures[0]
+    ).model_dump(exclude={"input", "input_truncated"})
+
+
+class _Renamed(BatchQueueBackend):
+    """Sends to ``backend`` under other queue names (each test's SQS queue has a unique name)."""
+
+    def __init__(self, backend: BatchQueueBackend, names: dict[str, str]) -> None:
+        self.backend, self.names = backend, names
+
+    def send_batch(self, queue_name: str, messages: Sequence[str | QueueMessage]) -> int:
+        return self.backend.send_batch(self.names[queue_name], messages)
 
 
 def test_a_pipeline_lacking_a_method_fails_at_planning_before_the_output_is_claimed(tmp_path: Path) -> None:

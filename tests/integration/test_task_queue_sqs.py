@@ -18,6 +18,7 @@ from support import MotoServer, TcpProxy
 
 from modalkit.aws import reset_clients
 from modalkit.exceptions import ConfigError, QueueError
+from modalkit.iomodel import FailureRecord
 from modalkit.queues import registry
 from modalkit.settings import QueueConfig
 from modalkit.task_queue import (
@@ -188,6 +189,24 @@ def test_large_body_without_large_message_uri_is_an_error(make_queue: Any, sqs: 
 
     assert not excinfo.value.retryable
     assert drain(sqs, url) == []
+
+
+def test_a_large_failure_record_without_large_message_uri_is_sent_with_the_start_of_its_input(
+    make_queue: Any, sqs: Any
+) -> None:
+    name, url = make_queue()
+    backend = SQSBackend(large_message_threshold=64 * KIB)
+    record = FailureRecord(
+        job_id="j", record_id=3, stage="predict", error_type="RuntimeError", error="boom", input="x" * (100 * KIB)
+    )
+
+    backend.send_batch(name, [record.model_dump_json()])
+
+    (body,) = bodies(drain(sqs, url))
+    assert len(body.encode()) <= 64 * KIB
+    sent = FailureRecord.model_validate_json(body)
+    assert sent.input_truncated
+    assert sent.model_dump(exclude={"input", "input_truncated"}) == record.model_dump(exclude={"input"})
 
 
 def test_large_body_that_cannot_be_stored_in_s3_is_a_queue_error(make_queue: Any, sqs: Any, unique: str) -> None:

@@ -22,11 +22,20 @@ from pydantic import BaseModel, Field, ValidationError
 from modalkit.batch import queueing
 from modalkit.batch.chunk import GC_THRESHOLD, REPLAY_ID_KEY, ChunkProcessor, process_chunk
 from modalkit.batch.planning import list_dataset, plan_chunks
-from modalkit.batch.writers import ENVELOPE, FailureWriter, JsonlPartWriter, ParquetPartWriter, Success, arrow_schema
+from modalkit.batch.writers import FailureWriter, JsonlPartWriter, ParquetPartWriter, Success, arrow_schema
 from modalkit.examples.sentiment import LABELS
 from modalkit.exceptions import ConfigError, PipelineError, QueueError, StorageError
 from modalkit.inference_pipeline import InferencePipeline
-from modalkit.iomodel import ChunkResult, ChunkSpec, InferenceOutputModel, JobSpec, describe_validation_error
+from modalkit.iomodel import (
+    OUTPUT_ENVELOPE,
+    ChunkResult,
+    ChunkSpec,
+    FailureRecord,
+    InferenceOutputModel,
+    JobSpec,
+    SuccessRecord,
+    describe_validation_error,
+)
 from modalkit.task_queue import MemoryBackend, QueueMessage
 
 JOB_ID = "job0123456789abc"
@@ -663,12 +672,13 @@ def test_a_job_naming_queues_needs_a_backend(tmp_path: Path) -> None:
 
 def successes(*outputs: Echo, first_id: int = 0) -> list[Success]:
     return [
-        Success(first_id + i, o, o.__pydantic_serializer__.to_json(o, exclude=ENVELOPE)) for i, o in enumerate(outputs)
+        Success(first_id + i, o, o.__pydantic_serializer__.to_json(o, exclude=OUTPUT_ENVELOPE))
+        for i, o in enumerate(outputs)
     ]
 
 
 def test_jsonl_part_writer_writes_record_id_then_the_output_fields_without_the_envelope(tmp_path: Path) -> None:
-    writer = JsonlPartWriter(str(tmp_path / "w.jsonl"), Echo)
+    writer = JsonlPartWriter(str(tmp_path / "w.jsonl"))
     writer.write(successes(Echo(length=1, upper="A"), Echo(length=2, upper="BB", status="success")))
     writer.write([])
     writer.write(successes(Echo(length=3, upper="C"), first_id=2))
@@ -738,7 +748,7 @@ class AllTypes(InferenceOutputModel):
 
 
 def test_arrow_schema_maps_types_and_falls_back_to_json() -> None:
-    schema = arrow_schema(AllTypes, ENVELOPE)
+    schema = arrow_schema(AllTypes, OUTPUT_ENVELOPE)
     expected = {
         "record_id": (pa.string(), False),
         "a_int": (pa.int64(), False),
@@ -852,3 +862,37 @@ def test_files_are_closed_and_nothing_committed_when_the_part_file_cannot_be_wri
         gc.collect()  # a file left open would warn here, when it is collected
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
     assert list((tmp_path / "out").iterdir()) == []  # no part file, no marker, no staging directory
+
+
+@pytest.mark.parametrize(("good_id", "bad_id"), [(7, 8), ("a7", "a8")], ids=["int-ids", "str-ids"])
+def test_queue_bodies_of_the_batch_path_are_the_record_models_bodies(
+    tmp_path: Path, good_id: int | str, bad_id: int | str
+) -> None:
+    # a consumer validates what it receives with modalkit's own models, whatever JSON type the id_field holds
+    data = jsonl({"id": good_id, "text": "a"}, {"id": bad_id, "text": 5})
+    pos = offsets(data)
+    (chunk,) = plan(write_input(tmp_path, "r.jsonl", data))
+    backend = MemoryBackend()
+    process_chunk(make_job(tmp_path, id_field="id", success_queue="ok", failure_queue="bad"), chunk, EchoPipeline(),
+                  backend)  # fmt: skip
+    (success,) = backend.messages("ok")
+    (failure,) = backend.messages("bad")
+
+    expected_success = SuccessRecord(
+        job_id=JOB_ID, record_id=good_id, output={"length": 1, "upper": "A"}, meta={"key": "r.jsonl", "position": 0}
+    )
+    expected_failure = FailureRecord(
+        job_id=JOB_ID,
+        record_id=bad_id,
+        stage="validate",
+        error_type="ValidationError",
+        error=f"r.jsonl at byte {pos[1]}: field 'text': Input should be a valid string",
+        input={"id": bad_id, "text": 5},
+        meta={"key": "r.jsonl", "position": pos[1]},
+    )
+    assert SuccessRecord.model_validate_json(success) == expected_success
+    assert FailureRecord.model_validate_json(failure) == expected_failure
+    assert json.loads(success) == json.loads(expected_success.model_dump_json())  # same keys, nothing more
+    assert json.loads(failure) == json.loads(expected_failure.model_dump_json())
+    (failure_row,) = read_jsonl(tmp_path / "out" / "_failures" / "part-00000.jsonl")
+    assert FailureRecord.model_validate(failure_row) == expected_failure

@@ -13,6 +13,7 @@ from modalkit.exceptions import (
     BackendError,
     ConfigError,
     DependencyError,
+    DeviceError,
     JobFailed,
     ModalkitError,
     QueueError,
@@ -59,3 +60,34 @@ def test_the_original_exception_names_are_in_our_hierarchy_and_keep_their_builti
     assert isinstance(error, builtin)
     assert error.retryable is False
     assert cls.__name__ in exceptions.__all__
+
+
+class _DiskFull(StorageError):
+    """A user's error with its own constructor and an attribute of its own."""
+
+    def __init__(self, path: str, free: int) -> None:
+        super().__init__(f"{path}: {free} bytes free", retryable=True)
+        self.path = path
+        self.free = free
+
+
+def test_a_subclass_with_its_own_constructor_keeps_its_attributes_when_pickled() -> None:
+    back = pickle.loads(pickle.dumps(_DiskFull("/data", 12)))
+
+    assert type(back) is _DiskFull
+    assert (str(back), back.retryable, back.path, back.free) == ("/data: 12 bytes free", True, "/data", 12)
+
+
+def test_modalkits_own_errors_keep_their_attributes_when_pickled() -> None:
+    from modalkit.batch.job import InvalidJobParameters
+    from modalkit.inference_pipeline import ContractBroken
+
+    device = pickle.loads(pickle.dumps(DeviceError("CUDA error: device lost", stage="preprocess")))
+    assert (type(device), str(device), device.retryable, device.stage) == (
+        DeviceError, "CUDA error: device lost", True, "preprocess")  # fmt: skip
+    invalid = pickle.loads(pickle.dumps(InvalidJobParameters(["chunk_size: 1 (at least 64KiB)"])))
+    assert (str(invalid), invalid.lines) == ("invalid job parameter: chunk_size: 1 (at least 64KiB)",
+                                             ["chunk_size: 1 (at least 64KiB)"])  # fmt: skip
+    broken = pickle.loads(pickle.dumps(ContractBroken("P.postprocess returned 2 outputs for 3 inputs", "returned 2")))
+    assert (type(broken), str(broken), broken.got, broken.retryable) == (
+        ContractBroken, "P.postprocess returned 2 outputs for 3 inputs", "returned 2", False)  # fmt: skip

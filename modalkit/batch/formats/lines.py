@@ -72,7 +72,7 @@ def read_lines(chunk: Any, stop_at_end: bool = True) -> Iterator[tuple[int, byte
             try:
                 line = readline()
             except Exception:
-                with storage_errors(what):  # translated there (a context manager per line costs ~3% of a job)
+                with storage_errors(what):  # translated only here: a context manager per line is a cost per record
                     raise
                 raise  # not a storage error: as it is
             if not line:
