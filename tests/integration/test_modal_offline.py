@@ -364,6 +364,56 @@ def test_queue_backend_can_be_injected_through_the_constructor(tmp_path: Path) -
     assert not (tmp_path / "queues").exists()  # the configured local backend was not used
 
 
+def test_a_subclass_init_hands_queue_backend_to_super_init_as_the_original_did(tmp_path: Path) -> None:
+    # the original's docs and tests: a subclass with its own __init__, used outside Modal (tests, scripts)
+    class MyService(ModalService):
+        inference_implementation = SentimentPipeline
+
+        def __init__(self, model_name: str, queue_backend: Any = None) -> None:
+            super().__init__(queue_backend=queue_backend)
+            self.model_name = model_name
+            self.modal_utils = ModalConfig(load_settings(tmp_path))
+
+    backend = MemoryBackend()
+    service = MyService("sentiment", queue_backend=backend)
+    plain = MyService("sentiment")
+
+    assert service.queue_backend is backend
+    assert plain.queue_backend is None
+    service.load_artefacts()
+    [output] = service.process_request([async_(POSITIVE, success_queue="results")])
+    assert output.label == "positive"
+    assert [r["output"]["label"] for r in bodies(backend, "results")] == ["positive"]
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("parameterised", [True, False], ids=["modal.parameter", "plain attribute"])
+def test_modal_accepts_a_subclass_without_its_own_init_and_builds_it_with_no_warning(
+    tmp_path: Path, parameterised: bool
+) -> None:
+    # ModalService takes queue_backend in __init__, yet Modal (which refuses any __init__ on an @app.cls class,
+    # inherited ones included) sees none on its subclasses: both ways Modal builds an instance work
+    modal_config = ModalConfig(load_settings(tmp_path))
+    app = modal.App(name=modal_config.app_name)
+    backend = MemoryBackend()
+    namespace: dict[str, Any] = {
+        "inference_implementation": SentimentPipeline,
+        "modal_utils": modal_config,
+        "queue_backend": backend,
+        "model_name": modal.parameter(default="sentiment") if parameterised else "sentiment",
+        "__annotations__": {"model_name": str, "modal_utils": ModalConfig} if parameterised else {},
+        "__module__": __name__,
+    }
+    service_cls = type("Plain", (ModalService,), namespace)
+
+    cls = app.cls(**modal_config.get_app_cls_settings(), serialized=True)(service_cls)
+
+    assert isinstance(cls, modal.Cls)
+    [output] = cls().process_request.local([async_(POSITIVE, success_queue="results")])
+    assert output.label == "positive"
+    assert [r["output"]["label"] for r in bodies(backend, "results")] == ["positive"]
+
+
 # --- the example model on a shared volume ----------------------------------------------------------------------
 
 
@@ -477,7 +527,8 @@ def test_modal_1_6_refuses_a_custom_constructor_so_a_backend_is_injected_by_keyw
     tmp_path: Path,
 ) -> None:
     # the original's docs show `def __init__(self, queue_backend=None): super().__init__(queue_backend=...)`;
-    # Modal 1.x rejects any __init__ on an @app.cls class, inherited ones included (README: compatibility)
+    # Modal 1.x rejects a subclass's own __init__ on an @app.cls class (README: compatibility); outside Modal it works
+    # (test_a_subclass_init_hands_queue_backend_to_super_init_as_the_original_did)
     modal_config = ModalConfig(load_settings(tmp_path))
     app = modal.App(name=modal_config.app_name)
 
