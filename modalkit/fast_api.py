@@ -378,8 +378,9 @@ def create_web_endpoints(app_cls: Any, input_model: type[BaseModel], output_mode
             "max_body_bytes": int(app_settings.batch_config.max_body_bytes),
         }
     return create_app(
-        input_model,
-        output_model,
+        input_model=input_model,
+        output_model=output_model,
+        dependencies=[],
         sync_fn=ModalService.sync_call(app_cls),
         async_fn=ModalService.async_call(app_cls),
         job_fn=_modal_job_status,

@@ -57,7 +57,7 @@ class ModalConfig:
     """
 
     def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = Settings.load() if settings is None else settings
+        self.settings = Settings() if settings is None else settings  # Settings(): Settings.load()'s sources
         self._volumes: dict[str, modal.Volume] | None = None
 
     # --- names ---------------------------------------------------------------------------------------------
@@ -144,7 +144,10 @@ class ModalConfig:
         build = self.app_settings.build_config
         if build.image:
             ref = build.image if _has_tag(build.image) else f"{build.image}:{build.tag}"
-            image = modal.Image.from_registry(ref, add_python=build.python_version)
+            if build.python_version:
+                image = modal.Image.from_registry(ref, add_python=build.python_version)
+            else:
+                image = modal.Image.from_registry(ref)  # the original's call
         else:
             image = modal.Image.debian_slim(python_version=build.python_version)
         if build.apt_packages:

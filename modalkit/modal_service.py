@@ -51,8 +51,16 @@ from modalkit.iomodel import (
 from modalkit.modal_config import ModalConfig, VolumeReloader
 from modalkit.queues import QueueBackend, create_backend, deliver_sync
 from modalkit.settings import BatchConfig
+from modalkit.task_queue import send_response_queue  # the original modalkit's module offered it here
 
-__all__ = ["BatchWorker", "FailedOutput", "ModalService", "create_web_endpoints", "replace_container"]
+__all__ = [
+    "BatchWorker",
+    "FailedOutput",
+    "ModalService",
+    "create_web_endpoints",
+    "replace_container",
+    "send_response_queue",
+]
 
 log = logging.getLogger(__name__)
 

@@ -452,6 +452,14 @@ def test_containers_that_start_together_on_one_volume_both_save_the_weights(
 # --- what apps written for the original modalkit rely on ----------------------------------------------------------
 
 
+def test_the_names_the_original_modal_service_module_offered_still_import_from_it() -> None:
+    from modalkit import fast_api, modal_service, task_queue
+
+    assert modal_service.create_web_endpoints is fast_api.create_web_endpoints
+    assert modal_service.send_response_queue is task_queue.send_response_queue
+    assert {"ModalService", "create_web_endpoints", "send_response_queue"} <= set(modal_service.__all__)
+
+
 def test_load_artefacts_uses_the_instance_modal_utils_over_the_class_one(tmp_path: Path) -> None:
     class Service(ModalService):
         inference_implementation = SentimentPipeline
