@@ -158,6 +158,22 @@ class ModalService:
         """The loaded pipeline (after ``load_artefacts``)."""
         return self._model_inference_instance
 
+    # the original modalkit's names for the volume reload state; apps written for it may read them, or move the last
+    # reload back to have the next batch reload
+    @property
+    def _reload_interval(self) -> float | None:
+        """Seconds between volume reloads (``volume_reload_interval_seconds``); None: never."""
+        return self._reloader.interval
+
+    @property
+    def _last_reload_time(self) -> float:
+        """When the volumes were last reloaded (``time.time()`` seconds; at first, when the container started)."""
+        return self._reloader.last
+
+    @_last_reload_time.setter
+    def _last_reload_time(self, value: float) -> None:
+        self._reloader.last = value
+
     def _reload_volumes_if_needed(self) -> None:
         if self._reloader.maybe_reload():
             try:

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -490,6 +491,39 @@ def test_an_async_output_carries_the_request_meta_as_the_original_did(tmp_path: 
     assert outputs[1].meta == {}
     assert InferenceOutputModel().meta == {}
     assert "meta" not in outputs[0].model_dump(exclude=OUTPUT_ENVELOPE)  # success records' output leaves it out
+
+
+class CountingReloads(SentimentPipeline):
+    def on_volume_reload(self) -> None:
+        self.reloads = getattr(self, "reloads", 0) + 1
+
+
+def test_volumes_reload_on_their_interval_with_the_original_names_for_the_reload_state(tmp_path: Path) -> None:
+    # the original kept the state in `_reload_interval` and `_last_reload_time` (time.time() seconds); an app may
+    # move the last reload back to force one. No Modal Volume here: the pipeline's hook still runs on the interval
+    class Service(ModalService):
+        inference_implementation = CountingReloads
+        model_name = "sentiment"
+        modal_utils = ModalConfig(load_settings(tmp_path, deployment_config={"volume_reload_interval_seconds": 60}))
+
+    service = Service()
+    service.load_artefacts()
+    pipeline = service.pipeline
+    assert isinstance(pipeline, CountingReloads)
+
+    assert service._reload_interval == 60
+    assert abs(service._last_reload_time - time.time()) < 5
+    service.process_request([sync(POSITIVE)])
+    assert getattr(pipeline, "reloads", 0) == 0  # the interval has not passed
+
+    service._last_reload_time = time.time() - 70
+    [output] = service.process_request([sync(POSITIVE)])
+
+    assert output.label == "positive"
+    assert pipeline.reloads == 1
+    assert abs(service._last_reload_time - time.time()) < 5
+    service.process_request([sync(POSITIVE)])
+    assert pipeline.reloads == 1
 
 
 class GpuGoneBad(SentimentPipeline):
