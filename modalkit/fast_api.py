@@ -17,7 +17,7 @@ trace ever reaches a client.
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
@@ -38,7 +38,8 @@ __all__ = ["ApiKeyAuth", "BodyLimit", "HttpMetrics", "create_app", "create_web_e
 
 log = logging.getLogger(__name__)
 
-SyncFn = Callable[[str, BaseModel], Awaitable[InferenceOutputModel]]
+#: ``sync_fn``: an InferenceOutputModel, or (as the original modalkit took) a plain dict or another model.
+SyncFn = Callable[[str, BaseModel], Awaitable[InferenceOutputModel | BaseModel | Mapping[str, Any]]]
 AsyncFn = Callable[[str, Any], Awaitable[AsyncOutputModel]]
 
 
@@ -195,14 +196,28 @@ class _QueueNotAllowed(Exception):
     pass
 
 
-def outcome_body(output: InferenceOutputModel) -> dict[str, Any]:
-    """The JSON of an output: its fields on success; ``status``, ``stage``, ``error_type``, ``error`` on failure."""
+def outcome_body(output: InferenceOutputModel | BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON of an output: its fields on success; ``status``, ``stage``, ``error_type``, ``error`` on failure.
+
+    What a ``sync_fn`` of the original modalkit's kind returns is also taken: a plain dict is the body as it is,
+    another pydantic model its JSON (either is an error when its ``status`` is ``"error"``).
+    """
+    if not isinstance(output, InferenceOutputModel):
+        return _plain_body(output)
     failure = getattr(output, "failure", None)
     if output.status == "error":
         if failure is not None:
             return {"status": "error", "stage": failure.stage, "error_type": failure.error_type, "error": failure.error}
         return {"status": "error", "stage": None, "error_type": "PipelineError", "error": output.error}
     return output.model_dump(mode="json", exclude_none=False)
+
+
+def _plain_body(output: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(output, BaseModel):
+        return output.model_dump(mode="json")
+    if isinstance(output, Mapping):
+        return dict(output)
+    raise TypeError(f"sync_fn returned {type(output).__name__}; expected an InferenceOutputModel, a model or a dict")
 
 
 def create_app(
@@ -230,13 +245,15 @@ def create_app(
         dependencies: App-wide FastAPI dependencies.
         router_dependency: A dependency on the prediction and job routes (the API-key check); not on ``/health``
             and ``/metrics``.
-        sync_fn: ``await sync_fn(model_name, record)`` -> the output.
+        sync_fn: ``await sync_fn(model_name, record)`` -> the output (see :func:`outcome_body`).
         async_fn: ``await async_fn(model_name, AsyncInputModel)`` -> ``AsyncOutputModel``.
         batch_fn: ``await batch_fn(model_name, records)`` -> one output per record; default: ``sync_fn`` per record.
         job_fn: ``await job_fn(job_id)`` -> ``JobStatus``.
         health_fn: True when the model is loaded; ``/health`` answers 503 until then.
         default_model: The model when ``?model_name=`` is absent.
-        allowed_queues: Queues an async request may name (others: 403).
+        allowed_queues: Queues an async request may name (others: 403; an empty list: none). None (the default, as
+            in the original modalkit): any queue. ``create_web_endpoints`` and ``modalkit serve`` pass
+            ``app_settings.queue_config.allowed_queues``.
         max_body_bytes: Larger bodies get 413.
         metrics: Where to count; a new registry by default.
     """
@@ -244,7 +261,7 @@ def create_app(
     app = FastAPI(title=title, dependencies=[Depends(d) for d in dependencies or ()])
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(_Counting, metrics=metrics)  # outermost: it counts the 413s too
-    allowed = set(allowed_queues or ())
+    allowed = None if allowed_queues is None else set(allowed_queues)
     router = APIRouter(dependencies=[Depends(router_dependency)] if router_dependency else [])
     async_model = AsyncInputModel[input_model]  # type: ignore[valid-type]
 
@@ -274,6 +291,7 @@ def create_app(
                 answers[i] = {"status": "error", "stage": "validate", "error_type": "ValidationError",
                               "error": describe_validation_error(exc)}  # fmt: skip
         records = [record for _, record in valid]
+        outputs: Sequence[InferenceOutputModel | BaseModel | Mapping[str, Any]]
         if batch_fn is not None:
             outputs = await batch_fn(name, records)
         elif sync_fn is not None:
@@ -289,7 +307,7 @@ def create_app(
         if async_fn is None:
             return JSONResponse({"error": "this app serves no asynchronous calls"}, status_code=404)
         for queue in (request.success_queue, request.failure_queue):
-            if queue and queue not in allowed:
+            if queue and allowed is not None and queue not in allowed:
                 raise _QueueNotAllowed(queue)
         return await async_fn(model_name or default_model, request)
 
@@ -360,8 +378,9 @@ def create_web_endpoints(app_cls: Any, input_model: type[BaseModel], output_mode
             "max_body_bytes": int(app_settings.batch_config.max_body_bytes),
         }
     return create_app(
-        input_model,
-        output_model,
+        input_model=input_model,
+        output_model=output_model,
+        dependencies=[],
         sync_fn=ModalService.sync_call(app_cls),
         async_fn=ModalService.async_call(app_cls),
         job_fn=_modal_job_status,

@@ -180,7 +180,8 @@ class InferencePipeline(ABC):
         return cls.input_model, cls.output_model  # type: ignore[return-value]
 
     def on_volume_reload(self) -> None:  # noqa: B027 - an optional hook, not abstract
-        """Called after modalkit reloads the Modal volumes; override to reload weights. Does nothing by default."""
+        """Called every ``volume_reload_interval_seconds``, after modalkit reloads the Modal volumes (if any);
+        override to reload weights. Does nothing by default."""
 
     @abstractmethod
     def preprocess(self, input_list: list[Any]) -> dict[str, Any]:

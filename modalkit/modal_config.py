@@ -57,7 +57,7 @@ class ModalConfig:
     """
 
     def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = Settings.load() if settings is None else settings
+        self.settings = Settings() if settings is None else settings  # Settings(): Settings.load()'s sources
         self._volumes: dict[str, modal.Volume] | None = None
 
     # --- names ---------------------------------------------------------------------------------------------
@@ -144,7 +144,10 @@ class ModalConfig:
         build = self.app_settings.build_config
         if build.image:
             ref = build.image if _has_tag(build.image) else f"{build.image}:{build.tag}"
-            image = modal.Image.from_registry(ref, add_python=build.python_version)
+            if build.python_version:
+                image = modal.Image.from_registry(ref, add_python=build.python_version)
+            else:
+                image = modal.Image.from_registry(ref)  # the original's call
         else:
             image = modal.Image.debian_slim(python_version=build.python_version)
         if build.apt_packages:
@@ -258,40 +261,47 @@ class ModalConfig:
                 log.warning("reloading the volume at %s failed: %s", mount, exc)
 
     def volume_reloader(self) -> VolumeReloader:
-        """A reloader that reloads the volumes at most every ``volume_reload_interval_seconds``."""
+        """A reloader that reloads the volumes at most every ``volume_reload_interval_seconds``.
+
+        It ticks on that interval even when no Modal Volume is mounted, as the original modalkit did: the caller runs
+        the pipeline's ``on_volume_reload`` then (a bucket mount's files change without a reload).
+        """
         interval = self.app_settings.deployment_config.volume_reload_interval_seconds
-        return VolumeReloader(self.reload_volumes if self.volumes else None, interval)
+        return VolumeReloader(lambda: self.reload_volumes(), interval)  # looked up at each reload
 
 
 class VolumeReloader:
     """Reloads volumes on an interval, checked cheaply before each batch (not a reload per batch).
 
     Args:
-        reload: What reloads the volumes; None when there are none.
+        reload: What reloads the volumes; None: nothing to reload, never ticks.
         interval: Seconds between reloads; None disables reloading.
-        clock: Time source (monotonic seconds), replaceable in tests.
+        clock: Time source, ``time.time`` seconds (the original modalkit's clock), replaceable in tests.
+
+    Attributes:
+        last: When the last reload was (or the reloader was made), on ``clock``; move it back to reload sooner.
     """
 
     def __init__(
         self,
         reload: Callable[[], None] | None,
         interval: float | None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._reload = reload
         self.interval = interval
         self._clock = clock
-        self._last = clock()
+        self.last = clock()
 
     def maybe_reload(self) -> bool:
         """Reload if the interval has passed since the last reload; True when it did."""
         if self._reload is None or self.interval is None:
             return False
         now = self._clock()
-        if now - self._last < self.interval:
+        if now - self.last < self.interval:
             return False
         self._reload()
-        self._last = now
+        self.last = now
         return True
 
 

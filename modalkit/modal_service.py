@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from types import MethodType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import modal
 import orjson
@@ -50,10 +51,39 @@ from modalkit.iomodel import (
 from modalkit.modal_config import ModalConfig, VolumeReloader
 from modalkit.queues import QueueBackend, create_backend, deliver_sync
 from modalkit.settings import BatchConfig
+from modalkit.task_queue import send_response_queue  # the original modalkit's module offered it here
 
-__all__ = ["BatchWorker", "FailedOutput", "ModalService", "create_web_endpoints", "replace_container"]
+__all__ = [
+    "BatchWorker",
+    "FailedOutput",
+    "ModalService",
+    "create_web_endpoints",
+    "replace_container",
+    "send_response_queue",
+]
 
 log = logging.getLogger(__name__)
+
+
+def _init_service(self: ModalService, queue_backend: QueueBackend | None = None) -> None:
+    """Set the injected queue backend (None keeps the class's, or the configured one)."""
+    if queue_backend is not None:
+        self.queue_backend = queue_backend
+
+
+class _InitHiddenFromModal:
+    """``ModalService.__init__``: ``object.__init__`` when read on the class, :func:`_init_service` on an instance.
+
+    Modal 1.x refuses an ``@app.cls`` class unless ``cls.__init__ == object.__init__`` (an inherited ``__init__``
+    counts), because it builds instances with ``cls.__new__`` and never calls one. Python calls ``__init__``
+    through the instance (``MyService(...)``, ``super().__init__(...)``), so there it is the original modalkit's
+    ``__init__(queue_backend=None)``; read on the class, it is ``object.__init__``, which is what runs under Modal.
+    """
+
+    def __get__(self, instance: object, owner: type | None = None) -> Callable[..., None]:
+        if instance is None:
+            return object.__init__
+        return MethodType(_init_service, instance)
 
 
 class ModalService:
@@ -65,8 +95,12 @@ class ModalService:
         modal_utils: The app's :class:`ModalConfig`; its settings give the batching and the model entry.
         queue_backend: Where async results go; None uses ``app_settings.queue_config``.
 
-    ``MyService(queue_backend=backend)`` injects a backend (Modal 1.x forbids a custom ``__init__`` on its classes,
-    so this is taken by ``__new__``; the ``queue_backend`` class attribute works too).
+    ``MyService(queue_backend=backend)``, or ``super().__init__(queue_backend=backend)`` in a subclass's own
+    ``__init__``, injects a backend outside Modal, as in the original modalkit; the ``queue_backend`` class attribute
+    works everywhere. Modal 1.x refuses an ``@app.cls`` class whose ``__init__`` is not ``object.__init__`` and
+    builds its instances without calling one, so ``ModalService.__init__`` is seen as ``object.__init__`` on the
+    class (see :class:`_InitHiddenFromModal`); a subclass that writes its own ``__init__`` cannot be an
+    ``@app.cls`` class.
     """
 
     model_name: str
@@ -74,11 +108,12 @@ class ModalService:
     modal_utils: ModalConfig
     queue_backend: QueueBackend | None = None
 
-    def __new__(cls, *args: Any, queue_backend: QueueBackend | None = None, **kwargs: Any) -> ModalService:
-        instance = super().__new__(cls)
-        if queue_backend is not None:
-            instance.queue_backend = queue_backend
-        return instance
+    if TYPE_CHECKING:
+
+        def __init__(self, queue_backend: QueueBackend | None = None) -> None: ...
+
+    else:
+        __init__ = _InitHiddenFromModal()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -122,6 +157,22 @@ class ModalService:
     def pipeline(self) -> InferencePipeline:
         """The loaded pipeline (after ``load_artefacts``)."""
         return self._model_inference_instance
+
+    # the original modalkit's names for the volume reload state; apps written for it may read them, or move the last
+    # reload back to have the next batch reload
+    @property
+    def _reload_interval(self) -> float | None:
+        """Seconds between volume reloads (``volume_reload_interval_seconds``); None: never."""
+        return self._reloader.interval
+
+    @property
+    def _last_reload_time(self) -> float:
+        """When the volumes were last reloaded (``time.time()`` seconds; at first, when the container started)."""
+        return self._reloader.last
+
+    @_last_reload_time.setter
+    def _last_reload_time(self, value: float) -> None:
+        self._reloader.last = value
 
     def _reload_volumes_if_needed(self) -> None:
         if self._reloader.maybe_reload():

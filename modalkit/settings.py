@@ -163,7 +163,8 @@ class DeploymentConfig(_Strict):
         None,
         ge=1,
         le=86_400,
-        description="Reload the volumes at most this often (seconds), checked before a batch; empty = never.",
+        description="Reload the volumes and run the pipeline's on_volume_reload at most this often (seconds), "
+        "checked before a batch (the hook runs even with no volumes); empty = never.",
     )
     cloud_bucket_mounts: list[CloudBucketMount] = Field(default_factory=list, description="Buckets to mount.")
     mounts: list[Mount] = Field(default_factory=list, description="Local files/directories copied into the image.")

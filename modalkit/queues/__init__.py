@@ -5,9 +5,10 @@
 * :mod:`~modalkit.queues.local`: :class:`LocalQueueBackend`, durable SQLite queues, the embedded default.
 * :mod:`~modalkit.queues.sqs`: :class:`SQSBackend`, Amazon SQS.
 * :mod:`~modalkit.queues.memory`: :class:`MemoryBackend`, in memory, for tests and examples.
-* :mod:`~modalkit.queues.registry`: :func:`create_backend`, :func:`register_backend`, :func:`send_response_queue`.
+* :mod:`~modalkit.queues.registry`: :func:`create_backend`, :func:`register_backend`.
 
-``modalkit.task_queue`` re-exports all of this under the original modalkit's import path.
+``modalkit.task_queue`` re-exports all of this under the original modalkit's import path, beside the original's
+``send_response_queue`` and example backends.
 """
 
 from modalkit.queues.base import (
@@ -21,7 +22,7 @@ from modalkit.queues.base import (
 )
 from modalkit.queues.local import LocalQueueBackend
 from modalkit.queues.memory import InMemoryBackend, MemoryBackend
-from modalkit.queues.registry import BackendFactory, create_backend, register_backend, send_response_queue
+from modalkit.queues.registry import BackendFactory, create_backend, register_backend
 from modalkit.queues.sqs import S3_POINTER_CLASS, SQSBackend, fifo_dedup_id, resolve_message_body
 
 __all__ = [
@@ -42,5 +43,4 @@ __all__ = [
     "fifo_dedup_id",
     "register_backend",
     "resolve_message_body",
-    "send_response_queue",
 ]

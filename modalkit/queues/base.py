@@ -77,9 +77,9 @@ def as_message(item: object, queue_name: str) -> QueueMessage:
     """
     message = item if isinstance(item, QueueMessage) else QueueMessage(item)  # type: ignore[arg-type]
     if not isinstance(message.body, str):
-        raise TypeValidationError(
-            f"a message for queue {queue_name!r} must be a JSON string, not {type(message.body).__name__}; "
-            "serialise it first (json.dumps(...) or model.model_dump_json())"
+        raise TypeValidationError(  # the original modalkit's words first
+            f"Expected string, got {type(message.body).__name__}: a message for queue {queue_name!r} must be a JSON "
+            "string; serialise it first (json.dumps(...) or model.model_dump_json())"
         )
     return message
 

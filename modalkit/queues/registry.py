@@ -16,13 +16,12 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from modalkit.exceptions import BackendError, QueueError
-from modalkit.queues.base import QueueBackend, as_message, deliver
+from modalkit.exceptions import BackendError
+from modalkit.queues.base import QueueBackend
 from modalkit.queues.local import LocalQueueBackend
 from modalkit.queues.memory import MemoryBackend
 from modalkit.queues.sqs import SQSBackend
@@ -30,7 +29,7 @@ from modalkit.queues.sqs import SQSBackend
 if TYPE_CHECKING:
     from modalkit.settings import QueueConfig
 
-__all__ = ["BackendFactory", "create_backend", "register_backend", "send_response_queue"]
+__all__ = ["BackendFactory", "create_backend", "register_backend"]
 
 #: A registered backend: a class called with keyword arguments, or a factory called with the QueueConfig.
 BackendFactory = type | Callable[["QueueConfig"], QueueBackend]
@@ -131,26 +130,3 @@ def _unknown(name: str) -> BackendError:
         f"app_settings.queue_config.backend: unknown backend {name!r} (known: {known}); "
         "register yours with modalkit.task_queue.register_backend, or inject it with queue_backend=..."
     )
-
-
-def send_response_queue(queue_name: str, queue_message: str) -> bool:
-    """Send one message through the backend the settings configure (the original modalkit's helper).
-
-    Loads the settings the usual way (``MODALKIT_CONFIG`` or ``./modalkit.yaml``). Prefer injecting a backend; this
-    builds one per call.
-
-    Returns:
-        True: the message was sent. Unlike the original, a failure raises instead of returning False.
-
-    Raises:
-        TypeValidationError: ``queue_message`` is not a string.
-        QueueError: the message could not be sent, or ``queue_config.backend`` is ``none``.
-    """
-    as_message(queue_message, queue_name)
-    from modalkit.settings import Settings
-
-    backend = create_backend(Settings.load().app_settings.queue_config)
-    if backend is None:
-        raise QueueError(f"cannot send to queue {queue_name!r}: app_settings.queue_config.backend is 'none'")
-    asyncio.run(deliver(backend, queue_name, [queue_message]))
-    return True

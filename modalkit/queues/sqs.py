@@ -80,9 +80,16 @@ class SQSBackend(BatchQueueBackend):
         **config_keys: ``backend``, ``local_path``, ``broker_url`` and ``allowed_queues`` are accepted and ignored,
             so that ``create_backend("sqs", **queue_config.model_dump())`` works as it did in the original modalkit.
 
+    Attributes:
+        available: True: this backend can send (boto3 is one of modalkit's requirements, so it always starts True).
+            The original modalkit set it False when boto3 was missing; set False, ``send_message`` returns False
+            (the protocol's "not sent") and ``send_batch`` raises :class:`QueueError`.
+
     Raises:
         BackendError: an unknown keyword.
     """
+
+    available: bool = True
 
     def __init__(
         self,
@@ -185,7 +192,16 @@ class SQSBackend(BatchQueueBackend):
                 ) from exc
             raise
 
+    async def send_message(self, queue_name: str, message: str) -> bool:
+        """Send one message; True when sent, False when this backend is not :attr:`available`."""
+        if not self.available:
+            log.warning("SQSBackend is not available; message for queue %r not sent", queue_name)
+            return False
+        return await super().send_message(queue_name, message)
+
     def send_batch(self, queue_name: str, messages: Sequence[str | QueueMessage]) -> int:
+        if not self.available:
+            raise QueueError(f"SQSBackend is not available (available=False); nothing sent to queue {queue_name!r}")
         if not messages:
             return 0
         batch = [as_message(item, queue_name) for item in messages]

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -364,6 +365,56 @@ def test_queue_backend_can_be_injected_through_the_constructor(tmp_path: Path) -
     assert not (tmp_path / "queues").exists()  # the configured local backend was not used
 
 
+def test_a_subclass_init_hands_queue_backend_to_super_init_as_the_original_did(tmp_path: Path) -> None:
+    # the original's docs and tests: a subclass with its own __init__, used outside Modal (tests, scripts)
+    class MyService(ModalService):
+        inference_implementation = SentimentPipeline
+
+        def __init__(self, model_name: str, queue_backend: Any = None) -> None:
+            super().__init__(queue_backend=queue_backend)
+            self.model_name = model_name
+            self.modal_utils = ModalConfig(load_settings(tmp_path))
+
+    backend = MemoryBackend()
+    service = MyService("sentiment", queue_backend=backend)
+    plain = MyService("sentiment")
+
+    assert service.queue_backend is backend
+    assert plain.queue_backend is None
+    service.load_artefacts()
+    [output] = service.process_request([async_(POSITIVE, success_queue="results")])
+    assert output.label == "positive"
+    assert [r["output"]["label"] for r in bodies(backend, "results")] == ["positive"]
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("parameterised", [True, False], ids=["modal.parameter", "plain attribute"])
+def test_modal_accepts_a_subclass_without_its_own_init_and_builds_it_with_no_warning(
+    tmp_path: Path, parameterised: bool
+) -> None:
+    # ModalService takes queue_backend in __init__, yet Modal (which refuses any __init__ on an @app.cls class,
+    # inherited ones included) sees none on its subclasses: both ways Modal builds an instance work
+    modal_config = ModalConfig(load_settings(tmp_path))
+    app = modal.App(name=modal_config.app_name)
+    backend = MemoryBackend()
+    namespace: dict[str, Any] = {
+        "inference_implementation": SentimentPipeline,
+        "modal_utils": modal_config,
+        "queue_backend": backend,
+        "model_name": modal.parameter(default="sentiment") if parameterised else "sentiment",
+        "__annotations__": {"model_name": str, "modal_utils": ModalConfig} if parameterised else {},
+        "__module__": __name__,
+    }
+    service_cls = type("Plain", (ModalService,), namespace)
+
+    cls = app.cls(**modal_config.get_app_cls_settings(), serialized=True)(service_cls)
+
+    assert isinstance(cls, modal.Cls)
+    [output] = cls().process_request.local([async_(POSITIVE, success_queue="results")])
+    assert output.label == "positive"
+    assert [r["output"]["label"] for r in bodies(backend, "results")] == ["positive"]
+
+
 # --- the example model on a shared volume ----------------------------------------------------------------------
 
 
@@ -402,6 +453,14 @@ def test_containers_that_start_together_on_one_volume_both_save_the_weights(
 # --- what apps written for the original modalkit rely on ----------------------------------------------------------
 
 
+def test_the_names_the_original_modal_service_module_offered_still_import_from_it() -> None:
+    from modalkit import fast_api, modal_service, task_queue
+
+    assert modal_service.create_web_endpoints is fast_api.create_web_endpoints
+    assert modal_service.send_response_queue is task_queue.send_response_queue
+    assert {"ModalService", "create_web_endpoints", "send_response_queue"} <= set(modal_service.__all__)
+
+
 def test_load_artefacts_uses_the_instance_modal_utils_over_the_class_one(tmp_path: Path) -> None:
     class Service(ModalService):
         inference_implementation = SentimentPipeline
@@ -432,6 +491,39 @@ def test_an_async_output_carries_the_request_meta_as_the_original_did(tmp_path: 
     assert outputs[1].meta == {}
     assert InferenceOutputModel().meta == {}
     assert "meta" not in outputs[0].model_dump(exclude=OUTPUT_ENVELOPE)  # success records' output leaves it out
+
+
+class CountingReloads(SentimentPipeline):
+    def on_volume_reload(self) -> None:
+        self.reloads = getattr(self, "reloads", 0) + 1
+
+
+def test_volumes_reload_on_their_interval_with_the_original_names_for_the_reload_state(tmp_path: Path) -> None:
+    # the original kept the state in `_reload_interval` and `_last_reload_time` (time.time() seconds); an app may
+    # move the last reload back to force one. No Modal Volume here: the pipeline's hook still runs on the interval
+    class Service(ModalService):
+        inference_implementation = CountingReloads
+        model_name = "sentiment"
+        modal_utils = ModalConfig(load_settings(tmp_path, deployment_config={"volume_reload_interval_seconds": 60}))
+
+    service = Service()
+    service.load_artefacts()
+    pipeline = service.pipeline
+    assert isinstance(pipeline, CountingReloads)
+
+    assert service._reload_interval == 60
+    assert abs(service._last_reload_time - time.time()) < 5
+    service.process_request([sync(POSITIVE)])
+    assert getattr(pipeline, "reloads", 0) == 0  # the interval has not passed
+
+    service._last_reload_time = time.time() - 70
+    [output] = service.process_request([sync(POSITIVE)])
+
+    assert output.label == "positive"
+    assert pipeline.reloads == 1
+    assert abs(service._last_reload_time - time.time()) < 5
+    service.process_request([sync(POSITIVE)])
+    assert pipeline.reloads == 1
 
 
 class GpuGoneBad(SentimentPipeline):
@@ -477,7 +569,8 @@ def test_modal_1_6_refuses_a_custom_constructor_so_a_backend_is_injected_by_keyw
     tmp_path: Path,
 ) -> None:
     # the original's docs show `def __init__(self, queue_backend=None): super().__init__(queue_backend=...)`;
-    # Modal 1.x rejects any __init__ on an @app.cls class, inherited ones included (README: compatibility)
+    # Modal 1.x rejects a subclass's own __init__ on an @app.cls class (README: compatibility); outside Modal it works
+    # (test_a_subclass_init_hands_queue_backend_to_super_init_as_the_original_did)
     modal_config = ModalConfig(load_settings(tmp_path))
     app = modal.App(name=modal_config.app_name)
 

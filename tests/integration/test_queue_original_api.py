@@ -9,7 +9,10 @@ SQS is a real moto_server.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import pytest
 import yaml
 
 from modalkit.batch.job import plan_job, resolve_job_config
-from modalkit.exceptions import BackendError, ConfigError, QueueError, TypeValidationError
+from modalkit.exceptions import BackendError, ConfigError, DependencyError, QueueError, TypeValidationError
 from modalkit.queues import (
     BatchQueueBackend,
     LocalQueueBackend,
@@ -26,11 +29,12 @@ from modalkit.queues import (
     QueueMessage,
     SQSBackend,
     create_backend,
+    deliver,
     register_backend,
     registry,
 )
 from modalkit.settings import QueueConfig, Settings
-from modalkit.task_queue import send_response_queue
+from modalkit.task_queue import CustomRedisExample, TaskIQExample, send_response_queue
 
 
 @pytest.fixture
@@ -81,7 +85,9 @@ def test_every_backend_refuses_a_message_that_is_not_a_string_with_one_clear_non
         lambda: backend.send_batch(name, [QueueMessage(body)]),  # type: ignore[arg-type]
         lambda: asyncio.run(backend.send_message(name, body)),  # type: ignore[arg-type]
     ):
-        with pytest.raises(TypeValidationError, match=rf"queue '{name}' must be a JSON string, not") as raised:
+        with pytest.raises(
+            TypeValidationError, match=rf"Expected string, got .*: a message for queue '{name}'"
+        ) as raised:
             send()
         assert raised.value.retryable is False
         assert isinstance(raised.value, QueueError | TypeError)
@@ -135,6 +141,30 @@ def test_sqs_backend_queue_url_keyword_sends_to_that_queue_without_a_lookup(sqs:
     assert lookups == []
 
 
+def test_sqs_backend_is_available_and_sends_as_the_original_said_when_boto3_was_installed(
+    sqs: Any, queue: tuple[str, str]
+) -> None:
+    name, url = queue
+    backend = SQSBackend()
+
+    assert backend.available is True  # boto3 is one of modalkit's requirements
+    assert asyncio.run(backend.send_message(name, '{"n": 1}')) is True
+    assert received(sqs, url) == ['{"n": 1}']
+
+
+def test_an_sqs_backend_marked_unavailable_sends_nothing_and_says_so(sqs: Any, queue: tuple[str, str]) -> None:
+    name, url = queue
+    backend = SQSBackend()
+    backend.available = False  # the original's switch: this backend cannot send
+
+    assert asyncio.run(backend.send_message(name, '{"n": 1}')) is False  # the protocol's "not sent"
+    with pytest.raises(QueueError, match=rf"SQSBackend is not available.*{name}"):
+        backend.send_batch(name, ['{"n": 2}'])
+    with pytest.raises(QueueError, match="not available"):  # modalkit's own sends never lose it silently
+        asyncio.run(deliver(backend, name, ['{"n": 3}']))
+    assert received(sqs, url) == []
+
+
 class RecordingBackend:
     """A backend class as the original modalkit's docs show one: the async protocol and keyword arguments."""
 
@@ -179,7 +209,8 @@ def test_send_response_queue_sends_through_the_configured_backend_and_returns_tr
 
 
 def test_send_response_queue_refuses_a_message_that_is_not_a_string() -> None:
-    with pytest.raises(TypeValidationError, match="'results' must be a JSON string, not dict"):
+    # the original's words first ("Expected string"), then which queue and how to fix it
+    with pytest.raises(TypeValidationError, match=r"^Expected string, got dict: a message for queue 'results' must be"):
         send_response_queue("results", {"status": "success"})  # type: ignore[arg-type]
 
 
@@ -228,3 +259,46 @@ def test_a_job_asks_any_backend_whether_its_queues_exist_before_writing_anything
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError):
         create_backend(QueueConfig(backend="no-such-backend"))
+
+
+# --- the original's example backends ------------------------------------------------------------------------------
+
+
+def test_importing_task_queue_imports_neither_taskiq_nor_redis() -> None:
+    code = "import sys, modalkit.task_queue as q; q.TaskIQExample, q.CustomRedisExample; print(sorted(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    assert "'taskiq'" not in loaded
+    assert "'redis'" not in loaded
+
+
+def test_the_taskiq_example_without_taskiq_installed_says_which_package_to_install() -> None:
+    if importlib.util.find_spec("taskiq") is not None:
+        pytest.skip("taskiq is installed here")
+
+    with pytest.raises(DependencyError, match=r"TaskIQExample needs taskiq.*pip install taskiq"):
+        TaskIQExample()
+
+
+def test_the_redis_example_without_redis_installed_says_which_package_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+
+    with pytest.raises(DependencyError, match=r"CustomRedisExample needs redis.*pip install redis"):
+        CustomRedisExample()
+
+
+def test_the_redis_example_sends_each_message_to_its_list_as_the_original_did() -> None:
+    # the original's CustomRedisExample, against an in-process Redis (burner-redis, installed with Prefect)
+    burner = pytest.importorskip("burner_redis")
+    example = CustomRedisExample(client=burner.BurnerRedis())
+
+    assert asyncio.run(example.send_message("results", '{"n": 1}')) is True
+    assert asyncio.run(example.send_message("results", '{"n": 2}')) is True
+
+    async def stored() -> list[bytes]:
+        return list(await example.redis.lrange("results", 0, -1))
+
+    assert asyncio.run(stored()) == [b'{"n": 2}', b'{"n": 1}']  # LPUSH: the newest first

@@ -333,10 +333,27 @@ def test_volume_reloader_from_config_reloads_the_configured_volumes_on_their_int
     assert volume.reloads == 1
 
 
-def test_volume_reloader_from_config_is_inert_without_volumes(clock: FakeClock) -> None:
-    reloader = make_config({"volume_reload_interval_seconds": 1}).volume_reloader()
-    clock.now += 3600
+def test_volume_reloader_from_config_ticks_on_its_interval_without_volumes_as_the_original_did(
+    clock: FakeClock,
+) -> None:
+    # the interval asks for a periodic reload: with no Modal Volume (a bucket mount's files change under it) the
+    # pipeline's on_volume_reload still runs on it, as in the original; reloading no volumes does nothing
+    reloader = make_config({"volume_reload_interval_seconds": 60}).volume_reloader()
+    clock.now += 59
     assert reloader.maybe_reload() is False
+    clock.now += 1
+    assert reloader.maybe_reload() is True
+
+
+def test_volume_reloader_last_reload_can_be_moved_back_to_reload_at_once() -> None:
+    clock = FakeClock()
+    reloads: list[float] = []
+    reloader = VolumeReloader(lambda: reloads.append(clock.now), interval=60, clock=clock)
+
+    reloader.last = clock.now - 70  # the original's `service._last_reload_time = time.time() - 70`
+
+    assert reloader.maybe_reload() is True
+    assert (reloads, reloader.last) == ([clock.now], clock.now)
 
 
 def test_volume_reloader_from_config_is_inert_without_an_interval(clock: FakeClock) -> None:
