@@ -71,7 +71,7 @@ def _option_help(field: FieldInfo) -> str:
     summary, _, when_empty = (field.description or "").rstrip(".").partition("; empty = ")
     text = summary + "."
     allowed = describe_allowed(field)
-    if allowed != "a text":
+    if allowed != "a text":  # a plain text (a field or queue name) has nothing more to say
         text += f" Allowed: {allowed}"
         example = job_parameter(field).example
         text += f", e.g. {example}." if example else "."
