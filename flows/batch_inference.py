@@ -18,9 +18,11 @@ deployment started it, ``deployment:<name>``.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import time
 from collections import deque
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import (
@@ -40,14 +42,32 @@ from modalkit.batch.progress import JobProgress, report
 from modalkit.exceptions import JobFailed, StorageError, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
 from modalkit.runners import ChunkRunner, RunnerFactory, open_runner
-from modalkit.settings import JobConfig, Settings
+from modalkit.settings import JobConfig, Settings, parameter_help, run_parameters
 from tasks.finalize import finalize
 from tasks.plan import claim_output, committed_chunks, plan_chunks
 from tasks.run_chunk import run_chunk
 
 PROGRESS_EVERY_SECONDS = 1.0
+P = ParamSpec("P")
+R = TypeVar("R")
 
-__all__ = ["JobFailed", "batch_inference", "build_batch_flow"]  # JobFailed lives in modalkit.exceptions
+__all__ = [
+    "JobFailed",
+    "batch_inference",
+    "build_batch_flow",
+    "describe_run_parameters",
+]  # JobFailed lives in modalkit.exceptions
+
+
+def describe_run_parameters(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` with each job parameter it takes described in its docstring's ``Args`` as declared on ``JobConfig``
+    (:func:`~modalkit.settings.parameter_help`): Prefect shows these descriptions beside the parameters."""
+    taken = inspect.signature(fn).parameters
+    lines = [f"    {name}: {parameter_help(field)}" for name, field in run_parameters().items() if name in taken]
+    head, args, rest = inspect.cleandoc(fn.__doc__ or "").partition("Args:\n")
+    entries, blank, tail = rest.partition("\n\n")
+    fn.__doc__ = head + (args or "\n\nArgs:\n") + "\n".join([*filter(None, [entries]), *lines]) + blank + tail
+    return fn
 
 
 def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., dict[str, Any]]:
@@ -59,6 +79,7 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
     """
 
     @flow(name="batch-inference", log_prints=False)
+    @describe_run_parameters
     def batch_inference(
         input_uri: str,
         output_uri: str,
@@ -76,10 +97,17 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
     ) -> dict[str, Any]:
         """Score every record under ``input_uri`` into ``output_uri``.
 
-        Parameters left empty take their value from ``app_settings.job_config`` (``config`` names the YAML layers,
-        comma-separated; default: ``MODALKIT_CONFIG`` or ``./modalkit.yaml``). ``chunk_size`` is a size in bytes
-        of input per chunk, e.g. ``"64MiB"``. ``{date}`` or ``{date:%Y/%m/%d}`` in either URI is the night the run
-        reads: the UTC date of the flow run's scheduled start, or ``date`` (``YYYY-MM-DD``) for a backfill.
+        Args:
+            input_uri: The dataset: s3://bucket/prefix/, file:///dir or a local path; may hold {date}.
+            output_uri: Where the part files, the failures and the manifest go; may hold {date}.
+            model_name: The model in model_settings.model_entries. Default: model_settings.default_model.
+            config: The YAML settings layers, comma-separated. Default: MODALKIT_CONFIG or ./modalkit.yaml.
+            date: The night {date} stands for (YYYY-MM-DD), for a backfill. Default: the run's scheduled date (UTC).
+
+        The job parameters (``backend``, ``chunk_size``, ...) are described in ``Args`` as declared on ``JobConfig``
+        (:func:`describe_run_parameters`); left empty, each takes its value from ``app_settings.job_config``.
+        ``{date}`` or ``{date:%Y/%m/%d}`` in either URI is the night the run reads: the UTC date of the flow run's
+        scheduled start, or ``date`` (``YYYY-MM-DD``) for a backfill.
 
         Returns:
             The summary: job_id, records, succeeded, failed, chunks, chunks_skipped, seconds, records_per_s,

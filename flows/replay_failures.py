@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from prefect import Flow, flow, get_run_logger
 
-from flows.batch_inference import batch_inference
+from flows.batch_inference import batch_inference, describe_run_parameters
 from tasks.replay import collect
 
 __all__ = ["build_replay_flow", "replay_failures"]
@@ -22,6 +22,7 @@ def build_replay_flow(batch_flow: Flow[..., dict[str, Any]] = batch_inference) -
     """The ``replay-failures`` flow, running the replay as ``batch_flow`` (default: ``batch_inference``)."""
 
     @flow(name="replay-failures", log_prints=False)
+    @describe_run_parameters
     def replay_failures(
         job_output_uri: str,
         output_uri: str,
@@ -36,6 +37,13 @@ def build_replay_flow(batch_flow: Flow[..., dict[str, Any]] = batch_inference) -
         config: str | None = None,
     ) -> dict[str, Any]:
         """Replay the failures of the job at ``job_output_uri`` into ``output_uri``.
+
+        Args:
+            job_output_uri: The output of the finished job whose failures are replayed.
+            output_uri: Where the replay's results go (a new job).
+            stages: Replay only the failures of these stages (parse, validate, preprocess, predict, postprocess).
+            model_name: The model in model_settings.model_entries. Default: the one the first job used.
+            config: The YAML settings layers, comma-separated. Default: MODALKIT_CONFIG or ./modalkit.yaml.
 
         ``stages`` limits the replay to failures of those stages (e.g. ``["predict"]``). The model defaults to the one
         the first job used. Returns the new job's summary plus ``source_job_id``, ``replayed`` and ``not_replayable``.

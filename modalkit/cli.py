@@ -27,14 +27,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ByteSize
-from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from modalkit.settings import job_parameter, run_parameters
-from modalkit.settings_errors import describe_allowed
+from modalkit.settings import job_parameter, parameter_help, run_parameters
 
 __all__ = ["app", "main"]
 
@@ -63,22 +60,7 @@ OPTION_NAMES = {name: "--" + name.replace("_", "-") for name in run_parameters()
 def _job_option(name: str) -> Any:
     """The option of the run parameter ``name``: its name, metavar and help come from the declaration."""
     field = run_parameters()[name]
-    return typer.Option(OPTION_NAMES[name], metavar=job_parameter(field).metavar, help=_option_help(field))
-
-
-def _option_help(field: FieldInfo) -> str:
-    """The declared description, what is allowed, an example, and the default (``job_config``'s)."""
-    summary, _, when_empty = (field.description or "").rstrip(".").partition("; empty = ")
-    text = summary + "."
-    allowed = describe_allowed(field)
-    if allowed != "a text":
-        text += f" Allowed: {allowed}"
-        example = job_parameter(field).example
-        text += f", e.g. {example}." if example else "."
-    default = field.default
-    if isinstance(default, ByteSize):
-        default = default.human_readable(decimal=False).replace(".0", "")
-    return f"{text} Default: job_config ({when_empty if default is None else default})."
+    return typer.Option(OPTION_NAMES[name], metavar=job_parameter(field).metavar, help=parameter_help(field))
 
 
 class Interrupted(BaseException):

@@ -39,7 +39,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from modalkit.exceptions import ConfigError
-from modalkit.settings_errors import explain
+from modalkit.settings_errors import describe_allowed, explain
 from modalkit.settings_sources import ENV_PREFIX, SourceChain, config_files_from_env, rename_legacy_keys
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "Volume",
     "config_files_from_env",
     "job_parameter",
+    "parameter_help",
     "run_parameters",
 ]
 
@@ -393,6 +394,27 @@ def job_parameter(field: FieldInfo) -> JobParameter:
 
 
 _SETTINGS_ONLY = JobParameter()
+
+
+def parameter_help(field: FieldInfo) -> str:
+    """A job parameter in one line, for ``modalkit batch --help`` and the flows' parameter descriptions: the declared
+    description, what is allowed, an example, and the default (``job_config``'s).
+
+    Example:
+        >>> parameter_help(JobConfig.model_fields["output_format"])
+        'Format of the part files. Allowed: one of jsonl, parquet. Default: job_config (jsonl).'
+    """
+    summary, _, when_empty = (field.description or "").rstrip(".").partition("; empty = ")
+    text = summary + "."
+    allowed = describe_allowed(field)
+    if allowed != "a text":  # a plain text (a field or queue name) has nothing more to say
+        text += f" Allowed: {allowed}"
+        example = job_parameter(field).example
+        text += f", e.g. {example}." if example else "."
+    default = field.default
+    if isinstance(default, ByteSize):
+        default = default.human_readable(decimal=False).replace(".0", "")
+    return f"{text} Default: job_config ({when_empty if default is None else default})."
 
 
 def run_parameters() -> dict[str, FieldInfo]:

@@ -3,14 +3,14 @@
 Sources, highest precedence first: keyword arguments, ``MODALKIT_`` environment variables, ``.env`` (the
 environment written down, so it ranks as one), then the YAML layers (``MODALKIT_CONFIG=a.yaml,b.yaml`` or
 ``./modalkit.yaml``; later files win, mappings merged key by key by pydantic-settings' own
-``YamlConfigSettingsSource`` with ``deep_merge``). The sources are merged key
-by key too. Each source's keys are first renamed from the original modalkit's names (``concurrency_limit`` ->
-``max_containers``...), so an old name in one layer merges with a new one in the next instead of both reaching
-validation. Each YAML key remembers the file it came from, for error messages.
+``YamlConfigSettingsSource`` with ``deep_merge``). The sources are merged key by key too
+(:meth:`SourceChain.values`). Each source's keys are first renamed from the original modalkit's names
+(``concurrency_limit`` -> ``max_containers``...), so an old name in one layer merges with a new one in the next
+instead of both reaching validation. Each YAML key remembers the file it came from, for error messages.
 
 One :class:`SourceChain` per load holds the files it reads and what it learns on the way (where each key came
-from, which keys were given under an old name); it is handed to each source, so loads share no state, across
-threads included.
+from, which keys were given under an old name); it is handed to each source and merges them, so loads share no
+state, across threads included.
 """
 
 from __future__ import annotations

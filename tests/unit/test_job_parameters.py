@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 from modalkit.batch.job import plan_job, resolve_job_config
 from modalkit.batch.planning import job_id_for, list_dataset
 from modalkit.iomodel import JobSpec
-from modalkit.settings import BatchConfig, JobConfig, Settings, run_parameters
+from modalkit.settings import BatchConfig, JobConfig, Settings, parameter_help, run_parameters
 from modalkit.settings_errors import describe_allowed
 
 #: Flow parameters that are not job_config fields (the contract list in the architecture notes, plus config and date).
@@ -211,3 +211,17 @@ def test_the_demos_parameters_are_the_batch_flows(tmp_path: Path) -> None:
     overrides = {name: value for name, value in params.items() if name in run_parameters()}
     config = resolve_job_config(Settings.load(params["config"]), **overrides)  # within the declared bounds
     assert {name: getattr(config, name) for name in overrides} == overrides
+
+
+@pytest.mark.parametrize("flow_name", ["batch_inference", "replay_failures"])
+def test_prefect_describes_each_flow_parameter_and_the_run_parameters_as_declared(flow_name: str) -> None:
+    import flows.batch_inference
+    import flows.replay_failures
+
+    module = flows.batch_inference if flow_name == "batch_inference" else flows.replay_failures
+    properties = getattr(module, flow_name).parameters.model_dump()["properties"]
+
+    assert all(schema.get("description") for schema in properties.values()), properties
+    for name, field in run_parameters().items():
+        if name in properties:
+            assert properties[name]["description"] == parameter_help(field), name
