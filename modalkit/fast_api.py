@@ -33,6 +33,7 @@ from modalkit.iomodel import (
     describe_validation_error,
 )
 from modalkit.runners.batcher import Overloaded, TimedOut
+from modalkit.runners.online import RETRY_AFTER_S, DeviceBroken, UnavailableOutput, error_body, http_status
 
 __all__ = ["ApiKeyAuth", "BodyLimit", "HttpMetrics", "create_app", "create_web_endpoints", "outcome_body"]
 
@@ -196,12 +197,10 @@ class _QueueNotAllowed(Exception):
 
 
 def outcome_body(output: InferenceOutputModel) -> dict[str, Any]:
-    """The JSON of an output: its fields on success; ``status``, ``stage``, ``error_type``, ``error`` on failure."""
-    failure = getattr(output, "failure", None)
+    """The JSON of an output: its fields on success; the error body (``status``, ``stage``, ``error_type``,
+    ``error``) on failure."""
     if output.status == "error":
-        if failure is not None:
-            return {"status": "error", "stage": failure.stage, "error_type": failure.error_type, "error": failure.error}
-        return {"status": "error", "stage": None, "error_type": "PipelineError", "error": output.error}
+        return error_body(output)
     return output.model_dump(mode="json", exclude_none=False)
 
 
@@ -215,7 +214,7 @@ def create_app(
     *,
     batch_fn: Callable[[str, list[BaseModel]], Awaitable[list[InferenceOutputModel]]] | None = None,
     job_fn: Callable[[str], Awaitable[JobStatus]] | None = None,
-    health_fn: Callable[[], bool] | None = None,
+    health_fn: Callable[[], bool | Exception] | None = None,
     default_model: str = "",
     allowed_queues: Sequence[str] | None = None,
     max_body_bytes: int = 16 * 1024 * 1024,
@@ -234,7 +233,8 @@ def create_app(
         async_fn: ``await async_fn(model_name, AsyncInputModel)`` -> ``AsyncOutputModel``.
         batch_fn: ``await batch_fn(model_name, records)`` -> one output per record; default: ``sync_fn`` per record.
         job_fn: ``await job_fn(job_id)`` -> ``JobStatus``.
-        health_fn: True when the model is loaded; ``/health`` answers 503 until then.
+        health_fn: True when the model is loaded; ``/health`` answers 503 until then, and 503 with the error's body
+            when it returns an exception (a broken device).
         default_model: The model when ``?model_name=`` is absent.
         allowed_queues: Queues an async request may name (others: 403).
         max_body_bytes: Larger bodies get 413.
@@ -253,8 +253,8 @@ def create_app(
         if sync_fn is None:
             return JSONResponse({"error": "this app serves no synchronous calls"}, status_code=404)
         output = await sync_fn(model_name or default_model, message)
-        body = outcome_body(output)
-        return JSONResponse(body, status_code=422 if body.get("status") == "error" else 200)
+        status, headers = http_status(output)
+        return JSONResponse(outcome_body(output), status_code=status, headers=headers)
 
     items_schema = {"type": "array", "items": {"$ref": f"#/components/schemas/{input_model.__name__}"}}
 
@@ -281,6 +281,9 @@ def create_app(
         else:
             return JSONResponse({"error": "this app serves no synchronous calls"}, status_code=404)
         for (i, _), output in zip(valid, outputs, strict=True):
+            if isinstance(output, UnavailableOutput):  # no item's fault: the whole call is answered 503 or 500
+                status, headers = http_status(output)
+                return JSONResponse(error_body(output), status_code=status, headers=headers)
             answers[i] = outcome_body(output)
         return JSONResponse(answers)
 
@@ -301,8 +304,13 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Any:
-        ok = health_fn() if health_fn is not None else True
-        return JSONResponse({"status": "ok" if ok else "loading"}, status_code=200 if ok else 503)
+        state = health_fn() if health_fn is not None else True
+        if isinstance(state, Exception):  # e.g. a broken device
+            return JSONResponse(
+                {"status": "error", "stage": None, "error_type": type(state).__name__, "error": str(state)},
+                status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+            )  # fmt: skip
+        return JSONResponse({"status": "ok" if state else "loading"}, status_code=200 if state else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -329,6 +337,10 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         return error(503, "Overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(DeviceBroken)
+    async def device_broken(request: Request, exc: DeviceBroken) -> JSONResponse:
+        return error(503, "DeviceBroken", str(exc), {"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(TimedOut)
     async def timed_out(request: Request, exc: TimedOut) -> JSONResponse:
@@ -445,7 +457,7 @@ def serve_app(settings: Any, model_name: str | None = None) -> FastAPI:
         async_fn=service.submit_async,
         batch_fn=service.batch,
         job_fn=service.job,
-        health_fn=lambda: service.ready,
+        health_fn=service.health,
         default_model=service.default_model,
         allowed_queues=app_settings.queue_config.allowed_queues,
         max_body_bytes=int(app_settings.batch_config.max_body_bytes),

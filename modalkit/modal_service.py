@@ -32,15 +32,7 @@ from pydantic import BaseModel
 
 from modalkit.exceptions import DeviceError, QueueError
 from modalkit.fast_api import create_web_endpoints  # the original modalkit's docs import it from here
-from modalkit.inference_pipeline import (
-    FailedOutput,
-    InferencePipeline,
-    RecordError,
-    as_output,
-    async_result,
-    load_pipeline,
-    run_isolated,
-)
+from modalkit.inference_pipeline import FailedOutput, InferencePipeline, load_pipeline
 from modalkit.iomodel import (
     AsyncInputModel,
     AsyncOutputModel,
@@ -49,6 +41,7 @@ from modalkit.iomodel import (
 )
 from modalkit.modal_config import ModalConfig, VolumeReloader
 from modalkit.queues import QueueBackend, create_backend, deliver_sync
+from modalkit.runners.online import async_record, run_requests
 from modalkit.settings import BatchConfig
 
 __all__ = ["BatchWorker", "FailedOutput", "ModalService", "create_web_endpoints", "replace_container"]
@@ -133,26 +126,17 @@ class ModalService:
     def _process_request(
         self, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
     ) -> list[InferenceOutputModel]:
-        """Run a batch of requests; each gets its own output, ``status="error"`` for those that failed.
+        """Run a batch of requests through the online core (:mod:`modalkit.runners.online`, as ``modalkit serve``
+        does); each gets its own output, ``status="error"`` for those that failed.
 
         Async requests also get a record on their success or failure queue; a record that cannot be delivered
         turns that request's output into an error saying so (it is never dropped silently). A broken device fails
-        the whole batch with its error and has Modal replace the container.
+        the whole batch (503) and has Modal replace the container.
         """
         self._reload_volumes_if_needed()
-        messages = [item.message for item in input_list]
-        outcomes: list[Any]
-        try:
-            outcomes = run_isolated(self._model_inference_instance, messages)
-        except DeviceError as exc:
-            log.error("the device is broken; failing %d requests and leaving this container: %s", len(messages), exc)
-            cause = exc.__cause__ or exc
-            outcomes = [RecordError(exc.stage, type(cause).__name__, str(exc))] * len(messages)
-            replace_container()
-        except Exception as exc:  # no record caused it (out of memory, a lost connection): each request says so
-            log.exception("batch of %d requests failed", len(messages))
-            outcomes = [RecordError.from_exception("predict", exc)] * len(messages)
-        outputs = [as_output(outcome) for outcome in outcomes]
+        outputs = run_requests(
+            self._model_inference_instance, [item.message for item in input_list], lambda _: replace_container()
+        )
         for idx, (item, output) in enumerate(zip(input_list, outputs, strict=True)):
             if isinstance(item, AsyncInputModel):
                 output.meta = dict(item.meta)
@@ -181,12 +165,16 @@ class ModalService:
     ) -> None:
         """Send one async result to its success or failure queue (skipped when that queue is not named).
 
+        The job id is the Modal function call's id (``"local"`` outside a container); the record id is
+        ``meta["record_id"]``, else the job id (:func:`~modalkit.runners.online.async_record`). Modal 1.x tells a
+        batched method only the first call id of its batch: async requests that Modal batched together share it,
+        so give each a ``meta.record_id`` when records must be told apart.
+
         Raises:
             QueueError: the record could not be delivered.
         """
         job_id = modal.current_function_call_id() or "local"
-        record_id = str(input_data.meta.get("record_id", f"{job_id}:{message_idx}"))
-        queue, body = async_result(job_id, record_id, raw_output_data, input_data)
+        queue, body = async_record(job_id, raw_output_data, input_data)
         if not queue:
             return
         backend = self._queue_backend()

@@ -175,3 +175,16 @@ class ServeProbe(PoisonAwareSentiment):
     def postprocess(self, input_list: list[Any], raw_output: dict[str, Any]) -> list[Any]:
         scored = super().postprocess(input_list, raw_output)
         return [_Echoed(echo=r.text, label=s.label) for r, s in zip(input_list, scored, strict=True)]
+
+
+class FailsInPredict(ServeProbe):
+    """``ServeProbe`` whose predict raises what ``PROBE_RAISE`` names, whatever the record: ``cuda`` (the device is
+    broken) or ``connection`` (a service the model calls is unreachable). Neither is the record's fault."""
+
+    def predict(self, input_list: list[Any], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        kind = os.environ.get("PROBE_RAISE")
+        if kind == "cuda":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if kind == "connection":
+            raise ConnectionError("the feature store refused the connection")
+        return super().predict(input_list, preprocessed_data)

@@ -24,11 +24,12 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
-from modalkit.exceptions import QueueError
-from modalkit.inference_pipeline import InferencePipeline, as_output, async_result, load_pipeline, run_isolated
+from modalkit.exceptions import DeviceError, QueueError
+from modalkit.inference_pipeline import InferencePipeline, load_pipeline
 from modalkit.iomodel import AsyncInputModel, AsyncOutputModel, InferenceOutputModel, JobStatus
 from modalkit.queues import QueueBackend, QueueMessage, create_backend, deliver
 from modalkit.runners.batcher import DynamicBatcher
+from modalkit.runners.online import DeviceBroken, async_record, run_requests
 from modalkit.settings import Settings
 
 __all__ = ["JobStore", "LocalService"]
@@ -125,6 +126,8 @@ class LocalService:
         self._backend: QueueBackend | None = create_backend(queue_config)
         self._job_tasks: set[asyncio.Task[None]] = set()
         self.ready = False
+        #: why the device is broken (the server then answers 503 to everything); None while it works
+        self.broken: str | None = None
 
     # --- models -----------------------------------------------------------------------------------------------
 
@@ -140,7 +143,7 @@ class LocalService:
                 pipeline = load_pipeline(self.settings, name)
                 batch = self.settings.app_settings.batch_config
                 batcher = DynamicBatcher(
-                    _runner(pipeline), batch.max_batch_size, batch.wait_ms, batch.max_pending,
+                    self._runner(pipeline), batch.max_batch_size, batch.wait_ms, batch.max_pending,
                     batch.request_timeout_s, self.on_batch,
                 )  # fmt: skip
                 found = (pipeline, batcher)
@@ -168,18 +171,42 @@ class LocalService:
         """Requests waiting for a pipeline, over every model."""
         return sum(batcher.pending for _, batcher in self._models.values())
 
+    def _runner(self, pipeline: InferencePipeline) -> Callable[[list[Any]], list[InferenceOutputModel]]:
+        """A batch of records -> one output each, through the online core (errors as values)."""
+
+        def run(records: list[Any]) -> list[InferenceOutputModel]:
+            return run_requests(pipeline, records, self._device_broke)
+
+        return run
+
+    def _device_broke(self, exc: DeviceError) -> None:
+        log.error("the device is broken: /health answers 503 and so does every request until a restart")
+        self.broken = str(exc)
+
+    def health(self) -> bool | Exception:
+        """True when the default model is loaded and the device works; the reason otherwise."""
+        if self.broken is not None:
+            return DeviceBroken(self.broken)
+        return self.ready
+
     # --- requests ---------------------------------------------------------------------------------------------
 
     async def sync(self, model_name: str, record: BaseModel) -> InferenceOutputModel:
+        if self.broken is not None:
+            raise DeviceBroken(self.broken)
         outcome: InferenceOutputModel = await self.load(model_name).submit(record)
         return outcome
 
     async def batch(self, model_name: str, records: list[BaseModel]) -> list[InferenceOutputModel]:
+        if self.broken is not None:
+            raise DeviceBroken(self.broken)
         batcher = self.load(model_name)
         return list(await asyncio.gather(*(batcher.submit(r) for r in records)))
 
     async def submit_async(self, model_name: str, request: AsyncInputModel[Any]) -> AsyncOutputModel:
         """Accept an async job: durable once this returns; it runs in the background."""
+        if self.broken is not None:
+            raise DeviceBroken(self.broken)
         self.load(model_name)  # an unknown model fails the request now, not the job later
         job_id = self.jobs.add(model_name or self.default_model, request.model_dump_json().encode())
         self._spawn(job_id, model_name or self.default_model, request)
@@ -215,8 +242,7 @@ class LocalService:
         self.jobs.set(job_id, "running")
         try:
             output = await self.load(model).submit(request.message)
-            record_id = str(request.meta.get("record_id", job_id))
-            queue, body = async_result(job_id, record_id, output, request)
+            queue, body = async_record(job_id, output, request)
             if queue:
                 if self._backend is None:
                     raise QueueError(f"the job names queue {queue!r} but queue_config.backend is none")
@@ -247,12 +273,3 @@ class LocalService:
                 close = getattr(self._backend, "close", None)
                 if callable(close):
                     close()
-
-
-def _runner(pipeline: InferencePipeline) -> Callable[[list[Any]], list[InferenceOutputModel]]:
-    """A batch of records -> one output each (errors as values: a bad record fails only its own request)."""
-
-    def run(records: list[Any]) -> list[InferenceOutputModel]:
-        return [as_output(outcome) for outcome in run_isolated(pipeline, records)]
-
-    return run

@@ -472,3 +472,121 @@ def test_workers_2_serves_from_two_processes_runs_unfinished_jobs_once_and_stops
     assert sum(again.batches()) == 4 + 32 * 4  # each job ran once, in one process only, and each call once
     assert code == 0
     assert again.group() == []  # no worker outlives the server
+
+
+# --- one online core: modalkit serve and Modal answer alike ----------------------------------------------------------
+
+DEVICE_BROKEN = {
+    "status": "error",
+    "stage": "predict",
+    "error_type": "RuntimeError",
+    "error": "predict failed on a broken device: RuntimeError: CUDA error: an illegal memory access was encountered",
+}
+CONNECTION_LOST = {
+    "status": "error",
+    "stage": "predict",
+    "error_type": "ConnectionError",
+    "error": "the feature store refused the connection",
+}
+
+
+class _StandInProcessRequest:
+    """``process_request`` of the deployed class as the web function calls it (``.remote.aio``): here it runs the
+    request in-process, in a batch of one, through a real ``ModalService`` instance."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.remote = self
+
+    async def aio(self, request: Any) -> Any:
+        (output,) = self.service.process_request([request])
+        return output
+
+
+def modal_web_app_through_an_in_process_stand_in(config: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``create_web_endpoints`` over a ``ModalService`` subclass run in this process (nothing reaches Modal)."""
+    import modal.experimental
+    from pipelines import _Echoed, _EchoIn
+
+    from modalkit.modal_config import ModalConfig
+    from modalkit.modal_service import ModalService, create_web_endpoints
+    from modalkit.settings import Settings
+
+    monkeypatch.setattr(modal.experimental, "stop_fetching_inputs", lambda: None)  # outside a container it raises
+    config_of_the_app = ModalConfig(Settings.load(config))
+
+    class Probe(ModalService):
+        model_name = "sentiment"
+        modal_utils = config_of_the_app
+
+    service = Probe()
+    service.load_artefacts()
+
+    class StandInCls:
+        modal_utils = config_of_the_app
+
+        def __init__(self, model_name: str) -> None:
+            self.process_request = _StandInProcessRequest(service)
+
+    return create_web_endpoints(app_cls=StandInCls, input_model=_EchoIn, output_model=_Echoed)
+
+
+def call_in_process(app: Any, path: str, body: Any) -> httpx.Response:
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://modal") as client:
+            return await client.post(path, json=body)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"), [("cuda", DEVICE_BROKEN), ("connection", CONNECTION_LOST)], ids=["cuda", "connection"]
+)
+def test_a_device_or_connection_error_is_503_alike_from_modalkit_serve_and_the_in_process_modal_stand_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, expected: dict[str, Any]
+) -> None:
+    config = write_config(tmp_path, pipeline="pipelines:FailsInPredict")
+    srv = Server(tmp_path, config, {"PROBE_RAISE": kind}).start()
+    try:
+        served = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+    finally:
+        srv.stop()
+    monkeypatch.setenv("PROBE_RAISE", kind)
+    on_modal = call_in_process(modal_web_app_through_an_in_process_stand_in(config, monkeypatch), "/predict_sync",
+                               {"text": "great"})  # fmt: skip
+
+    for reply in (served, on_modal):
+        assert (reply.status_code, reply.json()) == (503, expected)  # not 422: the record is not at fault
+        assert int(reply.headers["retry-after"]) >= 1
+    assert "Traceback" not in srv.stderr.read_text()
+
+
+def test_a_broken_device_makes_modalkit_serve_unhealthy_and_every_later_request_503(tmp_path: Path) -> None:
+    config = write_config(tmp_path, pipeline="pipelines:FailsInPredict")
+    srv = Server(tmp_path, config, {"PROBE_RAISE": "cuda"}).start()
+    try:
+        first = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+        health = httpx.get(f"{srv.url}/health")
+        later = httpx.post(f"{srv.url}/predict_batch", json=[{"text": "fine"}])
+        job = httpx.post(f"{srv.url}/predict_async", json={"message": {"text": "fine"}})
+    finally:
+        srv.stop()
+    assert first.status_code == 503
+    assert health.status_code == 503
+    assert health.json()["error_type"] == "DeviceBroken"
+    for reply in (later, job):
+        assert reply.status_code == 503
+        assert reply.json()["error_type"] == "DeviceBroken"
+        assert int(reply.headers["retry-after"]) >= 1
+
+
+def test_a_connection_error_leaves_modalkit_serve_healthy(tmp_path: Path) -> None:
+    config = write_config(tmp_path, pipeline="pipelines:FailsInPredict")
+    srv = Server(tmp_path, config, {"PROBE_RAISE": "connection"}).start()
+    try:
+        first = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+        health = httpx.get(f"{srv.url}/health")
+    finally:
+        srv.stop()
+    assert first.status_code == 503
+    assert health.status_code == 200
