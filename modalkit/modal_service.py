@@ -41,6 +41,7 @@ from modalkit.iomodel import (
 )
 from modalkit.modal_config import ModalConfig, VolumeReloader
 from modalkit.queues import QueueBackend, create_backend, deliver_sync
+from modalkit.runners import modal_client
 from modalkit.runners.online import async_record, run_requests
 from modalkit.settings import BatchConfig
 
@@ -184,30 +185,20 @@ class ModalService:
 
     @staticmethod
     def sync_call(cls: Any) -> Callable[[str, BaseModel], Awaitable[InferenceOutputModel]]:
-        """A function that runs one request on the deployed class and waits for its output.
+        """A function that runs one request on the deployed class and waits for its output
+        (:func:`modalkit.runners.modal_client.sync_call`).
 
         Example:
             >>> sync_fn = ModalService.sync_call(MyApp)  # doctest: +SKIP
             >>> await sync_fn("sentiment", TextIn(text="great"))  # doctest: +SKIP
         """
-
-        async def fn(model_name: str, input_data: BaseModel) -> InferenceOutputModel:
-            request = SyncInputModel[Any](message=input_data)
-            result: InferenceOutputModel = await cls(model_name=model_name).process_request.remote.aio(request)
-            return result
-
-        return fn
+        return modal_client.sync_call(cls)
 
     @staticmethod
     def async_call(cls: Any) -> Callable[[str, BaseModel], Awaitable[AsyncOutputModel]]:
-        """A function that spawns one async request on the deployed class and returns its job id at once."""
-
-        async def fn(model_name: str, input_data: BaseModel) -> AsyncOutputModel:
-            request = input_data if isinstance(input_data, AsyncInputModel) else AsyncInputModel(message=input_data)
-            call = await cls(model_name=model_name).process_request.spawn.aio(request)
-            return AsyncOutputModel(job_id=call.object_id)
-
-        return fn
+        """A function that spawns one async request on the deployed class and returns its job id at once
+        (:func:`modalkit.runners.modal_client.async_call`)."""
+        return modal_client.async_call(cls)
 
 
 def replace_container() -> None:

@@ -29,7 +29,7 @@ from modalkit.inference_pipeline import InferencePipeline, load_pipeline
 from modalkit.iomodel import AsyncInputModel, AsyncOutputModel, InferenceOutputModel, JobStatus
 from modalkit.queues import QueueBackend, QueueMessage, create_backend, deliver
 from modalkit.runners.batcher import DynamicBatcher
-from modalkit.runners.online import DeviceBroken, async_record, run_requests
+from modalkit.runners.online import DeviceBroken, UnknownJob, async_record, run_requests
 from modalkit.settings import Settings
 
 __all__ = ["JobStore", "LocalService"]
@@ -75,12 +75,21 @@ class JobStore:
                              (status, body, error, time.time(), job_id))  # fmt: skip
 
     def get(self, job_id: str) -> JobStatus:
+        """The job's state and its request's meta.
+
+        Raises:
+            UnknownJob: no job with this id was accepted here.
+        """
         with self._lock:
-            row = self._db.execute("SELECT status, result, error FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT status, result, error, request FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
         if row is None:
-            return JobStatus(job_id=job_id, status="unknown", error="no job with this id")
-        status, result, error = row
-        return JobStatus(job_id=job_id, status=status, result=orjson.loads(result) if result else None, error=error)
+            raise UnknownJob(job_id)
+        status, result, error, request = row
+        meta = orjson.loads(request).get("meta") or {}
+        return JobStatus(job_id=job_id, status=status, result=orjson.loads(result) if result else None, error=error,
+                         meta=meta)  # fmt: skip
 
     def take_resume_lock(self) -> bool:
         """True for the one process (of those sharing this file) that resumes unfinished jobs; held until exit."""
@@ -157,10 +166,21 @@ class LocalService:
     def output_model(self) -> type[BaseModel]:
         return self._pipeline_class().require_schemas()[1]
 
-    def _pipeline_class(self) -> type[InferencePipeline]:
+    def input_models(self) -> dict[str, type[BaseModel]]:
+        """Each model entry's input schema, by name (entries that name a pipeline declaring one): the body of a
+        request for ``?model_name=NAME`` is validated against NAME's own."""
+        found: dict[str, type[BaseModel]] = {}
+        for name, entry in self.settings.model_settings.model_entries.items():
+            if entry.pipeline is not None:
+                declared = self._pipeline_class(name).input_model
+                if declared is not None:
+                    found[name] = declared
+        return found
+
+    def _pipeline_class(self, model_name: str | None = None) -> type[InferencePipeline]:
         from modalkit.inference_pipeline import import_pipeline
 
-        name, entry = self.settings.model_settings.entry(self.default_model)
+        name, entry = self.settings.model_settings.entry(model_name or self.default_model)
         if entry.pipeline is None:
             from modalkit.exceptions import ConfigError
 
@@ -213,6 +233,7 @@ class LocalService:
         return AsyncOutputModel(job_id=job_id)
 
     async def job(self, job_id: str) -> JobStatus:
+        """The job's state (raises UnknownJob for an id never issued here)."""
         return self.jobs.get(job_id)
 
     def resume_jobs(self) -> int:

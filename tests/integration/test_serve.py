@@ -162,7 +162,7 @@ def test_batch_call_answers_each_item_in_order_and_fails_only_the_bad_ones(serve
 def test_bad_bodies_get_422_with_the_field_errors_and_oversized_ones_413_before_they_are_read(server: Server) -> None:
     missing = httpx.post(f"{server.url}/predict_sync", json={"txt": "x"})
     assert missing.status_code == 422
-    assert missing.json()["detail"][0]["loc"] == ["body", "text"]
+    assert (missing.json()["stage"], missing.json()["error"]) == ("validate", "field 'text': Field required")
     not_json = httpx.post(
         f"{server.url}/predict_sync", content=b"not json", headers={"content-type": "application/json"}
     )
@@ -336,7 +336,7 @@ def test_an_async_job_lands_on_its_queue_with_its_meta_and_its_status_says_so(se
     assert status["result"]["echo"] == "great"
     (message,) = queued(tmp_path, "ok")
     assert (message["job_id"], message["status"], message["meta"]) == (job_id, "success", {"ticket": 7})
-    assert httpx.get(f"{server.url}/jobs/nope").json()["status"] == "unknown"
+    assert httpx.get(f"{server.url}/jobs/nope").status_code == 404  # an id never issued
 
 
 def test_an_async_job_accepted_before_a_crash_runs_once_after_a_restart(tmp_path: Path) -> None:
@@ -590,3 +590,105 @@ def test_a_connection_error_leaves_modalkit_serve_healthy(tmp_path: Path) -> Non
         srv.stop()
     assert first.status_code == 503
     assert health.status_code == 200
+
+
+# --- each model entry validates against its own schema ----------------------------------------------------------------
+
+
+def test_model_name_validates_the_body_against_that_models_own_schema(tmp_path: Path) -> None:
+    config = config_for(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["model_settings"]["model_entries"]["flat"] = {"pipeline": "pipelines:FlatRate"}
+    config.write_text(yaml.safe_dump(data))
+    srv = Server(tmp_path, config).start()
+    both = {"text": "great", "amount": 10, "currency": "USD"}  # valid for both schemas
+    try:
+        flat = httpx.post(f"{srv.url}/predict_sync?model_name=flat", json=both)
+        default = httpx.post(f"{srv.url}/predict_sync", json=both)
+        only_default = httpx.post(f"{srv.url}/predict_sync?model_name=flat", json={"text": "great"})
+        batch = httpx.post(f"{srv.url}/predict_batch?model_name=flat", json=[both, {"text": "great"}])
+        job = httpx.post(f"{srv.url}/predict_async?model_name=flat", json={"message": {"text": "great"}})
+        schema = httpx.get(f"{srv.url}/openapi.json").json()
+    finally:
+        srv.stop()
+    assert (flat.status_code, flat.json()["euros"]) == (200, 5.0)
+    assert (default.status_code, default.json()["echo"]) == (200, "great")
+    assert only_default.status_code == 422
+    assert only_default.json()["stage"] == "validate"
+    assert "field 'amount': Field required" in only_default.json()["error"]
+    assert [a["status"] for a in batch.json()] == ["success", "error"]
+    assert "field 'amount'" in batch.json()[1]["error"]
+    assert job.status_code == 422
+    assert "field 'message.amount': Field required" in job.json()["error"]
+    assert {"_EchoIn", "_Amount"} <= set(schema["components"]["schemas"])  # OpenAPI shows each model's schema
+    body = schema["paths"]["/predict_sync"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"#/components/schemas/_EchoIn", "#/components/schemas/_Amount"} == {s["$ref"] for s in body["oneOf"]}
+
+
+# --- one error body --------------------------------------------------------------------------------------------------
+
+
+def test_every_error_has_the_one_error_body(server: Server) -> None:
+    missing = httpx.post(f"{server.url}/predict_sync", json={"txt": "x"})
+    not_json = httpx.post(
+        f"{server.url}/predict_sync", content=b"not json", headers={"content-type": "application/json"}
+    )
+    not_utf8 = httpx.post(f"{server.url}/predict_sync", content=b'{"text": "\xff\xfe"}',
+                          headers={"content-type": "application/json"})  # fmt: skip
+    bad_async = httpx.post(f"{server.url}/predict_async", json={"message": {"text": "x"}, "surprise": 1})
+    not_a_list = httpx.post(f"{server.url}/predict_batch", json={"text": "x"})
+    no_route = httpx.get(f"{server.url}/nowhere")
+    assert (missing.status_code, missing.json()) == (422, {
+        "status": "error", "stage": "validate", "error_type": "ValidationError", "error": "field 'text': Field required"
+    })  # fmt: skip
+    for reply in (not_json, not_utf8):
+        assert reply.status_code == 422
+        assert (reply.json()["status"], reply.json()["stage"], reply.json()["error_type"]) == (
+            "error", "parse", "JSONDecodeError",
+        )  # fmt: skip
+    assert (bad_async.status_code, bad_async.json()["stage"]) == (422, "validate")
+    assert "field 'surprise'" in bad_async.json()["error"]
+    assert (not_a_list.status_code, not_a_list.json()["stage"]) == (422, "validate")
+    assert (no_route.status_code, no_route.json()["error_type"]) == (404, "NotFound")
+    for reply in (missing, not_json, not_utf8, bad_async, not_a_list, no_route):
+        assert set(reply.json()) == {"status", "stage", "error_type", "error"}, reply.json()
+
+
+# --- open routes -----------------------------------------------------------------------------------------------------
+
+
+def test_with_an_api_key_only_health_is_open_unless_open_routes_opens_more(tmp_path: Path) -> None:
+    guarded = ("/metrics", "/docs", "/redoc", "/openapi.json")
+    config = config_for(tmp_path, auth_config={"api_key": "s3cret-key"})
+    srv = Server(tmp_path, config).start()
+    try:
+        without = {path: httpx.get(f"{srv.url}{path}").status_code for path in ("/health", *guarded)}
+        keyed = {path: httpx.get(f"{srv.url}{path}", headers={"x-api-key": "s3cret-key"}).status_code
+                 for path in guarded}  # fmt: skip
+    finally:
+        srv.stop()
+    assert without == {"/health": 200, **dict.fromkeys(guarded, 401)}
+    assert keyed == dict.fromkeys(guarded, 200)
+
+    config = config_for(tmp_path, auth_config={"api_key": "s3cret-key", "open_routes": ["/health", "/metrics"]})
+    srv = Server(tmp_path, config).start()
+    try:
+        opened = {path: httpx.get(f"{srv.url}{path}").status_code for path in ("/health", *guarded)}
+        predict = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+    finally:
+        srv.stop()
+    assert opened == {"/health": 200, "/metrics": 200, "/docs": 401, "/redoc": 401, "/openapi.json": 401}
+    assert predict.status_code == 401
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------------
+
+
+def test_a_jobs_status_carries_its_meta_and_an_id_never_issued_is_404(server: Server) -> None:
+    reply = httpx.post(f"{server.url}/predict_async", json={"message": {"text": "great"}, "meta": {"ticket": 7}})
+    status = wait_job(server.url, reply.json()["job_id"])
+    unknown = httpx.get(f"{server.url}/jobs/never-issued")
+    assert (status["status"], status["meta"]) == ("success", {"ticket": 7})
+    assert unknown.status_code == 404
+    assert unknown.json() == {"status": "error", "stage": None, "error_type": "UnknownJob",
+                              "error": "no job with id 'never-issued'"}  # fmt: skip
