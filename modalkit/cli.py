@@ -404,8 +404,9 @@ def serve(
         os.environ["MODALKIT_SERVE_MODEL"] = model or ""
         if config:
             os.environ["MODALKIT_CONFIG"] = config
-        uvicorn.run("modalkit.serve_app:serve_app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning", timeout_graceful_shutdown=30)  # fmt: skip
+        from modalkit.serve_app import serve_workers
+
+        serve_workers(host, port, workers)
     else:
         from modalkit.serve_app import serve_app
 

@@ -19,7 +19,7 @@ from modalkit.fast_api import HttpMetrics, api_key_dependency, create_app
 from modalkit.runners.serving import LocalService
 from modalkit.settings import Settings
 
-__all__ = ["serve_app", "serve_app_from_env"]
+__all__ = ["serve_app", "serve_app_from_env", "serve_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +84,28 @@ def serve_app_from_env() -> FastAPI:
     """``serve_app`` for each process of ``modalkit serve --workers N`` (uvicorn's factory): the settings the usual
     way (``MODALKIT_CONFIG``), the default model from ``MODALKIT_SERVE_MODEL``."""
     return serve_app(Settings.load(), os.environ.get("MODALKIT_SERVE_MODEL") or None)
+
+
+def serve_workers(host: str, port: int, workers: int) -> None:
+    """Run ``workers`` server processes (``serve_app_from_env`` in each) until SIGTERM or Ctrl-C, and return only
+    once every process this started is gone.
+
+    uvicorn joins its workers, but multiprocessing's resource tracker (a child of this process too, started with
+    them) exits only when it sees this process's end of its pipe close, which is at exit: it would outlive the
+    server by a moment. It is stopped (and waited for) here instead.
+    """
+    import uvicorn
+
+    try:
+        uvicorn.run("modalkit.serve_app:serve_app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning", timeout_graceful_shutdown=30)  # fmt: skip
+    finally:
+        _stop_resource_tracker()
+
+
+def _stop_resource_tracker() -> None:
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)  # CPython's own way to close and reap it
+    if callable(stop):
+        stop()
