@@ -520,14 +520,17 @@ def modal_web_app_through_an_in_process_stand_in(config: Path, monkeypatch: pyte
         model_name = "sentiment"
         modal_utils = config_of_the_app
 
-    service = Probe()
-    service.load_artefacts()
+    services: dict[str, Probe] = {}
 
-    class StandInCls:
+    class StandInCls:  # StandInCls(model_name=...).process_request.remote.aio(request), as on a modal.Cls
         modal_utils = config_of_the_app
 
         def __init__(self, model_name: str) -> None:
-            self.process_request = _StandInProcessRequest(service)
+            if model_name not in services:
+                services[model_name] = Probe()
+                services[model_name].model_name = model_name
+                services[model_name].load_artefacts()
+            self.process_request = _StandInProcessRequest(services[model_name])
 
     return create_web_endpoints(app_cls=StandInCls, input_model=_EchoIn, output_model=_Echoed)
 
@@ -535,6 +538,8 @@ def modal_web_app_through_an_in_process_stand_in(config: Path, monkeypatch: pyte
 def call_in_process(app: Any, path: str, body: Any) -> httpx.Response:
     async def main() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://modal") as client:
+            if body is None:
+                return await client.get(path)
             return await client.post(path, json=body)
 
     return asyncio.run(main())
@@ -693,3 +698,25 @@ def test_a_jobs_status_carries_its_meta_and_an_id_never_issued_is_404(server: Se
     assert unknown.status_code == 404
     assert unknown.json() == {"status": "error", "stage": None, "error_type": "UnknownJob",
                               "error": "no job with id 'never-issued'"}  # fmt: skip
+
+
+def test_model_name_validates_against_that_models_own_schema_through_the_in_process_modal_stand_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = config_for(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["model_settings"]["model_entries"]["flat"] = {"pipeline": "pipelines:FlatRate"}
+    config.write_text(yaml.safe_dump(data))
+    web = modal_web_app_through_an_in_process_stand_in(config, monkeypatch)
+    both = {"text": "great", "amount": 10, "currency": "USD"}
+
+    flat = call_in_process(web, "/predict_sync?model_name=flat", both)
+    default = call_in_process(web, "/predict_sync", both)
+    only_default = call_in_process(web, "/predict_sync?model_name=flat", {"text": "great"})
+    schemas = call_in_process(web, "/openapi.json", None).json()["components"]["schemas"]
+
+    assert (flat.status_code, flat.json()["euros"]) == (200, 5.0)
+    assert (default.status_code, default.json()["echo"]) == (200, "great")
+    assert (only_default.status_code, only_default.json()["stage"]) == (422, "validate")
+    assert "field 'amount': Field required" in only_default.json()["error"]
+    assert {"_EchoIn", "_Amount"} <= set(schemas)
