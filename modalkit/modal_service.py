@@ -86,13 +86,7 @@ class ModalService:
             else {"max_batch_size": defaults.max_batch_size, "wait_ms": defaults.wait_ms}
         )
 
-        def process_request(
-            self: ModalService, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
-        ) -> list[InferenceOutputModel]:
-            return self._process_request(input_list)
-
-        process_request.__qualname__ = f"{cls.__qualname__}.process_request"
-        process_request.__doc__ = ModalService._process_request.__doc__
+        process_request = _own_copy(ModalService.process_request, cls)
         cls.process_request = modal.batched(**batching)(process_request)  # type: ignore[method-assign,assignment]
 
     @modal.enter()
@@ -151,7 +145,10 @@ class ModalService:
     def process_request(
         self, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
     ) -> list[InferenceOutputModel]:
-        """Process a batch of requests (each subclass gets this as its ``@modal.batched`` method)."""
+        """Process a batch of requests: one output per request, in order (``_process_request`` does the work).
+
+        Each subclass gets a copy of this as its ``@modal.batched`` method, named as its own.
+        """
         return self._process_request(input_list)
 
     def _queue_backend(self) -> QueueBackend | None:
@@ -199,6 +196,19 @@ class ModalService:
         """A function that spawns one async request on the deployed class and returns its job id at once
         (:func:`modalkit.runners.modal_client.async_call`)."""
         return modal_client.async_call(cls)
+
+
+def _own_copy(method: Callable[..., Any], cls: type) -> Callable[..., Any]:
+    """``method`` as a function of ``cls``'s own (its ``__qualname__``), for Modal to register on that class."""
+    import types
+
+    copy = types.FunctionType(method.__code__, method.__globals__, method.__name__, method.__defaults__,
+                              method.__closure__)  # fmt: skip
+    copy.__qualname__ = f"{cls.__qualname__}.{method.__name__}"
+    copy.__doc__ = method.__doc__
+    copy.__annotations__ = dict(method.__annotations__)
+    copy.__module__ = method.__module__
+    return copy
 
 
 def replace_container() -> None:
