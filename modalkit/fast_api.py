@@ -65,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SyncFn = Callable[[str, BaseModel], Awaitable[InferenceOutputModel]]
+SyncFn = Callable[[str, BaseModel], Awaitable[InferenceOutputModel | Mapping[str, Any]]]
 AsyncFn = Callable[[str, Any], Awaitable[AsyncOutputModel]]
 
 
@@ -366,7 +366,7 @@ def create_app(
         output_model: The output schema.
         dependencies: App-wide FastAPI dependencies.
         router_dependency: A dependency on every route but ``open_routes`` (the API-key check).
-        sync_fn: ``await sync_fn(model_name, record)`` -> the output.
+        sync_fn: ``await sync_fn(model_name, record)`` -> the output (a plain dict is answered as it is).
         async_fn: ``await async_fn(model_name, AsyncInputModel)`` -> ``AsyncOutputModel``.
         batch_fn: ``await batch_fn(model_name, records)`` -> one output per record; default: ``sync_fn`` per record.
         job_fn: ``await job_fn(job_id)`` -> ``JobStatus``; raises :class:`~modalkit.runners.online.UnknownJob`
@@ -406,6 +406,8 @@ def create_app(
         name = model_name or default_model
         message = _parse(schemas.record(name), await request.body())
         output = await sync_fn(name, message)
+        if isinstance(output, Mapping):  # a plain dict, passed through as the original modalkit did
+            return JSONResponse(dict(output))
         status, headers = http_status(output)
         return JSONResponse(outcome_body(output), status_code=status, headers=headers)
 
@@ -440,7 +442,7 @@ def create_app(
             if isinstance(output, UnavailableOutput):  # no item's fault: the whole call is answered 503 or 500
                 status, headers = http_status(output)
                 return JSONResponse(error_body(output), status_code=status, headers=headers)
-            answers[i] = outcome_body(output)
+            answers[i] = dict(output) if isinstance(output, Mapping) else outcome_body(output)
         return JSONResponse(answers)
 
     @app.post("/predict_async", dependencies=guard("/predict_async"), response_model=AsyncOutputModel,
