@@ -432,6 +432,7 @@ def create_app(
                 answers[i] = {"status": "error", "stage": "validate", "error_type": "ValidationError",
                               "error": describe_validation_error(exc)}  # fmt: skip
         messages = [record for _, record in valid]
+        outputs: Sequence[InferenceOutputModel | Mapping[str, Any]]
         if batch_fn is not None:
             outputs = await batch_fn(name, messages)
         elif sync_fn is not None:
