@@ -5,7 +5,9 @@ Async jobs: ``POST /predict_async`` writes the job to a SQLite file (``<queue_co
 and answers its id; a background task runs queued jobs through the model's batcher and sends each result to the
 request's success or failure queue with the job id as the message's dedup id, then marks the job done. A job
 accepted before a crash (queued, or running when the process died) runs again when the server starts; a result
-already sent before the crash is not delivered twice (the queue backend drops a repeated dedup id).
+already sent before the crash is not delivered twice (the queue backend drops a repeated dedup id). A job the
+device broke under (or that was still waiting when it broke) stays queued, with no record sent: the next start runs
+it.
 """
 
 from __future__ import annotations
@@ -260,9 +262,15 @@ class LocalService:
         task.add_done_callback(self._job_tasks.discard)
 
     async def _run_job(self, job_id: str, model: str, request: AsyncInputModel[Any]) -> None:
+        if self.broken is not None:
+            return  # it stays queued: the next start, on a working device, runs it
         self.jobs.set(job_id, "running")
         try:
             output = await self.load(model).submit(request.message)
+            if self.broken is not None:  # the device broke under this job: not the record's fault, nothing is sent
+                log.error("async job %s stays queued: the device is broken; a restart runs it", job_id)
+                self.jobs.set(job_id, "queued")
+                return
             queue, body = async_record(job_id, output, request)
             if queue:
                 if self._backend is None:

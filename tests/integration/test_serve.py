@@ -720,3 +720,28 @@ def test_model_name_validates_against_that_models_own_schema_through_the_in_proc
     assert (only_default.status_code, only_default.json()["stage"]) == (422, "validate")
     assert "field 'amount': Field required" in only_default.json()["error"]
     assert {"_EchoIn", "_Amount"} <= set(schemas)
+
+
+def test_an_async_job_caught_by_a_broken_device_stays_queued_and_runs_once_after_a_restart(tmp_path: Path) -> None:
+    config = config_for(tmp_path, queue_config={"allowed_queues": ["ok", "bad"]})
+    config.write_text(config.read_text().replace("pipelines:ServeProbe", "pipelines:FailsInPredict"))
+    broken = Server(tmp_path, config, {"PROBE_RAISE": "cuda"}).start()
+    try:
+        reply = httpx.post(f"{broken.url}/predict_async", json={"message": {"text": "great"}, "success_queue": "ok",
+                                                                "failure_queue": "bad"})  # fmt: skip
+        job_id = reply.json()["job_id"]
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{broken.url}/health").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = httpx.get(f"{broken.url}/jobs/{job_id}").json()["status"]
+    finally:
+        broken.stop()
+    assert status == "queued"  # the record was not at fault: no failure record, the job waits for a working device
+    assert queued(tmp_path, "bad") == []
+
+    again = Server(tmp_path, config).start()  # a working device
+    try:
+        assert wait_job(again.url, job_id)["status"] == "success"
+    finally:
+        again.stop()
+    assert [m["job_id"] for m in queued(tmp_path, "ok")] == [job_id]
