@@ -86,3 +86,12 @@ def test_an_async_record_id_is_meta_record_id_else_the_job_id() -> None:
     without = AsyncInputModel[In](message=In(x=1), success_queue="ok")
     assert async_record("job-1", output, with_id)[1]["record_id"] == "7"
     assert async_record("job-1", output, without)[1]["record_id"] == "job-1"
+
+
+def test_open_routes_default_to_health_and_a_path_without_its_slash_is_refused_naming_the_key() -> None:
+    from modalkit.exceptions import ConfigError
+    from modalkit.settings import Settings
+
+    assert Settings.load(data={}).app_settings.auth_config.open_routes == ["/health"]
+    with pytest.raises(ConfigError, match=r"app_settings\.auth_config\.open_routes"):
+        Settings.load(data={"app_settings": {"auth_config": {"open_routes": ["metrics"]}}})
