@@ -381,10 +381,11 @@ def serve(
         os.environ["MODALKIT_SERVE_MODEL"] = model or ""
         if config:
             os.environ["MODALKIT_CONFIG"] = config
-        uvicorn.run("modalkit.fast_api:serve_app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning", timeout_graceful_shutdown=30)  # fmt: skip
+        from modalkit.serve_app import serve_workers
+
+        serve_workers(host, port, workers)
     else:
-        from modalkit.fast_api import serve_app
+        from modalkit.serve_app import serve_app
 
         try:
             app_ = serve_app(settings, model)

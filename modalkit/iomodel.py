@@ -319,6 +319,7 @@ class JobStatus(BaseModel):
     status: Literal["queued", "running", "success", "error", "unknown"]
     result: dict[str, Any] | None = None
     error: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict, description="The async request's meta, as it was sent.")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

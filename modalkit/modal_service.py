@@ -33,15 +33,7 @@ from pydantic import BaseModel
 
 from modalkit.exceptions import DeviceError, QueueError
 from modalkit.fast_api import create_web_endpoints  # the original modalkit's docs import it from here
-from modalkit.inference_pipeline import (
-    FailedOutput,
-    InferencePipeline,
-    RecordError,
-    as_output,
-    async_result,
-    load_pipeline,
-    run_isolated,
-)
+from modalkit.inference_pipeline import FailedOutput, InferencePipeline, load_pipeline
 from modalkit.iomodel import (
     AsyncInputModel,
     AsyncOutputModel,
@@ -50,6 +42,8 @@ from modalkit.iomodel import (
 )
 from modalkit.modal_config import ModalConfig, VolumeReloader
 from modalkit.queues import QueueBackend, create_backend, deliver_sync
+from modalkit.runners import modal_client
+from modalkit.runners.online import async_record, run_requests
 from modalkit.settings import BatchConfig
 from modalkit.task_queue import send_response_queue  # the original modalkit's module offered it here
 
@@ -127,13 +121,7 @@ class ModalService:
             else {"max_batch_size": defaults.max_batch_size, "wait_ms": defaults.wait_ms}
         )
 
-        def process_request(
-            self: ModalService, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
-        ) -> list[InferenceOutputModel]:
-            return self._process_request(input_list)
-
-        process_request.__qualname__ = f"{cls.__qualname__}.process_request"
-        process_request.__doc__ = ModalService._process_request.__doc__
+        process_request = _own_copy(ModalService.process_request, cls)
         cls.process_request = modal.batched(**batching)(process_request)  # type: ignore[method-assign,assignment]
 
     @modal.enter()
@@ -184,26 +172,17 @@ class ModalService:
     def _process_request(
         self, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
     ) -> list[InferenceOutputModel]:
-        """Run a batch of requests; each gets its own output, ``status="error"`` for those that failed.
+        """Run a batch of requests through the online core (:mod:`modalkit.runners.online`, as ``modalkit serve``
+        does); each gets its own output, ``status="error"`` for those that failed.
 
         Async requests also get a record on their success or failure queue; a record that cannot be delivered
         turns that request's output into an error saying so (it is never dropped silently). A broken device fails
-        the whole batch with its error and has Modal replace the container.
+        the whole batch (503) and has Modal replace the container.
         """
         self._reload_volumes_if_needed()
-        messages = [item.message for item in input_list]
-        outcomes: list[Any]
-        try:
-            outcomes = run_isolated(self._model_inference_instance, messages)
-        except DeviceError as exc:
-            log.error("the device is broken; failing %d requests and leaving this container: %s", len(messages), exc)
-            cause = exc.__cause__ or exc
-            outcomes = [RecordError(exc.stage, type(cause).__name__, str(exc))] * len(messages)
-            replace_container()
-        except Exception as exc:  # no record caused it (out of memory, a lost connection): each request says so
-            log.exception("batch of %d requests failed", len(messages))
-            outcomes = [RecordError.from_exception("predict", exc)] * len(messages)
-        outputs = [as_output(outcome) for outcome in outcomes]
+        outputs = run_requests(
+            self._model_inference_instance, [item.message for item in input_list], lambda _: replace_container()
+        )
         for idx, (item, output) in enumerate(zip(input_list, outputs, strict=True)):
             if isinstance(item, AsyncInputModel):
                 output.meta = dict(item.meta)
@@ -217,7 +196,10 @@ class ModalService:
     def process_request(
         self, input_list: list[SyncInputModel[Any] | AsyncInputModel[Any]]
     ) -> list[InferenceOutputModel]:
-        """Process a batch of requests (each subclass gets this as its ``@modal.batched`` method)."""
+        """Process a batch of requests: one output per request, in order (``_process_request`` does the work).
+
+        Each subclass gets a copy of this as its ``@modal.batched`` method, named as its own.
+        """
         return self._process_request(input_list)
 
     def _queue_backend(self) -> QueueBackend | None:
@@ -232,12 +214,16 @@ class ModalService:
     ) -> None:
         """Send one async result to its success or failure queue (skipped when that queue is not named).
 
+        The job id is the Modal function call's id (``"local"`` outside a container); the record id is
+        ``meta["record_id"]``, else the job id (:func:`~modalkit.runners.online.async_record`). Modal 1.x tells a
+        batched method only the first call id of its batch: async requests that Modal batched together share it,
+        so give each a ``meta.record_id`` when records must be told apart.
+
         Raises:
             QueueError: the record could not be delivered.
         """
         job_id = modal.current_function_call_id() or "local"
-        record_id = str(input_data.meta.get("record_id", f"{job_id}:{message_idx}"))
-        queue, body = async_result(job_id, record_id, raw_output_data, input_data)
+        queue, body = async_record(job_id, raw_output_data, input_data)
         if not queue:
             return
         backend = self._queue_backend()
@@ -247,30 +233,33 @@ class ModalService:
 
     @staticmethod
     def sync_call(cls: Any) -> Callable[[str, BaseModel], Awaitable[InferenceOutputModel]]:
-        """A function that runs one request on the deployed class and waits for its output.
+        """A function that runs one request on the deployed class and waits for its output
+        (:func:`modalkit.runners.modal_client.sync_call`).
 
         Example:
             >>> sync_fn = ModalService.sync_call(MyApp)  # doctest: +SKIP
             >>> await sync_fn("sentiment", TextIn(text="great"))  # doctest: +SKIP
         """
-
-        async def fn(model_name: str, input_data: BaseModel) -> InferenceOutputModel:
-            request = SyncInputModel[Any](message=input_data)
-            result: InferenceOutputModel = await cls(model_name=model_name).process_request.remote.aio(request)
-            return result
-
-        return fn
+        return modal_client.sync_call(cls)
 
     @staticmethod
     def async_call(cls: Any) -> Callable[[str, BaseModel], Awaitable[AsyncOutputModel]]:
-        """A function that spawns one async request on the deployed class and returns its job id at once."""
+        """A function that spawns one async request on the deployed class and returns its job id at once
+        (:func:`modalkit.runners.modal_client.async_call`)."""
+        return modal_client.async_call(cls)
 
-        async def fn(model_name: str, input_data: BaseModel) -> AsyncOutputModel:
-            request = input_data if isinstance(input_data, AsyncInputModel) else AsyncInputModel(message=input_data)
-            call = await cls(model_name=model_name).process_request.spawn.aio(request)
-            return AsyncOutputModel(job_id=call.object_id)
 
-        return fn
+def _own_copy(method: Callable[..., Any], cls: type) -> Callable[..., Any]:
+    """``method`` as a function of ``cls``'s own (its ``__qualname__``), for Modal to register on that class."""
+    import types
+
+    copy = types.FunctionType(method.__code__, method.__globals__, method.__name__, method.__defaults__,
+                              method.__closure__)  # fmt: skip
+    copy.__qualname__ = f"{cls.__qualname__}.{method.__name__}"
+    copy.__doc__ = method.__doc__
+    copy.__annotations__ = dict(method.__annotations__)
+    copy.__module__ = method.__module__
+    return copy
 
 
 def replace_container() -> None:

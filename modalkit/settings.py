@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -308,6 +309,12 @@ class AuthConfig(_Strict):
     auth_header: str = Field("x-api-key", pattern=r"^[A-Za-z0-9-]+$", description="Header that carries the key.")
     ssm_refresh_seconds: float = Field(
         300.0, ge=1, le=86_400, description="How often the SSM key is read again; the previous key stays valid as long."
+    )
+    open_routes: list[Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9_./{}-]*$")]] = Field(
+        default_factory=lambda: ["/health"],
+        max_length=32,
+        description="Paths answered without the key when a key is set (e.g. `/metrics` for a Prometheus scraper; "
+        "`/docs` with `/openapi.json` to browse the API); every other route needs it.",
     )
 
     @model_validator(mode="after")

@@ -175,3 +175,41 @@ class ServeProbe(PoisonAwareSentiment):
     def postprocess(self, input_list: list[Any], raw_output: dict[str, Any]) -> list[Any]:
         scored = super().postprocess(input_list, raw_output)
         return [_Echoed(echo=r.text, label=s.label) for r, s in zip(input_list, scored, strict=True)]
+
+
+class FailsInPredict(ServeProbe):
+    """``ServeProbe`` whose predict raises what ``PROBE_RAISE`` names, whatever the record: ``cuda`` (the device is
+    broken) or ``connection`` (a service the model calls is unreachable). Neither is the record's fault."""
+
+    def predict(self, input_list: list[Any], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        kind = os.environ.get("PROBE_RAISE")
+        if kind == "cuda":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if kind == "connection":
+            raise ConnectionError("the feature store refused the connection")
+        return super().predict(input_list, preprocessed_data)
+
+
+class _Amount(BaseModel):
+    amount: float
+    currency: str
+
+
+class _Converted(InferenceOutputModel):
+    euros: float
+
+
+class FlatRate(InferencePipeline):
+    """A second model with a schema of its own (``amount``, ``currency``): converts an amount to euros."""
+
+    input_model = _Amount
+    output_model = _Converted
+
+    def preprocess(self, input_list: list[_Amount]) -> dict[str, Any]:
+        return {}
+
+    def predict(self, input_list: list[_Amount], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        return {"euros": [i.amount * (1.0 if i.currency == "EUR" else 0.5) for i in input_list]}
+
+    def postprocess(self, input_list: list[_Amount], raw_output: dict[str, Any]) -> list[Any]:
+        return [_Converted(euros=e) for e in raw_output["euros"]]

@@ -1,21 +1,44 @@
 """The Modal client: the one seam where modalkit calls deployed Modal functions.
 
-:class:`ModalChunkClient` looks the deployed batch worker class up by name (``modal.Cls.from_name``, lazily: no
-network until the first chunk) and calls ``process_chunk.remote`` with a chunk *reference*; the container reads
+Batch: :class:`ModalChunkClient` looks the deployed batch worker class up by name (``modal.Cls.from_name``, lazily:
+no network until the first chunk) and calls ``process_chunk.remote`` with a chunk *reference*; the container reads
 and writes the data itself. Modal's errors become modalkit's (:func:`~modalkit.exceptions.modal_errors`). Tests
 give ``cls_lookup`` an in-process stand-in with the same call surface.
+
+Online: :func:`sync_call` and :func:`async_call` send one request to the deployed model class's ``process_request``
+(``.remote.aio``, ``.spawn.aio``); :func:`job_status` looks a spawned call up by its id (``GET /jobs/{id}``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pydantic import BaseModel
+
 from modalkit.exceptions import modal_errors
-from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
+from modalkit.iomodel import (
+    AsyncInputModel,
+    AsyncOutputModel,
+    ChunkResult,
+    ChunkSpec,
+    InferenceOutputModel,
+    JobSpec,
+    JobStatus,
+    SyncInputModel,
+)
+from modalkit.runners.online import UnknownJob
 from modalkit.settings import Settings
 
-__all__ = ["BATCH_WORKER_CLASS", "DEFAULT_MODAL_SLOTS", "ModalChunkClient", "ModalRunner"]
+__all__ = [
+    "BATCH_WORKER_CLASS",
+    "DEFAULT_MODAL_SLOTS",
+    "ModalChunkClient",
+    "ModalRunner",
+    "async_call",
+    "job_status",
+    "sync_call",
+]
 
 BATCH_WORKER_CLASS = "BatchWorker"
 #: Chunks in flight on Modal when neither job_config.concurrency nor deployment_config.max_containers says.
@@ -89,3 +112,55 @@ class ModalRunner:
     def cancel(self) -> None:
         # a call in flight finishes (or is retried) on Modal's side; its chunk commits or is redone by the rerun
         self.client.close()
+
+
+# --- online: the deployed model class (ModalService) -----------------------------------------------------------------
+
+
+def sync_call(cls: Any) -> Callable[[str, BaseModel], Awaitable[InferenceOutputModel]]:
+    """A function that runs one request on the deployed class ``cls`` and waits for its output."""
+
+    async def fn(model_name: str, input_data: BaseModel) -> InferenceOutputModel:
+        request = SyncInputModel[Any](message=input_data)
+        result: InferenceOutputModel = await cls(model_name=model_name).process_request.remote.aio(request)
+        return result
+
+    return fn
+
+
+def async_call(cls: Any) -> Callable[[str, BaseModel], Awaitable[AsyncOutputModel]]:
+    """A function that spawns one async request on the deployed class ``cls`` and returns its job id at once."""
+
+    async def fn(model_name: str, input_data: BaseModel) -> AsyncOutputModel:
+        request = input_data if isinstance(input_data, AsyncInputModel) else AsyncInputModel(message=input_data)
+        call = await cls(model_name=model_name).process_request.spawn.aio(request)
+        return AsyncOutputModel(job_id=call.object_id)
+
+    return fn
+
+
+async def job_status(job_id: str, from_id: Callable[[str], Any] | None = None) -> JobStatus:
+    """The state of the spawned call ``job_id`` (``modal.FunctionCall.from_id``, or a stand-in).
+
+    Raises:
+        UnknownJob: Modal knows no call with this id, or the id is not one.
+    """
+    import modal.exception
+
+    if from_id is None:
+        from_id = modal.FunctionCall.from_id
+    try:
+        call = from_id(job_id)
+        result = await call.get.aio(timeout=0)
+    except modal.exception.OutputExpiredError:  # a TimeoutError too: caught first
+        return JobStatus(job_id=job_id, status="error", error="the job's result has expired")
+    except TimeoutError:
+        return JobStatus(job_id=job_id, status="running")
+    except (modal.exception.NotFoundError, modal.exception.InvalidError) as exc:
+        raise UnknownJob(job_id) from exc
+    output = result[0] if isinstance(result, list) and result else result
+    meta = dict(getattr(output, "meta", None) or {})
+    if isinstance(output, InferenceOutputModel) and output.status == "error":
+        return JobStatus(job_id=job_id, status="error", error=output.error, meta=meta)
+    body = output.model_dump(mode="json") if isinstance(output, BaseModel) else output
+    return JobStatus(job_id=job_id, status="success", result=body, meta=meta)

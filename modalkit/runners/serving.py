@@ -5,7 +5,9 @@ Async jobs: ``POST /predict_async`` writes the job to a SQLite file (``<queue_co
 and answers its id; a background task runs queued jobs through the model's batcher and sends each result to the
 request's success or failure queue with the job id as the message's dedup id, then marks the job done. A job
 accepted before a crash (queued, or running when the process died) runs again when the server starts; a result
-already sent before the crash is not delivered twice (the queue backend drops a repeated dedup id).
+already sent before the crash is not delivered twice (the queue backend drops a repeated dedup id). A job the
+device broke under (or that was still waiting when it broke) stays queued, with no record sent: the next start runs
+it.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
-from modalkit.exceptions import QueueError
-from modalkit.inference_pipeline import InferencePipeline, as_output, async_result, load_pipeline, run_isolated
+from modalkit.exceptions import DeviceError, QueueError
+from modalkit.inference_pipeline import InferencePipeline, load_pipeline
 from modalkit.iomodel import AsyncInputModel, AsyncOutputModel, InferenceOutputModel, JobStatus
 from modalkit.queues import QueueBackend, QueueMessage, create_backend, deliver
 from modalkit.runners.batcher import DynamicBatcher
+from modalkit.runners.online import DeviceBroken, UnknownJob, async_record, run_requests
 from modalkit.settings import Settings
 
 __all__ = ["JobStore", "LocalService"]
@@ -74,12 +77,21 @@ class JobStore:
                              (status, body, error, time.time(), job_id))  # fmt: skip
 
     def get(self, job_id: str) -> JobStatus:
+        """The job's state and its request's meta.
+
+        Raises:
+            UnknownJob: no job with this id was accepted here.
+        """
         with self._lock:
-            row = self._db.execute("SELECT status, result, error FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT status, result, error, request FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
         if row is None:
-            return JobStatus(job_id=job_id, status="unknown", error="no job with this id")
-        status, result, error = row
-        return JobStatus(job_id=job_id, status=status, result=orjson.loads(result) if result else None, error=error)
+            raise UnknownJob(job_id)
+        status, result, error, request = row
+        meta = orjson.loads(request).get("meta") or {}
+        return JobStatus(job_id=job_id, status=status, result=orjson.loads(result) if result else None, error=error,
+                         meta=meta)  # fmt: skip
 
     def take_resume_lock(self) -> bool:
         """True for the one process (of those sharing this file) that resumes unfinished jobs; held until exit."""
@@ -125,6 +137,8 @@ class LocalService:
         self._backend: QueueBackend | None = create_backend(queue_config)
         self._job_tasks: set[asyncio.Task[None]] = set()
         self.ready = False
+        #: why the device is broken (the server then answers 503 to everything); None while it works
+        self.broken: str | None = None
 
     # --- models -----------------------------------------------------------------------------------------------
 
@@ -140,7 +154,7 @@ class LocalService:
                 pipeline = load_pipeline(self.settings, name)
                 batch = self.settings.app_settings.batch_config
                 batcher = DynamicBatcher(
-                    _runner(pipeline), batch.max_batch_size, batch.wait_ms, batch.max_pending,
+                    self._runner(pipeline), batch.max_batch_size, batch.wait_ms, batch.max_pending,
                     batch.request_timeout_s, self.on_batch,
                 )  # fmt: skip
                 found = (pipeline, batcher)
@@ -154,10 +168,21 @@ class LocalService:
     def output_model(self) -> type[BaseModel]:
         return self._pipeline_class().require_schemas()[1]
 
-    def _pipeline_class(self) -> type[InferencePipeline]:
+    def input_models(self) -> dict[str, type[BaseModel]]:
+        """Each model entry's input schema, by name (entries that name a pipeline declaring one): the body of a
+        request for ``?model_name=NAME`` is validated against NAME's own."""
+        found: dict[str, type[BaseModel]] = {}
+        for name, entry in self.settings.model_settings.model_entries.items():
+            if entry.pipeline is not None:
+                declared = self._pipeline_class(name).input_model
+                if declared is not None:
+                    found[name] = declared
+        return found
+
+    def _pipeline_class(self, model_name: str | None = None) -> type[InferencePipeline]:
         from modalkit.inference_pipeline import import_pipeline
 
-        name, entry = self.settings.model_settings.entry(self.default_model)
+        name, entry = self.settings.model_settings.entry(model_name or self.default_model)
         if entry.pipeline is None:
             from modalkit.exceptions import ConfigError
 
@@ -168,24 +193,49 @@ class LocalService:
         """Requests waiting for a pipeline, over every model."""
         return sum(batcher.pending for _, batcher in self._models.values())
 
+    def _runner(self, pipeline: InferencePipeline) -> Callable[[list[Any]], list[InferenceOutputModel]]:
+        """A batch of records -> one output each, through the online core (errors as values)."""
+
+        def run(records: list[Any]) -> list[InferenceOutputModel]:
+            return run_requests(pipeline, records, self._device_broke)
+
+        return run
+
+    def _device_broke(self, exc: DeviceError) -> None:
+        log.error("the device is broken: /health answers 503 and so does every request until a restart")
+        self.broken = str(exc)
+
+    def health(self) -> bool | Exception:
+        """True when the default model is loaded and the device works; the reason otherwise."""
+        if self.broken is not None:
+            return DeviceBroken(self.broken)
+        return self.ready
+
     # --- requests ---------------------------------------------------------------------------------------------
 
     async def sync(self, model_name: str, record: BaseModel) -> InferenceOutputModel:
+        if self.broken is not None:
+            raise DeviceBroken(self.broken)
         outcome: InferenceOutputModel = await self.load(model_name).submit(record)
         return outcome
 
     async def batch(self, model_name: str, records: list[BaseModel]) -> list[InferenceOutputModel]:
+        if self.broken is not None:
+            raise DeviceBroken(self.broken)
         batcher = self.load(model_name)
         return list(await asyncio.gather(*(batcher.submit(r) for r in records)))
 
     async def submit_async(self, model_name: str, request: AsyncInputModel[Any]) -> AsyncOutputModel:
         """Accept an async job: durable once this returns; it runs in the background."""
+        if self.broken is not None:
+            raise DeviceBroken(self.broken)
         self.load(model_name)  # an unknown model fails the request now, not the job later
         job_id = self.jobs.add(model_name or self.default_model, request.model_dump_json().encode())
         self._spawn(job_id, model_name or self.default_model, request)
         return AsyncOutputModel(job_id=job_id)
 
     async def job(self, job_id: str) -> JobStatus:
+        """The job's state (raises UnknownJob for an id never issued here)."""
         return self.jobs.get(job_id)
 
     def resume_jobs(self) -> int:
@@ -212,11 +262,16 @@ class LocalService:
         task.add_done_callback(self._job_tasks.discard)
 
     async def _run_job(self, job_id: str, model: str, request: AsyncInputModel[Any]) -> None:
+        if self.broken is not None:
+            return  # it stays queued: the next start, on a working device, runs it
         self.jobs.set(job_id, "running")
         try:
             output = await self.load(model).submit(request.message)
-            record_id = str(request.meta.get("record_id", job_id))
-            queue, body = async_result(job_id, record_id, output, request)
+            if self.broken is not None:  # the device broke under this job: not the record's fault, nothing is sent
+                log.error("async job %s stays queued: the device is broken; a restart runs it", job_id)
+                self.jobs.set(job_id, "queued")
+                return
+            queue, body = async_record(job_id, output, request)
             if queue:
                 if self._backend is None:
                     raise QueueError(f"the job names queue {queue!r} but queue_config.backend is none")
@@ -247,12 +302,3 @@ class LocalService:
                 close = getattr(self._backend, "close", None)
                 if callable(close):
                     close()
-
-
-def _runner(pipeline: InferencePipeline) -> Callable[[list[Any]], list[InferenceOutputModel]]:
-    """A batch of records -> one output each (errors as values: a bad record fails only its own request)."""
-
-    def run(records: list[Any]) -> list[InferenceOutputModel]:
-        return [as_output(outcome) for outcome in run_isolated(pipeline, records)]
-
-    return run

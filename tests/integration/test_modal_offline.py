@@ -302,9 +302,10 @@ def test_async_results_go_to_the_local_queue_backend_named_in_the_settings(
     assert [o.label for o in outputs] == ["positive", "negative", "positive"]
     durable = LocalQueueBackend(tmp_path / "queues")  # a second handle: the records are on disk
     records = bodies(durable, "results")
+    # no meta.record_id: the record id is the job id, as with modalkit serve (outside a container, "local")
     assert [(r["status"], r["record_id"], r["output"]["label"]) for r in records] == [
-        ("success", "local:0", "positive"),
-        ("success", "local:1", "negative"),
+        ("success", "local", "positive"),
+        ("success", "local", "negative"),
     ]
     assert durable.messages("failures") == []
     durable.close()
@@ -659,3 +660,35 @@ def test_web_endpoints_on_modal_send_each_request_to_the_model_class_through_an_
     assert spawned.json() == {"job_id": "fc-standin-1"}
     assert len(calls) == 5  # one call of the model class per record: Modal batches them
     assert all(isinstance(c, SyncInputModel | AsyncInputModel) for c in calls)
+
+
+# --- GET /jobs/{id} on Modal: the call looked up through the Modal client --------------------------------------------
+
+
+def test_a_modal_job_id_unknown_to_modal_or_malformed_is_an_unknown_job_and_a_done_one_carries_its_meta() -> None:
+    import asyncio
+
+    from modalkit.runners.modal_client import job_status
+    from modalkit.runners.online import UnknownJob
+
+    def from_id(job_id: str) -> Any:
+        if job_id == "fc-unknown":
+            raise modal.exception.NotFoundError("no such call")
+        if job_id == "not-an-id":
+            raise modal.exception.InvalidError("malformed id")
+
+        class Done:
+            class get:  # the call surface of modal.FunctionCall.get
+                @staticmethod
+                async def aio(timeout: float) -> Any:
+                    output = InferenceOutputModel(label="positive")  # type: ignore[call-arg]
+                    output.meta = {"ticket": 7}
+                    return output
+
+        return Done()
+
+    for job_id in ("fc-unknown", "not-an-id"):
+        with pytest.raises(UnknownJob, match=job_id):
+            asyncio.run(job_status(job_id, from_id))
+    done = asyncio.run(job_status("fc-done", from_id))
+    assert (done.status, done.meta, done.result["label"]) == ("success", {"ticket": 7}, "positive")  # type: ignore[index]

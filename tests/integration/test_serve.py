@@ -162,7 +162,7 @@ def test_batch_call_answers_each_item_in_order_and_fails_only_the_bad_ones(serve
 def test_bad_bodies_get_422_with_the_field_errors_and_oversized_ones_413_before_they_are_read(server: Server) -> None:
     missing = httpx.post(f"{server.url}/predict_sync", json={"txt": "x"})
     assert missing.status_code == 422
-    assert missing.json()["detail"][0]["loc"] == ["body", "text"]
+    assert (missing.json()["stage"], missing.json()["error"]) == ("validate", "field 'text': Field required")
     not_json = httpx.post(
         f"{server.url}/predict_sync", content=b"not json", headers={"content-type": "application/json"}
     )
@@ -336,7 +336,7 @@ def test_an_async_job_lands_on_its_queue_with_its_meta_and_its_status_says_so(se
     assert status["result"]["echo"] == "great"
     (message,) = queued(tmp_path, "ok")
     assert (message["job_id"], message["status"], message["meta"]) == (job_id, "success", {"ticket": 7})
-    assert httpx.get(f"{server.url}/jobs/nope").json()["status"] == "unknown"
+    assert httpx.get(f"{server.url}/jobs/nope").status_code == 404  # an id never issued
 
 
 def test_an_async_job_accepted_before_a_crash_runs_once_after_a_restart(tmp_path: Path) -> None:
@@ -465,10 +465,283 @@ def test_workers_2_serves_from_two_processes_runs_unfinished_jobs_once_and_stops
         served_by = {int(p) for p in pids.read_text().split()}
     finally:
         code = again.stop()
+        left = again.group()  # at once: the server must not return before every process it started is gone
     assert answers == [[f"c{i} r{j}" for j in range(4)] for i in range(32)]
     assert len(workers) == 2
     assert served_by == workers  # both server processes ran batches, and only they did
     assert sorted(m["job_id"] for m in queued(tmp_path, "ok")) == sorted(r.json()["job_id"] for r in jobs)
     assert sum(again.batches()) == 4 + 32 * 4  # each job ran once, in one process only, and each call once
     assert code == 0
-    assert again.group() == []  # no worker outlives the server
+    assert left == []  # no worker (nor multiprocessing's resource tracker) outlives the server
+
+
+# --- one online core: modalkit serve and Modal answer alike ----------------------------------------------------------
+
+DEVICE_BROKEN = {
+    "status": "error",
+    "stage": "predict",
+    "error_type": "RuntimeError",
+    "error": "predict failed on a broken device: RuntimeError: CUDA error: an illegal memory access was encountered",
+}
+CONNECTION_LOST = {
+    "status": "error",
+    "stage": "predict",
+    "error_type": "ConnectionError",
+    "error": "the feature store refused the connection",
+}
+
+
+class _StandInProcessRequest:
+    """``process_request`` of the deployed class as the web function calls it (``.remote.aio``): here it runs the
+    request in-process, in a batch of one, through a real ``ModalService`` instance."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.remote = self
+
+    async def aio(self, request: Any) -> Any:
+        (output,) = self.service.process_request([request])
+        return output
+
+
+def modal_web_app_through_an_in_process_stand_in(config: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``create_web_endpoints`` over a ``ModalService`` subclass run in this process (nothing reaches Modal)."""
+    import modal.experimental
+    from pipelines import _Echoed, _EchoIn
+
+    from modalkit.modal_config import ModalConfig
+    from modalkit.modal_service import ModalService, create_web_endpoints
+    from modalkit.settings import Settings
+
+    monkeypatch.setattr(modal.experimental, "stop_fetching_inputs", lambda: None)  # outside a container it raises
+    config_of_the_app = ModalConfig(Settings.load(config))
+
+    class Probe(ModalService):
+        model_name = "sentiment"
+        modal_utils = config_of_the_app
+
+    services: dict[str, Probe] = {}
+
+    class StandInCls:  # StandInCls(model_name=...).process_request.remote.aio(request), as on a modal.Cls
+        modal_utils = config_of_the_app
+
+        def __init__(self, model_name: str) -> None:
+            if model_name not in services:
+                services[model_name] = Probe()
+                services[model_name].model_name = model_name
+                services[model_name].load_artefacts()
+            self.process_request = _StandInProcessRequest(services[model_name])
+
+    return create_web_endpoints(app_cls=StandInCls, input_model=_EchoIn, output_model=_Echoed)
+
+
+def call_in_process(app: Any, path: str, body: Any) -> httpx.Response:
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://modal") as client:
+            if body is None:
+                return await client.get(path)
+            return await client.post(path, json=body)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"), [("cuda", DEVICE_BROKEN), ("connection", CONNECTION_LOST)], ids=["cuda", "connection"]
+)
+def test_a_device_or_connection_error_is_503_alike_from_modalkit_serve_and_the_in_process_modal_stand_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, expected: dict[str, Any]
+) -> None:
+    config = write_config(tmp_path, pipeline="pipelines:FailsInPredict")
+    srv = Server(tmp_path, config, {"PROBE_RAISE": kind}).start()
+    try:
+        served = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+    finally:
+        srv.stop()
+    monkeypatch.setenv("PROBE_RAISE", kind)
+    on_modal = call_in_process(modal_web_app_through_an_in_process_stand_in(config, monkeypatch), "/predict_sync",
+                               {"text": "great"})  # fmt: skip
+
+    for reply in (served, on_modal):
+        assert (reply.status_code, reply.json()) == (503, expected)  # not 422: the record is not at fault
+        assert int(reply.headers["retry-after"]) >= 1
+    assert "Traceback" not in srv.stderr.read_text()
+
+
+def test_a_broken_device_makes_modalkit_serve_unhealthy_and_every_later_request_503(tmp_path: Path) -> None:
+    config = write_config(tmp_path, pipeline="pipelines:FailsInPredict")
+    srv = Server(tmp_path, config, {"PROBE_RAISE": "cuda"}).start()
+    try:
+        first = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+        health = httpx.get(f"{srv.url}/health")
+        later = httpx.post(f"{srv.url}/predict_batch", json=[{"text": "fine"}])
+        job = httpx.post(f"{srv.url}/predict_async", json={"message": {"text": "fine"}})
+    finally:
+        srv.stop()
+    assert first.status_code == 503
+    assert health.status_code == 503
+    assert health.json()["error_type"] == "DeviceBroken"
+    for reply in (later, job):
+        assert reply.status_code == 503
+        assert reply.json()["error_type"] == "DeviceBroken"
+        assert int(reply.headers["retry-after"]) >= 1
+
+
+def test_a_connection_error_leaves_modalkit_serve_healthy(tmp_path: Path) -> None:
+    config = write_config(tmp_path, pipeline="pipelines:FailsInPredict")
+    srv = Server(tmp_path, config, {"PROBE_RAISE": "connection"}).start()
+    try:
+        first = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+        health = httpx.get(f"{srv.url}/health")
+    finally:
+        srv.stop()
+    assert first.status_code == 503
+    assert health.status_code == 200
+
+
+# --- each model entry validates against its own schema ----------------------------------------------------------------
+
+
+def test_model_name_validates_the_body_against_that_models_own_schema(tmp_path: Path) -> None:
+    config = config_for(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["model_settings"]["model_entries"]["flat"] = {"pipeline": "pipelines:FlatRate"}
+    config.write_text(yaml.safe_dump(data))
+    srv = Server(tmp_path, config).start()
+    both = {"text": "great", "amount": 10, "currency": "USD"}  # valid for both schemas
+    try:
+        flat = httpx.post(f"{srv.url}/predict_sync?model_name=flat", json=both)
+        default = httpx.post(f"{srv.url}/predict_sync", json=both)
+        only_default = httpx.post(f"{srv.url}/predict_sync?model_name=flat", json={"text": "great"})
+        batch = httpx.post(f"{srv.url}/predict_batch?model_name=flat", json=[both, {"text": "great"}])
+        job = httpx.post(f"{srv.url}/predict_async?model_name=flat", json={"message": {"text": "great"}})
+        schema = httpx.get(f"{srv.url}/openapi.json").json()
+    finally:
+        srv.stop()
+    assert (flat.status_code, flat.json()["euros"]) == (200, 5.0)
+    assert (default.status_code, default.json()["echo"]) == (200, "great")
+    assert only_default.status_code == 422
+    assert only_default.json()["stage"] == "validate"
+    assert "field 'amount': Field required" in only_default.json()["error"]
+    assert [a["status"] for a in batch.json()] == ["success", "error"]
+    assert "field 'amount'" in batch.json()[1]["error"]
+    assert job.status_code == 422
+    assert "field 'message.amount': Field required" in job.json()["error"]
+    assert {"_EchoIn", "_Amount"} <= set(schema["components"]["schemas"])  # OpenAPI shows each model's schema
+    body = schema["paths"]["/predict_sync"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"#/components/schemas/_EchoIn", "#/components/schemas/_Amount"} == {s["$ref"] for s in body["oneOf"]}
+
+
+# --- one error body --------------------------------------------------------------------------------------------------
+
+
+def test_every_error_has_the_one_error_body(server: Server) -> None:
+    missing = httpx.post(f"{server.url}/predict_sync", json={"txt": "x"})
+    not_json = httpx.post(
+        f"{server.url}/predict_sync", content=b"not json", headers={"content-type": "application/json"}
+    )
+    not_utf8 = httpx.post(f"{server.url}/predict_sync", content=b'{"text": "\xff\xfe"}',
+                          headers={"content-type": "application/json"})  # fmt: skip
+    bad_async = httpx.post(f"{server.url}/predict_async", json={"message": {"text": "x"}, "surprise": 1})
+    not_a_list = httpx.post(f"{server.url}/predict_batch", json={"text": "x"})
+    no_route = httpx.get(f"{server.url}/nowhere")
+    assert (missing.status_code, missing.json()) == (422, {
+        "status": "error", "stage": "validate", "error_type": "ValidationError", "error": "field 'text': Field required"
+    })  # fmt: skip
+    for reply in (not_json, not_utf8):
+        assert reply.status_code == 422
+        assert (reply.json()["status"], reply.json()["stage"], reply.json()["error_type"]) == (
+            "error", "parse", "JSONDecodeError",
+        )  # fmt: skip
+    assert (bad_async.status_code, bad_async.json()["stage"]) == (422, "validate")
+    assert "field 'surprise'" in bad_async.json()["error"]
+    assert (not_a_list.status_code, not_a_list.json()["stage"]) == (422, "validate")
+    assert (no_route.status_code, no_route.json()["error_type"]) == (404, "NotFound")
+    for reply in (missing, not_json, not_utf8, bad_async, not_a_list, no_route):
+        assert set(reply.json()) == {"status", "stage", "error_type", "error"}, reply.json()
+
+
+# --- open routes -----------------------------------------------------------------------------------------------------
+
+
+def test_with_an_api_key_only_health_is_open_unless_open_routes_opens_more(tmp_path: Path) -> None:
+    guarded = ("/metrics", "/docs", "/redoc", "/openapi.json")
+    config = config_for(tmp_path, auth_config={"api_key": "s3cret-key"})
+    srv = Server(tmp_path, config).start()
+    try:
+        without = {path: httpx.get(f"{srv.url}{path}").status_code for path in ("/health", *guarded)}
+        keyed = {path: httpx.get(f"{srv.url}{path}", headers={"x-api-key": "s3cret-key"}).status_code
+                 for path in guarded}  # fmt: skip
+    finally:
+        srv.stop()
+    assert without == {"/health": 200, **dict.fromkeys(guarded, 401)}
+    assert keyed == dict.fromkeys(guarded, 200)
+
+    config = config_for(tmp_path, auth_config={"api_key": "s3cret-key", "open_routes": ["/health", "/metrics"]})
+    srv = Server(tmp_path, config).start()
+    try:
+        opened = {path: httpx.get(f"{srv.url}{path}").status_code for path in ("/health", *guarded)}
+        predict = httpx.post(f"{srv.url}/predict_sync", json={"text": "great"})
+    finally:
+        srv.stop()
+    assert opened == {"/health": 200, "/metrics": 200, "/docs": 401, "/redoc": 401, "/openapi.json": 401}
+    assert predict.status_code == 401
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------------
+
+
+def test_a_jobs_status_carries_its_meta_and_an_id_never_issued_is_404(server: Server) -> None:
+    reply = httpx.post(f"{server.url}/predict_async", json={"message": {"text": "great"}, "meta": {"ticket": 7}})
+    status = wait_job(server.url, reply.json()["job_id"])
+    unknown = httpx.get(f"{server.url}/jobs/never-issued")
+    assert (status["status"], status["meta"]) == ("success", {"ticket": 7})
+    assert unknown.status_code == 404
+    assert unknown.json() == {"status": "error", "stage": None, "error_type": "UnknownJob",
+                              "error": "no job with id 'never-issued'"}  # fmt: skip
+
+
+def test_model_name_validates_against_that_models_own_schema_through_the_in_process_modal_stand_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = config_for(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["model_settings"]["model_entries"]["flat"] = {"pipeline": "pipelines:FlatRate"}
+    config.write_text(yaml.safe_dump(data))
+    web = modal_web_app_through_an_in_process_stand_in(config, monkeypatch)
+    both = {"text": "great", "amount": 10, "currency": "USD"}
+
+    flat = call_in_process(web, "/predict_sync?model_name=flat", both)
+    default = call_in_process(web, "/predict_sync", both)
+    only_default = call_in_process(web, "/predict_sync?model_name=flat", {"text": "great"})
+    schemas = call_in_process(web, "/openapi.json", None).json()["components"]["schemas"]
+
+    assert (flat.status_code, flat.json()["euros"]) == (200, 5.0)
+    assert (default.status_code, default.json()["echo"]) == (200, "great")
+    assert (only_default.status_code, only_default.json()["stage"]) == (422, "validate")
+    assert "field 'amount': Field required" in only_default.json()["error"]
+    assert {"_EchoIn", "_Amount"} <= set(schemas)
+
+
+def test_an_async_job_caught_by_a_broken_device_stays_queued_and_runs_once_after_a_restart(tmp_path: Path) -> None:
+    config = config_for(tmp_path, queue_config={"allowed_queues": ["ok", "bad"]})
+    config.write_text(config.read_text().replace("pipelines:ServeProbe", "pipelines:FailsInPredict"))
+    broken = Server(tmp_path, config, {"PROBE_RAISE": "cuda"}).start()
+    try:
+        reply = httpx.post(f"{broken.url}/predict_async", json={"message": {"text": "great"}, "success_queue": "ok",
+                                                                "failure_queue": "bad"})  # fmt: skip
+        job_id = reply.json()["job_id"]
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{broken.url}/health").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = httpx.get(f"{broken.url}/jobs/{job_id}").json()["status"]
+    finally:
+        broken.stop()
+    assert status == "queued"  # the record was not at fault: no failure record, the job waits for a working device
+    assert queued(tmp_path, "bad") == []
+
+    again = Server(tmp_path, config).start()  # a working device
+    try:
+        assert wait_job(again.url, job_id)["status"] == "success"
+    finally:
+        again.stop()
+    assert [m["job_id"] for m in queued(tmp_path, "ok")] == [job_id]
