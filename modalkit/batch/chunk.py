@@ -30,7 +30,7 @@ from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
 from modalkit.batch.writers import ENVELOPE, FailureWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
-from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, describe_validation_error
+from modalkit.iomodel import ChunkResult, ChunkSpec, Extent, JobSpec, RowGroups, describe_validation_error
 from modalkit.queues import QueueBackend
 
 __all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "marker_identity", "process_chunk", "read_marker"]
@@ -177,21 +177,47 @@ def _json_error(line: bytes, pos: int, exc: orjson.JSONDecodeError) -> RecordErr
 
 
 def marker_identity(job_id: str, chunk: ChunkSpec) -> dict[str, Any]:
-    """What a commit marker says it commits: the job, the file and the byte range or row groups of the chunk."""
-    return {
-        "job_id": job_id,
-        "key": chunk.key,
-        "start": chunk.start,
-        "end": chunk.end,
-        "row_groups": list(chunk.row_groups),
-        "first_row": chunk.first_row,
-    }
+    """What a commit marker says it commits: the job, the file's key and the chunk's extent (which part of it)."""
+    return {"job_id": job_id, "key": chunk.key, "extent": chunk.extent.model_dump(mode="json")}
+
+
+_EXTENT: TypeAdapter[Extent] = TypeAdapter(Extent)
+
+
+def _legacy_identity(job_id: str, chunk: ChunkSpec) -> dict[str, Any]:
+    """The identity a marker written before chunks had typed extents holds: job, key, byte range, row groups."""
+    extent = chunk.extent
+    if isinstance(extent, RowGroups):
+        start, end, groups, first_row = 0, None, list(extent.groups), extent.first_row
+    else:
+        start, end, groups, first_row = extent.start, extent.end, [], 0
+    return {"job_id": job_id, "key": chunk.key, "start": start, "end": end, "row_groups": groups,
+            "first_row": first_row}  # fmt: skip
+
+
+def _commits(data: Any, job_id: str, chunk: ChunkSpec) -> tuple[bool, dict[str, Any]]:
+    """Whether marker ``data`` commits ``chunk`` of job ``job_id``, and the identity it holds (for the message)."""
+    if not isinstance(data, dict):
+        return False, {"job_id": None}
+    if "extent" in data:
+        theirs = {k: data.get(k) for k in ("job_id", "key", "extent")}
+        try:
+            extent = _EXTENT.validate_python(theirs["extent"])
+        except ValidationError:
+            return False, theirs
+        return (theirs["job_id"], theirs["key"], extent) == (job_id, chunk.key, chunk.extent), theirs
+    mine = _legacy_identity(job_id, chunk)
+    # markers written before row_groups and first_row were recorded hold only the job, key and byte range
+    theirs = {k: data.get(k, mine[k] if k in ("row_groups", "first_row") else None) for k in mine}
+    return theirs == mine, theirs
 
 
 def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec) -> ChunkResult:
     """The result a commit marker recorded, as a skipped chunk's result (resume).
 
-    A marker is honoured only when it commits this very chunk of this very job.
+    A marker is honoured only when it commits this very chunk of this very job: the same job id, file key and
+    extent. A marker written before extents were typed (flat ``start``/``end``/``row_groups``/``first_row``) is
+    compared on those fields, as it was then.
 
     Raises:
         ConfigError: the marker is not valid JSON, or it belongs to another job or another chunk (a job planned
@@ -202,14 +228,9 @@ def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec) -> ChunkResult:
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{marker_uri} is not a commit marker (invalid JSON: {exc}); delete it or use another "
                           "output") from None  # fmt: skip
-    mine = marker_identity(job_id, chunk)
-    # markers written before row_groups and first_row were recorded hold only the job, key and byte range
-    theirs = (
-        {k: data.get(k, mine[k] if k in ("row_groups", "first_row") else None) for k in mine}
-        if isinstance(data, dict)
-        else {"job_id": None}
-    )
-    if theirs != mine:
+    same, theirs = _commits(data, job_id, chunk)
+    if not same:
+        mine = marker_identity(job_id, chunk)
         raise ConfigError(
             f"{marker_uri} commits {_describe(theirs)}, not chunk {chunk.index} of this run ({_describe(mine)}): the "
             "output holds results of another job or of other parameters; use another output or delete that one"
@@ -219,9 +240,13 @@ def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec) -> ChunkResult:
 
 
 def _describe(identity: dict[str, Any]) -> str:
-    where = f"row groups {identity['row_groups']}" if identity.get("row_groups") else (
-        f"bytes {identity.get('start')}-{'end' if identity.get('end') is None else identity['end']}")  # fmt: skip
-    return f"job {identity.get('job_id')}, {identity.get('key')} {where}"
+    extent = identity.get("extent")
+    where: dict[str, Any] = extent if isinstance(extent, dict) else identity
+    if where.get("groups") or where.get("row_groups"):
+        part = f"row groups {list(where.get('groups') or where.get('row_groups') or [])}"
+    else:
+        part = f"bytes {where.get('start')}-{'end' if where.get('end') is None else where['end']}"
+    return f"job {identity.get('job_id')}, {identity.get('key')} {part}"
 
 
 class _ChunkRun:

@@ -13,7 +13,7 @@ Example:
     >>> d = tempfile.mkdtemp()
     >>> with open(os.path.join(d, "a.jsonl"), "w") as f:
     ...     _ = f.write('{"text": "x"}\\n' * 1000)
-    >>> [(c.start, c.end) for c in plan_chunks(list_dataset(d), chunk_size=6000)]
+    >>> [(c.extent.start, c.extent.end) for c in plan_chunks(list_dataset(d), chunk_size=6000)]
     [(0, 4667), (4667, 9334), (9334, None)]
 """
 
@@ -77,10 +77,18 @@ def plan_chunks(
     options = PlanOptions(chunk_size=chunk_size, split_csv=split_csv)
     chunks: list[ChunkSpec] = []
     for f in files:
-        base = {"job_id": job_id, "uri": f.uri, "key": f.key, "format": f.format, "compression": f.compression,
-                "first_index": len(chunks)}  # fmt: skip
-        for part in format_named(f.format).plan(f, options):
-            chunks.append(ChunkSpec(index=len(chunks), **base, **part))
+        for extent, size in format_named(f.format).plan(f, options):
+            spec = ChunkSpec(
+                job_id=job_id,
+                index=len(chunks),
+                uri=f.uri,
+                key=f.key,
+                format=f.format,
+                compression=f.compression,
+                extent=extent,
+                size=size,
+            )
+            chunks.append(spec)
     return chunks
 
 

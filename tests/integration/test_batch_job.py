@@ -271,10 +271,10 @@ class Dataset:
 
         cuts: dict[str, set[int]] = {key: set() for key in self.line_starts}
         chunks = [c for c in plan_chunks(list_dataset(self.uri), CHUNK, split_csv=True) if c.key in cuts]
-        firsts = {key: min(c.start for c in chunks if c.key == key) for key in cuts}
+        firsts = {key: min(c.extent.start for c in chunks if c.key == key) for key in cuts}
         for c in chunks:
-            if c.start != firsts[c.key]:
-                cuts[c.key].add(c.start)
+            if c.extent.start != firsts[c.key]:
+                cuts[c.key].add(c.extent.start)
         return cuts
 
     @property
@@ -600,7 +600,7 @@ def test_csv_quoted_fields_holding_newlines_are_kept_whole_and_never_cut_silentl
     data = (source / "multi.csv").read_bytes()
     assert len(data) > 2 * CHUNK
     assert len(plan_chunks(list_dataset(str(source)), CHUNK)) == 1  # by default a CSV file is read whole
-    cuts = [c.start for c in plan_chunks(list_dataset(str(source)), CHUNK, split_csv=True)][1:]
+    cuts = [c.extent.start for c in plan_chunks(list_dataset(str(source)), CHUNK, split_csv=True)][1:]
     first_lines = [cut if data[cut - 1 : cut] == b"\n" else data.index(b"\n", cut) + 1 for cut in cuts]
     assert set(first_lines) - record_starts, "no cut falls inside a record: the split run would prove nothing"
 
