@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from modalkit.batch import storage
 from modalkit.batch.crashes import CrashLog, CrashPlan, run_guarded
 from modalkit.batch.formats import Unreadable, format_named
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
+from modalkit.batch.storage import Store, default_store
 from modalkit.batch.writers import ENVELOPE, FailureWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
@@ -55,10 +55,14 @@ class ChunkProcessor:
     Args:
         pipeline: The loaded pipeline; it must declare ``input_model`` and ``output_model``.
         queue_backend: Where success/failure records go (needed when a job names queues).
+        store: Where chunks are read and results written; default: the process's store.
     """
 
-    def __init__(self, pipeline: InferencePipeline, queue_backend: QueueBackend | None = None) -> None:
+    def __init__(
+        self, pipeline: InferencePipeline, queue_backend: QueueBackend | None = None, store: Store | None = None
+    ) -> None:
         self.pipeline = pipeline
+        self.store = store or default_store()
         self.input_model, self.output_model = type(pipeline).require_schemas()
         self.queue_backend = queue_backend
         self.validate_one: Callable[[Any], BaseModel] = self.input_model.__pydantic_validator__.validate_python
@@ -78,10 +82,11 @@ class ChunkProcessor:
         """
         layout = OutputLayout(job.output_uri, job.output_format)
         marker_uri = layout.marker(chunk.index)
-        if storage.exists(marker_uri):  # a guard: the flow skips committed chunks before it sends them anywhere
-            return read_marker(marker_uri, job.job_id, chunk)
+        store = self.store
+        if store.exists(marker_uri):  # a guard: the flow skips committed chunks before it sends them anywhere
+            return read_marker(marker_uri, job.job_id, chunk, store)
         started, started_at = time.perf_counter(), time.time()
-        staging = storage.local_staging_dir(layout.part(chunk.index))
+        staging = store.local_staging_dir(layout.part(chunk.index))
         sender = None
         try:
             sender = self._sender(job, chunk, layout.journal(chunk.index), staging)
@@ -92,10 +97,10 @@ class ChunkProcessor:
             finally:
                 if run.crash_log is not None:
                     run.crash_log.close()
-            run.format.prove_start(chunk, lambda: set(layout.committed_indices()))  # before anything is committed
+            run.format.prove_start(chunk, lambda: set(layout.committed_indices(store)), store)  # before any commit
             if counts["records"]:  # a chunk that owns no record (a cut inside one long line) leaves only its marker
-                storage.upload_file(run.part_path, layout.part(chunk.index))
-                storage.upload_file(run.failures_path, layout.failures(chunk.index))
+                store.upload_file(run.part_path, layout.part(chunk.index))
+                store.upload_file(run.failures_path, layout.failures(chunk.index))
             if sender is not None:  # the records go out only now that the files holding them are durable
                 sender.close()
         except BaseException:
@@ -119,9 +124,9 @@ class ChunkProcessor:
             error_examples=run.error_examples,
         )
         marker = {**marker_identity(job.job_id, chunk), **result.model_dump()}
-        storage.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
+        store.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
         if sender is not None:  # committed: the journal (of this attempt or of an interrupted one) is not needed
-            storage.delete(layout.journal(chunk.index))
+            store.delete(layout.journal(chunk.index))
         return result
 
     def _sender(self, job: JobSpec, chunk: ChunkSpec, journal_uri: str, staging: str) -> RecordSender | None:
@@ -135,8 +140,9 @@ class ChunkProcessor:
             job.failure_queue,
             journal_uri,
             group_id=f"{job.job_id}-{chunk.index:05d}",
-            skip_before=read_journal(journal_uri),
+            skip_before=read_journal(journal_uri, self.store),
             spool_dir=staging,
+            store=self.store,
         )
 
 
@@ -212,7 +218,7 @@ def _commits(data: Any, job_id: str, chunk: ChunkSpec) -> tuple[bool, dict[str, 
     return theirs == mine, theirs
 
 
-def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec) -> ChunkResult:
+def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec, store: Store) -> ChunkResult:
     """The result a commit marker recorded, as a skipped chunk's result (resume).
 
     A marker is honoured only when it commits this very chunk of this very job: the same job id, file key and
@@ -224,7 +230,7 @@ def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec) -> ChunkResult:
             with other parameters, or an output whose ``_job.json`` was deleted): never a skip.
     """
     try:
-        data = orjson.loads(storage.read_bytes(marker_uri))
+        data = orjson.loads(store.read_bytes(marker_uri))
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{marker_uri} is not a commit marker (invalid JSON: {exc}); delete it or use another "
                           "output") from None  # fmt: skip
@@ -291,7 +297,7 @@ class _ChunkRun:
                 record_id_type(self.proc.input_model, job.id_field),
             )  # fmt: skip
             closing.callback(part.close)
-            for positions, payloads in self.format.read(chunk, job.max_batch_size):
+            for positions, payloads in self.format.read(chunk, job.max_batch_size, self.proc.store):
                 successes = self._sub_batch(positions, payloads)
                 part.write(successes)
                 self.succeeded += len(successes)
@@ -483,7 +489,11 @@ class _BadId:
 
 
 def process_chunk(
-    job: JobSpec, chunk: ChunkSpec, pipeline: InferencePipeline, queue_backend: QueueBackend | None = None
+    job: JobSpec,
+    chunk: ChunkSpec,
+    pipeline: InferencePipeline,
+    queue_backend: QueueBackend | None = None,
+    store: Store | None = None,
 ) -> ChunkResult:
     """Process one chunk with ``pipeline``: see :class:`ChunkProcessor` (which a worker keeps between chunks)."""
-    return ChunkProcessor(pipeline, queue_backend).process(job, chunk)
+    return ChunkProcessor(pipeline, queue_backend, store).process(job, chunk)

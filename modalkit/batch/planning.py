@@ -29,17 +29,17 @@ from typing import Any
 
 import orjson
 
-from modalkit.batch import storage
 from modalkit.batch.formats import InputFile, PlanOptions, detect, format_named, supported_suffixes
-from modalkit.batch.storage import StoredFile
+from modalkit.batch.storage import Store, StoredFile, default_store, is_remote
 from modalkit.exceptions import ConfigError, StorageError, storage_errors
 from modalkit.iomodel import ChunkSpec
 
 __all__ = ["InputFile", "job_id_for", "list_dataset", "plan_chunks"]
 
 
-def list_dataset(input_uri: str, skipped: list[str] | None = None) -> list[InputFile]:
-    """The input files under ``input_uri``, sorted, with their formats.
+def list_dataset(input_uri: str, skipped: list[str] | None = None, *, store: Store | None = None) -> list[InputFile]:
+    """The input files under ``input_uri``, sorted, with their formats, listed through ``store`` (by default the
+    process's).
 
     Files and folders whose names start with ``_`` or ``.`` are not part of the dataset (the Hadoop convention:
     ``_SUCCESS``, ``.DS_Store``, a job's own ``_failures/``); their keys are appended to ``skipped`` when given.
@@ -49,7 +49,7 @@ def list_dataset(input_uri: str, skipped: list[str] | None = None) -> list[Input
         ConfigError: a file has an extension modalkit cannot read (named in the message).
     """
     hidden: list[str] = []
-    files = _with_local_versions(storage.list_files(input_uri, hidden))
+    files = _with_local_versions((store or default_store()).list_files(input_uri, hidden))
     if skipped is not None:
         skipped.extend(hidden)
     if not files:
@@ -71,18 +71,25 @@ def list_dataset(input_uri: str, skipped: list[str] | None = None) -> list[Input
 
 
 def plan_chunks(
-    files: Sequence[InputFile], chunk_size: int, job_id: str = "", split_csv: bool = False
+    files: Sequence[InputFile],
+    chunk_size: int,
+    job_id: str = "",
+    split_csv: bool = False,
+    *,
+    store: Store | None = None,
 ) -> list[ChunkSpec]:
-    """Cut ``files`` into chunks of about ``chunk_size`` bytes, numbered in listing order.
+    """Cut ``files`` into chunks of about ``chunk_size`` bytes, numbered in listing order; headers and footers are
+    read through ``store`` (by default the process's).
 
     CSV files are cut only with ``split_csv`` (see :mod:`modalkit.batch.formats.csv`).
     """
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
     options = PlanOptions(chunk_size=chunk_size, split_csv=split_csv)
+    store = store or default_store()
     chunks: list[ChunkSpec] = []
     for f in files:
-        for extent, size in format_named(f.format).plan(f, options):
+        for extent, size in format_named(f.format).plan(f, options, store):
             spec = ChunkSpec(
                 job_id=job_id,
                 index=len(chunks),
@@ -108,12 +115,12 @@ def job_id_for(files: Sequence[StoredFile], model_name: str, params: dict[str, A
 
 def _with_local_versions(files: list[StoredFile]) -> list[StoredFile]:
     """The files, local ones tagged with a hash of their content (an object's ETag is its version already)."""
-    if all(storage.is_remote(f.uri) for f in files):
+    if all(is_remote(f.uri) for f in files):
         return files
     hashes = _ContentHashes()
     out = []
     for f in files:
-        if not storage.is_remote(f.uri):
+        if not is_remote(f.uri):
             with storage_errors(f"reading {f.uri}"):
                 f = dataclasses.replace(f, etag=hashes.version(f.uri))
         out.append(f)

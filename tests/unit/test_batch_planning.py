@@ -24,6 +24,7 @@ import pytest
 
 from modalkit.batch.formats import Batch, Unreadable, format_named
 from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
+from modalkit.batch.storage import default_store
 from modalkit.exceptions import ConfigError, StorageError
 from modalkit.iomodel import ChunkSpec
 
@@ -33,7 +34,7 @@ WORDS = ["ok", "a", "naïve", "日本語", "emoji 🎉", "x" * 40, "comma, insid
 
 def iter_batches(chunk: ChunkSpec, batch_size: int) -> Iterator[Batch]:
     """The chunk's sub-batches, read by its format's plug-in."""
-    return format_named(chunk.format).read(chunk, batch_size)
+    return format_named(chunk.format).read(chunk, batch_size, default_store())
 
 
 def read_all(chunks: list[ChunkSpec], batch_size: int) -> list[tuple[int, Any]]:

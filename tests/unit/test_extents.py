@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from modalkit.batch.chunk import marker_identity, process_chunk
 from modalkit.batch.formats import format_named
 from modalkit.batch.planning import list_dataset, plan_chunks
+from modalkit.batch.storage import default_store
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline
 from modalkit.iomodel import ByteRange, ChunkSpec, CsvRows, InferenceOutputModel, JobSpec, RowGroups
@@ -65,7 +66,11 @@ def plan(input_uri: str) -> list[ChunkSpec]:
 
 
 def records(chunk: ChunkSpec) -> list[tuple[int, Any]]:
-    return [pair for pos, rows in format_named(chunk.format).read(chunk, 64) for pair in zip(pos, rows, strict=True)]
+    return [
+        pair
+        for pos, rows in format_named(chunk.format).read(chunk, 64, default_store())
+        for pair in zip(pos, rows, strict=True)
+    ]
 
 
 def test_each_format_plans_its_own_extent_kind(tmp_path: Path) -> None:

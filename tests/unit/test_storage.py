@@ -3,17 +3,29 @@ and local paths. Importing it runs nothing (the umask is read when a file is fir
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from pydantic import BaseModel
 
+from modalkit.batch.chunk import ChunkProcessor
+from modalkit.batch.job import JobPlan, find_committed
+from modalkit.batch.layout import OutputLayout
+from modalkit.batch.planning import list_dataset, plan_chunks
 from modalkit.batch.storage import Store, default_store, join
 from modalkit.exceptions import StorageError
+from modalkit.inference_pipeline import InferencePipeline
+from modalkit.iomodel import InferenceOutputModel, JobSpec
 
 
 @pytest.fixture
@@ -63,3 +75,59 @@ def test_importing_the_store_leaves_the_umask_alone_and_files_get_its_modes(tmp_
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o640
+
+
+# --- a whole small job on the in-memory store -------------------------------------------------------------------
+
+
+class In(BaseModel):
+    text: str
+
+
+class Out(InferenceOutputModel):
+    length: int
+
+
+class Length(InferencePipeline):
+    input_model = In
+    output_model = Out
+
+    def __init__(self) -> None:
+        super().__init__("length", "models", {})
+
+    def preprocess(self, input_list: list[In]) -> dict[str, Any]:
+        return {}
+
+    def predict(self, input_list: list[In], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def postprocess(self, input_list: list[In], raw_output: dict[str, Any]) -> list[Out]:
+        return [Out(length=len(i.text)) for i in input_list]
+
+
+def test_a_job_plans_runs_and_resumes_on_an_in_memory_store(memory_root: str) -> None:
+    store = Store({"memory": MemoryFileSystem()})
+    inp, out = join(memory_root, "in"), join(memory_root, "out")
+    store.write_bytes(join(inp, "a.jsonl"), b"".join(b'{"text": "%d"}\n' % i for i in range(100)) + b"not json\n")
+    store.write_bytes(join(inp, "b.csv"), b"text\n" + b"".join(b"row %d\n" % i for i in range(50)))
+    table = io.BytesIO()
+    pq.write_table(pa.table({"text": [f"r{i}" for i in range(30)]}), table, row_group_size=10)
+    store.write_bytes(join(inp, "c.parquet"), table.getvalue())
+
+    chunks = plan_chunks(list_dataset(inp, store=store), 300, "job-in-memory", store=store)
+    job = JobSpec(job_id="job-in-memory", input_uri=inp, output_uri=out, model_name="length")
+    processor = ChunkProcessor(Length(), store=store)
+    results = [processor.process(job, chunk) for chunk in chunks]
+
+    assert {c.key for c in chunks} == {"a.jsonl", "b.csv", "c.parquet"}
+    assert len(chunks) > 3  # cut into several
+    assert (sum(r.records for r in results), sum(r.failed for r in results)) == (181, 1)
+    layout = OutputLayout(out)
+    assert layout.committed_indices(store) == [c.index for c in chunks]
+    rows = [json.loads(line) for c in chunks for line in store.read_bytes(layout.part(c.index)).splitlines()]
+    assert len(rows) == 180
+    assert {r["record_id"] for r in rows} >= {"a.jsonl:0", "c.parquet:29"}
+
+    plan = JobPlan(job=job, chunks=chunks, total_bytes=0)
+    assert find_committed(plan, store) == {r.index: r.model_copy(update={"skipped": True}) for r in results}
+    assert all(processor.process(job, chunk).skipped for chunk in chunks)  # resume: nothing runs again

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, Literal, NamedTuple, TypeVar
 
-from modalkit.batch.storage import StoredFile
+from modalkit.batch.storage import Store, StoredFile
 from modalkit.iomodel import ChunkSpec, Extent
 
 __all__ = ["Batch", "Codec", "InputFile", "InputFormat", "Part", "PlanOptions", "Unreadable", "batched", "extent_of"]
@@ -66,16 +66,17 @@ class InputFormat(ABC):
     compressible: ClassVar[bool] = True
 
     @abstractmethod
-    def plan(self, file: InputFile, options: PlanOptions) -> list[Part]:
+    def plan(self, file: InputFile, options: PlanOptions, store: Store) -> list[Part]:
         """The chunks of ``file``, in file order: each one's extent (the byte range, CSV rows or row groups it
-        reads) and size; the planner adds the index, job id, uri, key and format."""
+        reads) and size; the planner adds the index, job id, uri, key and format. Reads no record body (a header
+        or a footer at most, through ``store``)."""
 
     @abstractmethod
-    def read(self, chunk: ChunkSpec, batch_size: int) -> Iterator[Batch]:
-        """The records of ``chunk`` (of the extent this format planned), in file order, at most ``batch_size`` per
-        sub-batch."""
+    def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
+        """The records of ``chunk`` (of the extent this format planned), read through ``store``, in file order, at
+        most ``batch_size`` per sub-batch."""
 
-    def prove_start(self, chunk: ChunkSpec, committed: Callable[[], set[int]]) -> None:  # noqa: B027 - optional
+    def prove_start(self, chunk: ChunkSpec, committed: Callable[[], set[int]], store: Store) -> None:  # noqa: B027 - optional
         """Raise unless ``chunk`` provably starts at a record boundary; called before its results are committed.
 
         ``committed`` lists the indices of the job's committed chunks. Nothing to prove by default: JSONL lines

@@ -19,6 +19,7 @@ from typing import Any
 
 from modalkit.batch.formats.base import Batch, InputFile, InputFormat, Part, PlanOptions, Unreadable, batched, extent_of
 from modalkit.batch.formats.lines import byte_ranges, open_chunk, read_lines
+from modalkit.batch.storage import Store
 from modalkit.exceptions import StorageError, storage_errors
 from modalkit.iomodel import ChunkSpec, CsvCut, CsvRows
 
@@ -33,8 +34,8 @@ class CsvFormat(InputFormat):
     name = "csv"
     suffixes = (".csv",)
 
-    def plan(self, file: InputFile, options: PlanOptions) -> list[Part]:
-        found = _read_header(file)
+    def plan(self, file: InputFile, options: PlanOptions, store: Store) -> list[Part]:
+        found = _read_header(store, file)
         if found is None:
             return []  # an empty file (or one of blank lines) holds no records, in every format
         header, header_bytes = found
@@ -51,10 +52,10 @@ class CsvFormat(InputFormat):
             for i, (start, end, size) in enumerate(ranges)
         ]  # fmt: skip
 
-    def read(self, chunk: ChunkSpec, batch_size: int) -> Iterator[Batch]:
-        yield from batched(_rows(chunk, extent_of(chunk, CsvRows)), batch_size)
+    def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
+        yield from batched(_rows(store, chunk, extent_of(chunk, CsvRows)), batch_size)
 
-    def prove_start(self, chunk: ChunkSpec, committed: Callable[[], set[int]]) -> None:
+    def prove_start(self, chunk: ChunkSpec, committed: Callable[[], set[int]], store: Store) -> None:
         extent = extent_of(chunk, CsvRows)
         cut = extent.cut
         if cut is None or cut.part == 0:
@@ -66,15 +67,15 @@ class CsvFormat(InputFormat):
             proven += 1
         if proven == cut.part:
             return
-        for pos, line in read_lines(chunk, cut.first_start + proven * cut.step, extent.start):
+        for pos, line in read_lines(store, chunk, cut.first_start + proven * cut.step, extent.start):
             if line.count(b'"') & 1:
                 raise _unbalanced(chunk.key, pos, f"so chunk {chunk.index} cannot be proven to start at a record")
 
 
-def _read_header(f: InputFile) -> tuple[tuple[str, ...], int] | None:
+def _read_header(store: Store, f: InputFile) -> tuple[tuple[str, ...], int] | None:
     """The column names and the byte length of the header line (0 for compressed files, read from byte 0); None for
     a file with nothing but blank lines."""
-    with storage_errors(f"reading the header of {f.uri}"), open_chunk(f.uri, f.compression) as fh:
+    with storage_errors(f"reading the header of {f.uri}"), open_chunk(store, f.uri, f.compression) as fh:
         probe = fh.readline(HEADER_PROBE_BYTES)
         skipped = 0
         while probe and not probe.strip():  # blank lines before the header
@@ -110,9 +111,9 @@ def _checked(lines: Iterator[tuple[int, bytes]], key: str, end: int) -> Iterator
         yield pos, line
 
 
-def _rows(chunk: ChunkSpec, extent: CsvRows) -> Iterator[tuple[int, Any]]:
+def _rows(store: Store, chunk: ChunkSpec, extent: CsvRows) -> Iterator[tuple[int, Any]]:
     header = extent.header
-    lines = read_lines(chunk, extent.start, None)
+    lines = read_lines(store, chunk, extent.start, None)
     if extent.cut is not None:
         lines = _checked(lines, chunk.key, extent.end if extent.end is not None else 1 << 62)
     if extent.start == 0:  # the header line itself, and blank lines before it (compressed files are read whole)

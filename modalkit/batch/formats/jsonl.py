@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from modalkit.batch.formats.base import Batch, InputFile, InputFormat, Part, PlanOptions, batched, extent_of
 from modalkit.batch.formats.lines import byte_ranges, read_lines
+from modalkit.batch.storage import Store
 from modalkit.iomodel import ByteRange, ChunkSpec
 
 __all__ = ["BOM", "JsonlFormat"]
@@ -20,17 +21,17 @@ class JsonlFormat(InputFormat):
     name = "jsonl"
     suffixes = (".jsonl", ".ndjson")
 
-    def plan(self, file: InputFile, options: PlanOptions) -> list[Part]:
+    def plan(self, file: InputFile, options: PlanOptions, store: Store) -> list[Part]:
         if file.compression or file.size <= options.chunk_size:
             return [Part(ByteRange(), file.size)]
         return [Part(ByteRange(start=s, end=e), n) for s, e, n in byte_ranges(file.size, 0, options.chunk_size)]
 
-    def read(self, chunk: ChunkSpec, batch_size: int) -> Iterator[Batch]:
+    def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
         extent = extent_of(chunk, ByteRange)
         # "{" starts nearly every record, so the strip() that finds blank lines is seldom needed
         lines = (
             (pos, line)
-            for pos, line in _without_bom(read_lines(chunk, extent.start, extent.end))
+            for pos, line in _without_bom(read_lines(store, chunk, extent.start, extent.end))
             if line[0] == 0x7B or line.strip()
         )
         yield from batched(lines, batch_size)

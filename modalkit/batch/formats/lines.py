@@ -11,8 +11,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import IO
 
-from modalkit.batch import storage
 from modalkit.batch.formats.codecs import codec_named
+from modalkit.batch.storage import Store
 from modalkit.exceptions import StorageError, storage_errors
 from modalkit.iomodel import ChunkSpec
 
@@ -34,9 +34,9 @@ def byte_ranges(file_size: int, start: int, chunk_size: int) -> list[tuple[int, 
 
 
 @contextlib.contextmanager
-def open_chunk(uri: str, compression: str | None) -> Iterator[IO[bytes]]:
+def open_chunk(store: Store, uri: str, compression: str | None) -> Iterator[IO[bytes]]:
     """The file at ``uri`` for buffered reading, decompressed by its codec."""
-    with storage.open_input(uri) as raw:
+    with store.open_input(uri) as raw:
         if compression is None:
             yield raw
             return
@@ -56,12 +56,12 @@ def _corrupt_is_final(chunk: ChunkSpec, corrupt: tuple[type[BaseException], ...]
         ) from exc
 
 
-def read_lines(chunk: ChunkSpec, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
+def read_lines(store: Store, chunk: ChunkSpec, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
     """The lines of ``chunk``'s file that start in ``[start, end)``, with their offsets; ``end`` None reads on to
     the end of the file (a CSV reader stops itself: a record may continue past its range)."""
     what = f"reading {chunk.uri}"
     corrupt = codec_named(chunk.compression).corrupt_errors if chunk.compression else ()
-    with storage_errors(what), _corrupt_is_final(chunk, corrupt), open_chunk(chunk.uri, chunk.compression) as fh:
+    with storage_errors(what), _corrupt_is_final(chunk, corrupt), open_chunk(store, chunk.uri, chunk.compression) as fh:
         pos = start
         if pos > 0 and not chunk.compression:
             fh.seek(pos - 1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from modalkit.batch import storage
 from modalkit.batch.formats.base import Batch, InputFile, InputFormat, Part, PlanOptions, extent_of
+from modalkit.batch.storage import Store
 from modalkit.exceptions import StorageError, storage_errors
 from modalkit.iomodel import ChunkSpec, RowGroups
 
@@ -20,12 +20,12 @@ class ParquetFormat(InputFormat):
     position = "row"
     compressible = False  # Parquet compresses its own pages and needs to seek
 
-    def plan(self, file: InputFile, options: PlanOptions) -> list[Part]:
+    def plan(self, file: InputFile, options: PlanOptions, store: Store) -> list[Part]:
         import pyarrow.parquet as pq
 
         if file.size == 0:
             return []  # an empty file holds no records, in every format
-        with storage_errors(f"reading the Parquet footer of {file.uri}"), storage.open_input(file.uri) as fh:
+        with storage_errors(f"reading the Parquet footer of {file.uri}"), store.open_input(file.uri) as fh:
             try:
                 meta = pq.ParquetFile(fh).metadata
             except Exception as exc:  # pyarrow raises ArrowInvalid and friends on a corrupt file
@@ -45,12 +45,12 @@ class ParquetFormat(InputFormat):
             chunks.append(Part(RowGroups(groups=tuple(groups), first_row=first_row), size))
         return chunks
 
-    def read(self, chunk: ChunkSpec, batch_size: int) -> Iterator[Batch]:
+    def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
         import pyarrow.parquet as pq
 
         extent = extent_of(chunk, RowGroups)
         what = f"reading {chunk.uri}"
-        with storage_errors(what), storage.open_input(chunk.uri) as fh:
+        with storage_errors(what), store.open_input(chunk.uri) as fh:
             try:
                 batches = pq.ParquetFile(fh).iter_batches(
                     batch_size=batch_size, row_groups=list(extent.groups), use_threads=False
