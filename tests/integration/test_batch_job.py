@@ -337,7 +337,7 @@ def run_job(tmp_path: Path, input_uri: str, output_uri: str, settings: dict[str,
 
 def chunks_per_file(output_uri: str) -> Counter[str]:
     """How many chunks each input file was cut into, from the commit markers."""
-    fs, root = storage.filesystem(output_uri)
+    fs, root = storage.default_store().filesystem(output_uri)
     fs.invalidate_cache()
     markers = [m for m in fs.find(f"{root}/_chunks") if m.endswith(".json") and "progress" not in m]
     return Counter(json.loads(fs.cat_file(m))["key"] for m in markers)
@@ -498,11 +498,11 @@ def test_without_id_field_records_are_named_by_file_and_position_and_parts_can_b
     assert min(chunks_per_file(output).values()) >= 2
     check_summary(ds, summary, output)
     _, failures = check_outputs(ds, output)
-    fs, root = storage.filesystem(output)
+    fs, root = storage.default_store().filesystem(output)
     names = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(root))
     assert [n for n in names if n.startswith("part-")] == [f"part-{i:05d}.parquet" for i in range(summary["chunks"])]
     # Parquet parts keep the output model's types
-    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/part-00000.parquet")))
+    table = pq.read_table(io.BytesIO(storage.default_store().read_bytes(f"{output}/part-00000.parquet")))
     assert table.schema.names == ["record_id", "label", "score", "_extra"]  # _extra: any extra output fields
     assert (table.schema.field("record_id").type, table.schema.field("score").type) == (pa.string(), pa.float64())
     # every stage failed some record, and each failure's id (checked above) is its file and position
