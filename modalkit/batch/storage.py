@@ -204,6 +204,7 @@ class Store:
     ) -> None:
         self._filesystems = dict(filesystems or {})
         self._s3_options = dict(s3_options) if s3_options is not None else None
+        self._local: _LocalFiles | None = None
 
     def filesystem(self, uri: str) -> tuple[Any, str]:
         """The fsspec filesystem for ``uri`` and the path within it."""
@@ -212,7 +213,9 @@ class Store:
 
     def _files(self, uri: str) -> tuple[_LocalFiles | _ObjectFiles, str]:
         if not is_remote(uri):
-            return _LocalFiles(_local_fs()), os.path.abspath(strip_protocol(uri))
+            if self._local is None:
+                self._local = _LocalFiles(_local_fs())
+            return self._local, os.path.abspath(strip_protocol(uri))
         protocol = uri.split("://", 1)[0]
         if protocol in self._filesystems:
             fs = self._filesystems[protocol]

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from modalkit.batch.chunk import marker_identity, process_chunk
 from modalkit.batch.formats import format_named
+from modalkit.batch.job import JobPlan, find_committed
 from modalkit.batch.planning import list_dataset, plan_chunks
 from modalkit.batch.storage import default_store
 from modalkit.exceptions import ConfigError
@@ -147,6 +148,8 @@ def test_a_marker_written_before_typed_extents_still_commits_its_chunk(tmp_path:
         marker = json.loads(markers[chunk.index].read_bytes())
         before[chunk.index] = marker["records"]
         markers[chunk.index].write_text(json.dumps(legacy_marker(marker, chunk)))
+    found = find_committed(JobPlan(job=spec, chunks=chunks, total_bytes=0))  # the flow's resume listing
+    assert {i: r.records for i, r in found.items()} == before
     for chunk in chunks:  # every kind: a byte range, CSV rows (cut and not), row groups
         result = process_chunk(spec, chunk, Count())
         assert result.skipped, chunk
