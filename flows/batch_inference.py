@@ -39,6 +39,7 @@ from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.partition import fill_partition, is_template, partition_date
 from modalkit.batch.progress import JobProgress, report
+from modalkit.batch.storage import Store, default_store
 from modalkit.exceptions import JobFailed, StorageError, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
 from modalkit.runners import ChunkRunner, RunnerFactory, open_runner
@@ -140,6 +141,7 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             output_uri = job_uris["output_uri"] = fill_partition(output_uri, night, "output_uri")
             get_run_logger().info("partition %s: reading %s, writing %s", night, input_uri, output_uri)
         settings = Settings.load(config or None)
+        store = default_store()
         job_config = resolve_job_config(settings, **options)
         model = settings.model_settings.entry(model_name)[0]
         label_run(model, job_config.backend, str(night or date or partition_date(None, scheduled)))
@@ -147,13 +149,13 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
         runner = runner_factory(settings, model, job_config)
         try:
             try:
-                plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
+                plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config, store)
             except StorageError as exc:
                 if night is None:
                     raise
                 raise StorageError(f"the partition for {night}: {exc}", retryable=False) from None
-            claim_output(plan)
-            done, started = _skippable(plan, runner, started)
+            claim_output(plan, store)
+            done, started = _skippable(plan, runner, started, store)
             if plan.skipped_files:
                 shown = ", ".join(plan.skipped_files[:5]) + (", ..." if len(plan.skipped_files) > 5 else "")
                 get_run_logger().warning(
@@ -172,7 +174,7 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             raise
         else:
             runner.close()
-        summary = finalize(plan, results, time.perf_counter() - started, len(errors))
+        summary = finalize(plan, results, time.perf_counter() - started, len(errors), store)
         _publish_summary(summary, errors)
         create_markdown_artifact(
             job_report(summary, results, errors, job_config.max_failure_rate),
@@ -189,13 +191,15 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
 batch_inference = build_batch_flow()
 
 
-def _skippable(plan: JobPlan, runner: ChunkRunner, started: float) -> tuple[dict[int, ChunkResult], float]:
+def _skippable(
+    plan: JobPlan, runner: ChunkRunner, started: float, store: Store
+) -> tuple[dict[int, ChunkResult], float]:
     """The chunks an earlier run committed (listed once, before any is sent), and when this job started.
 
     A runner the CLI started early (``early_runs``) holds chunks of this run that may have committed by now: they
     are this run's, not skipped, and the job's clock starts with them.
     """
-    done = committed_chunks(plan)
+    done = committed_chunks(plan, store)
     early = getattr(runner, "early_runs", lambda job_id: None)(plan.job.job_id)
     if early is None:
         return done, started

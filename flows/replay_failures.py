@@ -13,6 +13,7 @@ from typing import Any, Literal
 from prefect import Flow, flow, get_run_logger
 
 from flows.batch_inference import batch_inference, describe_run_parameters
+from modalkit.batch.storage import default_store
 from tasks.replay import collect
 
 __all__ = ["build_replay_flow", "replay_failures"]
@@ -48,7 +49,7 @@ def build_replay_flow(batch_flow: Flow[..., dict[str, Any]] = batch_inference) -
         ``stages`` limits the replay to failures of those stages (e.g. ``["predict"]``). The model defaults to the one
         the first job used. Returns the new job's summary plus ``source_job_id``, ``replayed`` and ``not_replayable``.
         """
-        replay = collect(job_output_uri, output_uri, stages)
+        replay = collect(job_output_uri, output_uri, stages, default_store())
         get_run_logger().info(
             "replaying %d failures of job %s (%d could not be parsed and are left out)",
             replay.replayable, replay.source_job_id, replay.not_replayable,

@@ -175,6 +175,7 @@ class _EarlyStart:
 
     def start(self) -> None:
         from modalkit.batch.job import dispatch_order, find_committed, plan_job, resolve_job_config, start_job
+        from modalkit.batch.storage import default_store
         from modalkit.runners import open_runner
         from modalkit.runners.prestart import PrestartingRunner
         from modalkit.settings import Settings
@@ -190,9 +191,10 @@ class _EarlyStart:
             open_runner(settings, settings.model_settings.entry(p["model_name"])[0], job_config)
         )
         _mark("runner")
-        plan = plan_job(settings, p["input_uri"], p["output_uri"], p["model_name"], job_config)
-        start_job(plan)
-        done = find_committed(plan)
+        store = default_store()
+        plan = plan_job(settings, p["input_uri"], p["output_uri"], p["model_name"], job_config, store)
+        start_job(plan, store)
+        done = find_committed(plan, store)
         pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
         self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
         _mark("planned")

@@ -24,15 +24,20 @@ __all__ = [
     "OUTPUT_ENVELOPE",
     "AsyncInputModel",
     "AsyncOutputModel",
+    "ByteRange",
     "ChunkResult",
     "ChunkSpec",
+    "CsvCut",
+    "CsvRows",
     "DelayedFailureOutputModel",
     "ErrorBody",
+    "Extent",
     "FailureRecord",
     "InferenceOutputModel",
     "JobSpec",
     "JobStatus",
     "JobSummary",
+    "RowGroups",
     "Stage",
     "SuccessRecord",
     "SyncInputModel",
@@ -248,10 +253,57 @@ class JobSpec(BaseModel):
     backend: Literal["local", "modal"] = _declared(JobConfig, "backend")
 
 
-class ChunkSpec(BaseModel):
-    """A reference to one chunk of the input: which bytes or row groups of which file, and where results go.
+class ByteRange(BaseModel):
+    """JSONL: the lines that start in ``[start, end)`` of the file (a line running over ``end`` is read whole)."""
 
-    Travels between processes and to Modal workers; never carries record data.
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["bytes"] = "bytes"
+    start: int = Field(0, ge=0, description="First byte; the chunk owns the lines that start in [start, end).")
+    end: int | None = Field(None, ge=1, description="End byte (exclusive); None = the end of the file.")
+
+
+class CsvCut(BaseModel):
+    """How a CSV file was cut at line ends (``split_csv``): what a chunk needs to prove it starts at a record."""
+
+    model_config = ConfigDict(frozen=True)
+
+    first_start: int = Field(ge=0, description="Where the file's first range starts (right after the header).")
+    step: int = Field(ge=1, description="Bytes between cut points.")
+    part: int = Field(ge=0, description="Which range of the file this is: 0 for the first.")
+
+
+class CsvRows(BaseModel):
+    """CSV: the rows that start in ``[start, end)``, with the file's column names; cut only with ``split_csv``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["csv"] = "csv"
+    header: tuple[str, ...] = Field(min_length=1, description="The column names, read from the file's first line.")
+    start: int = Field(0, ge=0, description="First byte (after the header line for the first range).")
+    end: int | None = Field(None, ge=1, description="End byte (exclusive); None = the end of the file.")
+    cut: CsvCut | None = Field(None, description="Set when the file is cut into several ranges; None = one range.")
+
+
+class RowGroups(BaseModel):
+    """Parquet: whole row groups (never split), and the file's row index of the first row they hold."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["row_groups"] = "row_groups"
+    groups: tuple[int, ...] = Field(min_length=1, description="The row groups, in file order.")
+    first_row: int = Field(0, ge=0, description="The index in the file of the chunk's first row.")
+
+
+#: Which part of its file a chunk is: one typed extent per format family, told apart by ``kind``.
+Extent = Annotated[ByteRange | CsvRows | RowGroups, Field(discriminator="kind")]
+
+
+class ChunkSpec(BaseModel):
+    """A reference to one chunk of the input: which part of which file (its :data:`Extent`), and where it reads.
+
+    Travels between processes and to Modal workers as JSON (``model_dump(mode="json")``/``model_validate``); never
+    carries record data.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -262,15 +314,8 @@ class ChunkSpec(BaseModel):
     key: str = Field(description="The file's key relative to the input root; the prefix of default record ids.")
     format: str = Field(description="The input format plug-in that reads it: jsonl, csv or parquet.")
     compression: str | None = Field(None, description="The codec the file is compressed with (gzip), if any.")
-    start: int = Field(0, ge=0, description="JSONL/CSV: first byte; the chunk owns lines that start in [start, end).")
-    end: int | None = Field(None, description="JSONL/CSV: end byte (exclusive); None = end of file.")
-    row_groups: tuple[int, ...] = Field((), description="Parquet: the row groups of this chunk.")
-    first_row: int = Field(0, ge=0, description="Parquet: index in the file of the chunk's first row.")
+    extent: Extent = Field(description="Which part of the file: a byte range, CSV rows or Parquet row groups.")
     size: int = Field(0, ge=0, description="Approximate input bytes of the chunk (for progress and balance).")
-    header: tuple[str, ...] | None = Field(None, description="CSV: the column names, read from the file's first line.")
-    first_index: int = Field(0, ge=0, description="The index of the first chunk of the same file.")
-    cut_from: int = Field(0, ge=0, description="CSV cut at line ends (split_csv): where the file's first range starts.")
-    cut_step: int = Field(0, ge=0, description="CSV cut at line ends: bytes between cut points; 0 = not cut.")
 
 
 class ChunkResult(BaseModel):

@@ -42,11 +42,11 @@ def write_config(tmp_path: Path, pipeline: str = "pipelines:PoisonAwareSentiment
 
 
 def _lines(uri: str) -> list[bytes]:
-    return [line for line in storage.read_bytes(uri).splitlines() if line.strip()]
+    return [line for line in storage.default_store().read_bytes(uri).splitlines() if line.strip()]
 
 
 def _listing(output_uri: str, prefix: str) -> list[str]:
-    fs, path = storage.filesystem(output_uri)
+    fs, path = storage.default_store().filesystem(output_uri)
     root = path.rstrip("/")
     protocol = "s3://" if output_uri.startswith("s3://") else ""
     if not fs.exists(root):
@@ -64,7 +64,7 @@ def read_parts(output_uri: str) -> list[dict[str, Any]]:
 
             import pyarrow.parquet as pq
 
-            for row in pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist():
+            for row in pq.read_table(io.BytesIO(storage.default_store().read_bytes(uri))).to_pylist():
                 extra = row.pop("_extra", None)  # an output model's extra fields, as JSON: back in the row
                 rows.append({**row, **json.loads(extra)} if extra else row)
         else:
@@ -78,7 +78,7 @@ def read_failures(output_uri: str) -> list[dict[str, Any]]:
 
 
 def read_manifest(output_uri: str) -> dict[str, Any]:
-    return dict(json.loads(storage.read_bytes(storage.join(output_uri, "_manifest.json"))))
+    return dict(json.loads(storage.default_store().read_bytes(storage.join(output_uri, "_manifest.json"))))
 
 
 def drain_sqs(sqs: Any, queue_url: str) -> list[dict[str, Any]]:

@@ -22,13 +22,13 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from modalkit.batch import storage
 from modalkit.batch.crashes import CrashLog, CrashPlan, run_guarded
 from modalkit.batch.failure_log import FailureLog
 from modalkit.batch.formats import Unreadable, format_named
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
 from modalkit.batch.record_ids import REPLAY_ID_KEY, IdPolicy, Parsed, Rejected
+from modalkit.batch.storage import Store, default_store
 from modalkit.batch.writers import FailureWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
@@ -36,7 +36,9 @@ from modalkit.iomodel import (
     OUTPUT_ENVELOPE,
     ChunkResult,
     ChunkSpec,
+    Extent,
     JobSpec,
+    RowGroups,
     SuccessRecord,
     describe_validation_error,
     json_template,
@@ -55,10 +57,14 @@ class ChunkProcessor:
     Args:
         pipeline: The loaded pipeline; it must declare ``input_model`` and ``output_model``.
         queue_backend: Where success/failure records go (needed when a job names queues).
+        store: Where chunks are read and results written; default: the process's store.
     """
 
-    def __init__(self, pipeline: InferencePipeline, queue_backend: QueueBackend | None = None) -> None:
+    def __init__(
+        self, pipeline: InferencePipeline, queue_backend: QueueBackend | None = None, store: Store | None = None
+    ) -> None:
         self.pipeline = pipeline
+        self.store = store or default_store()
         self.input_model, self.output_model = type(pipeline).require_schemas()
         self.queue_backend = queue_backend
         self.validate_one: Callable[[Any], BaseModel] = self.input_model.__pydantic_validator__.validate_python
@@ -78,10 +84,11 @@ class ChunkProcessor:
         """
         layout = OutputLayout(job.output_uri, job.output_format)
         marker_uri = layout.marker(chunk.index)
-        if storage.exists(marker_uri):  # a guard: the flow skips committed chunks before it sends them anywhere
-            return read_marker(marker_uri, job.job_id, chunk)
+        store = self.store
+        if store.exists(marker_uri):  # a guard: the flow skips committed chunks before it sends them anywhere
+            return read_marker(marker_uri, job.job_id, chunk, store)
         started, started_at = time.perf_counter(), time.time()
-        staging = storage.local_staging_dir(layout.part(chunk.index))
+        staging = store.local_staging_dir(layout.part(chunk.index))
         sender = None
         try:
             sender = self._sender(job, chunk, layout.journal(chunk.index), staging)
@@ -92,10 +99,10 @@ class ChunkProcessor:
             finally:
                 if run.crash_log is not None:
                     run.crash_log.close()
-            run.format.prove_start(chunk, lambda: set(layout.committed_indices()))  # before anything is committed
+            run.format.prove_start(chunk, lambda: set(layout.committed_indices(store)), store)  # before any commit
             if counts["records"]:  # a chunk that owns no record (a cut inside one long line) leaves only its marker
-                storage.upload_file(run.part_path, layout.part(chunk.index))
-                storage.upload_file(run.failures_path, layout.failures(chunk.index))
+                store.upload_file(run.part_path, layout.part(chunk.index))
+                store.upload_file(run.failures_path, layout.failures(chunk.index))
             if sender is not None:  # the records go out only now that the files holding them are durable
                 sender.close()
         except BaseException:
@@ -119,9 +126,9 @@ class ChunkProcessor:
             error_examples=run.error_examples,
         )
         marker = {**marker_identity(job.job_id, chunk), **result.model_dump()}
-        storage.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
+        store.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
         if sender is not None:  # committed: the journal (of this attempt or of an interrupted one) is not needed
-            storage.delete(layout.journal(chunk.index))
+            store.delete(layout.journal(chunk.index))
         return result
 
     def _sender(self, job: JobSpec, chunk: ChunkSpec, journal_uri: str, staging: str) -> RecordSender | None:
@@ -135,8 +142,9 @@ class ChunkProcessor:
             job.failure_queue,
             journal_uri,
             group_id=f"{job.job_id}-{chunk.index:05d}",
-            skip_before=read_journal(journal_uri),
+            skip_before=read_journal(journal_uri, self.store),
             spool_dir=staging,
+            store=self.store,
         )
 
 
@@ -176,39 +184,60 @@ def _json_error(line: bytes, pos: int, exc: orjson.JSONDecodeError) -> RecordErr
 
 
 def marker_identity(job_id: str, chunk: ChunkSpec) -> dict[str, Any]:
-    """What a commit marker says it commits: the job, the file and the byte range or row groups of the chunk."""
-    return {
-        "job_id": job_id,
-        "key": chunk.key,
-        "start": chunk.start,
-        "end": chunk.end,
-        "row_groups": list(chunk.row_groups),
-        "first_row": chunk.first_row,
-    }
+    """What a commit marker says it commits: the job, the file's key and the chunk's extent (which part of it)."""
+    return {"job_id": job_id, "key": chunk.key, "extent": chunk.extent.model_dump(mode="json")}
 
 
-def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec) -> ChunkResult:
+_EXTENT: TypeAdapter[Extent] = TypeAdapter(Extent)
+
+
+def _legacy_identity(job_id: str, chunk: ChunkSpec) -> dict[str, Any]:
+    """The identity a marker written before chunks had typed extents holds: job, key, byte range, row groups."""
+    extent = chunk.extent
+    if isinstance(extent, RowGroups):
+        start, end, groups, first_row = 0, None, list(extent.groups), extent.first_row
+    else:
+        start, end, groups, first_row = extent.start, extent.end, [], 0
+    return {"job_id": job_id, "key": chunk.key, "start": start, "end": end, "row_groups": groups,
+            "first_row": first_row}  # fmt: skip
+
+
+def _commits(data: Any, job_id: str, chunk: ChunkSpec) -> tuple[bool, dict[str, Any]]:
+    """Whether marker ``data`` commits ``chunk`` of job ``job_id``, and the identity it holds (for the message)."""
+    if not isinstance(data, dict):
+        return False, {"job_id": None}
+    if "extent" in data:
+        theirs = {k: data.get(k) for k in ("job_id", "key", "extent")}
+        try:
+            extent = _EXTENT.validate_python(theirs["extent"])
+        except ValidationError:
+            return False, theirs
+        return (theirs["job_id"], theirs["key"], extent) == (job_id, chunk.key, chunk.extent), theirs
+    mine = _legacy_identity(job_id, chunk)
+    # markers written before row_groups and first_row were recorded hold only the job, key and byte range
+    theirs = {k: data.get(k, mine[k] if k in ("row_groups", "first_row") else None) for k in mine}
+    return theirs == mine, theirs
+
+
+def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec, store: Store) -> ChunkResult:
     """The result a commit marker recorded, as a skipped chunk's result (resume).
 
-    A marker is honoured only when it commits this very chunk of this very job.
+    A marker is honoured only when it commits this very chunk of this very job: the same job id, file key and
+    extent. A marker written before extents were typed (flat ``start``/``end``/``row_groups``/``first_row``) is
+    compared on those fields, as it was then.
 
     Raises:
         ConfigError: the marker is not valid JSON, or it belongs to another job or another chunk (a job planned
             with other parameters, or an output whose ``_job.json`` was deleted): never a skip.
     """
     try:
-        data = orjson.loads(storage.read_bytes(marker_uri))
+        data = orjson.loads(store.read_bytes(marker_uri))
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{marker_uri} is not a commit marker (invalid JSON: {exc}); delete it or use another "
                           "output") from None  # fmt: skip
-    mine = marker_identity(job_id, chunk)
-    # markers written before row_groups and first_row were recorded hold only the job, key and byte range
-    theirs = (
-        {k: data.get(k, mine[k] if k in ("row_groups", "first_row") else None) for k in mine}
-        if isinstance(data, dict)
-        else {"job_id": None}
-    )
-    if theirs != mine:
+    same, theirs = _commits(data, job_id, chunk)
+    if not same:
+        mine = marker_identity(job_id, chunk)
         raise ConfigError(
             f"{marker_uri} commits {_describe(theirs)}, not chunk {chunk.index} of this run ({_describe(mine)}): the "
             "output holds results of another job or of other parameters; use another output or delete that one"
@@ -218,9 +247,13 @@ def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec) -> ChunkResult:
 
 
 def _describe(identity: dict[str, Any]) -> str:
-    where = f"row groups {identity['row_groups']}" if identity.get("row_groups") else (
-        f"bytes {identity.get('start')}-{'end' if identity.get('end') is None else identity['end']}")  # fmt: skip
-    return f"job {identity.get('job_id')}, {identity.get('key')} {where}"
+    extent = identity.get("extent")
+    where: dict[str, Any] = extent if isinstance(extent, dict) else identity
+    if where.get("groups") or where.get("row_groups"):
+        part = f"row groups {list(where.get('groups') or where.get('row_groups') or [])}"
+    else:
+        part = f"bytes {where.get('start')}-{'end' if where.get('end') is None else where['end']}"
+    return f"job {identity.get('job_id')}, {identity.get('key')} {part}"
 
 
 class _ChunkRun:
@@ -272,7 +305,7 @@ class _ChunkRun:
                 record_id_type(self.proc.input_model, job.id_field),
             )  # fmt: skip
             closing.callback(part.close)
-            for positions, payloads in self.format.read(chunk, job.max_batch_size):
+            for positions, payloads in self.format.read(chunk, job.max_batch_size, self.proc.store):
                 successes = self._sub_batch(positions, payloads)
                 part.write(successes)
                 self.succeeded += len(successes)
@@ -363,7 +396,11 @@ class _ChunkRun:
 
 
 def process_chunk(
-    job: JobSpec, chunk: ChunkSpec, pipeline: InferencePipeline, queue_backend: QueueBackend | None = None
+    job: JobSpec,
+    chunk: ChunkSpec,
+    pipeline: InferencePipeline,
+    queue_backend: QueueBackend | None = None,
+    store: Store | None = None,
 ) -> ChunkResult:
     """Process one chunk with ``pipeline``: see :class:`ChunkProcessor` (which a worker keeps between chunks)."""
-    return ChunkProcessor(pipeline, queue_backend).process(job, chunk)
+    return ChunkProcessor(pipeline, queue_backend, store).process(job, chunk)

@@ -16,10 +16,10 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from modalkit.batch import storage
 from modalkit.batch.chunk import read_marker
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
+from modalkit.batch.storage import Store, default_store, is_remote
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import import_pipeline
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, JobSummary
@@ -77,8 +77,16 @@ class InvalidJobParameters(ConfigError):
         self.lines = lines
 
 
-def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: str | None, config: JobConfig) -> JobPlan:
-    """Check everything, list the input and cut it into chunks. Writes nothing.
+def plan_job(
+    settings: Settings,
+    input_uri: str,
+    output_uri: str,
+    model_name: str | None,
+    config: JobConfig,
+    store: Store | None = None,
+) -> JobPlan:
+    """Check everything, list the input and cut it into chunks, through ``store`` (default: the process's).
+    Writes nothing.
 
     Raises:
         ConfigError: unknown model, unusable pipeline, bad parameters, an output owned by another job.
@@ -92,12 +100,13 @@ def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: st
     pipeline_cls.require_schemas()
     pipeline_cls.validate_parameters(entry.kwargs, f"model_settings.model_entries.{name}")  # a typo fails here
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
-    _check_uris(input_uri, output_uri, config.backend)
+    store = store or default_store()
+    _check_uris(store, input_uri, output_uri, config.backend)
     _check_queues(settings, config)
     skipped: list[str] = []
-    files = list_dataset(input_uri, skipped)
+    files = list_dataset(input_uri, skipped, store=store)
     job_id = job_id_for(files, name, {"output_uri": output_uri, "pipeline": entry.pipeline, **config.identity()})
-    _check_owner(output_uri, job_id)
+    _check_owner(store, output_uri, job_id)
     parameters = {field: getattr(config, field) for field in JobSpec.model_fields if field in JobConfig.model_fields}
     job = JobSpec(
         job_id=job_id,
@@ -107,16 +116,16 @@ def plan_job(settings: Settings, input_uri: str, output_uri: str, model_name: st
         max_batch_size=settings.app_settings.batch_config.max_batch_size,
         **parameters,
     )
-    chunks = plan_chunks(files, int(config.chunk_size), job_id, split_csv=config.split_csv)
+    chunks = plan_chunks(files, int(config.chunk_size), job_id, split_csv=config.split_csv, store=store)
     return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped)
 
 
-def _check_uris(input_uri: str, output_uri: str, backend: str) -> None:
-    inp, out = _normal(input_uri), _normal(output_uri)
+def _check_uris(store: Store, input_uri: str, output_uri: str, backend: str) -> None:
+    inp, out = _normal(store, input_uri), _normal(store, output_uri)
     if out == inp or out.startswith(inp + "/"):
         raise ConfigError(f"output {output_uri} is inside the input {input_uri}; write results somewhere else")
     if backend == "modal":
-        local = [u for u in (input_uri, output_uri) if not storage.is_remote(u)]
+        local = [u for u in (input_uri, output_uri) if not is_remote(u)]
         if local:
             raise ConfigError(
                 f"backend 'modal' runs in the cloud and cannot reach the local path(s) {', '.join(local)}; "
@@ -124,8 +133,8 @@ def _check_uris(input_uri: str, output_uri: str, backend: str) -> None:
             )
 
 
-def _normal(uri: str) -> str:
-    return uri.rstrip("/") if storage.is_remote(uri) else storage.filesystem(uri)[1].rstrip("/")
+def _normal(store: Store, uri: str) -> str:
+    return uri.rstrip("/") if is_remote(uri) else store.filesystem(uri)[1].rstrip("/")
 
 
 def _check_queues(settings: Settings, config: JobConfig) -> None:
@@ -138,14 +147,14 @@ def _check_queues(settings: Settings, config: JobConfig) -> None:
     check_queues(backend, queues)  # raises QueueError naming a missing queue
 
 
-def _check_owner(output_uri: str, job_id: str) -> None:
+def _check_owner(store: Store, output_uri: str, job_id: str) -> None:
     """The output is this job's, or empty (a replay's ``_replay/`` input aside): never another's, never foreign."""
     layout = OutputLayout(output_uri)
-    claim = _read_claim(layout)
+    claim = _read_claim(store, layout)
     if claim is None:
         replay_dir = layout.replay_dir.rsplit("/", 1)[-1]
         # a replay's input, and hidden files (.DS_Store, .gitkeep), are not results
-        entries = storage.list_names(output_uri, folders=True)
+        entries = store.list_names(output_uri, folders=True)
         foreign = [name for name in entries if name != replay_dir and not name.startswith(".")]
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -160,12 +169,12 @@ def _check_owner(output_uri: str, job_id: str) -> None:
         raise _claimed_by_another(output_uri, claim, job_id)
 
 
-def _read_claim(layout: OutputLayout) -> dict[str, Any] | None:
+def _read_claim(store: Store, layout: OutputLayout) -> dict[str, Any] | None:
     claim_uri = layout.job_claim
-    if not storage.exists(claim_uri):
+    if not store.exists(claim_uri):
         return None
     try:
-        claim = orjson.loads(storage.read_bytes(claim_uri))
+        claim = orjson.loads(store.read_bytes(claim_uri))
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{claim_uri} is not valid JSON; delete it or use another output") from exc
     if not isinstance(claim, dict):
@@ -180,8 +189,9 @@ def _claimed_by_another(output_uri: str, claim: dict[str, Any], job_id: str) -> 
     )
 
 
-def start_job(plan: JobPlan) -> None:
-    """Claim the output for this job (``_job.json``); the first thing a job writes.
+def start_job(plan: JobPlan, store: Store | None = None) -> None:
+    """Claim the output for this job (``_job.json``) through ``store`` (default: the process's); the first thing a
+    job writes.
 
     The claim is created atomically (only when no claim exists), then read back: of two jobs started at once on
     one output exactly one gets it, and the other stops before writing anything. A run of the same job (a resume)
@@ -192,15 +202,17 @@ def start_job(plan: JobPlan) -> None:
     """
     layout = OutputLayout(plan.job.output_uri)
     claim = {**plan.job.model_dump(), "chunks": len(plan.chunks), "created_at": _now()}
-    if storage.create_exclusive(layout.job_claim, orjson.dumps(claim, option=orjson.OPT_INDENT_2)):
+    store = store or default_store()
+    if store.create_exclusive(layout.job_claim, orjson.dumps(claim, option=orjson.OPT_INDENT_2)):
         return
-    existing = _read_claim(layout) or {}
+    existing = _read_claim(store, layout) or {}
     if existing.get("job_id") != plan.job.job_id:
         raise _claimed_by_another(plan.job.output_uri, existing, plan.job.job_id)
 
 
-def find_committed(plan: JobPlan) -> dict[int, ChunkResult]:
-    """The chunks of ``plan`` already committed (resume): their results, read from their markers.
+def find_committed(plan: JobPlan, store: Store | None = None) -> dict[int, ChunkResult]:
+    """The chunks of ``plan`` already committed (resume): their results, read from their markers through ``store``
+    (default: the process's).
 
     The output's ``_chunks/`` folder is listed once and every marker in it is read. A job run again sends these
     chunks nowhere: no worker, no Modal call.
@@ -210,7 +222,8 @@ def find_committed(plan: JobPlan) -> dict[int, ChunkResult]:
     """
     layout = OutputLayout(plan.job.output_uri, plan.job.output_format)
     chunks = {chunk.index: chunk for chunk in plan.chunks}
-    found = layout.committed_indices()
+    store = store or default_store()
+    found = layout.committed_indices(store)
     foreign = sorted(i for i in found if i not in chunks)
     if foreign:
         raise ConfigError(
@@ -221,7 +234,9 @@ def find_committed(plan: JobPlan) -> dict[int, ChunkResult]:
     if not found:
         return {}
     with concurrent.futures.ThreadPoolExecutor(min(MARKER_READERS, len(found))) as pool:
-        results = pool.map(lambda index: read_marker(layout.marker(index), plan.job.job_id, chunks[index]), found)
+        results = pool.map(
+            lambda index: read_marker(layout.marker(index), plan.job.job_id, chunks[index], store), found
+        )
         return {result.index: result for result in results}
 
 
@@ -230,8 +245,15 @@ def dispatch_order(chunks: Sequence[ChunkSpec]) -> list[ChunkSpec]:
     return sorted(chunks, key=lambda c: (-c.size, c.index))
 
 
-def finalize_job(plan: JobPlan, results: Sequence[ChunkResult], seconds: float, failed_chunks: int = 0) -> JobSummary:
-    """Sum the chunk results into the summary, write ``_manifest.json`` and return the summary.
+def finalize_job(
+    plan: JobPlan,
+    results: Sequence[ChunkResult],
+    seconds: float,
+    failed_chunks: int = 0,
+    store: Store | None = None,
+) -> JobSummary:
+    """Sum the chunk results into the summary, write ``_manifest.json`` through ``store`` (default: the process's)
+    and return the summary.
 
     ``status`` is ``failed`` when chunks failed or the failure rate passed ``max_failure_rate``.
     """
@@ -266,8 +288,9 @@ def finalize_job(plan: JobPlan, results: Sequence[ChunkResult], seconds: float, 
         "finished_at": _now(),
         "chunk_results": [r.model_dump() for r in sorted(results, key=lambda r: r.index)],
     }
-    storage.write_bytes(OutputLayout(job.output_uri).manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-    storage.remove_staging_dirs(job.output_uri)  # of workers killed mid-chunk in this run or an earlier one
+    store = store or default_store()
+    store.write_bytes(OutputLayout(job.output_uri).manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    store.remove_staging_dirs(job.output_uri)  # of workers killed mid-chunk in this run or an earlier one
     return summary
 
 

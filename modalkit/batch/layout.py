@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from modalkit.batch import storage
+from modalkit.batch.storage import Store, join
 
 __all__ = ["OutputLayout"]
 
@@ -51,19 +51,19 @@ class OutputLayout:
 
     def part(self, index: int) -> str:
         """The part file of chunk ``index``: its successes."""
-        return storage.join(self.root, f"part-{index:05d}.{self.output_format}")
+        return join(self.root, f"part-{index:05d}.{self.output_format}")
 
     def failures(self, index: int) -> str:
         """The failure file of chunk ``index``."""
-        return storage.join(self.failures_dir, f"part-{index:05d}.jsonl")
+        return join(self.failures_dir, f"part-{index:05d}.jsonl")
 
     def marker(self, index: int) -> str:
         """The commit marker of chunk ``index``: written last, once its files and records are out."""
-        return storage.join(self.chunks_dir, f"{index:05d}.json")
+        return join(self.chunks_dir, f"{index:05d}.json")
 
     def journal(self, index: int) -> str:
         """How far chunk ``index``'s queue records were sent (exists only while the chunk is unfinished)."""
-        return storage.join(self.chunks_dir, f"{index:05d}.progress.json")
+        return join(self.chunks_dir, f"{index:05d}.progress.json")
 
     @staticmethod
     def marker_index(name: str) -> int | None:
@@ -71,45 +71,45 @@ class OutputLayout:
         match = _MARKER_NAME.match(name)
         return int(match.group(1)) if match else None
 
-    def committed_indices(self) -> list[int]:
-        """The indices of the chunks that have a commit marker (one listing of ``_chunks/``)."""
-        return [i for i in map(OutputLayout.marker_index, storage.list_names(self.chunks_dir)) if i is not None]
+    def committed_indices(self, store: Store) -> list[int]:
+        """The indices of the chunks that have a commit marker (one listing of ``_chunks/`` through ``store``)."""
+        return [i for i in map(OutputLayout.marker_index, store.list_names(self.chunks_dir)) if i is not None]
 
     # --- per job -------------------------------------------------------------------------------------------------
 
     @property
     def failures_dir(self) -> str:
         """The folder of the failure files."""
-        return storage.join(self.root, "_failures")
+        return join(self.root, "_failures")
 
     @property
     def chunks_dir(self) -> str:
         """The folder of the commit markers and journals."""
-        return storage.join(self.root, "_chunks")
+        return join(self.root, "_chunks")
 
     @property
     def job_claim(self) -> str:
         """``_job.json``: which job owns this output (written before any chunk)."""
-        return storage.join(self.root, "_job.json")
+        return join(self.root, "_job.json")
 
     @property
     def manifest(self) -> str:
         """``_manifest.json``: the summary and every chunk's result."""
-        return storage.join(self.root, "_manifest.json")
+        return join(self.root, "_manifest.json")
 
     # --- a replay job's input --------------------------------------------------------------------------------------
 
     @property
     def replay_dir(self) -> str:
         """Where a replay job keeps its input (the failures it replays)."""
-        return storage.join(self.root, "_replay")
+        return join(self.root, "_replay")
 
     @property
     def replay_input(self) -> str:
         """The replayed records, one JSON object per line."""
-        return storage.join(self.replay_dir, "failures.jsonl")
+        return join(self.replay_dir, "failures.jsonl")
 
     @property
     def replay_source(self) -> str:
         """Which job and stages this replay replays."""
-        return storage.join(self.replay_dir, "_source.json")
+        return join(self.replay_dir, "_source.json")

@@ -13,28 +13,33 @@ Example:
     >>> d = tempfile.mkdtemp()
     >>> with open(os.path.join(d, "a.jsonl"), "w") as f:
     ...     _ = f.write('{"text": "x"}\\n' * 1000)
-    >>> [(c.start, c.end) for c in plan_chunks(list_dataset(d), chunk_size=6000)]
+    >>> [(c.extent.start, c.extent.end) for c in plan_chunks(list_dataset(d), chunk_size=6000)]
     [(0, 4667), (4667, 9334), (9334, None)]
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
-from modalkit.batch import storage
+import orjson
+
 from modalkit.batch.formats import InputFile, PlanOptions, detect, format_named, supported_suffixes
-from modalkit.batch.storage import StoredFile
-from modalkit.exceptions import ConfigError, StorageError
+from modalkit.batch.storage import Store, StoredFile, default_store, is_remote
+from modalkit.exceptions import ConfigError, StorageError, storage_errors
 from modalkit.iomodel import ChunkSpec
 
 __all__ = ["InputFile", "job_id_for", "list_dataset", "plan_chunks"]
 
 
-def list_dataset(input_uri: str, skipped: list[str] | None = None) -> list[InputFile]:
-    """The input files under ``input_uri``, sorted, with their formats.
+def list_dataset(input_uri: str, skipped: list[str] | None = None, *, store: Store | None = None) -> list[InputFile]:
+    """The input files under ``input_uri``, sorted, with their formats, listed through ``store`` (by default the
+    process's).
 
     Files and folders whose names start with ``_`` or ``.`` are not part of the dataset (the Hadoop convention:
     ``_SUCCESS``, ``.DS_Store``, a job's own ``_failures/``); their keys are appended to ``skipped`` when given.
@@ -44,7 +49,7 @@ def list_dataset(input_uri: str, skipped: list[str] | None = None) -> list[Input
         ConfigError: a file has an extension modalkit cannot read (named in the message).
     """
     hidden: list[str] = []
-    files = storage.list_files(input_uri, hidden)
+    files = _with_local_versions((store or default_store()).list_files(input_uri, hidden))
     if skipped is not None:
         skipped.extend(hidden)
     if not files:
@@ -66,21 +71,36 @@ def list_dataset(input_uri: str, skipped: list[str] | None = None) -> list[Input
 
 
 def plan_chunks(
-    files: Sequence[InputFile], chunk_size: int, job_id: str = "", split_csv: bool = False
+    files: Sequence[InputFile],
+    chunk_size: int,
+    job_id: str = "",
+    split_csv: bool = False,
+    *,
+    store: Store | None = None,
 ) -> list[ChunkSpec]:
-    """Cut ``files`` into chunks of about ``chunk_size`` bytes, numbered in listing order.
+    """Cut ``files`` into chunks of about ``chunk_size`` bytes, numbered in listing order; headers and footers are
+    read through ``store`` (by default the process's).
 
     CSV files are cut only with ``split_csv`` (see :mod:`modalkit.batch.formats.csv`).
     """
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
     options = PlanOptions(chunk_size=chunk_size, split_csv=split_csv)
+    store = store or default_store()
     chunks: list[ChunkSpec] = []
     for f in files:
-        base = {"job_id": job_id, "uri": f.uri, "key": f.key, "format": f.format, "compression": f.compression,
-                "first_index": len(chunks)}  # fmt: skip
-        for part in format_named(f.format).plan(f, options):
-            chunks.append(ChunkSpec(index=len(chunks), **base, **part))
+        for extent, size in format_named(f.format).plan(f, options, store):
+            spec = ChunkSpec(
+                job_id=job_id,
+                index=len(chunks),
+                uri=f.uri,
+                key=f.key,
+                format=f.format,
+                compression=f.compression,
+                extent=extent,
+                size=size,
+            )
+            chunks.append(spec)
     return chunks
 
 
@@ -91,3 +111,57 @@ def job_id_for(files: Sequence[StoredFile], model_name: str, params: dict[str, A
     for f in files:
         digest.update(f"\n{f.key}\t{f.size}\t{f.etag}".encode())
     return digest.hexdigest()[:16]
+
+
+def _with_local_versions(files: list[StoredFile]) -> list[StoredFile]:
+    """The files, local ones tagged with a hash of their content (an object's ETag is its version already)."""
+    if all(is_remote(f.uri) for f in files):
+        return files
+    hashes = _ContentHashes()
+    out = []
+    for f in files:
+        if not is_remote(f.uri):
+            with storage_errors(f"reading {f.uri}"):
+                f = dataclasses.replace(f, etag=hashes.version(f.uri))
+        out.append(f)
+    if hashes.dirty:
+        hashes.save()
+    return out
+
+
+class _ContentHashes:
+    """A local file's version is a hash of its content, so that ``touch`` keeps a job's identity and an edit does
+    not. Hashes are cached by (path, size, mtime, inode) under ``$MODALKIT_HOME/cache``: a file is read once, and
+    again only after it was touched or changed."""
+
+    MAX_ENTRIES = 20_000
+
+    def __init__(self) -> None:
+        home = os.environ.get("MODALKIT_HOME") or os.path.expanduser("~/.modalkit")
+        self.path = os.path.join(home, "cache", "content-hashes.json")
+        self.dirty = False
+        try:
+            with open(self.path, "rb") as fh:
+                self.cache: dict[str, str] = orjson.loads(fh.read())
+        except (OSError, orjson.JSONDecodeError):
+            self.cache = {}
+
+    def version(self, path: str) -> str:
+        st = os.stat(path)
+        key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        found = self.cache.get(key)
+        if found is None:
+            with open(path, "rb") as fh:
+                found = "sha1:" + hashlib.file_digest(fh, lambda: hashlib.sha1(usedforsecurity=False)).hexdigest()
+            self.cache[key] = found
+            self.dirty = True
+        return found
+
+    def save(self) -> None:
+        entries = list(self.cache.items())[-self.MAX_ENTRIES :]
+        with contextlib.suppress(OSError):  # a cache: a read-only home only costs the hashing again next time
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(orjson.dumps(dict(entries)))
+            os.replace(tmp, self.path)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import orjson
 
-from modalkit.batch import storage
+from modalkit.batch.storage import Store, default_store
 from modalkit.exceptions import ModalkitError, QueueError
 from modalkit.queues import QueueBackend, QueueMessage, deliver_sync
 
@@ -43,12 +43,13 @@ def dedup_id(job_id: str, record_id: object) -> str:
     return f"{job_id}:{record_id}"
 
 
-def read_journal(uri: str) -> int:
-    """How many of the chunk's records were already sent (0 when there is no journal)."""
-    if not storage.exists(uri):
+def read_journal(uri: str, store: Store | None = None) -> int:
+    """How many of the chunk's records were already sent (0 when there is no journal), read through ``store``."""
+    store = store or default_store()
+    if not store.exists(uri):
         return 0
     try:
-        return int(orjson.loads(storage.read_bytes(uri))["sent_before"])
+        return int(orjson.loads(store.read_bytes(uri))["sent_before"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return 0
 
@@ -64,6 +65,7 @@ class RecordSender:
         group_id: FIFO MessageGroupId for this chunk's messages.
         skip_before: Records with an ordinal below this were sent by an earlier attempt and are skipped.
         spool_dir: A local folder for the spool file (the chunk's staging folder); default: the temp folder.
+        store: Where the journal is written; default: the process's store.
     """
 
     def __init__(
@@ -75,8 +77,10 @@ class RecordSender:
         group_id: str,
         skip_before: int = 0,
         spool_dir: str | None = None,
+        store: Store | None = None,
     ) -> None:
         self.backend = backend
+        self.store = store or default_store()
         self.queues = {"success": success_queue, "failure": failure_queue}
         self.journal_uri = journal_uri
         self.group_id = group_id
@@ -164,7 +168,7 @@ class RecordSender:
             now = time.monotonic()
             # never below skip_before: the windows a retry skips sent nothing, and must not undo the journal
             if next_ordinal > self.skip_before and now - self._last_journal >= JOURNAL_INTERVAL:
-                storage.write_bytes(self.journal_uri, orjson.dumps({"sent_before": next_ordinal}))
+                self.store.write_bytes(self.journal_uri, orjson.dumps({"sent_before": next_ordinal}))
                 self._last_journal = now
         except ModalkitError as exc:
             self._failed = exc

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from modalkit.batch import storage
 from modalkit.batch.chunk import REPLAY_ID_KEY
 from modalkit.batch.layout import OutputLayout
+from modalkit.batch.storage import Store, default_store
 from modalkit.exceptions import ConfigError
 
 __all__ = ["ReplayInput", "collect_failures"]
@@ -39,13 +39,19 @@ class ReplayInput:
     stages: tuple[str, ...] | None = None
 
 
-def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterable[str] | None = None) -> ReplayInput:
+def collect_failures(
+    job_output_uri: str,
+    replay_output_uri: str,
+    stages: Iterable[str] | None = None,
+    store: Store | None = None,
+) -> ReplayInput:
     """Write the failures of the job at ``job_output_uri`` as a dataset under ``<replay_output_uri>/_replay/``.
 
     Args:
         job_output_uri: Output of a finished job (it has ``_manifest.json``).
         replay_output_uri: Output of the new job; the replay input goes in its ``_replay/`` folder.
         stages: Replay only failures of these stages (e.g. ``["predict"]``); None = every stage.
+        store: Where both outputs are read and written; default: the process's store.
 
     Raises:
         ConfigError: the job has no manifest (it did not finish), there is nothing to replay, or the replay output
@@ -56,14 +62,15 @@ def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterab
     source_uri = replay_layout.replay_source
     wanted = set(stages) if stages else None
     asked = tuple(sorted(wanted)) if wanted else None
-    if storage.exists(source_uri):  # a rerun of the same replay: reuse its input, so the job resumes
-        return _previous_replay(replay_layout.root, source_uri, job_output_uri, asked)
+    store = store or default_store()
+    if store.exists(source_uri):  # a rerun of the same replay: reuse its input, so the job resumes
+        return _previous_replay(store, replay_layout.root, source_uri, job_output_uri, asked)
     manifest_uri = job_layout.manifest
-    if not storage.exists(manifest_uri):
+    if not store.exists(manifest_uri):
         name = posixpath.basename(manifest_uri)
         raise ConfigError(f"{job_output_uri} has no {name}: that job has not finished; run it first")
-    manifest = orjson.loads(storage.read_bytes(manifest_uri))
-    staging = storage.local_staging_dir(replay_layout.replay_input)
+    manifest = orjson.loads(store.read_bytes(manifest_uri))
+    staging = store.local_staging_dir(replay_layout.replay_input)
     local = os.path.join(staging, "failures.jsonl")
     replayable = not_replayable = 0
     try:
@@ -73,9 +80,9 @@ def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterab
                 # one is relative to the first job's working directory when its output was a relative path, and
                 # stale when the output was copied or moved since
                 uri = job_layout.failures(int(result["index"]))
-                if not result.get("failed") or not storage.exists(uri):
+                if not result.get("failed") or not store.exists(uri):
                     continue
-                for line in storage.read_bytes(uri).splitlines():
+                for line in store.read_bytes(uri).splitlines():
                     row = orjson.loads(line)
                     if wanted is not None and row.get("stage") not in wanted:
                         continue
@@ -90,20 +97,20 @@ def collect_failures(job_output_uri: str, replay_output_uri: str, stages: Iterab
                 + (f" in stages {sorted(wanted)}" if wanted else "")
                 + (f" ({not_replayable} failed before they could be parsed)" if not_replayable else "")
             )
-        storage.upload_file(local, replay_layout.replay_input)
+        store.upload_file(local, replay_layout.replay_input)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     replay = ReplayInput(replay_layout.replay_dir, replayable, not_replayable, str(manifest.get("model_name", "")),
                          str(manifest.get("job_id", "")), job_output_uri, asked)  # fmt: skip
-    storage.write_bytes(source_uri, orjson.dumps(dataclasses.asdict(replay)))
+    store.write_bytes(source_uri, orjson.dumps(dataclasses.asdict(replay)))
     return replay
 
 
 def _previous_replay(
-    replay_output_uri: str, source_uri: str, job_output_uri: str, asked: tuple[str, ...] | None
+    store: Store, replay_output_uri: str, source_uri: str, job_output_uri: str, asked: tuple[str, ...] | None
 ) -> ReplayInput:
     """The replay already prepared in this output, when it is the one asked for again."""
-    data = orjson.loads(storage.read_bytes(source_uri))
+    data = orjson.loads(store.read_bytes(source_uri))
     previous = ReplayInput(**{**data, "stages": tuple(data["stages"]) if data.get("stages") else None})
     if (previous.job_output_uri, previous.stages) != (job_output_uri, asked):
         raise ConfigError(

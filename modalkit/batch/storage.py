@@ -1,16 +1,19 @@
-"""Reading and writing URIs: ``s3://bucket/key``, ``file:///path`` and plain local paths, through fsspec.
+"""Reading and writing URIs: ``s3://bucket/key``, ``file:///path``, plain local paths and any other fsspec URI.
 
-Every call translates botocore/fsspec/OS errors into :class:`~modalkit.exceptions.StorageError` and retries the
-transient ones (a dropped connection, throttling, a 5xx) with backoff for about half a minute, so a short outage
-of S3 costs a pause, not a failed chunk. Writes are atomic: a local file is written aside and renamed, an S3
-object appears whole on PUT.
+A :class:`Store` does it; a process builds one (:func:`default_store`) and passes it to planning, the chunk
+processor and the record sender, and a test may pass one over fsspec's in-memory filesystem instead. Every call
+translates botocore/fsspec/OS errors into :class:`~modalkit.exceptions.StorageError` and retries the transient ones
+(a dropped connection, throttling, a 5xx) with backoff for about half a minute, so a short outage of S3 costs a
+pause, not a failed chunk. Writes are atomic: a local file is written aside and renamed, an object appears whole
+on PUT.
 
 Example:
     >>> import tempfile
-    >>> from modalkit.batch import storage
-    >>> out = storage.join(tempfile.mkdtemp(), "hello.txt")
-    >>> storage.write_bytes(out, b"hi")
-    >>> storage.read_bytes(out)
+    >>> from modalkit.batch.storage import Store, join
+    >>> store = Store()
+    >>> out = join(tempfile.mkdtemp(), "hello.txt")
+    >>> store.write_bytes(out, b"hi")
+    >>> store.read_bytes(out)
     b'hi'
 """
 
@@ -18,38 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, ParamSpec, TypeVar
 
-import orjson
 from tenacity import RetryCallState, retry, retry_if_exception, wait_exponential, wait_random
 
 from modalkit.exceptions import StorageError, is_retryable, storage_errors
 
-__all__ = [
-    "StoredFile",
-    "create_exclusive",
-    "delete",
-    "exists",
-    "filesystem",
-    "is_remote",
-    "join",
-    "list_files",
-    "list_names",
-    "open_input",
-    "read_bytes",
-    "remove_staging_dirs",
-    "strip_protocol",
-    "upload_file",
-    "write_bytes",
-]
+__all__ = ["Store", "StoredFile", "default_store", "is_remote", "join", "strip_protocol"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -104,31 +89,298 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def filesystem(uri: str) -> tuple[Any, str]:
-    """The fsspec filesystem for ``uri`` (cached per process) and the path within it."""
-    if uri.startswith("s3://") or uri.startswith("s3a://"):
-        return _s3(), strip_protocol(uri)
-    if is_remote(uri):
+@dataclass(frozen=True)
+class StoredFile:
+    """One input file: where it is, its key under the input root, size and version tag (an object's ETag; empty
+    for a local file, whose version planning hashes from its content)."""
+
+    uri: str
+    key: str
+    size: int
+    etag: str
+
+
+class _LocalFiles:
+    """The local variant: files on this machine's disk, written aside and renamed into place."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def write(self, path: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _write_temporary(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+    def create(self, path: str, data: bytes) -> bool:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _write_temporary(path, data)
+        try:
+            os.link(tmp, path)  # a hard link of a finished file: atomic, and fails when the name is taken
+        except FileExistsError:
+            return False
+        finally:
+            _remove_quietly(tmp)
+        return True
+
+    def upload(self, local_path: str, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(local_path, path)
+
+    def staging_dir(self, path: str) -> str:
+        staging = os.path.join(os.path.dirname(path), f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+        with storage_errors(f"making the staging directory {staging}"):
+            os.makedirs(staging, exist_ok=True)
+        return staging
+
+    def remove_staging_dirs(self, root: str) -> int:
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(root):
+                if entry.is_dir(follow_symlinks=False) and entry.name.startswith(_STAGING_PREFIX):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed += 1
+        return removed
+
+    def forget_listing(self, path: str) -> None:
+        pass  # the local filesystem caches no listing
+
+    def open(self, path: str, stack: contextlib.ExitStack) -> IO[bytes]:
+        return stack.enter_context(open(path, "rb", buffering=READ_BUFFER))
+
+
+class _ObjectFiles:
+    """The object-store variant (S3, or any fsspec filesystem): an object appears whole when it is put."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def write(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path, data)
+
+    def create(self, path: str, data: bytes) -> bool:
+        try:
+            self.fs.pipe_file(path, data, mode="create")  # S3: a conditional write, If-None-Match: *
+        except FileExistsError:
+            return False
+        return True
+
+    def upload(self, local_path: str, path: str) -> None:
+        self.fs.put_file(local_path, path)  # multipart on S3
+
+    def staging_dir(self, path: str) -> str:
+        with storage_errors("making a local staging directory"):
+            return tempfile.mkdtemp(prefix="modalkit-")
+
+    def remove_staging_dirs(self, root: str) -> int:
+        return 0  # objects stage in the worker's temp folder, which goes with the worker
+
+    def forget_listing(self, path: str) -> None:
+        self.fs.invalidate_cache(path)  # s3fs caches listings: another process may have written since
+
+    def open(self, path: str, stack: contextlib.ExitStack) -> IO[bytes]:
+        raw = stack.enter_context(self.fs.open(path, "rb", cache_type="none"))
+        return stack.enter_context(io.BufferedReader(raw, buffer_size=REMOTE_READ_BUFFER))
+
+
+class Store:
+    """Reads, writes and lists URIs through fsspec, with the one retry layer; one per process, passed in.
+
+    Local paths and ``file://`` URIs get the local variant (atomic renames, staging beside the output); any other
+    protocol the object-store variant over its fsspec filesystem.
+
+    Args:
+        filesystems: fsspec filesystems by protocol, used instead of the ones fsspec would make (a test passes
+            ``{"memory": MemoryFileSystem()}``; ``memory://`` URIs work without it too).
+        s3_options: s3fs options for ``s3://`` URIs; by default they follow the ``AWS_*`` variables as boto3 does
+            (:func:`modalkit.aws.s3_storage_options`), read when a call needs S3.
+    """
+
+    def __init__(
+        self, filesystems: Mapping[str, Any] | None = None, s3_options: Mapping[str, Any] | None = None
+    ) -> None:
+        self._filesystems = dict(filesystems or {})
+        self._s3_options = dict(s3_options) if s3_options is not None else None
+        self._local: _LocalFiles | None = None
+
+    def filesystem(self, uri: str) -> tuple[Any, str]:
+        """The fsspec filesystem for ``uri`` and the path within it."""
+        files, path = self._files(uri)
+        return files.fs, path
+
+    def _files(self, uri: str) -> tuple[_LocalFiles | _ObjectFiles, str]:
+        if not is_remote(uri):
+            if self._local is None:
+                self._local = _LocalFiles(_local_fs())
+            return self._local, os.path.abspath(strip_protocol(uri))
+        protocol = uri.split("://", 1)[0]
+        if protocol in self._filesystems:
+            fs = self._filesystems[protocol]
+            return _ObjectFiles(fs), fs._strip_protocol(uri)
+        if protocol in ("s3", "s3a"):
+            return _ObjectFiles(self._s3()), strip_protocol(uri)
         import fsspec
 
         with storage_errors(f"opening {uri}"):
             fs, path = fsspec.core.url_to_fs(uri)
-        return fs, path
-    return _local(), os.path.abspath(strip_protocol(uri))
+        return _ObjectFiles(fs), path
+
+    def _s3(self) -> Any:
+        if self._s3_options is not None:
+            options = self._s3_options
+        else:
+            from modalkit.aws import s3_storage_options
+
+            options = s3_storage_options()
+        # fsspec caches instances by their arguments (and per process), so this is cheap after the first call
+        return _one_attempt_s3fs()(**options, default_block_size=8 * 1024 * 1024)
+
+    @with_retries
+    def exists(self, uri: str) -> bool:
+        """Whether a file or object exists at ``uri``."""
+        files, path = self._files(uri)
+        with storage_errors(f"checking {uri}"):
+            return bool(files.fs.exists(path))
+
+    @with_retries
+    def read_bytes(self, uri: str) -> bytes:
+        """The whole content of ``uri``."""
+        files, path = self._files(uri)
+        with storage_errors(f"reading {uri}"):
+            return bytes(files.fs.cat_file(path))
+
+    @with_retries
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write ``data`` to ``uri`` atomically (readers see the old content or the new, never a part)."""
+        files, path = self._files(uri)
+        with storage_errors(f"writing {uri}"):
+            files.write(path, data)
+
+    @with_retries
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` to ``uri`` only when nothing is there, atomically; True when this call created it.
+
+        Two writers racing for one path: exactly one creates it (S3 conditional write ``If-None-Match: *``, a hard
+        link of a finished temporary file locally), the other gets False and reads what the winner wrote.
+        """
+        files, path = self._files(uri)
+        with storage_errors(f"creating {uri}"):
+            return files.create(path, data)
+
+    @with_retries
+    def upload_file(self, local_path: str, uri: str) -> None:
+        """Copy a finished local file to ``uri`` (a rename when ``uri`` is local; multipart upload on S3)."""
+        files, path = self._files(uri)
+        with storage_errors(f"writing {uri}"):
+            files.upload(local_path, path)
+
+    def local_staging_dir(self, uri: str) -> str:
+        """A directory for files on their way to ``uri``: beside it when local (so the final move is a rename).
+
+        Raises:
+            StorageError: the directory cannot be made (a read-only or full file system), naming it.
+        """
+        files, path = self._files(uri)
+        return files.staging_dir(path)
+
+    def remove_staging_dirs(self, output_uri: str) -> int:
+        """Remove the staging folders left under a local output by workers that were killed; returns how many.
+
+        Call it only when no chunk of the job runs (the job's end): a live worker's staging folder looks the same.
+        """
+        files, root = self._files(output_uri)
+        return files.remove_staging_dirs(root)
+
+    @with_retries
+    def delete(self, uri: str) -> None:
+        """Delete ``uri`` if it exists."""
+        files, path = self._files(uri)
+        with storage_errors(f"deleting {uri}"):
+            if files.fs.exists(path):
+                files.fs.rm_file(path)
+
+    @with_retries
+    def list_names(self, uri: str, folders: bool = False) -> list[str]:
+        """Names of the files (and with ``folders``, the folders) directly under the folder ``uri`` (one listing
+        call); empty when it does not exist."""
+        files, path = self._files(uri)
+        with storage_errors(f"listing {uri}"):
+            files.forget_listing(path)
+            try:
+                entries = files.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return []
+        kinds = ("file", "directory") if folders else ("file",)
+        return sorted(
+            str(entry["name"]).rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") in kinds
+        )
+
+    @with_retries
+    def list_files(self, uri: str, skipped: list[str] | None = None) -> list[StoredFile]:
+        """Files under ``uri`` (or ``uri`` itself when it is a file), sorted by key.
+
+        Under a folder, hidden files and folders (``.name``, ``_name``: our own ``_chunks``, ``_failures``,
+        ``_manifest.json`` among them) are skipped, and their keys appended to ``skipped`` when it is given; a file
+        named on its own is taken whatever its name. An object's ``etag`` is its ETag; a local file's is empty.
+
+        Raises:
+            StorageError: ``uri`` does not exist.
+        """
+        files, path = self._files(uri)
+        fs = files.fs
+        protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+        single = False
+        with storage_errors(f"listing {uri}"):
+            if not fs.exists(path):
+                raise StorageError(f"input {uri} does not exist", retryable=False)
+            info = fs.info(path)
+            if info.get("type") == "file":
+                entries = {path: info}
+                root = os.path.dirname(path.rstrip("/"))
+                single = True
+            else:
+                entries = fs.find(path, detail=True)
+                root = path.rstrip("/")
+        out = []
+        for name, meta in entries.items():
+            if meta.get("islink"):  # a local symlink: listed as "other" with the link's own size; take its target's
+                with storage_errors(f"listing {uri}"):
+                    meta = fs.info(name)
+            if meta.get("type") not in (None, "file"):
+                continue
+            key = name[len(root) :].lstrip("/") if name.startswith(root) else os.path.basename(name)
+            if not single and any(part.startswith((".", "_")) for part in key.split("/")):
+                if skipped is not None:
+                    skipped.append(key)
+                continue  # hidden files, and our own _chunks/_failures/_manifest.json
+            etag = str(meta.get("ETag") or meta.get("etag") or "") if is_remote(uri) else ""
+            out.append(StoredFile(uri=f"{protocol}{name}", key=key, size=int(meta.get("size") or 0), etag=etag))
+        return sorted(out, key=lambda f: f.key)
+
+    @contextlib.contextmanager
+    def open_input(self, uri: str) -> Iterator[IO[bytes]]:
+        """Open ``uri`` for buffered binary reading (the formats' codecs decompress on top)."""
+        files, path = self._files(uri)
+        with contextlib.ExitStack() as stack:
+            with storage_errors(f"opening {uri}"):
+                stream = files.open(path, stack)
+            yield stream
 
 
 @functools.cache
-def _local() -> Any:
+def default_store() -> Store:
+    """This process's store, made on first use: what a worker, the CLI or a flow passes on."""
+    return Store()
+
+
+@functools.cache
+def _local_fs() -> Any:
     import fsspec
 
     return fsspec.filesystem("file")
-
-
-def _s3() -> Any:
-    # fsspec caches instances by their arguments (and per process), so this is cheap after the first call
-    from modalkit.aws import s3_storage_options
-
-    return _one_attempt_s3fs()(**s3_storage_options(), default_block_size=8 * 1024 * 1024)
 
 
 @functools.cache
@@ -143,268 +395,32 @@ def _one_attempt_s3fs() -> type:
     return OneAttemptS3FileSystem
 
 
-@with_retries
-def exists(uri: str) -> bool:
-    """Whether a file or object exists at ``uri``."""
-    fs, path = filesystem(uri)
-    with storage_errors(f"checking {uri}"):
-        return bool(fs.exists(path))
-
-
-@with_retries
-def read_bytes(uri: str) -> bytes:
-    """The whole content of ``uri``."""
-    fs, path = filesystem(uri)
-    with storage_errors(f"reading {uri}"):
-        return bytes(fs.cat_file(path))
-
-
-@with_retries
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` atomically (readers see the old content or the new, never a part)."""
-    fs, path = filesystem(uri)
-    with storage_errors(f"writing {uri}"):
-        if is_remote(uri):
-            fs.pipe_file(path, data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = _write_temporary(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
-
-
-@with_retries
-def create_exclusive(uri: str, data: bytes) -> bool:
-    """Write ``data`` to ``uri`` only when nothing is there, atomically; True when this call created it.
-
-    Two writers racing for one path: exactly one creates it (S3 conditional write ``If-None-Match: *``, a hard
-    link of a finished temporary file locally), the other gets False and reads what the winner wrote.
-    """
-    fs, path = filesystem(uri)
-    with storage_errors(f"creating {uri}"):
-        if is_remote(uri):
-            try:
-                fs.pipe_file(path, data, mode="create")
-            except FileExistsError:
-                return False
-            return True
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = _write_temporary(path, data)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            _remove_quietly(tmp)
-        return True
-
-
 def _write_temporary(path: str, data: bytes) -> str:
     """A finished temporary file beside ``path`` holding ``data``, with the mode a new file gets (umask)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the modes part files get
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600; outputs get the modes part files get
     except BaseException:
         _remove_quietly(tmp)
         raise
     return tmp
 
 
-def _umask() -> int:
+@functools.cache
+def process_umask() -> int:
+    """The process's umask, read once when first needed: from ``/proc/self/status`` on Linux (reading it leaves
+    it alone); elsewhere ``os.umask`` is the only way, which sets it and puts it back."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
-
-
-@with_retries
-def upload_file(local_path: str, uri: str) -> None:
-    """Copy a finished local file to ``uri`` (a rename when ``uri`` is local; multipart upload on S3)."""
-    fs, path = filesystem(uri)
-    with storage_errors(f"writing {uri}"):
-        if is_remote(uri):
-            fs.put_file(local_path, path)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.replace(local_path, path)
-
-
-def local_staging_dir(uri: str) -> str:
-    """A directory for files on their way to ``uri``: beside it when local (so the final move is a rename).
-
-    Raises:
-        StorageError: the directory cannot be made (a read-only or full file system), naming it.
-    """
-    if is_remote(uri):
-        with storage_errors("making a local staging directory"):
-            return tempfile.mkdtemp(prefix="modalkit-")
-    path = os.path.join(os.path.dirname(filesystem(uri)[1]), f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
-    with storage_errors(f"making the staging directory {path}"):
-        os.makedirs(path, exist_ok=True)
-    return path
-
-
-def remove_staging_dirs(output_uri: str) -> int:
-    """Remove the staging folders left under a local output by workers that were killed; returns how many.
-
-    Call it only when no chunk of the job runs (the job's end): a live worker's staging folder looks the same.
-    """
-    if is_remote(output_uri):
-        return 0  # remote outputs stage in the worker's temp folder, which goes with the worker
-    root = filesystem(output_uri)[1]
-    removed = 0
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(root):
-            if entry.is_dir(follow_symlinks=False) and entry.name.startswith(_STAGING_PREFIX):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed += 1
-    return removed
-
-
-@with_retries
-def delete(uri: str) -> None:
-    """Delete ``uri`` if it exists."""
-    fs, path = filesystem(uri)
-    with storage_errors(f"deleting {uri}"):
-        if fs.exists(path):
-            fs.rm_file(path)
-
-
-@with_retries
-def list_names(uri: str, folders: bool = False) -> list[str]:
-    """Names of the files (and with ``folders``, the folders) directly under the folder ``uri`` (one listing call);
-    empty when it does not exist."""
-    fs, path = filesystem(uri)
-    with storage_errors(f"listing {uri}"):
-        if is_remote(uri):
-            fs.invalidate_cache(path)  # s3fs caches listings: another process may have written since
-        try:
-            entries = fs.ls(path, detail=True)
-        except FileNotFoundError:
-            return []
-    kinds = ("file", "directory") if folders else ("file",)
-    return sorted(str(entry["name"]).rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") in kinds)
-
-
 def _remove_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         os.remove(path)
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    """One input file: where it is, its key under the input root, size and version tag (S3 ETag, or a hash of a
-    local file's content)."""
-
-    uri: str
-    key: str
-    size: int
-    etag: str
-
-
-@with_retries
-def list_files(uri: str, skipped: list[str] | None = None) -> list[StoredFile]:
-    """Files under ``uri`` (or ``uri`` itself when it is a file), sorted by key.
-
-    Under a folder, hidden files and folders (``.name``, ``_name``: our own ``_chunks``, ``_failures``,
-    ``_manifest.json`` among them) are skipped, and their keys appended to ``skipped`` when it is given; a file
-    named on its own is taken whatever its name.
-
-    Raises:
-        StorageError: ``uri`` does not exist.
-    """
-    fs, path = filesystem(uri)
-    protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
-    hashes = _ContentHashes()
-    single = False
-    with storage_errors(f"listing {uri}"):
-        if not fs.exists(path):
-            raise StorageError(f"input {uri} does not exist", retryable=False)
-        info = fs.info(path)
-        if info.get("type") == "file":
-            entries = {path: info}
-            root = os.path.dirname(path.rstrip("/"))
-            single = True
-        else:
-            entries = fs.find(path, detail=True)
-            root = path.rstrip("/")
-    files = []
-    for name, meta in entries.items():
-        if meta.get("islink"):  # a local symlink: listed as "other" with the link's own size; take its target's
-            with storage_errors(f"listing {uri}"):
-                meta = fs.info(name)
-        if meta.get("type") not in (None, "file"):
-            continue
-        key = name[len(root) :].lstrip("/") if name.startswith(root) else os.path.basename(name)
-        if not single and any(part.startswith((".", "_")) for part in key.split("/")):
-            if skipped is not None:
-                skipped.append(key)
-            continue  # hidden files, and our own _chunks/_failures/_manifest.json
-        if is_remote(uri):
-            etag = str(meta.get("ETag") or meta.get("etag") or "")
-        else:
-            with storage_errors(f"reading {name}"):
-                etag = hashes.version(name)
-        files.append(StoredFile(uri=f"{protocol}{name}", key=key, size=int(meta.get("size") or 0), etag=etag))
-    if hashes.dirty:
-        hashes.save()
-    return sorted(files, key=lambda f: f.key)
-
-
-class _ContentHashes:
-    """A local file's version is a hash of its content, so that ``touch`` keeps a job's identity and an edit does
-    not. Hashes are cached by (path, size, mtime, inode) under ``$MODALKIT_HOME/cache``: a file is read once, and
-    again only after it was touched or changed."""
-
-    MAX_ENTRIES = 20_000
-
-    def __init__(self) -> None:
-        home = os.environ.get("MODALKIT_HOME") or os.path.expanduser("~/.modalkit")
-        self.path = os.path.join(home, "cache", "content-hashes.json")
-        self.dirty = False
-        try:
-            with open(self.path, "rb") as fh:
-                self.cache: dict[str, str] = orjson.loads(fh.read())
-        except (OSError, orjson.JSONDecodeError):
-            self.cache = {}
-
-    def version(self, path: str) -> str:
-        st = os.stat(path)
-        key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-        found = self.cache.get(key)
-        if found is None:
-            with open(path, "rb") as fh:
-                found = "sha1:" + hashlib.file_digest(fh, lambda: hashlib.sha1(usedforsecurity=False)).hexdigest()
-            self.cache[key] = found
-            self.dirty = True
-        return found
-
-    def save(self) -> None:
-        entries = list(self.cache.items())[-self.MAX_ENTRIES :]
-        with contextlib.suppress(OSError):  # a cache: a read-only home only costs the hashing again next time
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(orjson.dumps(dict(entries)))
-            os.replace(tmp, self.path)
-
-
-@contextlib.contextmanager
-def open_input(uri: str) -> Iterator[IO[bytes]]:
-    """Open ``uri`` for buffered binary reading (the formats' codecs decompress on top)."""
-    fs, path = filesystem(uri)
-    with contextlib.ExitStack() as stack:
-        with storage_errors(f"opening {uri}"):
-            if is_remote(uri):
-                raw = stack.enter_context(fs.open(path, "rb", cache_type="none"))
-                stream: IO[bytes] = stack.enter_context(io.BufferedReader(raw, buffer_size=REMOTE_READ_BUFFER))
-            else:
-                stream = stack.enter_context(open(path, "rb", buffering=READ_BUFFER))
-        yield stream

@@ -152,7 +152,7 @@ def test_of_two_jobs_claiming_one_output_at_once_exactly_one_gets_it(
             t.join()
         assert sorted(outcomes)[0] == "claimed"
         assert "already holds job" in sorted(outcomes)[1], outcomes
-        storage.delete(OutputLayout(out).job_claim)
+        storage.default_store().delete(OutputLayout(out).job_claim)
 
 
 def claim_at_once(plan: JobPlan, barrier: threading.Barrier, outcomes: list[str]) -> None:

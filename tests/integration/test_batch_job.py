@@ -271,10 +271,10 @@ class Dataset:
 
         cuts: dict[str, set[int]] = {key: set() for key in self.line_starts}
         chunks = [c for c in plan_chunks(list_dataset(self.uri), CHUNK, split_csv=True) if c.key in cuts]
-        firsts = {key: min(c.start for c in chunks if c.key == key) for key in cuts}
+        firsts = {key: min(c.extent.start for c in chunks if c.key == key) for key in cuts}
         for c in chunks:
-            if c.start != firsts[c.key]:
-                cuts[c.key].add(c.start)
+            if c.extent.start != firsts[c.key]:
+                cuts[c.key].add(c.extent.start)
         return cuts
 
     @property
@@ -337,7 +337,7 @@ def run_job(tmp_path: Path, input_uri: str, output_uri: str, settings: dict[str,
 
 def chunks_per_file(output_uri: str) -> Counter[str]:
     """How many chunks each input file was cut into, from the commit markers."""
-    fs, root = storage.filesystem(output_uri)
+    fs, root = storage.default_store().filesystem(output_uri)
     fs.invalidate_cache()
     markers = [m for m in fs.find(f"{root}/_chunks") if m.endswith(".json") and "progress" not in m]
     return Counter(json.loads(fs.cat_file(m))["key"] for m in markers)
@@ -498,11 +498,11 @@ def test_without_id_field_records_are_named_by_file_and_position_and_parts_can_b
     assert min(chunks_per_file(output).values()) >= 2
     check_summary(ds, summary, output)
     _, failures = check_outputs(ds, output)
-    fs, root = storage.filesystem(output)
+    fs, root = storage.default_store().filesystem(output)
     names = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(root))
     assert [n for n in names if n.startswith("part-")] == [f"part-{i:05d}.parquet" for i in range(summary["chunks"])]
     # Parquet parts keep the output model's types
-    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/part-00000.parquet")))
+    table = pq.read_table(io.BytesIO(storage.default_store().read_bytes(f"{output}/part-00000.parquet")))
     assert table.schema.names == ["record_id", "label", "score", "_extra"]  # _extra: any extra output fields
     assert (table.schema.field("record_id").type, table.schema.field("score").type) == (pa.string(), pa.float64())
     # every stage failed some record, and each failure's id (checked above) is its file and position
@@ -600,7 +600,7 @@ def test_csv_quoted_fields_holding_newlines_are_kept_whole_and_never_cut_silentl
     data = (source / "multi.csv").read_bytes()
     assert len(data) > 2 * CHUNK
     assert len(plan_chunks(list_dataset(str(source)), CHUNK)) == 1  # by default a CSV file is read whole
-    cuts = [c.start for c in plan_chunks(list_dataset(str(source)), CHUNK, split_csv=True)][1:]
+    cuts = [c.extent.start for c in plan_chunks(list_dataset(str(source)), CHUNK, split_csv=True)][1:]
     first_lines = [cut if data[cut - 1 : cut] == b"\n" else data.index(b"\n", cut) + 1 for cut in cuts]
     assert set(first_lines) - record_starts, "no cut falls inside a record: the split run would prove nothing"
 

@@ -33,7 +33,7 @@ from batch_support import drain_sqs, duplicates, read_failures, read_manifest, r
 import modalkit.modal_service
 from flows.batch_inference import build_batch_flow
 from modalkit.exceptions import ConfigError, RemoteError
-from modalkit.iomodel import ChunkSpec, JobSpec
+from modalkit.iomodel import ByteRange, ChunkSpec, JobSpec
 from modalkit.runners import open_runner
 from modalkit.runners.modal_client import ModalChunkClient
 from modalkit.settings import Settings
@@ -413,7 +413,9 @@ def test_modal_backend_via_in_process_modal_standin_retries_a_chunk_that_met_a_b
 
 def chunk_ref() -> tuple[JobSpec, ChunkSpec]:
     job = JobSpec(job_id="j1", input_uri="s3://b/in", output_uri="s3://b/out", model_name="sentiment")
-    chunk = ChunkSpec(job_id="j1", index=7, uri="s3://b/in/a.jsonl", key="a.jsonl", format="jsonl", size=10)
+    chunk = ChunkSpec(
+        job_id="j1", index=7, uri="s3://b/in/a.jsonl", key="a.jsonl", format="jsonl", extent=ByteRange(), size=10
+    )
     return job, chunk
 
 

@@ -69,7 +69,7 @@ def test_an_s3_storage_call_makes_one_http_attempt_per_modalkit_try(
     monkeypatch.setattr(storage, "RETRY_SECONDS", 0.0)  # modalkit's own layer: a single try
 
     with pytest.raises(StorageError, match="reading s3://bucket/key") as raised:
-        storage.read_bytes("s3://bucket/key")
+        storage.default_store().read_bytes("s3://bucket/key")
 
     assert raised.value.retryable  # a dropped connection is worth trying again, later
     # neither s3fs nor botocore tried again underneath (stock s3fs made 50 attempts over 35 s here); aiohttp

@@ -218,11 +218,10 @@ def assert_marker_matches_files(out: Path, result: ChunkResult, chunk: ChunkSpec
     succeeded = len(read_jsonl(out / f"part-{n}.jsonl"))
     failed = len(read_jsonl(out / "_failures" / f"part-{n}.jsonl"))
     assert (marker["records"], marker["succeeded"], marker["failed"]) == (succeeded + failed, succeeded, failed)
-    assert (marker["job_id"], marker["key"], marker["start"], marker["end"]) == (
+    assert (marker["job_id"], marker["key"], marker["extent"]) == (
         JOB_ID,
         chunk.key,
-        chunk.start,
-        chunk.end,
+        {"kind": "bytes", "start": chunk.extent.start, "end": chunk.extent.end},
     )
     assert (result.records, result.succeeded, result.failed, result.skipped) == (
         succeeded + failed,

@@ -24,6 +24,7 @@ import pytest
 
 from modalkit.batch.formats import Batch, Unreadable, format_named
 from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
+from modalkit.batch.storage import default_store
 from modalkit.exceptions import ConfigError, StorageError
 from modalkit.iomodel import ChunkSpec
 
@@ -33,7 +34,7 @@ WORDS = ["ok", "a", "naïve", "日本語", "emoji 🎉", "x" * 40, "comma, insid
 
 def iter_batches(chunk: ChunkSpec, batch_size: int) -> Iterator[Batch]:
     """The chunk's sub-batches, read by its format's plug-in."""
-    return format_named(chunk.format).read(chunk, batch_size)
+    return format_named(chunk.format).read(chunk, batch_size, default_store())
 
 
 def read_all(chunks: list[ChunkSpec], batch_size: int) -> list[tuple[int, Any]]:
@@ -59,12 +60,12 @@ def scan_lines(data: bytes, skip_first: bool = False) -> list[tuple[int, bytes]]
 
 
 def assert_byte_ranges_tile_the_file(chunks: list[ChunkSpec], first_start: int, size: int) -> None:
-    assert chunks[0].start == first_start
-    assert chunks[-1].end is None
+    assert chunks[0].extent.start == first_start
+    assert chunks[-1].extent.end is None
     for before, after in itertools.pairwise(chunks):
-        assert before.end == after.start
-        assert before.start < before.end  # type: ignore[operator]
-    assert all(c.end is None or c.end < size for c in chunks)
+        assert before.extent.end == after.extent.start
+        assert before.extent.start < before.extent.end  # type: ignore[operator]
+    assert all(c.extent.end is None or c.extent.end < size for c in chunks)
 
 
 # --- JSONL ----------------------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_every_jsonl_line_is_read_once_in_order_at_its_byte_offset(tmp_path: Pat
             assert_byte_ranges_tile_the_file(chunks, 0, len(data))
             if len(data) > chunk_size:
                 assert len(chunks) == -(-len(data) // chunk_size)
-                assert all((c.end or len(data)) - c.start <= chunk_size for c in chunks)
+                assert all((c.extent.end or len(data)) - c.extent.start <= chunk_size for c in chunks)
 
 
 def test_a_line_longer_than_a_chunk_is_read_once_by_the_chunk_where_it_starts(tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_a_line_longer_than_a_chunk_is_read_once_by_the_chunk_where_it_starts(tm
     chunks = plan_chunks(list_dataset(str(tmp_path / "in")), chunk_size=20)
     per_chunk = [[pos for positions, _ in iter_batches(c, 100) for pos in positions] for c in chunks]
     last = 14 + len(long_line)
-    owner = next(i for i, c in enumerate(chunks) if c.start <= last < (c.end or len(data)))
+    owner = next(i for i, c in enumerate(chunks) if c.extent.start <= last < (c.extent.end or len(data)))
     assert owner > 1
     assert per_chunk[0] == [0, 14]  # the long line starts in chunk 0 and is read there, past the chunk's end
     assert per_chunk[owner] == [last]
@@ -169,7 +170,7 @@ def test_every_csv_row_is_read_once_in_order_without_the_header(tmp_path: Path, 
             assert data.rstrip(b"\r\n").count(b"\n") == 0
             assert not expected
             continue
-        assert {c.header for c in chunks} == {("id", "text", "n")}
+        assert {c.extent.header for c in chunks} == {("id", "text", "n")}
         got = read_all(chunks, batch_size=rng.randint(1, 6))
         assert got == expected, f"seed {seed}, chunk_size {chunk_size}"
         if compress:
@@ -222,7 +223,7 @@ def test_csv_header_problems_are_storage_errors_naming_the_file(tmp_path: Path) 
 def test_csv_header_with_a_byte_order_mark(tmp_path: Path) -> None:
     (tmp_path / "bom.csv").write_bytes("\ufeffid,text\n1,x\n".encode())
     chunks = plan_chunks(list_dataset(str(tmp_path / "bom.csv")), 100)
-    assert chunks[0].header == ("id", "text")
+    assert chunks[0].extent.header == ("id", "text")
     assert read_all(chunks, 10) == [(11, {"id": "1", "text": "x"})]
 
 
@@ -240,13 +241,13 @@ def test_parquet_chunks_follow_row_groups_and_read_every_row(tmp_path: Path) -> 
         chunk_size = rng.choice([1, 200, 1000, 5000, 10**9])
         chunks = plan_chunks(list_dataset(str(path)), chunk_size=chunk_size)
 
-        groups = [g for c in chunks for g in c.row_groups]
+        groups = [g for c in chunks for g in c.extent.groups]
         assert groups == list(range(meta.num_row_groups)), f"seed {seed}: every row group once, in order, unsplit"
         row = 0
         for c in chunks:
-            assert c.first_row == row
-            row += sum(meta.row_group(g).num_rows for g in c.row_groups)
-            if len(c.row_groups) > 1:
+            assert c.extent.first_row == row
+            row += sum(meta.row_group(g).num_rows for g in c.extent.groups)
+            if len(c.extent.groups) > 1:
                 assert c.size <= chunk_size  # only a single row group may exceed the chunk size
         got = read_all(chunks, batch_size=rng.randint(1, 50))
         assert [pos for pos, _ in got] == list(range(n))

@@ -1,8 +1,10 @@
 """Input formats as plug-ins: JSONL, CSV and Parquet, and the gzip codec.
 
-Each format declares its suffixes, how a file is planned into chunks and how a chunk is read
-(:class:`~modalkit.batch.formats.base.InputFormat`); a codec (:class:`~modalkit.batch.formats.base.Codec`) declares
-a compression suffix. A file's name picks both: ``reviews.jsonl.gz`` is JSONL compressed with gzip.
+Each format declares its suffixes, how a file is planned into chunks, each a typed extent
+(:class:`~modalkit.iomodel.ByteRange`, :class:`~modalkit.iomodel.CsvRows`, :class:`~modalkit.iomodel.RowGroups`),
+and how a chunk is read (:class:`~modalkit.batch.formats.base.InputFormat`); a codec
+(:class:`~modalkit.batch.formats.base.Codec`) declares a compression suffix. A file's name picks both:
+``reviews.jsonl.gz`` is JSONL compressed with gzip.
 
 Example:
     >>> from modalkit.batch.formats import detect
@@ -14,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from modalkit.batch.formats.base import Batch, Codec, InputFile, InputFormat, PlanOptions, Unreadable
+from modalkit.batch.formats.base import Batch, Codec, InputFile, InputFormat, Part, PlanOptions, Unreadable
 from modalkit.batch.formats.codecs import CODECS, codec_named
 from modalkit.batch.formats.csv import CsvFormat
 from modalkit.batch.formats.jsonl import JsonlFormat
@@ -25,6 +27,7 @@ __all__ = [
     "Codec",
     "InputFile",
     "InputFormat",
+    "Part",
     "PlanOptions",
     "Unreadable",
     "codec_named",

@@ -10,11 +10,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, ClassVar, Literal
+from typing import IO, Any, ClassVar, Literal, NamedTuple, TypeVar
 
-from modalkit.batch.storage import StoredFile
+from modalkit.batch.storage import Store, StoredFile
+from modalkit.iomodel import ChunkSpec, Extent
 
-__all__ = ["Batch", "Codec", "InputFile", "InputFormat", "PlanOptions", "Unreadable", "batched"]
+__all__ = ["Batch", "Codec", "InputFile", "InputFormat", "Part", "PlanOptions", "Unreadable", "batched", "extent_of"]
+
+E = TypeVar("E")
 
 #: A sub-batch of a chunk: each record's position (byte offset or row index) and its payload.
 Batch = tuple[list[int], list[Any]]
@@ -45,6 +48,13 @@ class PlanOptions:
     split_csv: bool = False
 
 
+class Part(NamedTuple):
+    """One chunk of a file as its format plans it: which part (the extent) and about how many bytes it reads."""
+
+    extent: Extent
+    size: int
+
+
 class InputFormat(ABC):
     """An input format: ``name`` is what a ChunkSpec's ``format`` says; ``suffixes`` name its files."""
 
@@ -56,15 +66,17 @@ class InputFormat(ABC):
     compressible: ClassVar[bool] = True
 
     @abstractmethod
-    def plan(self, file: InputFile, options: PlanOptions) -> list[dict[str, Any]]:
-        """The chunks of ``file``: each as the ChunkSpec fields that say which part of it (start/end, row groups,
-        size, header...); the planner adds the index, job id, uri, key and format."""
+    def plan(self, file: InputFile, options: PlanOptions, store: Store) -> list[Part]:
+        """The chunks of ``file``, in file order: each one's extent (the byte range, CSV rows or row groups it
+        reads) and size; the planner adds the index, job id, uri, key and format. Reads no record body (a header
+        or a footer at most, through ``store``)."""
 
     @abstractmethod
-    def read(self, chunk: Any, batch_size: int) -> Iterator[Batch]:
-        """The records of ``chunk`` (a ChunkSpec), in file order, at most ``batch_size`` per sub-batch."""
+    def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
+        """The records of ``chunk`` (of the extent this format planned), read through ``store``, in file order, at
+        most ``batch_size`` per sub-batch."""
 
-    def prove_start(self, chunk: Any, committed: Callable[[], set[int]]) -> None:  # noqa: B027 - optional
+    def prove_start(self, chunk: ChunkSpec, committed: Callable[[], set[int]], store: Store) -> None:  # noqa: B027 - optional
         """Raise unless ``chunk`` provably starts at a record boundary; called before its results are committed.
 
         ``committed`` lists the indices of the job's committed chunks. Nothing to prove by default: JSONL lines
@@ -100,3 +112,11 @@ def batched(items: Iterable[tuple[int, Any]], size: int) -> Iterator[Batch]:
             positions, payloads = [], []
     if positions:
         yield positions, payloads
+
+
+def extent_of(chunk: ChunkSpec, kind: type[E]) -> E:
+    """``chunk``'s extent, which must be of the type ``kind`` its format plans (a mismatch is a bug, never data)."""
+    extent = chunk.extent
+    if not isinstance(extent, kind):
+        raise TypeError(f"chunk {chunk.index} ({chunk.key}) has a {extent.kind} extent, not {kind.__name__}")
+    return extent

@@ -17,9 +17,11 @@ import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from modalkit.batch.formats.base import Batch, InputFile, InputFormat, PlanOptions, Unreadable, batched
+from modalkit.batch.formats.base import Batch, InputFile, InputFormat, Part, PlanOptions, Unreadable, batched, extent_of
 from modalkit.batch.formats.lines import byte_ranges, open_chunk, read_lines
+from modalkit.batch.storage import Store
 from modalkit.exceptions import StorageError, storage_errors
+from modalkit.iomodel import ChunkSpec, CsvCut, CsvRows
 
 __all__ = ["CsvFormat"]
 
@@ -32,42 +34,48 @@ class CsvFormat(InputFormat):
     name = "csv"
     suffixes = (".csv",)
 
-    def plan(self, file: InputFile, options: PlanOptions) -> list[dict[str, Any]]:
-        found = _read_header(file)
+    def plan(self, file: InputFile, options: PlanOptions, store: Store) -> list[Part]:
+        found = _read_header(store, file)
         if found is None:
             return []  # an empty file (or one of blank lines) holds no records, in every format
         header, header_bytes = found
         if file.compression or file.size <= options.chunk_size or not options.split_csv:
-            return [{"start": header_bytes, "end": None, "size": file.size, "header": header}]
-        parts = byte_ranges(file.size, header_bytes, options.chunk_size)
-        if len(parts) == 1:
-            return [{**parts[0], "header": header}]
-        cut = {"header": header, "cut_from": header_bytes, "cut_step": parts[0]["end"] - parts[0]["start"]}
-        return [{**part, **cut} for part in parts]
+            return [Part(CsvRows(header=header, start=header_bytes), file.size)]
+        ranges = byte_ranges(file.size, header_bytes, options.chunk_size)
+        if len(ranges) == 1:
+            start, end, size = ranges[0]
+            return [Part(CsvRows(header=header, start=start, end=end), size)]
+        step = ranges[1][0] - ranges[0][0]
+        return [
+            Part(CsvRows(header=header, start=start, end=end, cut=CsvCut(first_start=header_bytes, step=step, part=i)),
+                 size)
+            for i, (start, end, size) in enumerate(ranges)
+        ]  # fmt: skip
 
-    def read(self, chunk: Any, batch_size: int) -> Iterator[Batch]:
-        yield from batched(_rows(chunk), batch_size)
+    def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
+        yield from batched(_rows(store, chunk, extent_of(chunk, CsvRows)), batch_size)
 
-    def prove_start(self, chunk: Any, committed: Callable[[], set[int]]) -> None:
-        if not chunk.cut_step or chunk.index == chunk.first_index:
+    def prove_start(self, chunk: ChunkSpec, committed: Callable[[], set[int]], store: Store) -> None:
+        extent = extent_of(chunk, CsvRows)
+        cut = extent.cut
+        if cut is None or cut.part == 0:
             return  # a whole file, or its first chunk: it starts right after the header
         done = committed()
-        behind = chunk.index - chunk.first_index
+        first_index = chunk.index - cut.part  # the file's chunks are numbered one after the other
         proven = 0  # the file's first chunks that committed: each checked its own lines
-        while proven < behind and chunk.first_index + proven in done:
+        while proven < cut.part and first_index + proven in done:
             proven += 1
-        if proven == behind:
+        if proven == cut.part:
             return
-        region = chunk.model_copy(update={"start": chunk.cut_from + proven * chunk.cut_step, "end": chunk.start})
-        for pos, line in read_lines(region):
+        for pos, line in read_lines(store, chunk, cut.first_start + proven * cut.step, extent.start):
             if line.count(b'"') & 1:
                 raise _unbalanced(chunk.key, pos, f"so chunk {chunk.index} cannot be proven to start at a record")
 
 
-def _read_header(f: InputFile) -> tuple[tuple[str, ...], int] | None:
+def _read_header(store: Store, f: InputFile) -> tuple[tuple[str, ...], int] | None:
     """The column names and the byte length of the header line (0 for compressed files, read from byte 0); None for
     a file with nothing but blank lines."""
-    with storage_errors(f"reading the header of {f.uri}"), open_chunk(f.uri, f.compression) as fh:
+    with storage_errors(f"reading the header of {f.uri}"), open_chunk(store, f.uri, f.compression) as fh:
         probe = fh.readline(HEADER_PROBE_BYTES)
         skipped = 0
         while probe and not probe.strip():  # blank lines before the header
@@ -103,20 +111,18 @@ def _checked(lines: Iterator[tuple[int, bytes]], key: str, end: int) -> Iterator
         yield pos, line
 
 
-def _rows(chunk: Any) -> Iterator[tuple[int, Any]]:
-    header = chunk.header
-    if not header:
-        raise StorageError(f"{chunk.key}: CSV chunk planned without a header", retryable=False)
-    lines = read_lines(chunk, stop_at_end=False)
-    if chunk.cut_step:
-        lines = _checked(lines, chunk.key, chunk.end if chunk.end is not None else 1 << 62)
-    if chunk.start == 0:  # the header line itself, and blank lines before it (compressed files are read whole)
+def _rows(store: Store, chunk: ChunkSpec, extent: CsvRows) -> Iterator[tuple[int, Any]]:
+    header = extent.header
+    lines = read_lines(store, chunk, extent.start, None)
+    if extent.cut is not None:
+        lines = _checked(lines, chunk.key, extent.end if extent.end is not None else 1 << 62)
+    if extent.start == 0:  # the header line itself, and blank lines before it (compressed files are read whole)
         for _, line in lines:
             if line.strip():
                 break
     source = _LineSource(lines)
     reader = csv.reader(source)
-    end = chunk.end
+    end = extent.end
     while True:
         source.row_start = None
         source.bad_utf8 = None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from typing import Any
 
-from modalkit.batch.formats.base import Batch, InputFile, InputFormat, PlanOptions, batched
+from modalkit.batch.formats.base import Batch, InputFile, InputFormat, Part, PlanOptions, batched, extent_of
 from modalkit.batch.formats.lines import byte_ranges, read_lines
+from modalkit.batch.storage import Store
+from modalkit.iomodel import ByteRange, ChunkSpec
 
 __all__ = ["BOM", "JsonlFormat"]
 
@@ -20,14 +21,19 @@ class JsonlFormat(InputFormat):
     name = "jsonl"
     suffixes = (".jsonl", ".ndjson")
 
-    def plan(self, file: InputFile, options: PlanOptions) -> list[dict[str, Any]]:
+    def plan(self, file: InputFile, options: PlanOptions, store: Store) -> list[Part]:
         if file.compression or file.size <= options.chunk_size:
-            return [{"start": 0, "end": None, "size": file.size}]
-        return byte_ranges(file.size, 0, options.chunk_size)
+            return [Part(ByteRange(), file.size)]
+        return [Part(ByteRange(start=s, end=e), n) for s, e, n in byte_ranges(file.size, 0, options.chunk_size)]
 
-    def read(self, chunk: Any, batch_size: int) -> Iterator[Batch]:
+    def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
+        extent = extent_of(chunk, ByteRange)
         # "{" starts nearly every record, so the strip() that finds blank lines is seldom needed
-        lines = ((pos, line) for pos, line in _without_bom(read_lines(chunk)) if line[0] == 0x7B or line.strip())
+        lines = (
+            (pos, line)
+            for pos, line in _without_bom(read_lines(store, chunk, extent.start, extent.end))
+            if line[0] == 0x7B or line.strip()
+        )
         yield from batched(lines, batch_size)
 
 

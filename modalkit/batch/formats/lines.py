@@ -9,33 +9,34 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO
 
-from modalkit.batch import storage
 from modalkit.batch.formats.codecs import codec_named
+from modalkit.batch.storage import Store
 from modalkit.exceptions import StorageError, storage_errors
+from modalkit.iomodel import ChunkSpec
 
 __all__ = ["byte_ranges", "open_chunk", "read_lines"]
 
 
-def byte_ranges(file_size: int, start: int, chunk_size: int) -> list[dict[str, Any]]:
+def byte_ranges(file_size: int, start: int, chunk_size: int) -> list[tuple[int, int | None, int]]:
     """``[start, file_size)`` in equal parts of at most ``chunk_size`` bytes, so chunks take about the same time
-    (no small remainder); the last part's ``end`` is None (to the end of the file)."""
+    (no small remainder): ``(start, end, size)`` each, the last part's ``end`` None (to the end of the file)."""
     parts = max(1, -(-(file_size - start) // chunk_size))
     step = max(1, -(-(file_size - start) // parts))
-    ranges = []
+    ranges: list[tuple[int, int | None, int]] = []
     while True:
         end = start + step
-        ranges.append({"start": start, "end": None if end >= file_size else end, "size": min(end, file_size) - start})
+        ranges.append((start, None if end >= file_size else end, min(end, file_size) - start))
         if end >= file_size:
             return ranges
         start = end
 
 
 @contextlib.contextmanager
-def open_chunk(uri: str, compression: str | None) -> Iterator[IO[bytes]]:
+def open_chunk(store: Store, uri: str, compression: str | None) -> Iterator[IO[bytes]]:
     """The file at ``uri`` for buffered reading, decompressed by its codec."""
-    with storage.open_input(uri) as raw:
+    with store.open_input(uri) as raw:
         if compression is None:
             yield raw
             return
@@ -44,7 +45,7 @@ def open_chunk(uri: str, compression: str | None) -> Iterator[IO[bytes]]:
 
 
 @contextlib.contextmanager
-def _corrupt_is_final(chunk: Any, corrupt: tuple[type[BaseException], ...]) -> Iterator[None]:
+def _corrupt_is_final(chunk: ChunkSpec, corrupt: tuple[type[BaseException], ...]) -> Iterator[None]:
     try:
         yield
     except corrupt as exc:
@@ -55,18 +56,17 @@ def _corrupt_is_final(chunk: Any, corrupt: tuple[type[BaseException], ...]) -> I
         ) from exc
 
 
-def read_lines(chunk: Any, stop_at_end: bool = True) -> Iterator[tuple[int, bytes]]:
-    """The lines that start in the chunk's byte range, with their offsets. With ``stop_at_end=False`` the lines go
-    on to the end of the file and the caller stops (a CSV record may continue past the range)."""
+def read_lines(store: Store, chunk: ChunkSpec, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
+    """The lines of ``chunk``'s file that start in ``[start, end)``, with their offsets; ``end`` None reads on to
+    the end of the file (a CSV reader stops itself: a record may continue past its range)."""
     what = f"reading {chunk.uri}"
     corrupt = codec_named(chunk.compression).corrupt_errors if chunk.compression else ()
-    with storage_errors(what), _corrupt_is_final(chunk, corrupt), open_chunk(chunk.uri, chunk.compression) as fh:
-        pos = chunk.start
+    with storage_errors(what), _corrupt_is_final(chunk, corrupt), open_chunk(store, chunk.uri, chunk.compression) as fh:
+        pos = start
         if pos > 0 and not chunk.compression:
             fh.seek(pos - 1)
             if fh.read(1) != b"\n":
                 pos += len(fh.readline())
-        end = chunk.end if stop_at_end else None
         readline = fh.readline
         while end is None or pos < end:
             try:
