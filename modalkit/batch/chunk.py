@@ -298,7 +298,7 @@ class _ChunkRun:
         pipeline = self.proc.pipeline
         if self.crash_log is None:
             return self._outcomes(ids, kept, run_isolated(pipeline, models))
-        positions = [record.pos for record in kept]
+        positions = [pos for _, pos, _ in kept]
         outcomes = run_guarded(lambda some: run_isolated(pipeline, some), models, positions, self.crash_log)
         return self._outcomes(ids, kept, outcomes)
 
@@ -311,7 +311,7 @@ class _ChunkRun:
         for pos, payload in zip(positions, payloads, strict=True):
             if type(payload) is bytes:
                 try:
-                    parsed.append(Parsed(ordinal, pos, loads(payload)))
+                    parsed.append((ordinal, pos, loads(payload)))
                 except orjson.JSONDecodeError as exc:
                     error = _json_error(payload, pos, exc)
                     rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload))
@@ -319,7 +319,7 @@ class _ChunkRun:
                 error = RecordError("parse", payload.error_type, payload.error)
                 rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload.raw.rstrip("\r\n")))
             else:
-                parsed.append(Parsed(ordinal, pos, payload))
+                parsed.append((ordinal, pos, payload))
             ordinal += 1
         self.ordinal = ordinal
         return parsed, rejected
@@ -327,17 +327,18 @@ class _ChunkRun:
     def _validate(self, ids: list[Any], kept: list[Parsed]) -> tuple[list[BaseModel], list[Any], list[Parsed]]:
         """Validate a sub-batch in one call; only when it holds an invalid record, record by record."""
         try:
-            return self.proc.validate_many([record.data for record in kept]), ids, kept
+            return self.proc.validate_many([data for _, _, data in kept]), ids, kept
         except ValidationError:
             pass
         validate_one = self.proc.validate_one
         models, good_ids, good_kept = [], [], []
         for record_id, record in zip(ids, kept, strict=True):
+            ordinal, pos, data = record
             try:
-                models.append(validate_one(record.data))
+                models.append(validate_one(data))
             except ValidationError as exc:
                 error = RecordError("validate", "ValidationError", describe_validation_error(exc))
-                self.failures.add(record.ordinal, record_id, record.pos, error, record.data)
+                self.failures.add(ordinal, record_id, pos, error, data)
                 continue
             good_ids.append(record_id)
             good_kept.append(record)
