@@ -115,8 +115,8 @@ class ChunkProcessor:
             failures_uri=layout.failures(chunk.index) if counts["records"] else None,
             queued_success=sender.sent["success"] if sender else 0,
             queued_failure=sender.sent["failure"] if sender else 0,
-            errors_by_type=run.errors_by_type,
-            error_examples=run.error_examples,
+            errors_by_type=run.failures.errors_by_type,
+            error_examples=run.failures.error_examples,
         )
         marker = {**marker_identity(job.job_id, chunk), **result.model_dump()}
         storage.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
@@ -253,14 +253,6 @@ class _ChunkRun:
         self.ids = IdPolicy(job.job_id, chunk.key, job.id_field, self._where)
         self.failures = FailureLog(job.job_id, chunk.key, self._where, sender)
         self._job_json = orjson.dumps(job.job_id)
-
-    @property
-    def errors_by_type(self) -> dict[str, int]:
-        return self.failures.errors_by_type
-
-    @property
-    def error_examples(self) -> dict[str, str]:
-        return self.failures.error_examples
 
     def execute(self) -> dict[str, int]:
         job, chunk = self.job, self.chunk
