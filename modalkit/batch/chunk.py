@@ -1,8 +1,9 @@
 """process_chunk: one chunk from input bytes to part file, failure file, queue records and commit marker.
 
 Runs where the model runs (a local worker process or a Modal container). For each sub-batch of
-``max_batch_size`` records: parse (JSON), pick the record id, validate against the pipeline's ``input_model``,
-run the pipeline through the isolated runner, write success rows and failure rows, spool queue records. At the end
+``max_batch_size`` records: parse (JSON), pick the record ids (:mod:`~modalkit.batch.record_ids`), validate
+against the pipeline's ``input_model``, run the pipeline through the isolated runner, write success rows and failure
+rows (:mod:`~modalkit.batch.failure_log`), spool queue records. At the end
 the part file and the failure file are moved into place (one object each), then the spooled queue records are sent
 (so a queue never holds a record that no output file holds), and the commit marker ``_chunks/NNNNN.json`` is
 written last: a chunk with a marker is done and is skipped when the job runs again. Counts go back, never data.
