@@ -158,8 +158,8 @@ class FailureRecord(BaseModel):
     input_truncated: bool = Field(
         False,
         exclude_if=lambda cut: not cut,
-        description="Present (true) only when a queue with a size limit got the start of the input as text; the "
-        "failure file holds it whole.",
+        description="Present (true) only when a queue with a size limit got just the start of the input, as text "
+        "(a batch job's failure file holds it whole).",
     )
 
 
@@ -215,12 +215,13 @@ def json_template(model: type[BaseModel], slots: Sequence[str]) -> bytes:
         raise ValueError(f"{model.__name__}: slots {list(slots)} must be fields, in field order ({list(fields)})")
     parts = []
     for name, info in fields.items():
+        key = orjson.dumps(name).replace(b"%", b"%%")
         if name in slots:
-            parts.append(orjson.dumps(name) + b":%s")
+            parts.append(key + b":%s")
         elif info.is_required() or info.default_factory is not None:
             raise ValueError(f"{model.__name__}.{name} has no plain default: make it a slot")
         elif not (info.exclude_if is not None and info.exclude_if(info.default)):
-            parts.append(orjson.dumps(name) + b":" + orjson.dumps(info.default))
+            parts.append(key + b":" + orjson.dumps(info.default).replace(b"%", b"%%"))
     return b"{" + b",".join(parts) + b"}"
 
 

@@ -1,8 +1,9 @@
 """process_chunk: one chunk from input bytes to part file, failure file, queue records and commit marker.
 
 Runs where the model runs (a local worker process or a Modal container). For each sub-batch of
-``max_batch_size`` records: parse (JSON), pick the record id, validate against the pipeline's ``input_model``,
-run the pipeline through the isolated runner, write success rows and failure rows, spool queue records. At the end
+``max_batch_size`` records: parse (JSON), pick the record ids (:mod:`~modalkit.batch.record_ids`), validate
+against the pipeline's ``input_model``, run the pipeline through the isolated runner, write success rows and failure
+rows (:mod:`~modalkit.batch.failure_log`), spool queue records. At the end
 the part file and the failure file are moved into place (one object each), then the spooled queue records are sent
 (so a queue never holds a record that no output file holds), and the commit marker ``_chunks/NNNNN.json`` is
 written last: a chunk with a marker is done and is skipped when the job runs again. Counts go back, never data.
@@ -122,8 +123,8 @@ class ChunkProcessor:
             failures_uri=layout.failures(chunk.index) if counts["records"] else None,
             queued_success=sender.sent["success"] if sender else 0,
             queued_failure=sender.sent["failure"] if sender else 0,
-            errors_by_type=run.errors_by_type,
-            error_examples=run.error_examples,
+            errors_by_type=run.failures.errors_by_type,
+            error_examples=run.failures.error_examples,
         )
         marker = {**marker_identity(job.job_id, chunk), **result.model_dump()}
         store.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
@@ -287,14 +288,6 @@ class _ChunkRun:
         self.failures = FailureLog(job.job_id, chunk.key, self._where, sender)
         self._job_json = orjson.dumps(job.job_id)
 
-    @property
-    def errors_by_type(self) -> dict[str, int]:
-        return self.failures.errors_by_type
-
-    @property
-    def error_examples(self) -> dict[str, str]:
-        return self.failures.error_examples
-
     def execute(self) -> dict[str, int]:
         job, chunk = self.job, self.chunk
         with contextlib.ExitStack() as closing:  # both files are closed even when closing one of them raises
@@ -331,7 +324,7 @@ class _ChunkRun:
         pipeline = self.proc.pipeline
         if self.crash_log is None:
             return self._outcomes(ids, kept, run_isolated(pipeline, models))
-        positions = [record.pos for record in kept]
+        positions = [pos for _, pos, _ in kept]
         outcomes = run_guarded(lambda some: run_isolated(pipeline, some), models, positions, self.crash_log)
         return self._outcomes(ids, kept, outcomes)
 
@@ -344,7 +337,7 @@ class _ChunkRun:
         for pos, payload in zip(positions, payloads, strict=True):
             if type(payload) is bytes:
                 try:
-                    parsed.append(Parsed(ordinal, pos, loads(payload)))
+                    parsed.append((ordinal, pos, loads(payload)))
                 except orjson.JSONDecodeError as exc:
                     error = _json_error(payload, pos, exc)
                     rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload))
@@ -352,7 +345,7 @@ class _ChunkRun:
                 error = RecordError("parse", payload.error_type, payload.error)
                 rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload.raw.rstrip("\r\n")))
             else:
-                parsed.append(Parsed(ordinal, pos, payload))
+                parsed.append((ordinal, pos, payload))
             ordinal += 1
         self.ordinal = ordinal
         return parsed, rejected
@@ -360,17 +353,18 @@ class _ChunkRun:
     def _validate(self, ids: list[Any], kept: list[Parsed]) -> tuple[list[BaseModel], list[Any], list[Parsed]]:
         """Validate a sub-batch in one call; only when it holds an invalid record, record by record."""
         try:
-            return self.proc.validate_many([record.data for record in kept]), ids, kept
+            return self.proc.validate_many([data for _, _, data in kept]), ids, kept
         except ValidationError:
             pass
         validate_one = self.proc.validate_one
         models, good_ids, good_kept = [], [], []
         for record_id, record in zip(ids, kept, strict=True):
+            ordinal, pos, data = record
             try:
-                models.append(validate_one(record.data))
+                models.append(validate_one(data))
             except ValidationError as exc:
                 error = RecordError("validate", "ValidationError", describe_validation_error(exc))
-                self.failures.add(record.ordinal, record_id, record.pos, error, record.data)
+                self.failures.add(ordinal, record_id, pos, error, data)
                 continue
             good_ids.append(record_id)
             good_kept.append(record)

@@ -20,12 +20,8 @@ __all__ = ["REPLAY_ID_KEY", "IdPolicy", "Parsed", "Rejected"]
 REPLAY_ID_KEY = "__modalkit_record_id__"
 
 
-class Parsed(NamedTuple):
-    """A record that parsed: its ordinal in the chunk, its position in the file, and its data."""
-
-    ordinal: int
-    pos: int
-    data: Any
+#: A record that parsed: ``(ordinal in the chunk, position in the file, data)``; a plain tuple, made per record.
+Parsed = tuple[int, int, Any]
 
 
 class Rejected(NamedTuple):
@@ -72,19 +68,18 @@ class IdPolicy:
         kept: list[Parsed] = []
         rejected: list[Rejected] = []
         for record in records:
-            data = record.data
+            ordinal, pos, data = record
             if type(data) is dict and id_field is not None and REPLAY_ID_KEY not in data:
                 record_id = data.get(id_field)  # the common case inline; _record_id says why any other is bad
                 if type(record_id) is not str and type(record_id) is not int:
-                    record_id = self._record_id(data, record.pos)
+                    record_id = self._record_id(data, pos)
             else:
-                record_id = self._record_id(data, record.pos)
+                record_id = self._record_id(data, pos)
             if type(record_id) is _BadId:
                 error = RecordError("validate", "InvalidRecordId", record_id.reason)
-                rejected.append(Rejected(record.ordinal, self.position_id(record.pos), record.pos, error, data))
+                rejected.append(Rejected(ordinal, self.position_id(pos), pos, error, data))
                 continue
             if seen is not None:  # ids from the data must be unique; 7 and "7" are one id on a queue
-                pos = record.pos
                 first = seen.setdefault(record_id, pos)
                 if first == pos and type(record_id) is not self._id_type:
                     first = self._first_across_types(record_id, pos)
@@ -130,8 +125,9 @@ class IdPolicy:
         reason = f"record id {record_id!r} is already the id of the record at {self.where(first)}"
         error = RecordError("validate", "DuplicateRecordId", reason)
         # its own dedup id: a queue that drops repeats must not drop this failure record as one
-        own = f"{dedup_id(self.job_id, record_id)}@{record.pos}"
-        return Rejected(record.ordinal, record_id, record.pos, error, record.data, own)
+        ordinal, pos, data = record
+        own = f"{dedup_id(self.job_id, record_id)}@{pos}"
+        return Rejected(ordinal, record_id, pos, error, data, own)
 
 
 class _BadId:

@@ -6,8 +6,9 @@ derive from :class:`BatchQueueBackend`, which adds a synchronous batch send that
 :class:`~modalkit.exceptions.QueueError` instead of returning False (so a lost message can never go unnoticed) and
 :meth:`~BatchQueueBackend.check_queues`, which the batch engine calls before a job writes anything.
 
-Producers hand a backend whole bodies; what a body too large for a queue becomes is the backend's policy (the local
-and memory backends take any size; the SQS backend's is in :mod:`modalkit.queues.sqs`).
+Producers hand a backend whole bodies, whatever their size; what a body too large for a queue becomes is the
+backend's policy (the local and memory backends take any size; the SQS backend's is in :mod:`modalkit.queues.sqs`;
+a backend of your own gets every body whole and applies its own).
 
 Example:
     >>> import asyncio

@@ -895,3 +895,30 @@ def test_queue_bodies_of_the_batch_path_are_the_record_models_bodies(
     assert json.loads(failure) == json.loads(expected_failure.model_dump_json())
     (failure_row,) = read_jsonl(tmp_path / "out" / "_failures" / "part-00000.jsonl")
     assert FailureRecord.model_validate(failure_row) == expected_failure
+
+
+def test_the_id_policy_rejects_bad_and_repeated_ids_across_sub_batches() -> None:
+    from modalkit.batch.record_ids import IdPolicy
+
+    policy = IdPolicy(JOB_ID, "k.jsonl", "id", lambda pos: f"k.jsonl at byte {pos}")
+    ids, kept, rejected = policy.assign([(0, 0, {"id": 7}), (1, 10, {"id": "x"}), (2, 20, [1])])
+    assert (ids, [r[0] for r in kept]) == ([7, "x"], [0, 1])
+    assert [(r.ordinal, r.record_id, r.error.error_type) for r in rejected] == [(2, "k.jsonl:20", "InvalidRecordId")]
+
+    ids, kept, rejected = policy.assign([(3, 30, {"id": "7"}), (4, 40, {"id": None}), (5, 50, {"id": 8})])
+    assert ids == [8]
+    assert [(r.ordinal, r.record_id, r.error.error_type, r.dedup) for r in rejected] == [
+        (3, "7", "DuplicateRecordId", f"{JOB_ID}:7@30"),
+        (4, "k.jsonl:40", "InvalidRecordId", None),
+    ]
+    assert rejected[0].error.error == "record id '7' is already the id of the record at k.jsonl at byte 0"
+
+
+def test_failure_rows_of_a_sub_batch_follow_the_records_order(tmp_path: Path) -> None:
+    data = jsonl(b"{bad", {"id": [1], "text": "a"}, b"{bad too", {"id": 2, "text": 5}, {"id": None, "text": "b"})
+    (chunk,) = plan(write_input(tmp_path, "o.jsonl", data))
+    process_chunk(make_job(tmp_path, id_field="id"), chunk, EchoPipeline())
+    rows = read_jsonl(tmp_path / "out" / "_failures" / "part-00000.jsonl")
+    assert [r["meta"]["position"] for r in rows] == offsets(data)[:3] + offsets(data)[4:] + [offsets(data)[3]]
+    assert [r["error_type"] for r in rows] == [
+        "JSONDecodeError", "InvalidRecordId", "JSONDecodeError", "InvalidRecordId", "ValidationError"]  # fmt: skip
