@@ -23,7 +23,14 @@ from typing import Any
 from pydantic import PrivateAttr
 
 from modalkit.exceptions import DeviceError, is_retryable
-from modalkit.inference_pipeline import FailedOutput, InferencePipeline, RecordError, as_output, run_isolated
+from modalkit.inference_pipeline import (
+    FailedOutput,
+    InferencePipeline,
+    RecordError,
+    as_output,
+    async_result,
+    run_isolated,
+)
 from modalkit.iomodel import AsyncInputModel, ErrorBody, InferenceOutputModel
 
 __all__ = [
@@ -124,8 +131,9 @@ def error_body(output: InferenceOutputModel) -> dict[str, Any]:
 
 def async_record(job_id: str, output: InferenceOutputModel, request: AsyncInputModel[Any]) -> tuple[str | None, Any]:
     """Where an async request's result goes and the record it sends: ``(queue, body)``, the queue None when the
-    request names none. The record id is ``meta["record_id"]`` when given, else ``job_id``."""
-    from modalkit.inference_pipeline import async_result
-
+    request names none. The record id is ``meta["record_id"]`` when given (a string or an integer as given; any
+    other value as its text), else ``job_id``."""
     record_id = request.meta.get("record_id", job_id)
-    return async_result(job_id, str(record_id), output, request)
+    if not isinstance(record_id, str | int) or isinstance(record_id, bool):
+        record_id = str(record_id)
+    return async_result(job_id, record_id, output, request)

@@ -80,11 +80,11 @@ def test_a_failed_output_keeps_its_status_and_fields_through_pickling_as_modal_r
     assert (http_status(again), error_body(again)) == (http_status(output), error_body(output))
 
 
-def test_an_async_record_id_is_meta_record_id_else_the_job_id() -> None:
+def test_an_async_record_id_is_meta_record_id_as_given_else_the_job_id() -> None:
     output = Out(y=1.0)
     with_id = AsyncInputModel[In](message=In(x=1), success_queue="ok", meta={"record_id": 7})
     without = AsyncInputModel[In](message=In(x=1), success_queue="ok")
-    assert async_record("job-1", output, with_id)[1]["record_id"] == "7"
+    assert async_record("job-1", output, with_id)[1]["record_id"] == 7  # an integer id stays one, as in batch
     assert async_record("job-1", output, without)[1]["record_id"] == "job-1"
 
 
