@@ -50,6 +50,8 @@ SHARED = Path(os.environ.get("MODALKIT_SHARED_BENCH", REPO.parent / "shared" / "
 DATA = HERE / "data"
 OUT = HERE / "out"
 RESULTS = HERE / "RESULTS.md"
+#: Hand-kept figures behind code choices, copied into RESULTS.md as they are.
+CODE_MEASUREMENTS = HERE / "code-measurements.md"
 PY = sys.executable
 BIN = Path(sys.executable).parent
 SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1000000 4000000").split()]
@@ -391,6 +393,8 @@ def write_results(
     ]
     if w2:
         lines += ["", *w2]
+    if CODE_MEASUREMENTS.exists():
+        lines += ["", *CODE_MEASUREMENTS.read_text(encoding="utf-8").splitlines()]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     log(f"wrote {RESULTS}")
 
