@@ -6,10 +6,11 @@
     modalkit demo
     modalkit prefect status|stop
 
-``batch`` runs the Prefect flow ``batch-inference`` in this process, against ``PREFECT_API_URL`` (or the active
-Prefect profile's API) when one is configured, else against a local Prefect server that modalkit starts once and
-keeps for later runs (:mod:`modalkit.prefect_server`). Options are checked before anything starts; the workers
-load the model, the job is planned and its first chunks start while Prefect connects. Exit status: 0 when the job
+``batch`` runs the Prefect flow ``batch-inference`` in this process, against the API Prefect's settings name
+(``PREFECT_API_URL``, the active profile, ``prefect.toml`` or ``pyproject.toml``) when one is configured, else
+against a local Prefect server that modalkit starts once and keeps for later runs (:mod:`modalkit.prefect_server`).
+Options are checked before anything starts; the workers load the model, the job is planned and its first chunks
+start while Prefect is imported (in a thread) and connects. Exit status: 0 when the job
 completed, 1 when it failed, 2 when it could not start (a bad option, configuration or input), 130 on Ctrl-C and
 143 on SIGTERM (run the same command again to resume). With ``--json`` the last line of stdout is the summary.
 """
@@ -187,14 +188,16 @@ def _fill_partition(params: dict[str, Any]) -> None:
 
 
 class _EarlyStart:
-    """What ``modalkit batch`` does before Prefect: checks, the Prefect API, the runner, the first chunks."""
+    """What ``modalkit batch`` does before its flow runs: checks, the runner, the first chunks, and meanwhile (in a
+    thread) Prefect imported and its API found: the configured one, else modalkit's local server."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
         self.runner: Any = None
         self.managed_server = False  # the Prefect API is modalkit's local server (runs renew its lease)
-        self._api_error: BaseException | None = None
-        self._api_thread: threading.Thread | None = None
+        self.build_flow: Any = None  # flows.batch_inference.build_batch_flow, once Prefect is imported
+        self._prefect_error: BaseException | None = None
+        self._prefect_thread: threading.Thread | None = None
 
     def start(self) -> None:
         from modalkit.batch.job import dispatch_order, find_committed, plan_job, resolve_job_config, start_job
@@ -208,7 +211,9 @@ class _EarlyStart:
         overrides = {name: p[name] for name in OPTION_NAMES}
         job_config = resolve_job_config(settings, names=OPTION_NAMES, **overrides)
         _mark("options")
-        self._find_prefect_api()
+        self._check_api_from_environment()
+        self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
+        self._prefect_thread.start()
         self.runner = PrestartingRunner(
             open_runner(settings, settings.model_settings.entry(p["model_name"])[0], job_config)
         )
@@ -219,42 +224,51 @@ class _EarlyStart:
         pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
         self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
         _mark("planned")
-        self.wait_for_prefect_api()
+        self.wait_for_prefect()
         _mark("prefect_api")
 
-    def _find_prefect_api(self) -> None:
-        """Use the configured Prefect API if it answers; else the managed local server (started in a thread)."""
-        from modalkit.prefect_server import PrefectUnavailable, api_answers, configured_api_url, ensure_server
+    @staticmethod
+    def _check_api_from_environment() -> None:
+        """``PREFECT_API_URL`` (Prefect's first source) must answer before any work starts; a cheap check."""
+        from modalkit.prefect_server import PrefectUnavailable, api_answers
 
-        configured = configured_api_url()
-        if configured is not None:
-            if not api_answers(configured):
+        configured = os.environ.get("PREFECT_API_URL")
+        if configured and not api_answers(configured):
+            raise PrefectUnavailable(
+                f"the Prefect API at {configured} does not answer; start that server, or unset PREFECT_API_URL "
+                "to let modalkit run a local one"
+            )
+
+    def _connect_prefect(self) -> None:
+        """In a thread: import Prefect, ask its settings for the configured API (the environment, the profile,
+        prefect.toml, pyproject.toml), use it if it answers, else start or find the managed local server."""
+        try:
+            from flows.prefect_api import configured_api_url, use_api_url
+            from modalkit.prefect_server import PrefectUnavailable, api_answers, ensure_server
+
+            configured = configured_api_url()
+            if configured is None:
+                self.managed_server = True
+                server = ensure_server(on_start=lambda line: err.print(line, highlight=False))
+                use_api_url(server.api_url)
+            elif configured != os.environ.get("PREFECT_API_URL") and not api_answers(configured):
                 raise PrefectUnavailable(
-                    f"the Prefect API at {configured} does not answer; start that server, or unset PREFECT_API_URL "
-                    "to let modalkit run a local one"
+                    f"the Prefect API at {configured} (from Prefect's settings: a profile, prefect.toml or "
+                    "pyproject.toml) does not answer; start that server, or remove that setting to let modalkit "
+                    "run a local one"
                 )
-            os.environ["PREFECT_API_URL"] = configured
-            return
+            from flows.batch_inference import build_batch_flow
 
-        self.managed_server = True
+            self.build_flow = build_batch_flow
+        except BaseException as exc:
+            self._prefect_error = exc
 
-        def start() -> None:
-            try:
-                os.environ["PREFECT_API_URL"] = ensure_server(
-                    on_start=lambda line: err.print(line, highlight=False)
-                ).api_url
-            except BaseException as exc:
-                self._api_error = exc
-
-        self._api_thread = threading.Thread(target=start, name="modalkit-prefect-start", daemon=True)
-        self._api_thread.start()
-
-    def wait_for_prefect_api(self) -> None:
-        if self._api_thread is not None:
-            while self._api_thread.is_alive():  # a loop of short waits: Ctrl-C stays answered
-                self._api_thread.join(timeout=0.2)
-        if self._api_error is not None:
-            raise self._api_error
+    def wait_for_prefect(self) -> None:
+        if self._prefect_thread is not None:
+            while self._prefect_thread.is_alive():  # a loop of short waits: Ctrl-C stays answered
+                self._prefect_thread.join(timeout=0.2)
+        if self._prefect_error is not None:
+            raise self._prefect_error
 
     def cancel(self) -> None:
         if self.runner is not None:
@@ -268,10 +282,7 @@ def _run_flow(
     from modalkit.prefect_server import Lease
 
     try:
-        from flows.batch_inference import build_batch_flow  # Prefect is imported here, while the first chunks run
-
-        _mark("prefect_import")
-        flow = build_batch_flow(lambda settings, model_name, job_config: early.runner)
+        flow = early.build_flow(lambda settings, model_name, job_config: early.runner)
         with contextlib.ExitStack() as stack:
             if early.managed_server:
                 stack.enter_context(Lease())  # the local server stays up while this run uses it

@@ -1,7 +1,7 @@
 """The local Prefect server modalkit manages when no Prefect API is configured: started once, reused, stopped idle.
 
 ``modalkit batch`` runs flow ``batch-inference``, and a Prefect flow needs an API. With none configured
-(``PREFECT_API_URL``, or the active Prefect profile), Prefect would start a temporary server inside every run:
+(in any of Prefect's settings sources), Prefect would start a temporary server inside every run:
 seconds of start-up each time, and a server that outlives a killed run. Instead modalkit starts one local server
 the first time, in its own session (so a Ctrl-C to the job's terminal does not reach it), and every later run
 connects to it at once. A small supervisor process keeps it: it stops the server after ``MODALKIT_PREFECT_IDLE_SECONDS``
@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -42,7 +41,6 @@ __all__ = [
     "Lease",
     "ManagedServer",
     "PrefectUnavailable",
-    "configured_api_url",
     "ensure_server",
     "server_status",
     "stop_server",
@@ -98,22 +96,6 @@ def idle_seconds(environ: Any = None) -> float:
     if value <= 0:
         raise ConfigError(f"MODALKIT_PREFECT_IDLE_SECONDS {raw!r}: not allowed; use a number of seconds above 0")
     return value
-
-
-def configured_api_url(environ: Any = None) -> str | None:
-    """The Prefect API the user configured: ``PREFECT_API_URL``, else the active Prefect profile's; None if none."""
-    environ = os.environ if environ is None else environ
-    if environ.get("PREFECT_API_URL"):
-        return str(environ["PREFECT_API_URL"])
-    home = Path(environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-    path = Path(environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    active = environ.get("PREFECT_PROFILE") or data.get("active")
-    url = data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") if active else None
-    return str(url) if url else None
 
 
 def api_answers(api_url: str, timeout: float = 2.0) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from batch_support import duplicates, read_failures, read_parts, write_config
-from support import stop_daemon
+from support import free_port, stop_daemon, stop_process
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -48,7 +48,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # no Prefect API configured
-    env.update(MODALKIT_HOME=str(home), PYTHONPATH=str(TESTS_DIR), COLUMNS="200", **extra)
+    path = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(MODALKIT_HOME=str(home), PYTHONPATH=path, COLUMNS="200", **extra)
     return env
 
 
@@ -125,6 +126,67 @@ def test_the_local_server_stops_itself_once_no_run_has_used_it_for_the_idle_time
     assert not alive(server["supervisor_pid"])
     assert not (home / "prefect" / "server.json").exists()
     assert "stopping the Prefect server" in (home / "prefect" / "server.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def users_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A user's own ``prefect server start`` on a free loopback port; yields its API URL."""
+    root = tmp_path_factory.mktemp("users-prefect")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    with open(root / "server.log", "wb") as log:
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (root / "server.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the user's Prefect server did not start"
+            time.sleep(0.5)
+        yield api
+    finally:
+        stop_process(server, timeout=30)
+
+
+def flow_runs_with_output(api: str, output_uri: str) -> list[Any]:
+    """The flow runs the Prefect server at ``api`` recorded whose ``output_uri`` parameter is ``output_uri``."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    return [run for run in runs if run.parameters.get("output_uri") == output_uri]
+
+
+@pytest.mark.parametrize(
+    ("file", "table"),
+    [("prefect.toml", "[api]"), ("pyproject.toml", "[tool.prefect.api]")],
+    ids=["prefect.toml", "pyproject"],
+)
+def test_a_prefect_api_url_set_in_prefect_toml_or_pyproject_is_used_and_no_local_server_is_started(
+    users_server: str, tmp_path: Path, file: str, table: str
+) -> None:
+    own_home = tmp_path / "home"  # a MODALKIT_HOME of its own: a managed server would leave its files here
+    (tmp_path / file).write_text(f'{table}\nurl = "{users_server}"\n', encoding="utf-8")
+    write_reviews(tmp_path / "in", 5)
+    out = str(tmp_path / "out")
+
+    proc = run(tmp_path, cli_env(own_home), "batch", "in", out, "--config", str(write_config(tmp_path)), "--json")
+
+    assert proc.returncode == 0, proc.stderr
+    assert "starting a local Prefect server" not in proc.stderr
+    assert not (own_home / "prefect").exists()  # modalkit's managed server was never started
+    runs = flow_runs_with_output(users_server, out)
+    assert [run.state_type.value for run in runs] == ["COMPLETED"]  # the run is recorded on the user's server
+    assert runs[0].name.startswith("batch-inference/sentiment/")
 
 
 def test_a_configured_prefect_api_that_does_not_answer_fails_in_one_line_before_any_work(
