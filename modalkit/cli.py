@@ -8,7 +8,7 @@
 
 ``batch`` runs the Prefect flow ``batch-inference`` in this process, against the API Prefect's settings name
 (``PREFECT_API_URL``, the active profile, ``prefect.toml`` or ``pyproject.toml``) when one is configured, else
-against a local Prefect server that modalkit starts once and keeps for later runs (:mod:`modalkit.prefect_server`).
+against a local Prefect server that modalkit starts once and keeps for later runs (:mod:`modalkit.cli_prefect`).
 Options are checked before anything starts; the workers load the model, the job is planned and its first chunks
 start while Prefect is imported (in a thread) and connects. Exit status: 0 when the job
 completed, 1 when it failed, 2 when it could not start (a bad option, configuration or input), 130 on Ctrl-C and
@@ -230,7 +230,7 @@ class _EarlyStart:
     @staticmethod
     def _check_api_from_environment() -> None:
         """``PREFECT_API_URL`` (Prefect's first source) must answer before any work starts; a cheap check."""
-        from modalkit.prefect_server import PrefectUnavailable, api_answers
+        from modalkit.cli_prefect import PrefectUnavailable, api_answers
 
         configured = os.environ.get("PREFECT_API_URL")
         if configured and not api_answers(configured):
@@ -244,7 +244,7 @@ class _EarlyStart:
         prefect.toml, pyproject.toml), use it if it answers, else start or find the managed local server."""
         try:
             from flows.prefect_api import configured_api_url, use_api_url
-            from modalkit.prefect_server import PrefectUnavailable, api_answers, ensure_server
+            from modalkit.cli_prefect import PrefectUnavailable, api_answers, ensure_server
 
             configured = configured_api_url()
             if configured is None:
@@ -279,7 +279,7 @@ def _run_flow(
     params: dict[str, Any], early: _EarlyStart, show_progress: bool
 ) -> tuple[dict[str, Any] | None, Exception | None]:
     from modalkit.batch.progress import listening
-    from modalkit.prefect_server import Lease
+    from modalkit.cli_prefect import Lease
 
     try:
         flow = early.build_flow(lambda settings, model_name, job_config: early.runner)
@@ -463,21 +463,21 @@ def demo(
 @prefect_app.command("status")
 def prefect_status() -> None:
     """Say whether modalkit's local Prefect server runs, where, and how long it has been idle."""
-    from modalkit.prefect_server import idle_seconds, server_status, state_dir
+    from modalkit.cli_prefect import idle_seconds, server_status, state_dir
 
     server, idle = server_status()
     if server is None:
         print(f"no local Prefect server is running (its files: {state_dir()})")
         return
     since = f"{idle:.0f} s since a run used it" if idle is not None else "not used yet"
-    print(f"running: {server.ui_url} (API {server.api_url}, supervisor pid {server.supervisor_pid}); {since}; it stops "
+    print(f"running: {server.ui_url} (API {server.api_url}, pid {server.pid}); {since}; it stops "
           f"after {idle_seconds():.0f} s idle")  # fmt: skip
 
 
 @prefect_app.command("stop")
 def prefect_stop() -> None:
     """Stop modalkit's local Prefect server now (the next `modalkit batch` starts it again)."""
-    from modalkit.prefect_server import stop_server
+    from modalkit.cli_prefect import stop_server
 
     stopped = stop_server()
     print(

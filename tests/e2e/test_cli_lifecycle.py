@@ -43,7 +43,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield root
     info = root / "prefect" / "server.json"
     if info.exists():
-        stop_daemon(int(json.loads(info.read_text())["supervisor_pid"]))
+        stop_daemon(int(json.loads(info.read_text())["pid"]))
 
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
@@ -86,7 +86,7 @@ def test_without_a_prefect_api_the_first_run_starts_a_local_server_the_next_reus
     assert second.returncode == 0, second.stderr
     assert "starting a local Prefect server" not in second.stderr  # found running, reused
     assert server_info(home) == server
-    assert alive(server["supervisor_pid"])
+    assert alive(server["pid"])
     for proc in (first, second):
         assert json.loads(proc.stdout.splitlines()[-1])["records"] == 10
         assert "Traceback" not in proc.stderr
@@ -107,7 +107,7 @@ def test_modalkit_prefect_stop_stops_the_local_server(home: Path, tmp_path: Path
 
     assert stopped.returncode == 0
     assert f"stopped the local Prefect server at {server['api_url']}" in stopped.stdout
-    assert not alive(server["supervisor_pid"])
+    assert not alive(server["pid"])
     assert not (home / "prefect" / "server.json").exists()
     assert "no local Prefect server is running" in run(tmp_path, env, "prefect", "status").stdout
 
@@ -120,10 +120,10 @@ def test_the_local_server_stops_itself_once_no_run_has_used_it_for_the_idle_time
     server = server_info(home)
 
     deadline = time.monotonic() + 90
-    while alive(server["supervisor_pid"]) and time.monotonic() < deadline:
+    while alive(server["pid"]) and time.monotonic() < deadline:
         time.sleep(0.5)
 
-    assert not alive(server["supervisor_pid"])
+    assert not alive(server["pid"])
     assert not (home / "prefect" / "server.json").exists()
     assert "stopping the Prefect server" in (home / "prefect" / "server.log").read_text()
 
@@ -277,3 +277,38 @@ def test_a_signal_to_the_job_s_process_group_stops_it_in_seconds_with_one_line_a
     ids += [r["record_id"] for r in read_failures(str(tmp_path / "out"))]
     assert duplicates(ids) == {}
     assert len(ids) == summary["records"] == 100_000
+
+
+LISTING_SPY = """
+import os
+
+if os.environ.get("LISTING_SPY_DIR"):
+    from fsspec.implementations.local import LocalFileSystem
+
+    _ls = LocalFileSystem.ls
+
+    def ls(self, path, detail=True, **kwargs):
+        if os.path.abspath(self._strip_protocol(path)) == os.environ["LISTING_SPY_DIR"]:
+            with open(os.environ["LISTING_SPY_LOG"], "a") as log:
+                log.write(f"{os.getpid()}\\n")
+        return _ls(self, path, detail=detail, **kwargs)
+
+    LocalFileSystem.ls = ls
+"""
+
+
+def test_a_job_lists_its_input_once(home: Path, tmp_path: Path) -> None:
+    # every fsspec listing of the input folder (find, walk, glob all list it) is written down, in any process
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(LISTING_SPY, encoding="utf-8")
+    write_reviews(tmp_path / "in", 20)
+    log = tmp_path / "listings.log"
+    env = cli_env(home, LISTING_SPY_DIR=str(tmp_path / "in"), LISTING_SPY_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join([str(spy), env["PYTHONPATH"]])
+
+    proc = run(tmp_path, env, "batch", "in", "out", "--config", str(write_config(tmp_path)), "--json")
+
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["records"] == 20
+    assert len(log.read_text().splitlines()) == 1
