@@ -2,7 +2,7 @@
 
 Orchestration only: fill a dated partition's ``{date}`` into the URIs (:mod:`modalkit.batch.partition`), plan the
 chunks, skip those an earlier run committed (they are sent nowhere), run the rest on the job's runner with bounded
-concurrency and retries, report progress (a Prefect progress artifact and any in-process listeners), write the
+concurrency and retries, report progress (a Prefect progress artifact, and ``on_progress`` when given), write the
 manifest, publish a summary table artifact and a markdown report, emit ``modalkit.job.completed`` or
 ``modalkit.job.failed`` (the summary as its payload) for automations, and return the summary. Record failures do not
 fail the flow unless their rate passes ``max_failure_rate``; a chunk that fails after its retries does (a rerun
@@ -18,8 +18,10 @@ deployment started it, ``deployment:<name>``.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal
 
 from prefect import Flow, flow, get_run_logger
@@ -36,10 +38,11 @@ from flows.monitoring import emit_job_event, job_report, label_run
 from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.partition import fill_partition, is_template, partition_date
-from modalkit.batch.progress import JobProgress, report
+from modalkit.batch.progress import JobProgress
 from modalkit.exceptions import JobFailed, StorageError, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
 from modalkit.runners import ChunkRunner, RunnerFactory, open_runner
+from modalkit.runners.base import JobStarter, StartedJob
 from modalkit.settings import JobConfig, Settings
 from tasks.finalize import finalize
 from tasks.plan import claim_output, committed_chunks, plan_chunks
@@ -47,15 +50,29 @@ from tasks.run_chunk import run_chunk
 
 PROGRESS_EVERY_SECONDS = 1.0
 
+log = logging.getLogger(__name__)
+
 __all__ = ["JobFailed", "batch_inference", "build_batch_flow"]  # JobFailed lives in modalkit.exceptions
 
 
-def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., dict[str, Any]]:
+def build_batch_flow(
+    runner_factory: RunnerFactory = open_runner,
+    start_job: JobStarter | None = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
+) -> Flow[..., dict[str, Any]]:
     """The ``batch-inference`` flow, running its chunks on the runners ``runner_factory`` makes.
 
-    ``batch_inference`` below is this flow with the default factory (the local worker pool or the deployed Modal
-    worker). Callers that own where chunks run (tests with an in-process Modal stand-in, the CLI with a runner
-    it started early) build their own.
+    ``batch_inference`` below is this flow with the defaults (the local worker pool or the deployed Modal
+    worker). Callers that own where chunks run (tests with an in-process Modal stand-in) build their own.
+
+    Args:
+        runner_factory: Opens the job's runner, when the flow plans the job itself.
+        start_job: The job, already started: ``modalkit batch`` plans it and starts its first chunks before
+            Prefect is imported, and hands over the plan, the runner, the chunks committed before and the start
+            time. When None, the flow plans the job itself (tasks ``plan-chunks``, ``claim-output``,
+            ``find-committed``): the input is listed once either way.
+        on_progress: Told where the job stands after each chunk (the CLI's progress bar); its errors are logged,
+            never allowed to break the job.
     """
 
     @flow(name="batch-inference", log_prints=False)
@@ -85,10 +102,9 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             The summary: job_id, records, succeeded, failed, chunks, chunks_skipped, seconds, records_per_s,
             output_uri.
         """
-        started = time.perf_counter()
         job_uris = {"input_uri": input_uri, "output_uri": output_uri}
         try:
-            return _run_job(started, job_uris, model_name, config, date, backend=backend, chunk_size=chunk_size,
+            return _run_job(job_uris, model_name, config, date, backend=backend, chunk_size=chunk_size,
                             concurrency=concurrency, id_field=id_field, success_queue=success_queue,
                             failure_queue=failure_queue, max_failure_rate=max_failure_rate,
                             output_format=output_format)  # fmt: skip
@@ -100,9 +116,8 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             raise
 
     def _run_job(
-        started: float, job_uris: dict[str, str], model_name: str | None, config: str | None, date: str | None,
-        **options: Any,
-    ) -> dict[str, Any]:  # fmt: skip
+        job_uris: dict[str, str], model_name: str | None, config: str | None, date: str | None, **options: Any
+    ) -> dict[str, Any]:
         input_uri, output_uri = job_uris["input_uri"], job_uris["output_uri"]
         scheduled = flow_run.scheduled_start_time
         night = None
@@ -115,17 +130,15 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
         job_config = resolve_job_config(settings, **options)
         model = settings.model_settings.entry(model_name)[0]
         label_run(model, job_config.backend, str(night or date or partition_date(None, scheduled)))
-        # a local runner starts its workers (and they load the model) while the input is listed and planned
-        runner = runner_factory(settings, model, job_config)
+        start = start_job or _planner(runner_factory)
         try:
-            try:
-                plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
-            except StorageError as exc:
-                if night is None:
-                    raise
-                raise StorageError(f"the partition for {night}: {exc}", retryable=False) from None
-            claim_output(plan)
-            done, started = _skippable(plan, runner, started)
+            job = start(settings, job_config, input_uri, output_uri, model_name)
+        except StorageError as exc:
+            if night is None:
+                raise
+            raise StorageError(f"the partition for {night}: {exc}", retryable=False) from None
+        plan, runner, done = job.plan, job.runner, job.committed
+        try:
             if plan.skipped_files:
                 shown = ", ".join(plan.skipped_files[:5]) + (", ..." if len(plan.skipped_files) > 5 else "")
                 get_run_logger().warning(
@@ -138,13 +151,14 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
                 job_config.backend,
             )  # fmt: skip
             in_flight = job_config.concurrency or runner.slots
-            results, errors, not_started = _run_chunks(plan, done, runner, _chunk_task(job_config), in_flight)
+            tracker = _Progress(plan, on_progress)
+            results, errors, not_started = _run_chunks(plan, done, runner, _chunk_task(job_config), in_flight, tracker)
         except BaseException:
             runner.cancel()  # an interrupt or a crash: stop the workers now, not after their chunks
             raise
         else:
             runner.close()
-        summary = finalize(plan, results, time.perf_counter() - started, len(errors))
+        summary = finalize(plan, results, time.perf_counter() - job.started, len(errors))
         _publish_summary(summary, errors)
         create_markdown_artifact(
             job_report(summary, results, errors, job_config.max_failure_rate),
@@ -161,17 +175,25 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
 batch_inference = build_batch_flow()
 
 
-def _skippable(plan: JobPlan, runner: ChunkRunner, started: float) -> tuple[dict[int, ChunkResult], float]:
-    """The chunks an earlier run committed (listed once, before any is sent), and when this job started.
+def _planner(runner_factory: RunnerFactory) -> JobStarter:
+    """The flow's own start of a job: open the runner (a local one starts its workers, and they load the model,
+    while the input is listed), plan, claim the output, and list the chunks an earlier run committed (once,
+    before any chunk is sent)."""
 
-    A runner the CLI started early (``early_runs``) holds chunks of this run that may have committed by now: they
-    are this run's, not skipped, and the job's clock starts with them.
-    """
-    done = committed_chunks(plan)
-    early = getattr(runner, "early_runs", lambda job_id: None)(plan.job.job_id)
-    if early is None:
-        return done, started
-    return {i: result for i, result in done.items() if i not in early.indexes}, min(started, early.since)
+    def start(
+        settings: Settings, job_config: JobConfig, input_uri: str, output_uri: str, model_name: str | None
+    ) -> StartedJob:
+        started = time.perf_counter()
+        runner = runner_factory(settings, settings.model_settings.entry(model_name)[0], job_config)
+        try:
+            plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config)
+            claim_output(plan)
+            return StartedJob(plan, runner, committed_chunks(plan), started)
+        except BaseException:
+            runner.cancel()
+            raise
+
+    return start
 
 
 def _chunk_task(job_config: JobConfig) -> Any:
@@ -182,8 +204,9 @@ def _chunk_task(job_config: JobConfig) -> Any:
 
 
 def _run_chunks(
-    plan: JobPlan, done: dict[int, ChunkResult], runner: ChunkRunner, chunk_task: Any, in_flight: int
-) -> tuple[list[ChunkResult], list[tuple[int, BaseException]], list[int]]:
+    plan: JobPlan, done: dict[int, ChunkResult], runner: ChunkRunner, chunk_task: Any, in_flight: int,
+    tracker: _Progress,
+) -> tuple[list[ChunkResult], list[tuple[int, BaseException]], list[int]]:  # fmt: skip
     """Run every chunk not in ``done``, at most ``in_flight`` at once; stop starting new ones once a chunk has failed
     after its retries. The committed chunks in ``done`` count as finished and are sent nowhere."""
     logger = get_run_logger()
@@ -191,7 +214,6 @@ def _run_chunks(
     running: dict[concurrent.futures.Future[Any], Any] = {}
     results: list[ChunkResult] = []
     errors: list[tuple[int, BaseException]] = []
-    tracker = _Progress(plan)
     for chunk in plan.chunks:
         if chunk.index in done:
             results.append(done[chunk.index])
@@ -227,10 +249,11 @@ def _fatal(errors: list[tuple[int, BaseException]]) -> bool:
 
 
 class _Progress:
-    """Keeps the Prefect progress artifact and in-process listeners up to date (artifact at most every second)."""
+    """Keeps the Prefect progress artifact (at most every second) and ``on_progress`` (every chunk) up to date."""
 
-    def __init__(self, plan: JobPlan) -> None:
+    def __init__(self, plan: JobPlan, on_progress: Callable[[JobProgress], None] | None) -> None:
         self.plan = plan
+        self.on_progress = on_progress
         self.bytes_total = sum(c.size for c in plan.chunks) or 1
         self.bytes_done = self.chunks_done = self.records = self.failed = 0
         self._last = 0.0
@@ -245,7 +268,11 @@ class _Progress:
         self.chunks_done += 1
         self.records += result.records
         self.failed += result.failed
-        report(self._snapshot())
+        if self.on_progress is not None:
+            try:
+                self.on_progress(self._snapshot())
+            except Exception:
+                log.exception("on_progress failed")
         now = time.monotonic()
         if now - self._last >= PROGRESS_EVERY_SECONDS:
             self._last = now

@@ -194,6 +194,7 @@ class _EarlyStart:
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
         self.runner: Any = None
+        self.job: Any = None  # the StartedJob handed to the flow
         self.managed_server = False  # the Prefect API is modalkit's local server (runs renew its lease)
         self.build_flow: Any = None  # flows.batch_inference.build_batch_flow, once Prefect is imported
         self._prefect_error: BaseException | None = None
@@ -202,6 +203,7 @@ class _EarlyStart:
     def start(self) -> None:
         from modalkit.batch.job import dispatch_order, find_committed, plan_job, resolve_job_config, start_job
         from modalkit.runners import open_runner
+        from modalkit.runners.base import StartedJob
         from modalkit.runners.prestart import PrestartingRunner
         from modalkit.settings import Settings
 
@@ -214,6 +216,7 @@ class _EarlyStart:
         self._check_api_from_environment()
         self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
         self._prefect_thread.start()
+        started = time.perf_counter()
         self.runner = PrestartingRunner(
             open_runner(settings, settings.model_settings.entry(p["model_name"])[0], job_config)
         )
@@ -223,6 +226,7 @@ class _EarlyStart:
         done = find_committed(plan)
         pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
         self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
+        self.job = StartedJob(plan, self.runner, done, started)
         _mark("planned")
         self.wait_for_prefect()
         _mark("prefect_api")
@@ -278,15 +282,15 @@ class _EarlyStart:
 def _run_flow(
     params: dict[str, Any], early: _EarlyStart, show_progress: bool
 ) -> tuple[dict[str, Any] | None, Exception | None]:
-    from modalkit.batch.progress import listening
     from modalkit.cli_prefect import Lease
 
     try:
-        flow = early.build_flow(lambda settings, model_name, job_config: early.runner)
         with contextlib.ExitStack() as stack:
             if early.managed_server:
                 stack.enter_context(Lease())  # the local server stays up while this run uses it
-            stack.enter_context(listening(stack.enter_context(_progress_bar(show_progress))))
+            bar = stack.enter_context(_progress_bar(show_progress))
+            # the flow runs the job started here (planned once, its first chunks running) and reports to the bar
+            flow = early.build_flow(start_job=lambda *_: early.job, on_progress=bar)
             state: Any = flow(**params, return_state=True)
     except BaseException:
         early.cancel()
