@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -156,15 +157,14 @@ def build_batch_flow(
         except BaseException:
             runner.cancel()  # an interrupt or a crash: stop the workers now, not after their chunks
             raise
-        else:
-            runner.close()
-        summary = finalize(plan, results, time.perf_counter() - job.started, len(errors))
-        _publish_summary(summary, errors)
-        create_markdown_artifact(
-            job_report(summary, results, errors, job_config.max_failure_rate),
-            key=f"batch-report-{summary.job_id}",
-            description=f"Report of batch job {summary.job_id}",
-        )
+        with _Closing(runner):  # the workers exit while the manifest and the artifacts are written
+            summary = finalize(plan, results, time.perf_counter() - job.started, len(errors))
+            _publish_summary(summary, errors)
+            create_markdown_artifact(
+                job_report(summary, results, errors, job_config.max_failure_rate),
+                key=f"batch-report-{summary.job_id}",
+                description=f"Report of batch job {summary.job_id}",
+            )
         outcome = _outcome(summary, errors, not_started, job_config.max_failure_rate)
         emit_job_event("completed", summary.model_dump(), None, job_uris)
         return outcome
@@ -194,6 +194,29 @@ def _planner(runner_factory: RunnerFactory) -> JobStarter:
             raise
 
     return start
+
+
+class _Closing:
+    """Closes a runner in a thread for the duration of the block; its error, if any, is raised at the end."""
+
+    def __init__(self, runner: ChunkRunner) -> None:
+        self.runner = runner
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._close, name="modalkit-runner-close", daemon=True)
+
+    def _close(self) -> None:
+        try:
+            self.runner.close()
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> None:
+        self.thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def _chunk_task(job_config: JobConfig) -> Any:

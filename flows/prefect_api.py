@@ -9,9 +9,11 @@ costs about a second, spent while the job plans), and points the process at its 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
-__all__ = ["configured_api_url", "use_api_url"]
+__all__ = ["configured_api_url", "no_heartbeats", "use_api_url"]
 
 
 def configured_api_url() -> str | None:
@@ -29,3 +31,14 @@ def use_api_url(api_url: str) -> None:
 
     os.environ["PREFECT_API_URL"] = api_url
     refresh_global_settings_context()
+
+
+@contextlib.contextmanager
+def no_heartbeats() -> Iterator[None]:
+    """Flow runs inside the block send no heartbeats: for runs on modalkit's own local server, where nothing
+    watches them (they feed a zombie-run automation a user sets up on their own server), and the flow engine
+    waits up to a second at the end of every run for its heartbeat thread to wake."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

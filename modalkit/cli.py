@@ -9,8 +9,8 @@
 ``batch`` runs the Prefect flow ``batch-inference`` in this process, against the API Prefect's settings name
 (``PREFECT_API_URL``, the active profile, ``prefect.toml`` or ``pyproject.toml``) when one is configured, else
 against a local Prefect server that modalkit starts once and keeps for later runs (:mod:`modalkit.cli_prefect`).
-Options are checked before anything starts; the workers load the model, the job is planned and its first chunks
-start while Prefect is imported (in a thread) and connects. Exit status: 0 when the job
+Options are checked before anything starts; the job is planned, its workers start (no more than it has chunks to
+run) and its first chunks start while Prefect is imported (in a thread) and connects. Exit status: 0 when the job
 completed, 1 when it failed, 2 when it could not start (a bad option, configuration or input), 130 on Ctrl-C and
 143 on SIGTERM (run the same command again to resume). With ``--json`` the last line of stdout is the summary.
 """
@@ -217,17 +217,23 @@ class _EarlyStart:
         self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
         self._prefect_thread.start()
         started = time.perf_counter()
-        self.runner = PrestartingRunner(
-            open_runner(settings, settings.model_settings.entry(p["model_name"])[0], job_config)
-        )
-        _mark("runner")
         plan = plan_job(settings, p["input_uri"], p["output_uri"], p["model_name"], job_config)
         start_job(plan)
         done = find_committed(plan)
         pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
+        _mark("planned")
+        # planned first (listing reads no records), so that a job starts no more local workers than it has chunks
+        # to run: a 10-record job loads its model in one process, not one per CPU
+        from modalkit.runners.local import default_workers
+
+        workers = min(job_config.local_workers or default_workers(), max(1, len(pending)))
+        model = settings.model_settings.entry(p["model_name"])[0]
+        self.runner = PrestartingRunner(
+            open_runner(settings, model, job_config.model_copy(update={"local_workers": workers}))
+        )
         self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
         self.job = StartedJob(plan, self.runner, done, started)
-        _mark("planned")
+        _mark("runner")
         self.wait_for_prefect()
         _mark("prefect_api")
 
@@ -287,7 +293,10 @@ def _run_flow(
     try:
         with contextlib.ExitStack() as stack:
             if early.managed_server:
+                from flows.prefect_api import no_heartbeats
+
                 stack.enter_context(Lease())  # the local server stays up while this run uses it
+                stack.enter_context(no_heartbeats())
             bar = stack.enter_context(_progress_bar(show_progress))
             # the flow runs the job started here (planned once, its first chunks running) and reports to the bar
             flow = early.build_flow(start_job=lambda *_: early.job, on_progress=bar)
@@ -519,6 +528,13 @@ def main() -> None:
     """Console-script entry point."""
     _install_signal_handlers()
     try:
+        _run_command()
+    except SystemExit as exc:
+        _exit_now(exc.code)
+
+
+def _run_command() -> None:
+    try:
         app()
     except Interrupted as exc:
         err.print("interrupted; run the same command to resume", highlight=False)
@@ -528,6 +544,27 @@ def main() -> None:
             err.print("interrupted; run the same command to resume", highlight=False)
             sys.exit(128 + int(getattr(exc, "signal", signal.SIGTERM)))
         raise
+
+
+def _exit_now(code: object) -> None:
+    """Exit with ``code`` as ``sys.exit`` would, less the interpreter's teardown of every module (about half a
+    second once Prefect is loaded, after the job is done). What an exit must do still happens first: the other
+    threads are joined and the exit hooks run (Prefect sends its last logs and events there)."""
+    import atexit
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # what a normal exit runs first: joins, threading's hooks
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
