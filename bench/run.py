@@ -17,12 +17,14 @@ a Prefect server started once for the benchmark (as a deployment would have one)
     BENCH_SIZES=200000 BENCH_ROUNDS=1 make bench  # a quick look
 
 Before the throughput runs, the start-up of a 10-record job: command to first chunk running, and whole-process
-wall, with a configured Prefect server, with modalkit's local server up, and with it stopped.
+wall, with a configured Prefect server, with modalkit's local server up, and with it stopped; beside the runs with
+the local server up, ``python -c "import prefect"`` in turn (the target: the job's wall at most 2x that).
 
 Then W2, online (``bench/w2.py``): ``modalkit serve`` beside LitServe and plain FastAPI at 1 and 32 clients.
 
 Environment: MODALKIT_SHARED_BENCH (default ../shared/bench), BENCH_SIZES, BENCH_ROUNDS, BENCH_CHUNK_SIZE,
 BENCH_STARTUP_ROUNDS (0 skips the start-up runs), BENCH_W2 (0 skips W2), W2_ROUNDS, W2_REQUESTS.
+``BENCH_SIZES= BENCH_W2=0 make bench`` runs the start-up part alone and prints it (RESULTS.md is left as it is).
 """
 
 from __future__ import annotations
@@ -210,12 +212,13 @@ STARTUP_ROUNDS = int(os.environ.get("BENCH_STARTUP_ROUNDS", "5"))
 PHASES = [
     ("process", "interpreter start to modalkit.cli imported"),
     ("options", "settings loaded and options checked"),
-    ("runner", "local workers spawned (they load the model from here on, in parallel)"),
-    ("planned", "input listed, chunks planned, output claimed, committed chunks found, first chunks started"),
-    ("prefect_api", "the Prefect API found (or the local server started)"),
-    ("prefect_import", "Prefect imported (the first chunks run meanwhile)"),
-    ("done", "the flow run (all chunks, manifest, artifacts) and its exit"),
+    ("planned", "input listed, chunks planned, output claimed, committed chunks found"),
+    ("runner", "local workers spawned (as many as chunks, at most one per CPU), first chunks started"),
+    ("prefect_api", "Prefect imported and its API found, in a thread since the options (the first chunks run)"),
+    ("done", "the flow run (all chunks, manifest, artifacts)"),
 ]
+#: the yardstick of the start-up target: a 10-record job's whole-process wall at most 2x this one's
+IMPORT_PREFECT = [PY, "-c", "import prefect"]
 
 
 def startup_dataset() -> Path:
@@ -247,12 +250,27 @@ def startup_run(config: Path, env: dict[str, str], name: str) -> dict[str, Any]:
     return {"first_chunk_s": first, "wall_s": wall, "marks": {k: v - launched for k, v in marks.items()}}
 
 
+def import_prefect_wall(env: dict[str, str]) -> float:
+    """Whole-process seconds of ``python -c "import prefect"``, the yardstick of the start-up target."""
+    launched = time.perf_counter()
+    subprocess.run(IMPORT_PREFECT, env=env, capture_output=True, check=True)
+    return time.perf_counter() - launched
+
+
 def bench_startup(server: PrefectServer, config: Path) -> dict[str, Any]:
     """The three ways a run finds Prefect: a configured server, modalkit's local server already up, and that
-    server stopped (the first run after it went idle: the run starts it). Plus one run on a fresh machine."""
+    server stopped (the first run after it went idle: the run starts it). Plus one run on a fresh machine.
+
+    Beside each run with modalkit's local server up (no Prefect server configured: the case the target is set
+    on), ``import prefect`` runs too, in turn, so that their ratio is taken pair by pair."""
     home = Path(tempfile.mkdtemp(prefix="modalkit-bench-home-"))
     base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    base.update(THREADS_ENV, PYTHONPATH=str(HERE), MODALKIT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    base.update(
+        THREADS_ENV,
+        PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        MODALKIT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     scenarios = {
         "a running Prefect server (PREFECT_API_URL)": {**base, "PREFECT_API_URL": server.api_url},
         "no server configured, modalkit's local server up": base,
@@ -269,6 +287,8 @@ def bench_startup(server: PrefectServer, config: Path) -> dict[str, Any]:
                 if "stopped" in name:
                     subprocess.run(stop, env=env, capture_output=True, check=True)
                 run = startup_run(config, env, f"{round_no}-{i}")
+                if "up" in name:
+                    run["import_prefect_s"] = import_prefect_wall(env)
                 results[name].append(run)
                 log(f"start-up, {name}: first chunk at {run['first_chunk_s']:.2f} s, exit at {run['wall_s']:.2f} s")
     finally:
@@ -308,7 +328,8 @@ def startup_lines(startup: dict[str, Any]) -> list[str]:
     lines = [
         "## Start-up",
         "",
-        "A 10-record job (`modalkit batch IN OUT --json`, local backend, 2 workers, the toy model): seconds from",
+        "A 10-record job (`modalkit batch IN OUT --json`, local backend, the toy model; one chunk, so one of the",
+        "2 workers starts): seconds from",
         "launching the command to its first chunk running (the chunk's own `started_at`), and to the command's",
         f"exit; medians of {STARTUP_ROUNDS} runs each, min to max in brackets.",
         "",
@@ -323,6 +344,16 @@ def startup_lines(startup: dict[str, Any]) -> list[str]:
     ever = startup["first_ever"]
     lines.append(f"| first run on a fresh machine (the local server creates its database) "
                  f"| {ever['first_chunk_s']:.2f} | {ever['wall_s']:.2f} |")  # fmt: skip
+    paired = [r for runs in startup["scenarios"].values() for r in runs if "import_prefect_s" in r]
+    if paired:
+        job, imp = [r["wall_s"] for r in paired], [r["import_prefect_s"] for r in paired]
+        ratio = _median([r["wall_s"] / r["import_prefect_s"] for r in paired])
+        lines += ["", "The start-up target (no Prefect server configured, modalkit's local server up; the job and "
+                  "`python -c \"import prefect\"` run in turn, the ratio taken pair by pair):", "",
+                  "| 10-record job whole-process wall, s | import prefect wall, s | job / import prefect |",
+                  "|---|---|---|",
+                  f"| {_median(job):.2f} ({min(job):.2f}-{max(job):.2f}) | {_median(imp):.2f} "
+                  f"({min(imp):.2f}-{max(imp):.2f}) | **{ratio:.2f}x** (target: at most 2x) |"]  # fmt: skip
     runs = next(iter(startup["scenarios"].values()))
     lines += ["", "Where the seconds go (a running Prefect server; seconds since the command was launched, medians):",
               ""]  # fmt: skip
@@ -386,7 +417,8 @@ def write_results(
         "- Job clock: modalkit's `seconds` covers the whole flow run (planning, spawning and loading the two",
         "  workers, every chunk, the manifest and the Prefect artifacts); the bare loop's covers pool start to end.",
         "- Process wall adds interpreter start and imports (Prefect's import is about two seconds here) and the",
-        "  flow run's exit (Prefect joins its heartbeat thread, which sleeps in one-second steps).",
+        "  flow run's exit (with a configured server, Prefect joins its heartbeat thread, which sleeps in one-second",
+        "  steps; runs on modalkit's local server send no heartbeats).",
         f"- CPU seconds over the tree (median, sampled): bare {first['bare_cpu']:.1f}, modalkit {first['mk_cpu']:.1f}.",
         "- The anchors in ../shared/bench/ANCHORS.md put the bare 2-process loop at about 2.7x Ray Data on this",
         "  machine; compare ratios only, never absolute figures across sessions.",
@@ -413,6 +445,9 @@ def main() -> int:
         results = [summarize(bench_size(rows, server, config)) for rows in SIZES]
     finally:
         server.stop()
+    if not SIZES:  # BENCH_SIZES="": the start-up runs only, printed; RESULTS.md is left as it is
+        print("\n".join(startup_lines(startup)) if startup else "nothing measured", flush=True)
+        return 0
     w2_lines = None
     if W2:  # the online workload, after the batch one (never beside it: they would share the cores)
         sys.path.insert(0, str(HERE))

@@ -2,7 +2,7 @@
 
 Orchestration only: fill a dated partition's ``{date}`` into the URIs (:mod:`modalkit.batch.partition`), plan the
 chunks, skip those an earlier run committed (they are sent nowhere), run the rest on the job's runner with bounded
-concurrency and retries, report progress (a Prefect progress artifact and any in-process listeners), write the
+concurrency and retries, report progress (a Prefect progress artifact, and ``on_progress`` when given), write the
 manifest, publish a summary table artifact and a markdown report, emit ``modalkit.job.completed`` or
 ``modalkit.job.failed`` (the summary as its payload) for automations, and return the summary. Record failures do not
 fail the flow unless their rate passes ``max_failure_rate``; a chunk that fails after its retries does (a rerun
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import inspect
+import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,11 +40,12 @@ from flows.monitoring import emit_job_event, job_report, label_run
 from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.partition import fill_partition, is_template, partition_date
-from modalkit.batch.progress import JobProgress, report
+from modalkit.batch.progress import JobProgress
 from modalkit.batch.storage import Store, default_store
 from modalkit.exceptions import JobFailed, StorageError, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
 from modalkit.runners import ChunkRunner, RunnerFactory, open_runner
+from modalkit.runners.base import JobStarter, StartedJob
 from modalkit.settings import JobConfig, Settings, parameter_help, run_parameters
 from tasks.finalize import finalize
 from tasks.plan import claim_output, committed_chunks, plan_chunks
@@ -51,6 +54,8 @@ from tasks.run_chunk import run_chunk
 PROGRESS_EVERY_SECONDS = 1.0
 P = ParamSpec("P")
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "JobFailed",
@@ -71,12 +76,24 @@ def describe_run_parameters(fn: Callable[P, R]) -> Callable[P, R]:
     return fn
 
 
-def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., dict[str, Any]]:
+def build_batch_flow(
+    runner_factory: RunnerFactory = open_runner,
+    start_job: JobStarter | None = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
+) -> Flow[..., dict[str, Any]]:
     """The ``batch-inference`` flow, running its chunks on the runners ``runner_factory`` makes.
 
-    ``batch_inference`` below is this flow with the default factory (the local worker pool or the deployed Modal
-    worker). Callers that own where chunks run (tests with an in-process Modal stand-in, the CLI with a runner
-    it started early) build their own.
+    ``batch_inference`` below is this flow with the defaults (the local worker pool or the deployed Modal
+    worker). Callers that own where chunks run (tests with an in-process Modal stand-in) build their own.
+
+    Args:
+        runner_factory: Opens the job's runner, when the flow plans the job itself.
+        start_job: The job, already started: ``modalkit batch`` plans it and starts its first chunks before
+            Prefect is imported, and hands over the plan, the runner, the chunks committed before and the start
+            time. When None, the flow plans the job itself (tasks ``plan-chunks``, ``claim-output``,
+            ``find-committed``): the input is listed once either way.
+        on_progress: Told where the job stands after each chunk (the CLI's progress bar); its errors are logged,
+            never allowed to break the job.
     """
 
     @flow(name="batch-inference", log_prints=False)
@@ -114,10 +131,9 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             The summary: job_id, records, succeeded, failed, chunks, chunks_skipped, seconds, records_per_s,
             output_uri.
         """
-        started = time.perf_counter()
         job_uris = {"input_uri": input_uri, "output_uri": output_uri}
         try:
-            return _run_job(started, job_uris, model_name, config, date, backend=backend, chunk_size=chunk_size,
+            return _run_job(job_uris, model_name, config, date, backend=backend, chunk_size=chunk_size,
                             concurrency=concurrency, id_field=id_field, success_queue=success_queue,
                             failure_queue=failure_queue, max_failure_rate=max_failure_rate,
                             output_format=output_format)  # fmt: skip
@@ -129,9 +145,8 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
             raise
 
     def _run_job(
-        started: float, job_uris: dict[str, str], model_name: str | None, config: str | None, date: str | None,
-        **options: Any,
-    ) -> dict[str, Any]:  # fmt: skip
+        job_uris: dict[str, str], model_name: str | None, config: str | None, date: str | None, **options: Any
+    ) -> dict[str, Any]:
         input_uri, output_uri = job_uris["input_uri"], job_uris["output_uri"]
         scheduled = flow_run.scheduled_start_time
         night = None
@@ -145,17 +160,15 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
         job_config = resolve_job_config(settings, **options)
         model = settings.model_settings.entry(model_name)[0]
         label_run(model, job_config.backend, str(night or date or partition_date(None, scheduled)))
-        # a local runner starts its workers (and they load the model) while the input is listed and planned
-        runner = runner_factory(settings, model, job_config)
+        start = start_job or _planner(runner_factory, store)
         try:
-            try:
-                plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config, store)
-            except StorageError as exc:
-                if night is None:
-                    raise
-                raise StorageError(f"the partition for {night}: {exc}", retryable=False) from None
-            claim_output(plan, store)
-            done, started = _skippable(plan, runner, started, store)
+            job = start(settings, job_config, input_uri, output_uri, model_name)
+        except StorageError as exc:
+            if night is None:
+                raise
+            raise StorageError(f"the partition for {night}: {exc}", retryable=False) from None
+        plan, runner, done = job.plan, job.runner, job.committed
+        try:
             if plan.skipped_files:
                 shown = ", ".join(plan.skipped_files[:5]) + (", ..." if len(plan.skipped_files) > 5 else "")
                 get_run_logger().warning(
@@ -168,19 +181,19 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
                 job_config.backend,
             )  # fmt: skip
             in_flight = job_config.concurrency or runner.slots
-            results, errors, not_started = _run_chunks(plan, done, runner, _chunk_task(job_config), in_flight)
+            tracker = _Progress(plan, on_progress)
+            results, errors, not_started = _run_chunks(plan, done, runner, _chunk_task(job_config), in_flight, tracker)
         except BaseException:
             runner.cancel()  # an interrupt or a crash: stop the workers now, not after their chunks
             raise
-        else:
-            runner.close()
-        summary = finalize(plan, results, time.perf_counter() - started, len(errors), store)
-        _publish_summary(summary, errors)
-        create_markdown_artifact(
-            job_report(summary, results, errors, job_config.max_failure_rate),
-            key=f"batch-report-{summary.job_id}",
-            description=f"Report of batch job {summary.job_id}",
-        )
+        with _Closing(runner):  # the workers exit while the manifest and the artifacts are written
+            summary = finalize(plan, results, time.perf_counter() - job.started, len(errors), store)
+            _publish_summary(summary, errors)
+            create_markdown_artifact(
+                job_report(summary, results, errors, job_config.max_failure_rate),
+                key=f"batch-report-{summary.job_id}",
+                description=f"Report of batch job {summary.job_id}",
+            )
         outcome = _outcome(summary, errors, not_started, job_config.max_failure_rate)
         emit_job_event("completed", summary.model_dump(), None, job_uris)
         return outcome
@@ -191,19 +204,48 @@ def build_batch_flow(runner_factory: RunnerFactory = open_runner) -> Flow[..., d
 batch_inference = build_batch_flow()
 
 
-def _skippable(
-    plan: JobPlan, runner: ChunkRunner, started: float, store: Store
-) -> tuple[dict[int, ChunkResult], float]:
-    """The chunks an earlier run committed (listed once, before any is sent), and when this job started.
+def _planner(runner_factory: RunnerFactory, store: Store) -> JobStarter:
+    """The flow's own start of a job: open the runner (a local one starts its workers, and they load the model,
+    while the input is listed), plan, claim the output, and list the chunks an earlier run committed (once,
+    before any chunk is sent)."""
 
-    A runner the CLI started early (``early_runs``) holds chunks of this run that may have committed by now: they
-    are this run's, not skipped, and the job's clock starts with them.
-    """
-    done = committed_chunks(plan, store)
-    early = getattr(runner, "early_runs", lambda job_id: None)(plan.job.job_id)
-    if early is None:
-        return done, started
-    return {i: result for i, result in done.items() if i not in early.indexes}, min(started, early.since)
+    def start(
+        settings: Settings, job_config: JobConfig, input_uri: str, output_uri: str, model_name: str | None
+    ) -> StartedJob:
+        started = time.perf_counter()
+        runner = runner_factory(settings, settings.model_settings.entry(model_name)[0], job_config)
+        try:
+            plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config, store)
+            claim_output(plan, store)
+            return StartedJob(plan, runner, committed_chunks(plan, store), started)
+        except BaseException:
+            runner.cancel()
+            raise
+
+    return start
+
+
+class _Closing:
+    """Closes a runner in a thread for the duration of the block; its error, if any, is raised at the end."""
+
+    def __init__(self, runner: ChunkRunner) -> None:
+        self.runner = runner
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._close, name="modalkit-runner-close", daemon=True)
+
+    def _close(self) -> None:
+        try:
+            self.runner.close()
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> None:
+        self.thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def _chunk_task(job_config: JobConfig) -> Any:
@@ -214,8 +256,9 @@ def _chunk_task(job_config: JobConfig) -> Any:
 
 
 def _run_chunks(
-    plan: JobPlan, done: dict[int, ChunkResult], runner: ChunkRunner, chunk_task: Any, in_flight: int
-) -> tuple[list[ChunkResult], list[tuple[int, BaseException]], list[int]]:
+    plan: JobPlan, done: dict[int, ChunkResult], runner: ChunkRunner, chunk_task: Any, in_flight: int,
+    tracker: _Progress,
+) -> tuple[list[ChunkResult], list[tuple[int, BaseException]], list[int]]:  # fmt: skip
     """Run every chunk not in ``done``, at most ``in_flight`` at once; stop starting new ones once a chunk has failed
     after its retries. The committed chunks in ``done`` count as finished and are sent nowhere."""
     logger = get_run_logger()
@@ -223,7 +266,6 @@ def _run_chunks(
     running: dict[concurrent.futures.Future[Any], Any] = {}
     results: list[ChunkResult] = []
     errors: list[tuple[int, BaseException]] = []
-    tracker = _Progress(plan)
     for chunk in plan.chunks:
         if chunk.index in done:
             results.append(done[chunk.index])
@@ -259,10 +301,11 @@ def _fatal(errors: list[tuple[int, BaseException]]) -> bool:
 
 
 class _Progress:
-    """Keeps the Prefect progress artifact and in-process listeners up to date (artifact at most every second)."""
+    """Keeps the Prefect progress artifact (at most every second) and ``on_progress`` (every chunk) up to date."""
 
-    def __init__(self, plan: JobPlan) -> None:
+    def __init__(self, plan: JobPlan, on_progress: Callable[[JobProgress], None] | None) -> None:
         self.plan = plan
+        self.on_progress = on_progress
         self.bytes_total = sum(c.size for c in plan.chunks) or 1
         self.bytes_done = self.chunks_done = self.records = self.failed = 0
         self._last = 0.0
@@ -277,7 +320,11 @@ class _Progress:
         self.chunks_done += 1
         self.records += result.records
         self.failed += result.failed
-        report(self._snapshot())
+        if self.on_progress is not None:
+            try:
+                self.on_progress(self._snapshot())
+            except Exception:
+                log.exception("on_progress failed")
         now = time.monotonic()
         if now - self._last >= PROGRESS_EVERY_SECONDS:
             self._last = now

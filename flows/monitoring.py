@@ -29,13 +29,18 @@ def label_run(model: str, backend: str, day: str) -> None:
     tags ``model:<name>``, ``backend:<name>`` and ``deployment:<name>`` (the UI filters on them), in one API call.
     A run outside Prefect's API, or an API that does not answer, keeps its name and tags; the job goes on."""
     from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
     from prefect.runtime import deployment, flow_run
 
     run_id = flow_run.id
     if run_id is None:
         return
     current = list(flow_run.tags)
-    tags = [f"model:{model}", f"backend:{backend}"] + ([f"deployment:{deployment.name}"] if deployment.name else [])
+    # the run in hand says whether a deployment started it: asking prefect.runtime first would read the run back
+    context = FlowRunContext.get()
+    deployed = context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None
+    name = deployment.name if deployed else None
+    tags = [f"model:{model}", f"backend:{backend}"] + ([f"deployment:{name}"] if name else [])
     try:
         with get_client(sync_client=True) as client:
             client.update_flow_run(run_id, name=f"batch-inference/{model}/{day}",

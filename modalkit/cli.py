@@ -6,10 +6,11 @@
     modalkit demo
     modalkit prefect status|stop
 
-``batch`` runs the Prefect flow ``batch-inference`` in this process, against ``PREFECT_API_URL`` (or the active
-Prefect profile's API) when one is configured, else against a local Prefect server that modalkit starts once and
-keeps for later runs (:mod:`modalkit.prefect_server`). Options are checked before anything starts; the workers
-load the model, the job is planned and its first chunks start while Prefect connects. Exit status: 0 when the job
+``batch`` runs the Prefect flow ``batch-inference`` in this process, against the API Prefect's settings name
+(``PREFECT_API_URL``, the active profile, ``prefect.toml`` or ``pyproject.toml``) when one is configured, else
+against a local Prefect server that modalkit starts once and keeps for later runs (:mod:`modalkit.cli_prefect`).
+Options are checked before anything starts; the job is planned, its workers start (no more than it has chunks to
+run) and its first chunks start while Prefect is imported (in a thread) and connects. Exit status: 0 when the job
 completed, 1 when it failed, 2 when it could not start (a bad option, configuration or input), 130 on Ctrl-C and
 143 on SIGTERM (run the same command again to resume). With ``--json`` the last line of stdout is the summary.
 """
@@ -164,19 +165,23 @@ def _fill_partition(params: dict[str, Any]) -> None:
 
 
 class _EarlyStart:
-    """What ``modalkit batch`` does before Prefect: checks, the Prefect API, the runner, the first chunks."""
+    """What ``modalkit batch`` does before its flow runs: checks, the runner, the first chunks, and meanwhile (in a
+    thread) Prefect imported and its API found: the configured one, else modalkit's local server."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
         self.runner: Any = None
+        self.job: Any = None  # the StartedJob handed to the flow
         self.managed_server = False  # the Prefect API is modalkit's local server (runs renew its lease)
-        self._api_error: BaseException | None = None
-        self._api_thread: threading.Thread | None = None
+        self.build_flow: Any = None  # flows.batch_inference.build_batch_flow, once Prefect is imported
+        self._prefect_error: BaseException | None = None
+        self._prefect_thread: threading.Thread | None = None
 
     def start(self) -> None:
         from modalkit.batch.job import dispatch_order, find_committed, plan_job, resolve_job_config, start_job
         from modalkit.batch.storage import default_store
         from modalkit.runners import open_runner
+        from modalkit.runners.base import StartedJob
         from modalkit.runners.prestart import PrestartingRunner
         from modalkit.settings import Settings
 
@@ -186,54 +191,73 @@ class _EarlyStart:
         overrides = {name: p[name] for name in OPTION_NAMES}
         job_config = resolve_job_config(settings, names=OPTION_NAMES, **overrides)
         _mark("options")
-        self._find_prefect_api()
-        self.runner = PrestartingRunner(
-            open_runner(settings, settings.model_settings.entry(p["model_name"])[0], job_config)
-        )
-        _mark("runner")
+        self._check_api_from_environment()
+        self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
+        self._prefect_thread.start()
+        started = time.perf_counter()
         store = default_store()
         plan = plan_job(settings, p["input_uri"], p["output_uri"], p["model_name"], job_config, store)
         start_job(plan, store)
         done = find_committed(plan, store)
         pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
-        self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
         _mark("planned")
-        self.wait_for_prefect_api()
+        # planned first (listing reads no records), so that a job starts no more local workers than it has chunks
+        # to run: a 10-record job loads its model in one process, not one per CPU
+        from modalkit.runners.local import default_workers
+
+        workers = min(job_config.local_workers or default_workers(), max(1, len(pending)))
+        model = settings.model_settings.entry(p["model_name"])[0]
+        self.runner = PrestartingRunner(
+            open_runner(settings, model, job_config.model_copy(update={"local_workers": workers}))
+        )
+        self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
+        self.job = StartedJob(plan, self.runner, done, started)
+        _mark("runner")
+        self.wait_for_prefect()
         _mark("prefect_api")
 
-    def _find_prefect_api(self) -> None:
-        """Use the configured Prefect API if it answers; else the managed local server (started in a thread)."""
-        from modalkit.prefect_server import PrefectUnavailable, api_answers, configured_api_url, ensure_server
+    @staticmethod
+    def _check_api_from_environment() -> None:
+        """``PREFECT_API_URL`` (Prefect's first source) must answer before any work starts; a cheap check."""
+        from modalkit.cli_prefect import PrefectUnavailable, api_answers
 
-        configured = configured_api_url()
-        if configured is not None:
-            if not api_answers(configured):
+        configured = os.environ.get("PREFECT_API_URL")
+        if configured and not api_answers(configured):
+            raise PrefectUnavailable(
+                f"the Prefect API at {configured} does not answer; start that server, or unset PREFECT_API_URL "
+                "to let modalkit run a local one"
+            )
+
+    def _connect_prefect(self) -> None:
+        """In a thread: import Prefect, ask its settings for the configured API (the environment, the profile,
+        prefect.toml, pyproject.toml), use it if it answers, else start or find the managed local server."""
+        try:
+            from flows.prefect_api import configured_api_url, use_api_url
+            from modalkit.cli_prefect import PrefectUnavailable, api_answers, ensure_server
+
+            configured = configured_api_url()
+            if configured is None:
+                self.managed_server = True
+                server = ensure_server(on_start=lambda line: err.print(line, highlight=False))
+                use_api_url(server.api_url)
+            elif configured != os.environ.get("PREFECT_API_URL") and not api_answers(configured):
                 raise PrefectUnavailable(
-                    f"the Prefect API at {configured} does not answer; start that server, or unset PREFECT_API_URL "
-                    "to let modalkit run a local one"
+                    f"the Prefect API at {configured} (from Prefect's settings: a profile, prefect.toml or "
+                    "pyproject.toml) does not answer; start that server, or remove that setting to let modalkit "
+                    "run a local one"
                 )
-            os.environ["PREFECT_API_URL"] = configured
-            return
+            from flows.batch_inference import build_batch_flow
 
-        self.managed_server = True
+            self.build_flow = build_batch_flow
+        except BaseException as exc:
+            self._prefect_error = exc
 
-        def start() -> None:
-            try:
-                os.environ["PREFECT_API_URL"] = ensure_server(
-                    on_start=lambda line: err.print(line, highlight=False)
-                ).api_url
-            except BaseException as exc:
-                self._api_error = exc
-
-        self._api_thread = threading.Thread(target=start, name="modalkit-prefect-start", daemon=True)
-        self._api_thread.start()
-
-    def wait_for_prefect_api(self) -> None:
-        if self._api_thread is not None:
-            while self._api_thread.is_alive():  # a loop of short waits: Ctrl-C stays answered
-                self._api_thread.join(timeout=0.2)
-        if self._api_error is not None:
-            raise self._api_error
+    def wait_for_prefect(self) -> None:
+        if self._prefect_thread is not None:
+            while self._prefect_thread.is_alive():  # a loop of short waits: Ctrl-C stays answered
+                self._prefect_thread.join(timeout=0.2)
+        if self._prefect_error is not None:
+            raise self._prefect_error
 
     def cancel(self) -> None:
         if self.runner is not None:
@@ -243,18 +267,18 @@ class _EarlyStart:
 def _run_flow(
     params: dict[str, Any], early: _EarlyStart, show_progress: bool
 ) -> tuple[dict[str, Any] | None, Exception | None]:
-    from modalkit.batch.progress import listening
-    from modalkit.prefect_server import Lease
+    from modalkit.cli_prefect import Lease
 
     try:
-        from flows.batch_inference import build_batch_flow  # Prefect is imported here, while the first chunks run
-
-        _mark("prefect_import")
-        flow = build_batch_flow(lambda settings, model_name, job_config: early.runner)
         with contextlib.ExitStack() as stack:
             if early.managed_server:
+                from flows.prefect_api import no_heartbeats
+
                 stack.enter_context(Lease())  # the local server stays up while this run uses it
-            stack.enter_context(listening(stack.enter_context(_progress_bar(show_progress))))
+                stack.enter_context(no_heartbeats())
+            bar = stack.enter_context(_progress_bar(show_progress))
+            # the flow runs the job started here (planned once, its first chunks running) and reports to the bar
+            flow = early.build_flow(start_job=lambda *_: early.job, on_progress=bar)
             state: Any = flow(**params, return_state=True)
     except BaseException:
         early.cancel()
@@ -432,21 +456,21 @@ def demo(
 @prefect_app.command("status")
 def prefect_status() -> None:
     """Say whether modalkit's local Prefect server runs, where, and how long it has been idle."""
-    from modalkit.prefect_server import idle_seconds, server_status, state_dir
+    from modalkit.cli_prefect import idle_seconds, server_status, state_dir
 
     server, idle = server_status()
     if server is None:
         print(f"no local Prefect server is running (its files: {state_dir()})")
         return
     since = f"{idle:.0f} s since a run used it" if idle is not None else "not used yet"
-    print(f"running: {server.ui_url} (API {server.api_url}, supervisor pid {server.supervisor_pid}); {since}; it stops "
+    print(f"running: {server.ui_url} (API {server.api_url}, pid {server.pid}); {since}; it stops "
           f"after {idle_seconds():.0f} s idle")  # fmt: skip
 
 
 @prefect_app.command("stop")
 def prefect_stop() -> None:
     """Stop modalkit's local Prefect server now (the next `modalkit batch` starts it again)."""
-    from modalkit.prefect_server import stop_server
+    from modalkit.cli_prefect import stop_server
 
     stopped = stop_server()
     print(
@@ -484,6 +508,13 @@ def main() -> None:
     """Console-script entry point."""
     _install_signal_handlers()
     try:
+        _run_command()
+    except SystemExit as exc:
+        _exit_now(exc.code)
+
+
+def _run_command() -> None:
+    try:
         app()
     except Interrupted as exc:
         err.print("interrupted; run the same command to resume", highlight=False)
@@ -493,6 +524,27 @@ def main() -> None:
             err.print("interrupted; run the same command to resume", highlight=False)
             sys.exit(128 + int(getattr(exc, "signal", signal.SIGTERM)))
         raise
+
+
+def _exit_now(code: object) -> None:
+    """Exit with ``code`` as ``sys.exit`` would, less the interpreter's teardown of every module (about half a
+    second once Prefect is loaded, after the job is done). What an exit must do still happens first: the other
+    threads are joined and the exit hooks run (Prefect sends its last logs and events there)."""
+    import atexit
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # what a normal exit runs first: joins, threading's hooks
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

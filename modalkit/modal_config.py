@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from modalkit.settings import AppSettings, ModelSettings, MountType, Settings
@@ -46,6 +46,8 @@ CONTAINER_REQUIREMENTS = (
 )
 #: Where the settings files go inside the container; MODALKIT_CONFIG points there.
 REMOTE_CONFIG_DIR = "/opt/modalkit/config"
+#: Modules of the modalkit package that belong to the CLI, never to a container: left out of images.
+CLI_ONLY_MODULES = frozenset({"cli_prefect.py"})
 
 
 class ModalConfig:
@@ -167,8 +169,8 @@ class ModalConfig:
             image = image.env(env)
         image = image.workdir(build.workdir)
         # files added last: they are mounted when a container starts instead of being baked into a layer
-        if build.local_python_sources:
-            image = image.add_local_python_source(*build.local_python_sources)
+        for source in build.local_python_sources:
+            image = image.add_local_python_source(source, ignore=python_source_ignore(source))
         for path, remote in zip(self.settings.config_files, remote_configs, strict=True):
             image = image.add_local_file(path, remote)
         for mount in self.app_settings.deployment_config.mounts:
@@ -303,6 +305,15 @@ class VolumeReloader:
         self._reload()
         self.last = now
         return True
+
+
+def python_source_ignore(package: str) -> Callable[[Path], bool]:
+    """Which files of a local Python package an image leaves out: all but ``.py`` files (Modal's default), and for
+    modalkit itself its CLI-only modules (the managed Prefect server has no business in a container)."""
+    from modal.file_pattern_matcher import NON_PYTHON_FILES
+
+    cli_only = CLI_ONLY_MODULES if package == "modalkit" else frozenset()
+    return lambda path: path.as_posix() in cli_only or bool(NON_PYTHON_FILES(path))
 
 
 def _has_tag(image: str) -> bool:

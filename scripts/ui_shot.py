@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({"MODALKIT_HOME": str(work), "PREFECT_HOME": str(work / "prefect-home"),
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})  # fmt: skip
     os.environ.pop("PREFECT_API_URL", None)
+    from modalkit.cli_prefect import ensure_server, stop_server
     from modalkit.demo import prepare_demo
-    from modalkit.prefect_server import ensure_server, stop_server
 
     try:
         server = ensure_server()

@@ -48,7 +48,7 @@ def _no_local_prefect_server_left() -> Iterator[None]:
     yield
     info = _MODALKIT_HOME / "prefect" / "server.json"
     if info.exists():
-        stop_daemon(int(json.loads(info.read_text())["supervisor_pid"]))
+        stop_daemon(int(json.loads(info.read_text())["pid"]))
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,11 @@
-"""Progress of a running batch job, for whoever watches in this process (the CLI's progress bar).
-
-The flow reports each finished chunk here (and to its Prefect progress artifact); listeners are plain callables,
-registered for the duration of a ``with listening(fn):`` block.
-"""
+"""Progress of a running batch job: what the flow hands its ``on_progress`` callable after each chunk (the CLI's
+progress bar), beside its Prefect progress artifact."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["JobProgress", "listening", "report"]
-
-log = logging.getLogger(__name__)
-_listeners: list[Callable[[JobProgress], None]] = []
-_lock = threading.Lock()
+__all__ = ["JobProgress"]
 
 
 @dataclass(frozen=True)
@@ -35,26 +24,3 @@ class JobProgress:
     def percent(self) -> float:
         """Progress in percent, by input bytes."""
         return 100.0 * self.bytes_done / self.bytes_total if self.bytes_total else 100.0
-
-
-@contextlib.contextmanager
-def listening(listener: Callable[[JobProgress], None]) -> Iterator[None]:
-    """Call ``listener`` with every progress report made inside the block."""
-    with _lock:
-        _listeners.append(listener)
-    try:
-        yield
-    finally:
-        with _lock:
-            _listeners.remove(listener)
-
-
-def report(progress: JobProgress) -> None:
-    """Tell every listener; a failing listener is logged, never allowed to break the job."""
-    with _lock:
-        listeners = list(_listeners)
-    for listener in listeners:
-        try:
-            listener(progress)
-        except Exception:
-            log.exception("progress listener failed")

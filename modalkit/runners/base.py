@@ -1,15 +1,18 @@
-"""What the batch flow needs of the place where chunks run: the ChunkRunner protocol and the factory seam."""
+"""What the batch flow needs of the place where chunks run: the ChunkRunner protocol, the factory seam, and the
+started job a caller that planned it already hands the flow."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from modalkit.batch.job import JobPlan
     from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
     from modalkit.settings import JobConfig, Settings
 
-__all__ = ["ChunkRunner", "RunnerFactory"]
+__all__ = ["ChunkRunner", "JobStarter", "RunnerFactory", "StartedJob"]
 
 
 class ChunkRunner(Protocol):
@@ -37,3 +40,26 @@ class ChunkRunner(Protocol):
 #: Builds the runner of a job: ``factory(settings, model_name, job_config)``. The batch flow is given one
 #: (``flows.batch_inference.build_batch_flow(runner_factory)``); :func:`modalkit.runners.open_runner` is the default.
 RunnerFactory = Callable[["Settings", str, "JobConfig"], ChunkRunner]
+
+
+@dataclass(frozen=True)
+class StartedJob:
+    """A job ready for its chunks: planned, its output claimed, its runner open.
+
+    Attributes:
+        plan: The job's plan (its chunks).
+        runner: Where its chunks run; some may be running already.
+        committed: The chunks an earlier run committed (listed before any chunk of this run was sent): skipped.
+        started: When the job started (``time.perf_counter()``), for its clock.
+    """
+
+    plan: JobPlan
+    runner: ChunkRunner
+    committed: dict[int, ChunkResult]
+    started: float
+
+
+#: Starts a job: ``start(settings, job_config, input_uri, output_uri, model_name)``. The batch flow plans the job
+#: itself unless it is given one (``build_batch_flow(start_job=...)``): ``modalkit batch`` plans and starts the
+#: first chunks before Prefect is imported, and hands the flow what it started.
+JobStarter = Callable[["Settings", "JobConfig", str, str, "str | None"], StartedJob]

@@ -3,29 +3,20 @@
 ``modalkit batch`` plans the job and starts its first chunks while Prefect imports and connects (about two
 seconds): when the flow then asks for those chunks, it gets the runs already under way. Only chunks that the flow
 itself would send first are started early (no commit marker, dispatch order, as many as the runner's slots), and
-a chunk is idempotent, so nothing changes but the wait.
+a chunk is idempotent, so nothing changes but the wait. The caller hands the flow the job it started
+(:class:`modalkit.runners.base.StartedJob`: the chunks committed before these started, and the start time).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import threading
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.runners.base import ChunkRunner
 
-__all__ = ["EarlyRuns", "PrestartingRunner"]
-
-
-@dataclass(frozen=True)
-class EarlyRuns:
-    """The chunks of a job started before the flow asked, and when (``time.perf_counter()``)."""
-
-    indexes: frozenset[int]
-    since: float
+__all__ = ["PrestartingRunner"]
 
 
 class PrestartingRunner:
@@ -39,22 +30,14 @@ class PrestartingRunner:
         self.inner = inner
         self.slots = inner.slots
         self._started: dict[tuple[str, int], concurrent.futures.Future[ChunkResult]] = {}
-        self._early: dict[str, EarlyRuns] = {}
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, inner.slots), thread_name_prefix="modalkit-early")
 
     def prestart(self, job: JobSpec, chunks: Sequence[ChunkSpec]) -> None:
         """Start ``chunks`` of ``job`` now, on the inner runner."""
         with self._lock:
-            self._early[job.job_id] = EarlyRuns(frozenset(c.index for c in chunks), time.perf_counter())
             for chunk in chunks:
                 self._started[(job.job_id, chunk.index)] = self._pool.submit(self.inner.run_chunk, job, chunk)
-
-    def early_runs(self, job_id: str) -> EarlyRuns | None:
-        """What was started early for ``job_id``: the flow counts those chunks as this run's, even once they have
-        committed (they are not an earlier run's, so not skipped), and the job's clock from their start."""
-        with self._lock:
-            return self._early.get(job_id)
 
     def run_chunk(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
         """The prestarted run of this chunk (its result or its error, once), else a new run on the inner runner."""

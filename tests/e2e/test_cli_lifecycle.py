@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from batch_support import duplicates, read_failures, read_parts, write_config
-from support import stop_daemon
+from support import free_port, stop_daemon, stop_process
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -43,12 +43,13 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield root
     info = root / "prefect" / "server.json"
     if info.exists():
-        stop_daemon(int(json.loads(info.read_text())["supervisor_pid"]))
+        stop_daemon(int(json.loads(info.read_text())["pid"]))
 
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # no Prefect API configured
-    env.update(MODALKIT_HOME=str(home), PYTHONPATH=str(TESTS_DIR), COLUMNS="200", **extra)
+    path = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(MODALKIT_HOME=str(home), PYTHONPATH=path, COLUMNS="200", **extra)
     return env
 
 
@@ -85,7 +86,7 @@ def test_without_a_prefect_api_the_first_run_starts_a_local_server_the_next_reus
     assert second.returncode == 0, second.stderr
     assert "starting a local Prefect server" not in second.stderr  # found running, reused
     assert server_info(home) == server
-    assert alive(server["supervisor_pid"])
+    assert alive(server["pid"])
     for proc in (first, second):
         assert json.loads(proc.stdout.splitlines()[-1])["records"] == 10
         assert "Traceback" not in proc.stderr
@@ -106,7 +107,7 @@ def test_modalkit_prefect_stop_stops_the_local_server(home: Path, tmp_path: Path
 
     assert stopped.returncode == 0
     assert f"stopped the local Prefect server at {server['api_url']}" in stopped.stdout
-    assert not alive(server["supervisor_pid"])
+    assert not alive(server["pid"])
     assert not (home / "prefect" / "server.json").exists()
     assert "no local Prefect server is running" in run(tmp_path, env, "prefect", "status").stdout
 
@@ -119,12 +120,73 @@ def test_the_local_server_stops_itself_once_no_run_has_used_it_for_the_idle_time
     server = server_info(home)
 
     deadline = time.monotonic() + 90
-    while alive(server["supervisor_pid"]) and time.monotonic() < deadline:
+    while alive(server["pid"]) and time.monotonic() < deadline:
         time.sleep(0.5)
 
-    assert not alive(server["supervisor_pid"])
+    assert not alive(server["pid"])
     assert not (home / "prefect" / "server.json").exists()
     assert "stopping the Prefect server" in (home / "prefect" / "server.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def users_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A user's own ``prefect server start`` on a free loopback port; yields its API URL."""
+    root = tmp_path_factory.mktemp("users-prefect")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    with open(root / "server.log", "wb") as log:
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (root / "server.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the user's Prefect server did not start"
+            time.sleep(0.5)
+        yield api
+    finally:
+        stop_process(server, timeout=30)
+
+
+def flow_runs_with_output(api: str, output_uri: str) -> list[Any]:
+    """The flow runs the Prefect server at ``api`` recorded whose ``output_uri`` parameter is ``output_uri``."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    return [run for run in runs if run.parameters.get("output_uri") == output_uri]
+
+
+@pytest.mark.parametrize(
+    ("file", "table"),
+    [("prefect.toml", "[api]"), ("pyproject.toml", "[tool.prefect.api]")],
+    ids=["prefect.toml", "pyproject"],
+)
+def test_a_prefect_api_url_set_in_prefect_toml_or_pyproject_is_used_and_no_local_server_is_started(
+    users_server: str, tmp_path: Path, file: str, table: str
+) -> None:
+    own_home = tmp_path / "home"  # a MODALKIT_HOME of its own: a managed server would leave its files here
+    (tmp_path / file).write_text(f'{table}\nurl = "{users_server}"\n', encoding="utf-8")
+    write_reviews(tmp_path / "in", 5)
+    out = str(tmp_path / "out")
+
+    proc = run(tmp_path, cli_env(own_home), "batch", "in", out, "--config", str(write_config(tmp_path)), "--json")
+
+    assert proc.returncode == 0, proc.stderr
+    assert "starting a local Prefect server" not in proc.stderr
+    assert not (own_home / "prefect").exists()  # modalkit's managed server was never started
+    runs = flow_runs_with_output(users_server, out)
+    assert [run.state_type.value for run in runs] == ["COMPLETED"]  # the run is recorded on the user's server
+    assert runs[0].name.startswith("batch-inference/sentiment/")
 
 
 def test_a_configured_prefect_api_that_does_not_answer_fails_in_one_line_before_any_work(
@@ -215,3 +277,38 @@ def test_a_signal_to_the_job_s_process_group_stops_it_in_seconds_with_one_line_a
     ids += [r["record_id"] for r in read_failures(str(tmp_path / "out"))]
     assert duplicates(ids) == {}
     assert len(ids) == summary["records"] == 100_000
+
+
+LISTING_SPY = """
+import os
+
+if os.environ.get("LISTING_SPY_DIR"):
+    from fsspec.implementations.local import LocalFileSystem
+
+    _ls = LocalFileSystem.ls
+
+    def ls(self, path, detail=True, **kwargs):
+        if os.path.abspath(self._strip_protocol(path)) == os.environ["LISTING_SPY_DIR"]:
+            with open(os.environ["LISTING_SPY_LOG"], "a") as log:
+                log.write(f"{os.getpid()}\\n")
+        return _ls(self, path, detail=detail, **kwargs)
+
+    LocalFileSystem.ls = ls
+"""
+
+
+def test_a_job_lists_its_input_once(home: Path, tmp_path: Path) -> None:
+    # every fsspec listing of the input folder (find, walk, glob all list it) is written down, in any process
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(LISTING_SPY, encoding="utf-8")
+    write_reviews(tmp_path / "in", 20)
+    log = tmp_path / "listings.log"
+    env = cli_env(home, LISTING_SPY_DIR=str(tmp_path / "in"), LISTING_SPY_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join([str(spy), env["PYTHONPATH"]])
+
+    proc = run(tmp_path, env, "batch", "in", "out", "--config", str(write_config(tmp_path)), "--json")
+
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["records"] == 20
+    assert len(log.read_text().splitlines()) == 1

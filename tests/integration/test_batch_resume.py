@@ -142,3 +142,25 @@ def test_once_a_chunk_has_failed_for_good_no_new_chunk_starts_and_the_job_fails_
     assert raised.value.retryable
     assert raised.value.summary is not None
     assert raised.value.summary["chunks"] >= 5
+
+
+def test_on_progress_is_told_after_every_chunk_and_a_failing_listener_does_not_break_the_job(
+    tmp_path: Path, prefect_api: str
+) -> None:
+    from modalkit.batch.progress import JobProgress
+
+    write_reviews(tmp_path / "in", 1200)  # six chunks of 64 KiB
+    seen: list[JobProgress] = []
+
+    def on_progress(progress: JobProgress) -> None:
+        seen.append(progress)
+        raise RuntimeError("a listener that breaks")
+
+    summary = build_batch_flow(on_progress=on_progress)(
+        input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"), config=str(write_config(tmp_path))
+    )
+
+    assert summary["status"] == "completed"
+    assert [p.chunks_done for p in seen] == list(range(1, summary["chunks"] + 1))
+    assert seen[-1].records == summary["records"] == 1200
+    assert seen[-1].bytes_done == seen[-1].bytes_total

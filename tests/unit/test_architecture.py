@@ -12,7 +12,7 @@ import modalkit
 ROOT = Path(modalkit.__file__).parent.parent
 LIBRARY = ROOT / "modalkit"
 #: Modules of modalkit/ that sit beside the CLI, outside the library proper: they may import Prefect and the flows.
-CLI_SIDE = {"modalkit.cli", "modalkit.prefect_local"}
+CLI_SIDE = {"modalkit.cli", "modalkit.cli_prefect"}
 
 
 def module_name(path: Path) -> str:

@@ -384,3 +384,17 @@ def test_container_requirements_are_runtime_dependencies_of_the_package() -> Non
     assert not missing, f"CONTAINER_REQUIREMENTS names {missing}, which pyproject.toml's dependencies lack"
     # the container is the model side: nothing from the orchestration or CLI side goes in
     assert not {"prefect", "typer", "rich"} & set(container)
+
+
+def test_images_carry_the_library_but_not_the_cli_s_managed_prefect_server() -> None:
+    from modal.mount import _Mount
+
+    from modalkit.modal_config import python_source_ignore
+
+    # the files Modal's own mount of the package would upload, with the ignore rule the image uses
+    mount = _Mount._from_local_python_packages("modalkit", ignore=python_source_ignore("modalkit"))
+    files = {str(remote) for entry in mount._entries for _, remote in entry.get_files_to_upload()}
+
+    assert "/root/modalkit/modal_service.py" in files
+    assert "/root/modalkit/batch/chunk.py" in files
+    assert "/root/modalkit/cli_prefect.py" not in files

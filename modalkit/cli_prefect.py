@@ -1,24 +1,29 @@
-"""The local Prefect server modalkit manages when no Prefect API is configured: started once, reused, stopped idle.
+"""The local Prefect server ``modalkit batch`` uses when no Prefect API is configured: Prefect's own background
+server, started once, reused, stopped when idle. Part of the CLI: the library never imports it, Modal images leave
+it out.
 
-``modalkit batch`` runs flow ``batch-inference``, and a Prefect flow needs an API. With none configured
-(``PREFECT_API_URL``, or the active Prefect profile), Prefect would start a temporary server inside every run:
-seconds of start-up each time, and a server that outlives a killed run. Instead modalkit starts one local server
-the first time, in its own session (so a Ctrl-C to the job's terminal does not reach it), and every later run
-connects to it at once. A small supervisor process keeps it: it stops the server after ``MODALKIT_PREFECT_IDLE_SECONDS``
-(default 1800) without a modalkit run and without a running flow, and takes it down if it dies itself.
+``modalkit batch`` runs flow ``batch-inference``, and a Prefect flow needs an API. With none configured (in any of
+Prefect's settings sources), Prefect would start a temporary server inside every run: seconds of start-up each
+time. Instead the first run starts ``prefect server start --background`` on a free loopback port, in a session
+of its own (a Ctrl-C to the job's terminal does not reach it), and every later run connects to it at once.
+
+Prefect's background mode keeps the server's pid in ``PREFECT_HOME/server.pid`` and ``prefect server stop`` stops
+it; two things it cannot do are kept here, as small as they go: which port the server listens on (Prefect has a
+fixed default port, 4200, which another server may hold) is written to ``server.json``, and a watcher process
+stops the server after ``MODALKIT_PREFECT_IDLE_SECONDS`` (default 1800) without a modalkit run (runs touch a
+``lease`` file while they use it).
 
     modalkit prefect status     # where it is, its UI, how long it has been idle
     modalkit prefect stop       # stop it now
 
-Its files live under ``$MODALKIT_HOME/prefect`` (default ``~/.modalkit/prefect``): ``server.json`` (pids, port),
-``server.log``, the ``lease`` that runs touch, and the server's own ``home/`` (its SQLite database).
-This module never imports Prefect: the server is the ``prefect server start`` command, run as a child process.
+Its files live under ``$MODALKIT_HOME/prefect`` (default ``~/.modalkit/prefect``): ``server.json`` (pid, port),
+``server.log``, the ``lease``, and the server's own ``home/`` (its SQLite database and pid file).
+This module never imports Prefect: the server is the ``prefect`` command, run as a child process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -28,11 +33,10 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,7 @@ __all__ = [
     "Lease",
     "ManagedServer",
     "PrefectUnavailable",
-    "configured_api_url",
+    "api_answers",
     "ensure_server",
     "server_status",
     "stop_server",
@@ -52,7 +56,8 @@ DEFAULT_IDLE_SECONDS = 1800.0
 #: How long a first start may take: a new database is migrated first (about 20 s on a busy 2-core machine).
 START_TIMEOUT = 180.0
 LEASE_EVERY_SECONDS = 30.0
-_PR_SET_PDEATHSIG = 1
+#: Prefect's pid file of a background server, in its PREFECT_HOME (``prefect.cli._server_utils``).
+PREFECT_PID_FILE = "server.pid"
 
 
 class PrefectUnavailable(ConfigError):
@@ -61,11 +66,11 @@ class PrefectUnavailable(ConfigError):
 
 @dataclass(frozen=True)
 class ManagedServer:
-    """A running managed server: its API URL, its supervisor's and the server's process ids, its port."""
+    """A running managed server: its API URL, port, the server's process id, and when it started."""
 
     api_url: str
     port: int
-    supervisor_pid: int
+    pid: int
     started_at: float
 
     @property
@@ -98,22 +103,6 @@ def idle_seconds(environ: Any = None) -> float:
     if value <= 0:
         raise ConfigError(f"MODALKIT_PREFECT_IDLE_SECONDS {raw!r}: not allowed; use a number of seconds above 0")
     return value
-
-
-def configured_api_url(environ: Any = None) -> str | None:
-    """The Prefect API the user configured: ``PREFECT_API_URL``, else the active Prefect profile's; None if none."""
-    environ = os.environ if environ is None else environ
-    if environ.get("PREFECT_API_URL"):
-        return str(environ["PREFECT_API_URL"])
-    home = Path(environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-    path = Path(environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    active = environ.get("PREFECT_PROFILE") or data.get("active")
-    url = data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") if active else None
-    return str(url) if url else None
 
 
 def api_answers(api_url: str, timeout: float = 2.0) -> bool:
@@ -163,7 +152,8 @@ def server_status() -> tuple[ManagedServer | None, float | None]:
 
 
 def stop_server(timeout: float = 30.0) -> ManagedServer | None:
-    """Stop the managed server (its supervisor stops the server); returns what was stopped, None if nothing ran."""
+    """Stop the managed server with ``prefect server stop`` and wait for it to go; returns what was stopped, None
+    if nothing ran."""
     root = state_dir()
     if not root.exists():
         return None
@@ -171,9 +161,7 @@ def stop_server(timeout: float = 30.0) -> ManagedServer | None:
         info = _read_info(root)
         if info is None:
             return None
-        _terminate(info.supervisor_pid, timeout)
-        with contextlib.suppress(FileNotFoundError):
-            (root / "server.json").unlink()
+        _stop(root, info, timeout)
         return info
 
 
@@ -201,7 +189,7 @@ class Lease:
 
 def _running(root: Path) -> ManagedServer | None:
     info = _read_info(root)
-    if info is None or not _alive(info.supervisor_pid):
+    if info is None or not _alive(info.pid):
         return None
     return info if api_answers(info.api_url) else None
 
@@ -209,47 +197,99 @@ def _running(root: Path) -> ManagedServer | None:
 def _read_info(root: Path) -> ManagedServer | None:
     try:
         data = json.loads((root / "server.json").read_text(encoding="utf-8"))
-        return ManagedServer(data["api_url"], int(data["port"]), int(data["supervisor_pid"]), float(data["started_at"]))
+        return ManagedServer(data["api_url"], int(data["port"]), int(data["pid"]), float(data["started_at"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+def _prefect(root: Path, *args: str, port: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``prefect`` command on the managed server's home, in a session of its own (a server it starts in
+    the background stays out of the job's process group), with its output appended to ``server.log``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    if port is not None:  # the UI's API is this server's, not Prefect's default (127.0.0.1:4200, another or none)
+        env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
+    with open(root / "server.log", "a", encoding="utf-8") as log:
+        try:
+            return subprocess.run(
+                [sys.executable, "-m", "prefect", *args],
+                cwd=root,  # never a prefect.toml of the user's working directory
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                timeout=120,
+                check=False,
+                text=True,
+            )
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(args, returncode=124)
+
+
 def _start(root: Path, timeout: float) -> ManagedServer:
     stale = _read_info(root)
-    if stale is not None:  # a supervisor whose server stopped answering: replace both
-        _terminate(stale.supervisor_pid, 10.0)
+    if stale is not None:  # a server that stopped answering: replace it
+        _stop(root, stale, 10.0)
+    with contextlib.suppress(OSError):  # a pid file left by a server that died: Prefect would refuse to start
+        (root / "home" / PREFECT_PID_FILE).unlink()
     port = _free_port()
     log_path = root / "server.log"
-    launched = subprocess.run(  # a short-lived launcher starts the supervisor, so that it is nobody's child here
-        [sys.executable, "-m", "modalkit.prefect_server", "launch", str(root), str(port), str(idle_seconds())],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if launched.returncode != 0 or not launched.stdout.strip().isdigit():
+    launched = _prefect(root, "server", "start", "--background", "--host", "127.0.0.1", "--port", str(port), port=port)
+    pid = _read_pid(root)
+    if launched.returncode != 0 or pid is None:
         raise PrefectUnavailable(
-            f"could not launch a local Prefect server: {launched.stderr.strip()[-300:] or 'no reason given'}; set "
-            "PREFECT_API_URL to a running Prefect server (e.g. `prefect server start`) and run the command again"
+            f"could not start a local Prefect server (it exited; its log: {log_path}); set PREFECT_API_URL to a "
+            "running Prefect server (e.g. `prefect server start`) and run the command again"
         )
-    server = ManagedServer(f"http://127.0.0.1:{port}/api", port, int(launched.stdout.strip()), time.time())
-    (root / "server.json").write_text(json.dumps(server.__dict__), encoding="utf-8")
+    server = ManagedServer(f"http://127.0.0.1:{port}/api", port, pid, time.time())
+    (root / "server.json").write_text(json.dumps(asdict(server)), encoding="utf-8")
+    _spawn_watcher(root, server)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if api_answers(server.api_url, timeout=1.0):
             return server
-        if not _alive(server.supervisor_pid):
+        if not _alive(server.pid):
             break
         time.sleep(0.2)
-    exited = not _alive(server.supervisor_pid)
-    _terminate(server.supervisor_pid, 10.0)
-    with contextlib.suppress(FileNotFoundError):
-        (root / "server.json").unlink()
+    exited = not _alive(server.pid)
+    _stop(root, server, 10.0)
     waited = "it exited" if exited else f"it did not answer within {timeout:.0f} s"
     raise PrefectUnavailable(
         f"could not start a local Prefect server ({waited}; its log: {log_path}); set PREFECT_API_URL to a running "
         "Prefect server (e.g. `prefect server start`) and run the command again"
     )
+
+
+def _read_pid(root: Path) -> int | None:
+    try:
+        return int((root / "home" / PREFECT_PID_FILE).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _stop(root: Path, server: ManagedServer, timeout: float) -> None:
+    """``prefect server stop`` (SIGTERM to the pid in its pid file), then wait for the server to go; SIGKILL after
+    ``timeout``. ``server.json`` goes with it."""
+    if _read_pid(root) == server.pid:
+        _prefect(root, "server", "stop")
+    _terminate(server.pid, timeout)
+    with contextlib.suppress(FileNotFoundError):
+        (root / "server.json").unlink()
+
+
+def _spawn_watcher(root: Path, server: ManagedServer) -> None:
+    """The idle watcher, in a session of its own; not waited for (it outlives this process)."""
+    with open(root / "server.log", "ab") as log:
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "modalkit.cli_prefect", str(root), str(server.pid), str(idle_seconds())],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    watcher.returncode = 0  # not waited for: it is meant to outlive this process (no "still running" warning)
 
 
 @contextlib.contextmanager
@@ -297,84 +337,43 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# --- the supervisor: python -m modalkit.prefect_server launch|supervise ROOT PORT IDLE_SECONDS ------------------
+# --- the idle watcher: python -m modalkit.cli_prefect ROOT PID IDLE_SECONDS ------------------------------------
 
 
-def launch(root: Path, port: int, idle: float) -> int:
-    """Start the supervisor in a session of its own, print its pid, and return (so init adopts it)."""
-    with open(root / "server.log", "ab") as log:
-        supervisor = subprocess.Popen(
-            [sys.executable, "-m", "modalkit.prefect_server", "supervise", str(root), str(port), str(idle)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C or SIGHUP to the job's terminal does not reach it
-            close_fds=True,
-        )
-    print(supervisor.pid, flush=True)
-    supervisor.returncode = 0  # not waited for: it is meant to outlive this launcher
-    return 0
+def watch(root: Path, pid: int, idle: float) -> int:
+    """Stop the server ``pid`` once no run has touched the lease for ``idle`` seconds; return when it is gone.
 
-
-def _die_with_parent() -> None:  # runs in the server's process, before exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _flows_running(api_url: str) -> bool:
-    """Whether the server has a flow run pending or running (then it is not idle, lease or not)."""
-    body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}}}).encode()
-    request = urllib.request.Request(
-        f"{api_url}/flow_runs/count", data=body, headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(json.loads(response.read())) > 0
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
-
-
-def supervise(root: Path, port: int, idle: float) -> int:
-    """Run ``prefect server start`` on ``port`` and keep it until it is idle, told to stop, or dies."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    api_url = f"http://127.0.0.1:{port}/api"
-    # the UI's API is this server's, not Prefect's default (127.0.0.1:4200, another server or none)
-    env.update(PREFECT_HOME=str(root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=api_url)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,  # no threads here yet; the server dies with its supervisor
-    )
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stopping.set())
-    check = min(15.0, max(0.5, idle / 4))
-    lease, ready_at = root / "lease", 0.0
-    while not stopping.wait(check):
-        if server.poll() is not None:
-            break
-        if not ready_at:  # idle time counts from when it first answers, not while it starts (migrations)
+    Idle time counts from when the server first answers (a new database migrates first), or the last run.
+    """
+    info = _read_info(root)
+    api_url = info.api_url if info is not None else ""
+    check = min(1.0, idle / 4)
+    ready_at = 0.0
+    lease = root / "lease"
+    while _alive(pid):
+        time.sleep(check)
+        if not ready_at:
             ready_at = time.time() if api_answers(api_url, timeout=1.0) else 0.0
             continue
-        used = max(ready_at, lease.stat().st_mtime if lease.exists() else 0.0)
-        if time.time() - used > idle and not _flows_running(api_url):
+        if _idle_for(lease, ready_at) <= idle:
+            continue
+        with _locked(root / "lock"):  # a run that finds the server holds the lock while it touches the lease
+            current = _read_info(root)
+            if _idle_for(lease, ready_at) <= idle or current is None or current.pid != pid:
+                continue
             print(f"modalkit: no run for {idle:.0f} s; stopping the Prefect server", flush=True)
-            break
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    info = _read_info(root)
-    if info is not None and info.supervisor_pid == os.getpid():
-        with contextlib.suppress(FileNotFoundError):
-            (root / "server.json").unlink()
+            _stop(root, current, 30.0)
+        break
     return 0
+
+
+def _idle_for(lease: Path, ready_at: float) -> float:
+    try:
+        used = max(ready_at, lease.stat().st_mtime)
+    except OSError:
+        used = ready_at
+    return time.time() - used
 
 
 if __name__ == "__main__":
-    _command = {"launch": launch, "supervise": supervise}[sys.argv[1]]
-    sys.exit(_command(Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))
+    sys.exit(watch(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])))
