@@ -39,6 +39,7 @@ from modalkit.exceptions import ConfigError
 from modalkit.iomodel import (
     AsyncInputModel,
     AsyncOutputModel,
+    ErrorBody,
     InferenceOutputModel,
     JobStatus,
     describe_validation_error,
@@ -216,8 +217,8 @@ def _error(
     status: int, error_type: str, message: str, headers: dict[str, str] | None = None, stage: str | None = None
 ) -> JSONResponse:
     """An :class:`~modalkit.iomodel.ErrorBody` response."""
-    body = {"status": "error", "stage": stage, "error_type": error_type, "error": message}
-    return JSONResponse(body, status, headers=headers)
+    body = ErrorBody(stage=stage, error_type=error_type, error=message)
+    return JSONResponse(body.model_dump(mode="json"), status, headers=headers)
 
 
 def _too_large(max_bytes: int) -> JSONResponse:
@@ -443,8 +444,8 @@ def create_app(
             try:
                 valid.append((i, model.model_validate(item)))
             except ValidationError as exc:
-                answers[i] = {"status": "error", "stage": "validate", "error_type": "ValidationError",
-                              "error": describe_validation_error(exc)}  # fmt: skip
+                body = ErrorBody(stage="validate", error_type="ValidationError", error=describe_validation_error(exc))
+                answers[i] = body.model_dump(mode="json")
         messages = [record for _, record in valid]
         outputs: Sequence[InferenceOutputModel | BaseModel | Mapping[str, Any]]
         if batch_fn is not None:

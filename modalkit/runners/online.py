@@ -124,9 +124,11 @@ def http_status(output: InferenceOutputModel) -> tuple[int, dict[str, str] | Non
 def error_body(output: InferenceOutputModel) -> dict[str, Any]:
     """The :class:`~modalkit.iomodel.ErrorBody` of a failed output (``stage``, ``error_type``, ``error``)."""
     failure = output.failure if isinstance(output, FailedOutput) else None
-    if failure is not None:
-        return {"status": "error", "stage": failure.stage, "error_type": failure.error_type, "error": failure.error}
-    return ErrorBody(error_type="PipelineError", error=output.error or "the request failed").model_dump(mode="json")
+    if failure is None:
+        body = ErrorBody(error_type="PipelineError", error=output.error or "the request failed")
+    else:
+        body = ErrorBody(stage=failure.stage, error_type=failure.error_type, error=failure.error)
+    return body.model_dump(mode="json")
 
 
 def async_record(job_id: str, output: InferenceOutputModel, request: AsyncInputModel[Any]) -> tuple[str | None, Any]:
