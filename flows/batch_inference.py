@@ -39,6 +39,7 @@ from prefect.tasks import exponential_backoff
 from flows.monitoring import emit_job_event, job_report, label_run
 from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
 from modalkit.batch.layout import OutputLayout
+from modalkit.batch.lease import JobLease
 from modalkit.batch.partition import fill_partition, is_template, partition_date
 from modalkit.batch.progress import JobProgress
 from modalkit.batch.storage import Store, default_store
@@ -52,6 +53,8 @@ from tasks.plan import claim_output, committed_chunks, plan_chunks
 from tasks.run_chunk import run_chunk
 
 PROGRESS_EVERY_SECONDS = 1.0
+#: How often a run waiting on its chunks looks whether it still holds the job's lease.
+LEASE_CHECK_SECONDS = 1.0
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -167,6 +170,10 @@ def build_batch_flow(
             if night is None:
                 raise
             raise StorageError(f"the partition for {night}: {exc}", retryable=False) from None
+        with _Released(job.lease):
+            return _run_started(job, job_config, job_uris, store)
+
+    def _run_started(job: StartedJob, job_config: JobConfig, job_uris: dict[str, str], store: Store) -> dict[str, Any]:
         plan, runner, done = job.plan, job.runner, job.committed
         try:
             if plan.skipped_files:
@@ -182,7 +189,9 @@ def build_batch_flow(
             )  # fmt: skip
             in_flight = job_config.concurrency or runner.slots
             tracker = _Progress(plan, on_progress)
-            results, errors, not_started = _run_chunks(plan, done, runner, _chunk_task(job_config), in_flight, tracker)
+            results, errors, not_started = _run_chunks(
+                plan, done, runner, _chunk_task(job_config), in_flight, tracker, job.lease
+            )
         except BaseException:
             runner.cancel()  # an interrupt or a crash: stop the workers now, not after their chunks
             raise
@@ -216,13 +225,37 @@ def _planner(runner_factory: RunnerFactory, store: Store) -> JobStarter:
         runner = runner_factory(settings, settings.model_settings.entry(model_name)[0], job_config)
         try:
             plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config, store)
-            claim_output(plan, store)
-            return StartedJob(plan, runner, committed_chunks(plan, store), started)
+            lease = claim_output(plan, store, job_config.lease_seconds, _flow_run_id())
         except BaseException:
             runner.cancel()
             raise
+        try:
+            return StartedJob(plan, runner, committed_chunks(plan, store), started, lease)
+        except BaseException:
+            runner.cancel()
+            lease.release()
+            raise
 
     return start
+
+
+def _flow_run_id() -> str | None:
+    run_id = flow_run.id
+    return str(run_id) if run_id else None
+
+
+class _Released:
+    """Releases the run's lease (if any) as the block ends, whichever way: completed, failed or interrupted."""
+
+    def __init__(self, lease: JobLease | None) -> None:
+        self.lease = lease
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 class _Closing:
@@ -257,10 +290,14 @@ def _chunk_task(job_config: JobConfig) -> Any:
 
 def _run_chunks(
     plan: JobPlan, done: dict[int, ChunkResult], runner: ChunkRunner, chunk_task: Any, in_flight: int,
-    tracker: _Progress,
+    tracker: _Progress, lease: JobLease | None = None,
 ) -> tuple[list[ChunkResult], list[tuple[int, BaseException]], list[int]]:  # fmt: skip
     """Run every chunk not in ``done``, at most ``in_flight`` at once; stop starting new ones once a chunk has failed
-    after its retries. The committed chunks in ``done`` count as finished and are sent nowhere."""
+    after its retries. The committed chunks in ``done`` count as finished and are sent nowhere.
+
+    A run that loses its lease (another run took the job over) raises :class:`LeaseLost` within a second; the
+    caller then cancels the runner, so the chunks in flight stop uncommitted (the run that holds the lease redoes
+    them) instead of sending on beside it."""
     logger = get_run_logger()
     pending = deque(dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done]))
     running: dict[concurrent.futures.Future[Any], Any] = {}
@@ -272,13 +309,19 @@ def _run_chunks(
             tracker.chunk_done(chunk.size, done[chunk.index])
     while pending or running:
         while pending and len(running) < in_flight and not _fatal(errors):
+            if lease is not None:
+                lease.check()
             chunk = pending.popleft()
             future = chunk_task.submit(runner, plan.job, chunk)
             running[future.wrapped_future] = (future, chunk)
         if not running:
             break
-        done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-        for wrapped in done:
+        finished, _ = concurrent.futures.wait(
+            running, timeout=LEASE_CHECK_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        if lease is not None:
+            lease.check()
+        for wrapped in finished:
             future, chunk = running.pop(wrapped)
             outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, ChunkResult):

@@ -11,8 +11,9 @@
 against a local Prefect server that modalkit starts once and keeps for later runs (:mod:`modalkit.cli_prefect`).
 Options are checked before anything starts; the job is planned, its workers start (no more than it has chunks to
 run) and its first chunks start while Prefect is imported (in a thread) and connects. Exit status: 0 when the job
-completed, 1 when it failed, 2 when it could not start (a bad option, configuration or input), 130 on Ctrl-C and
-143 on SIGTERM (run the same command again to resume). With ``--json`` the last line of stdout is the summary.
+completed, 1 when it failed, 2 when it could not start (a bad option, configuration or input, or a run of the
+same job running: ``--wait`` waits for it), 130 on Ctrl-C and 143 on SIGTERM (run the same command again to
+resume). With ``--json`` the last line of stdout is the summary.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def batch(
         str | None,
         typer.Option(metavar="YYYY-MM-DD", help="The night {date} in the URIs stands for. Default: today (UTC)."),
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="When a run of the same job is running, wait for it to end instead of exiting 2."),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print only the summary, as one JSON line.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
@@ -116,15 +121,15 @@ def batch(
 
     Either URI may hold {date} or {date:%Y/%m/%d} (a dated partition): filled with --date, or today in UTC.
 
-    Exit status: 0 the job completed; 1 it failed; 2 it could not start (a bad option, configuration or input);
-    130 Ctrl-C and 143 SIGTERM (run the same command again to resume).
+    Exit status: 0 the job completed; 1 it failed; 2 it could not start (a bad option, configuration or input, or
+    a run of the same job is running); 130 Ctrl-C and 143 SIGTERM (run the same command again to resume).
     """
     _prepare_prefect(verbose)
     params = {
         "input_uri": input_uri, "output_uri": output_uri, "model_name": model, "backend": backend,
         "chunk_size": chunk_size, "concurrency": concurrency, "id_field": id_field, "output_format": output_format,
         "success_queue": success_queue, "failure_queue": failure_queue, "max_failure_rate": max_failure_rate,
-        "config": config, "date": date,
+        "config": config, "date": date, "wait": wait,
     }  # fmt: skip
     summary, error = run_batch(params, show_progress=not json_out and err.is_terminal)
     _finish(summary, error, json_out)
@@ -172,6 +177,7 @@ class _EarlyStart:
         self.params = params
         self.runner: Any = None
         self.job: Any = None  # the StartedJob handed to the flow
+        self.lease: Any = None  # this run's lease on the output (the flow releases it as it ends)
         self.managed_server = False  # the Prefect API is modalkit's local server (runs renew its lease)
         self.build_flow: Any = None  # flows.batch_inference.build_batch_flow, once Prefect is imported
         self._prefect_error: BaseException | None = None
@@ -179,6 +185,7 @@ class _EarlyStart:
 
     def start(self) -> None:
         from modalkit.batch.job import dispatch_order, find_committed, plan_job, resolve_job_config, start_job
+        from modalkit.batch.lease import take_lease
         from modalkit.batch.storage import default_store
         from modalkit.runners import open_runner
         from modalkit.runners.base import StartedJob
@@ -186,6 +193,7 @@ class _EarlyStart:
         from modalkit.settings import Settings
 
         p = self.params
+        wait = bool(p.pop("wait", False))  # not a flow parameter: how this command waits for the job's lease
         _fill_partition(p)
         settings = Settings.load(p["config"] or None)
         overrides = {name: p[name] for name in OPTION_NAMES}
@@ -198,6 +206,10 @@ class _EarlyStart:
         store = default_store()
         plan = plan_job(settings, p["input_uri"], p["output_uri"], p["model_name"], job_config, store)
         start_job(plan, store)
+        self.lease = take_lease(
+            store, plan.job.output_uri, plan.job.job_id, job_config.lease_seconds, wait=wait,
+            on_wait=lambda line: err.print(line, highlight=False),
+        )  # fmt: skip
         done = find_committed(plan, store)
         pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
         _mark("planned")
@@ -211,7 +223,7 @@ class _EarlyStart:
             open_runner(settings, model, job_config.model_copy(update={"local_workers": workers}))
         )
         self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
-        self.job = StartedJob(plan, self.runner, done, started)
+        self.job = StartedJob(plan, self.runner, done, started, self.lease)
         _mark("runner")
         self.wait_for_prefect()
         _mark("prefect_api")
@@ -262,6 +274,11 @@ class _EarlyStart:
     def cancel(self) -> None:
         if self.runner is not None:
             self.runner.cancel()
+        self.release()
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 def _run_flow(
@@ -283,6 +300,7 @@ def _run_flow(
     except BaseException:
         early.cancel()
         raise
+    early.release()  # the flow released it as it ended; this covers a flow that failed before it started the job
     _mark("done", write=True)
     if state.is_completed():
         return state.result(), None

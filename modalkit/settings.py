@@ -385,6 +385,13 @@ class JobConfig(_Strict):
     )
     chunk_retries: int = Field(3, ge=0, le=20, description="Retries of a chunk after a transient error.")
     retry_delay_seconds: float = Field(2.0, ge=0.0, le=600.0, description="First retry delay; doubles each time.")
+    lease_seconds: float = Field(
+        60.0,
+        ge=1.0,
+        le=3600.0,
+        description="One run of a job at a time: the lease a run holds on its output is renewed every third of this; "
+        "a run that died (SIGKILL, a lost machine) is taken over this long after its last renewal.",
+    )
 
     def identity(self) -> dict[str, Any]:
         """The values of the parameters that are part of the job id (``JobParameter.identity``)."""

@@ -8,6 +8,7 @@ Under OUTPUT_URI::
     _chunks/NNNNN.progress.json   how far chunk N's queue records were sent (while it runs)
     _job.json                     which job owns this output
     _manifest.json                the summary and every chunk's result, when the job ends
+    _lease/NNNNNNNN.json          which run of the job runs now (one generation per run; see batch/lease.py)
     _replay/                      a replay job's input: the failures of the job it replays
 
 Nothing else in modalkit spells one of these paths.
@@ -30,6 +31,7 @@ from modalkit.batch.storage import Store, join
 __all__ = ["OutputLayout"]
 
 _MARKER_NAME = re.compile(r"^(\d{5,})\.json$")
+_LEASE_NAME = re.compile(r"^(\d{8,})\.json$")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,21 @@ class OutputLayout:
     def manifest(self) -> str:
         """``_manifest.json``: the summary and every chunk's result."""
         return join(self.root, "_manifest.json")
+
+    @property
+    def lease_dir(self) -> str:
+        """``_lease/``: the generations of the lease of the run that runs the job now."""
+        return join(self.root, "_lease")
+
+    def lease(self, generation: int) -> str:
+        """The lease file of ``generation`` (created exclusively by the run that takes it)."""
+        return join(self.lease_dir, f"{generation:08d}.json")
+
+    @staticmethod
+    def lease_generation(name: str) -> int | None:
+        """The generation of a file name under ``_lease/``, else None."""
+        match = _LEASE_NAME.match(name)
+        return int(match.group(1)) if match else None
 
     # --- a replay job's input --------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from modalkit.batch.job import JobPlan
+    from modalkit.batch.lease import JobLease
     from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
     from modalkit.settings import JobConfig, Settings
 
@@ -51,12 +52,14 @@ class StartedJob:
         runner: Where its chunks run; some may be running already.
         committed: The chunks an earlier run committed (listed before any chunk of this run was sent): skipped.
         started: When the job started (``time.perf_counter()``), for its clock.
+        lease: This run's lease on the output (one run of a job at a time); the flow releases it at the end.
     """
 
     plan: JobPlan
     runner: ChunkRunner
     committed: dict[int, ChunkResult]
     started: float
+    lease: JobLease | None = None
 
 
 #: Starts a job: ``start(settings, job_config, input_uri, output_uri, model_name)``. The batch flow plans the job
