@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import logging
+import shlex
 import threading
 import time
 from collections import deque
@@ -65,6 +66,7 @@ __all__ = [
     "batch_inference",
     "build_batch_flow",
     "describe_run_parameters",
+    "replay_command",
 ]  # JobFailed lives in modalkit.exceptions
 
 
@@ -170,10 +172,13 @@ def build_batch_flow(
             if night is None:
                 raise
             raise StorageError(f"the partition for {night}: {exc}", retryable=False) from None
+        replay = replay_command(output_uri, config, model_name)
         with _Released(job.lease):
-            return _run_started(job, job_config, job_uris, store)
+            return _run_started(job, job_config, job_uris, store, replay)
 
-    def _run_started(job: StartedJob, job_config: JobConfig, job_uris: dict[str, str], store: Store) -> dict[str, Any]:
+    def _run_started(
+        job: StartedJob, job_config: JobConfig, job_uris: dict[str, str], store: Store, replay: str
+    ) -> dict[str, Any]:
         plan, runner, done = job.plan, job.runner, job.committed
         try:
             if plan.skipped_files:
@@ -203,7 +208,7 @@ def build_batch_flow(
                 key=f"batch-report-{summary.job_id}",
                 description=f"Report of batch job {summary.job_id}",
             )
-        outcome = _outcome(summary, errors, not_started, job_config.max_failure_rate)
+        outcome = _outcome(summary, errors, not_started, job_config.max_failure_rate, replay)
         emit_job_event("completed", summary.model_dump(), None, job_uris)
         return outcome
 
@@ -401,10 +406,36 @@ def _publish_summary(summary: JobSummary, errors: list[tuple[int, BaseException]
     )
 
 
+def replay_command(output_uri: str, config: str | None, model_name: str | None) -> str:
+    """The ``modalkit replay`` command that reruns the failures of the job at ``output_uri``, ready to paste."""
+    words = ["modalkit", "replay", output_uri, output_uri.rstrip("/") + "-replay"]
+    if config:
+        words += ["--config", config]
+    if model_name:
+        words += ["--model", model_name]
+    return shlex.join(words)
+
+
 def _outcome(
-    summary: JobSummary, errors: list[tuple[int, BaseException]], not_started: list[int], max_failure_rate: float
+    summary: JobSummary,
+    errors: list[tuple[int, BaseException]],
+    not_started: list[int],
+    max_failure_rate: float,
+    replay: str,
 ) -> dict[str, Any]:
     data = summary.model_dump()
+    finished_before = summary.chunks_skipped == summary.chunks and not errors
+    if finished_before and summary.failed:
+        # the same job run again, unchanged: every chunk was committed, nothing ran; say so and show the way on
+        message = (
+            f"job {summary.job_id} is finished (all {summary.chunks} chunks were committed before this run; nothing "
+            f"ran again): {summary.failed} of {summary.records} records failed. After fixing the pipeline, raise "
+            f"its version and rerun the failures: {replay}"
+        )
+        if summary.status == "failed":
+            raise JobFailed(message, data)
+        get_run_logger().warning(message)
+        return data
     if errors:
         index, first = errors[0]
         unstarted = f"; {len(not_started)} not started" if not_started else ""

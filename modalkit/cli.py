@@ -3,6 +3,7 @@
     modalkit batch INPUT_URI OUTPUT_URI [--model NAME] [--config PATH] [--backend local|modal] [--chunk-size 64MiB]
                    [--concurrency N] [--id-field FIELD] [--output-format jsonl|parquet]
                    [--success-queue Q] [--failure-queue Q] [--max-failure-rate R] [--json]
+    modalkit replay JOB_OUTPUT_URI NEW_OUTPUT_URI [--stage STAGE] [--model NAME] [--config PATH] [batch's options]
     modalkit demo
     modalkit prefect status|stop
 
@@ -302,6 +303,11 @@ def _run_flow(
         raise
     early.release()  # the flow released it as it ended; this covers a flow that failed before it started the job
     _mark("done", write=True)
+    return _flow_outcome(state)
+
+
+def _flow_outcome(state: Any) -> tuple[dict[str, Any] | None, Exception | None]:
+    """``(summary, error)`` of a finished flow run's state."""
     if state.is_completed():
         return state.result(), None
     outcome = state.result(raise_on_failure=False)
@@ -390,6 +396,85 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary.get("files_skipped"):
         table.add_row("files_skipped", f"{summary['files_skipped']:,} (names starting with _ or .: not data)")
     Console().print(table)
+
+
+@app.command()
+def replay(
+    job_output_uri: Annotated[
+        str, typer.Argument(metavar="JOB_OUTPUT_URI", help="The output of the finished job whose failures to rerun.")
+    ],
+    output_uri: Annotated[
+        str, typer.Argument(metavar="NEW_OUTPUT_URI", help="Where the replay's results go (a new, empty output).")
+    ],
+    stage: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="STAGE",
+            help="Replay only the failures of this stage (parse, validate, preprocess, predict, postprocess); "
+            "repeatable. Default: every stage.",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Model in model_settings.model_entries. Default: the job's.")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(metavar="PATH", help="YAML settings file(s), comma-separated. Default: ./modalkit.yaml."),
+    ] = None,
+    backend: Annotated[str | None, _job_option("backend")] = None,
+    concurrency: Annotated[str | None, _job_option("concurrency")] = None,
+    output_format: Annotated[str | None, _job_option("output_format")] = None,
+    success_queue: Annotated[str | None, _job_option("success_queue")] = None,
+    failure_queue: Annotated[str | None, _job_option("failure_queue")] = None,
+    max_failure_rate: Annotated[str | None, _job_option("max_failure_rate")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print only the summary, as one JSON line.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """Run the failed records of a finished job again (after a fix), under their original ids, as a new job:
+    the replay-failures flow.
+
+    Exit status as for batch: 0 the replay completed; 1 it failed; 2 it could not start; 130/143 interrupted.
+    """
+    _prepare_prefect(verbose)
+    params = {
+        "job_output_uri": job_output_uri, "output_uri": output_uri, "stages": stage or None, "model_name": model,
+        "backend": backend, "concurrency": concurrency, "success_queue": success_queue,
+        "failure_queue": failure_queue, "max_failure_rate": max_failure_rate, "output_format": output_format,
+        "config": config,
+    }  # fmt: skip
+    summary, error = run_replay(params, show_progress=not json_out and err.is_terminal)
+    _finish(summary, error, json_out)
+
+
+def run_replay(params: dict[str, Any], show_progress: bool = False) -> tuple[dict[str, Any] | None, Exception | None]:
+    """Run flow ``replay-failures`` in this process, against the Prefect API ``modalkit batch`` would use; returns
+    ``(summary, error)``. The replay's own job takes the claim and the lease of its output like any job."""
+    from modalkit.batch.job import resolve_job_config
+    from modalkit.exceptions import ModalkitError
+    from modalkit.settings import Settings
+
+    connection = _EarlyStart(params)
+    try:
+        overrides = {name: params.get(name) for name in OPTION_NAMES}
+        resolve_job_config(Settings.load(params["config"] or None), names=OPTION_NAMES, **overrides)
+        connection._check_api_from_environment()
+        connection._connect_prefect()
+        connection.wait_for_prefect()
+    except ModalkitError as exc:
+        return None, exc
+    from flows.replay_failures import build_replay_flow
+
+    with contextlib.ExitStack() as stack:
+        if connection.managed_server:
+            from flows.prefect_api import no_heartbeats
+            from modalkit.cli_prefect import Lease
+
+            stack.enter_context(Lease())
+            stack.enter_context(no_heartbeats())
+        bar = stack.enter_context(_progress_bar(show_progress))
+        flow = build_replay_flow(connection.build_flow(on_progress=bar))
+        state: Any = flow(**params, return_state=True)
+    return _flow_outcome(state)
 
 
 @app.command()

@@ -76,6 +76,14 @@ class InferencePipeline(ABC):
     like the rest of the settings (a typo such as ``tax_rat`` fails, naming the key, before a job writes anything)
     and reach ``__init__`` as keyword arguments of the declared types.
 
+    ``version`` (optional, a string) names the version of the pipeline's code and weights; a model entry's
+    ``version`` key overrides it. It is part of a batch job's identity: after a fix, raise it, and a rerun on the
+    old output is refused (naming both versions) instead of skipping every chunk the old version committed; write
+    to a new output, or rerun only the old job's failures with ``modalkit replay OLD_OUTPUT NEW_OUTPUT``::
+
+        class Classifier(InferencePipeline):
+            version = "2"   # 2: strips HTML before tokenising
+
     Args:
         model_name: Name of the model (its key in ``model_settings.model_entries``).
         all_model_data_folder: Folder holding every model's files.
@@ -87,6 +95,7 @@ class InferencePipeline(ABC):
     input_model: ClassVar[type[BaseModel] | None] = None
     output_model: ClassVar[type[InferenceOutputModel] | None] = None
     parameters: ClassVar[type[BaseModel] | None] = None
+    version: ClassVar[str | None] = None
 
     @classmethod
     def validate_parameters(cls, values: Mapping[str, Any], where: str = "the model entry") -> dict[str, Any]:

@@ -458,7 +458,7 @@ class AppSettings(_Strict):
 class ModelEntry(BaseModel):
     """One model: the pipeline class to load and the keyword arguments for its constructor.
 
-    Every key except ``pipeline`` is passed to the pipeline's ``__init__``.
+    Every key except ``pipeline`` and ``version`` is passed to the pipeline's ``__init__``.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -476,9 +476,20 @@ class ModelEntry(BaseModel):
             raise ValueError(f"{value!r} is not an import path of the form 'package.module:Class'")
         return value
 
+    version: str | None = Field(
+        None,
+        description="The pipeline's version, overriding its class attribute `version`; part of a batch job's "
+        "identity (a new version never reuses another version's chunks).",
+    )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
     @property
     def kwargs(self) -> dict[str, Any]:
-        """The constructor keyword arguments: every key but ``pipeline``."""
+        """The constructor keyword arguments: every key but ``pipeline`` and ``version``."""
         return dict(self.model_extra or {})
 
 

@@ -50,6 +50,8 @@ class JobPlan(BaseModel):
     total_bytes: int
     #: keys under the input that are not part of the dataset (names starting with ``_`` or ``.``)
     skipped_files: list[str] = []
+    #: the pipeline's version (its class attribute ``version``, or the model entry's): part of the job id
+    pipeline_version: str | None = None
 
 
 def resolve_job_config(settings: Settings, names: Mapping[str, str] | None = None, **overrides: Any) -> JobConfig:
@@ -105,8 +107,12 @@ def plan_job(
     _check_queues(settings, config)
     skipped: list[str] = []
     files = list_dataset(input_uri, skipped, store=store)
-    job_id = job_id_for(files, name, {"output_uri": output_uri, "pipeline": entry.pipeline, **config.identity()})
-    _check_owner(store, output_uri, job_id)
+    version = entry.version or (None if pipeline_cls.version is None else str(pipeline_cls.version))
+    identity = {"output_uri": output_uri, "pipeline": entry.pipeline, **config.identity()}
+    if version is not None:  # an unversioned pipeline keeps the ids its jobs had before versions existed
+        identity["pipeline_version"] = version
+    job_id = job_id_for(files, name, identity)
+    _check_owner(store, output_uri, job_id, version)
     parameters = {field: getattr(config, field) for field in JobSpec.model_fields if field in JobConfig.model_fields}
     job = JobSpec(
         job_id=job_id,
@@ -117,7 +123,9 @@ def plan_job(
         **parameters,
     )
     chunks = plan_chunks(files, int(config.chunk_size), job_id, split_csv=config.split_csv, store=store)
-    return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped)
+    return JobPlan(
+        job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped, pipeline_version=version
+    )
 
 
 def _check_uris(store: Store, input_uri: str, output_uri: str, backend: str) -> None:
@@ -147,7 +155,7 @@ def _check_queues(settings: Settings, config: JobConfig) -> None:
     check_queues(backend, queues)  # raises QueueError naming a missing queue
 
 
-def _check_owner(store: Store, output_uri: str, job_id: str) -> None:
+def _check_owner(store: Store, output_uri: str, job_id: str, version: str | None = None) -> None:
     """The output is this job's, or empty (a replay's ``_replay/`` input aside): never another's, never foreign."""
     layout = OutputLayout(output_uri)
     claim = _read_claim(store, layout)
@@ -166,7 +174,7 @@ def _check_owner(store: Store, output_uri: str, job_id: str) -> None:
             )
         return
     if claim.get("job_id") != job_id:
-        raise _claimed_by_another(output_uri, claim, job_id)
+        raise _claimed_by_another(output_uri, claim, job_id, version)
 
 
 def _read_claim(store: Store, layout: OutputLayout) -> dict[str, Any] | None:
@@ -182,7 +190,14 @@ def _read_claim(store: Store, layout: OutputLayout) -> dict[str, Any] | None:
     return claim
 
 
-def _claimed_by_another(output_uri: str, claim: dict[str, Any], job_id: str) -> ConfigError:
+def _claimed_by_another(output_uri: str, claim: dict[str, Any], job_id: str, version: str | None) -> ConfigError:
+    if claim.get("pipeline_version") != version:
+        return ConfigError(
+            f"output {output_uri} holds job {claim.get('job_id')} of pipeline version "
+            f"{_version_name(claim.get('pipeline_version'))}; this run is pipeline version {_version_name(version)} "
+            "(a new version never reuses another version's chunks): write to a new output, or rerun only that "
+            f"job's failures with the new version: modalkit replay {output_uri} NEW_OUTPUT_URI"
+        )
     return ConfigError(
         f"output {output_uri} already holds job {claim.get('job_id')} (input {claim.get('input_uri')}, "
         f"model {claim.get('model_name')}); this run is job {job_id}: use another output or delete that one"
@@ -201,13 +216,18 @@ def start_job(plan: JobPlan, store: Store | None = None) -> None:
         ConfigError: another job claimed the output first.
     """
     layout = OutputLayout(plan.job.output_uri)
-    claim = {**plan.job.model_dump(), "chunks": len(plan.chunks), "created_at": _now()}
+    claim = {
+        **plan.job.model_dump(),
+        "pipeline_version": plan.pipeline_version,
+        "chunks": len(plan.chunks),
+        "created_at": _now(),
+    }
     store = store or default_store()
     if store.create_exclusive(layout.job_claim, orjson.dumps(claim, option=orjson.OPT_INDENT_2)):
         return
     existing = _read_claim(store, layout) or {}
     if existing.get("job_id") != plan.job.job_id:
-        raise _claimed_by_another(plan.job.output_uri, existing, plan.job.job_id)
+        raise _claimed_by_another(plan.job.output_uri, existing, plan.job.job_id, plan.pipeline_version)
 
 
 def find_committed(plan: JobPlan, store: Store | None = None) -> dict[int, ChunkResult]:
@@ -292,6 +312,10 @@ def finalize_job(
     store.write_bytes(OutputLayout(job.output_uri).manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     store.remove_staging_dirs(job.output_uri)  # of workers killed mid-chunk in this run or an earlier one
     return summary
+
+
+def _version_name(version: object) -> str:
+    return "(none)" if version is None else repr(str(version))
 
 
 def _now() -> str:
