@@ -369,7 +369,9 @@ def _finish(summary: dict[str, Any] | None, error: Exception | None, json_out: b
             _print_error(error)
     if error is None:
         return
-    if summary is None and isinstance(error, ModalkitError):
+    from modalkit.batch.lease import LeaseLost
+
+    if summary is None and isinstance(error, ModalkitError) and not isinstance(error, LeaseLost):
         raise typer.Exit(EXIT_CANNOT_START)
     raise typer.Exit(EXIT_FAILED)
 

@@ -161,3 +161,25 @@ def test_a_run_with_wait_waits_for_the_running_one_then_finds_every_chunk_commit
     assert ran["chunks_skipped"] == 0
     assert waited["chunks_skipped"] == waited["chunks"]
     assert sum(sent_once(sqs, job).values()) == RECORDS
+
+
+def test_a_run_whose_lease_was_taken_over_stops_its_workers_and_fails_saying_so(
+    job: dict[str, Any], s3: Any, sqs: Any
+) -> None:
+    run = start(job)
+    while not committed(s3, job["bucket"]):
+        assert run.poll() is None, run.communicate()
+        time.sleep(0.2)
+    newer = {"job_id": "x", "host": "elsewhere", "pid": 1, "started_at": "2999-01-01T00:00:00+00:00",
+             "renewed_at": "2999-01-01T00:00:00+00:00", "ttl_seconds": 60.0, "released_at": None}  # fmt: skip
+    # as a run that took the job over after this one stalled past its lease would: the next generation
+    s3.put_object(Bucket=job["bucket"], Key="same/_lease/99999999.json", Body=orjson.dumps(newer))
+    taken_over = time.monotonic()
+
+    code, out, err = finish(run)
+
+    assert code == 1, err
+    assert "lost its lease" in err
+    assert time.monotonic() - taken_over < LEASE_SECONDS + 5  # a renewal (every ttl/3) finds it, then it stops
+    assert out.strip() == ""
+    assert len(committed(s3, job["bucket"])) < 4  # it stopped before the end: the holder runs the rest
