@@ -130,14 +130,17 @@ def batch(
         "input_uri": input_uri, "output_uri": output_uri, "model_name": model, "backend": backend,
         "chunk_size": chunk_size, "concurrency": concurrency, "id_field": id_field, "output_format": output_format,
         "success_queue": success_queue, "failure_queue": failure_queue, "max_failure_rate": max_failure_rate,
-        "config": config, "date": date, "wait": wait,
+        "config": config, "date": date,
     }  # fmt: skip
-    summary, error = run_batch(params, show_progress=not json_out and err.is_terminal)
+    summary, error = run_batch(params, show_progress=not json_out and err.is_terminal, wait=wait)
     _finish(summary, error, json_out)
 
 
-def run_batch(params: dict[str, Any], show_progress: bool = False) -> tuple[dict[str, Any] | None, Exception | None]:
-    """Run flow ``batch-inference`` in this process; returns ``(summary, error)``.
+def run_batch(
+    params: dict[str, Any], show_progress: bool = False, wait: bool = False
+) -> tuple[dict[str, Any] | None, Exception | None]:
+    """Run flow ``batch-inference`` in this process; returns ``(summary, error)``. With ``wait``, a run of the same
+    job that holds the job's lease is waited for instead of refusing to start.
 
     Before Prefect is imported: the settings and parameters are checked, the Prefect API is found (or the local
     server started, in the background), the runner starts its workers, and the job's first chunks start.
@@ -147,7 +150,7 @@ def run_batch(params: dict[str, Any], show_progress: bool = False) -> tuple[dict
     """
     from modalkit.exceptions import ModalkitError
 
-    early = _EarlyStart(params)
+    early = _EarlyStart(params, wait)
     try:
         early.start()
     except ModalkitError as exc:
@@ -174,8 +177,9 @@ class _EarlyStart:
     """What ``modalkit batch`` does before its flow runs: checks, the runner, the first chunks, and meanwhile (in a
     thread) Prefect imported and its API found: the configured one, else modalkit's local server."""
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    def __init__(self, params: dict[str, Any], wait: bool = False) -> None:
         self.params = params
+        self.wait = wait  # for the job's lease, when a run of the same job holds it
         self.runner: Any = None
         self.job: Any = None  # the StartedJob handed to the flow
         self.lease: Any = None  # this run's lease on the output (the flow releases it as it ends)
@@ -194,7 +198,6 @@ class _EarlyStart:
         from modalkit.settings import Settings
 
         p = self.params
-        wait = bool(p.pop("wait", False))  # not a flow parameter: how this command waits for the job's lease
         _fill_partition(p)
         settings = Settings.load(p["config"] or None)
         overrides = {name: p[name] for name in OPTION_NAMES}
@@ -208,7 +211,7 @@ class _EarlyStart:
         plan = plan_job(settings, p["input_uri"], p["output_uri"], p["model_name"], job_config, store)
         start_job(plan, store)
         self.lease = take_lease(
-            store, plan.job.output_uri, plan.job.job_id, job_config.lease_seconds, wait=wait,
+            store, plan.job.output_uri, plan.job.job_id, job_config.lease_seconds, wait=self.wait,
             on_wait=lambda line: err.print(line, highlight=False),
         )  # fmt: skip
         done = find_committed(plan, store)
