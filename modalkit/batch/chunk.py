@@ -374,7 +374,7 @@ class _ChunkRun:
         """The successes of a sub-batch (their queue records handed to the sender); failures to the failure log."""
         serializer = self.proc.output_model.__pydantic_serializer__
         sender = self.sender
-        job_id = self.job.job_id
+        job_id, key = self.job.job_id, self.chunk.key
         successes: list[Success] = []
         for record_id, (ordinal, pos, data), outcome in zip(ids, kept, outcomes, strict=True):
             if type(outcome) is RecordError:
@@ -385,7 +385,7 @@ class _ChunkRun:
             if sender is not None:
                 meta = orjson.dumps({"key": self.chunk.key, "position": pos})
                 message = SUCCESS_BODY % (self._job_json, orjson.dumps(record_id), body, meta)
-                sender.add("success", ordinal, dedup_id(job_id, record_id), message)
+                sender.add("success", ordinal, dedup_id(job_id, key, pos), message)
         return successes
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from modalkit.batch.queueing import dedup_id
 from modalkit.inference_pipeline import RecordError
 
 __all__ = ["REPLAY_ID_KEY", "IdPolicy", "Parsed", "Rejected"]
@@ -25,15 +24,13 @@ Parsed = tuple[int, int, Any]
 
 
 class Rejected(NamedTuple):
-    """A record that failed before the pipeline saw it; ``dedup`` is its own dedup id where the usual one
-    (``<job_id>:<record_id>``) belongs to another record."""
+    """A record that failed before the pipeline saw it."""
 
     ordinal: int
     record_id: Any
     pos: int
     error: RecordError
     data: Any
-    dedup: str | None = None
 
 
 class IdPolicy:
@@ -124,10 +121,8 @@ class IdPolicy:
         """A record whose id an earlier record of the chunk has: it fails, so no id is in the output twice."""
         reason = f"record id {record_id!r} is already the id of the record at {self.where(first)}"
         error = RecordError("validate", "DuplicateRecordId", reason)
-        # its own dedup id: a queue that drops repeats must not drop this failure record as one
         ordinal, pos, data = record
-        own = f"{dedup_id(self.job_id, record_id)}@{pos}"
-        return Rejected(ordinal, record_id, pos, error, data, own)
+        return Rejected(ordinal, record_id, pos, error, data)
 
 
 class _BadId:

@@ -60,8 +60,10 @@ class QueueMessage:
 
     Attributes:
         body: The JSON string.
-        dedup_id: Deduplication id: ``<job_id>:<record_id>`` for batch records. The local and memory backends store
-            a dedup id once per queue; the SQS backend turns it into a valid ``MessageDeduplicationId``.
+        dedup_id: Deduplication id: for batch records ``<job_id>:<file key>:<position>``, naming the input record
+            (:func:`modalkit.batch.queueing.dedup_id`). The local and memory backends store a dedup id once per
+            queue; the SQS backend sends it as the ``MessageDeduplicationId`` of a FIFO queue and as the
+            ``dedup_id`` message attribute on every queue.
         group_id: FIFO ``MessageGroupId``; defaults to the backend's.
     """
 
