@@ -371,7 +371,19 @@ def _print_summary(summary: dict[str, Any]) -> None:
         table.add_row(key, f"{value:,}" if isinstance(value, int) else escape(str(value)))
     if summary.get("files_skipped"):
         table.add_row("files_skipped", f"{summary['files_skipped']:,} (names starting with _ or .: not data)")
+    if summary.get("duplicate_ids"):
+        table.add_row("duplicate_ids", escape(_repeats_line(summary)))
     Console().print(table)
+
+
+def _repeats_line(summary: dict[str, Any]) -> str:
+    """``3 ids occur more than once: 0 (x.jsonl at 0, y.jsonl at 0), ...``, the first examples named."""
+    shown = []
+    for example in summary.get("duplicate_examples") or []:
+        places = ", ".join(f"{o['key']} at {o['position']}" for o in example["occurrences"])
+        shown.append(f"{example['record_id']!r} ({places})")
+    count = summary["duplicate_ids"]
+    return f"{count:,} {'id occurs' if count == 1 else 'ids occur'} more than once: " + "; ".join(shown)
 
 
 @app.command()

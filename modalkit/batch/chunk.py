@@ -4,7 +4,8 @@ Runs where the model runs (a local worker process or a Modal container). For eac
 ``max_batch_size`` records: parse (JSON), pick the record ids (:mod:`~modalkit.batch.record_ids`), validate
 against the pipeline's ``input_model``, run the pipeline through the isolated runner, write success rows and failure
 rows (:mod:`~modalkit.batch.failure_log`), spool queue records. At the end
-the part file and the failure file are moved into place (one object each), then the spooled queue records are sent
+the part file and the failure file are moved into place (one object each), with an ``id_field`` the id hashes
+(:mod:`~modalkit.batch.repeats`) beside them, then the spooled queue records are sent
 (so a queue never holds a record that no output file holds), and the commit marker ``_chunks/NNNNN.json`` is
 written last: a chunk with a marker is done and is skipped when the job runs again. Counts go back, never data.
 """
@@ -104,6 +105,8 @@ class ChunkProcessor:
             if counts["records"]:  # a chunk that owns no record (a cut inside one long line) leaves only its marker
                 store.upload_file(run.part_path, layout.part(chunk.index))
                 store.upload_file(run.failures_path, layout.failures(chunk.index))
+                if run.ids.hashes is not None:  # before the marker: every committed chunk has its id hashes
+                    run.ids.hashes.write(layout.ids(chunk.index), store)
             if sender is not None:  # the records go out only now that the files holding them are durable
                 sender.close()
         except BaseException:

@@ -19,10 +19,11 @@ from pydantic import BaseModel, ValidationError
 from modalkit.batch.chunk import read_marker
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
+from modalkit.batch.repeats import find_repeats, resolve_examples
 from modalkit.batch.storage import Store, default_store, is_remote
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import import_pipeline
-from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, JobSummary
+from modalkit.iomodel import ChunkResult, ChunkSpec, IdOccurrence, JobSpec, JobSummary, RepeatedId
 from modalkit.queues import check_queues, create_backend
 from modalkit.settings import JobConfig, Settings
 from modalkit.settings_errors import invalid_values
@@ -255,9 +256,12 @@ def finalize_job(
     """Sum the chunk results into the summary, write ``_manifest.json`` through ``store`` (default: the process's)
     and return the summary.
 
-    ``status`` is ``failed`` when chunks failed or the failure rate passed ``max_failure_rate``.
+    ``status`` is ``failed`` when chunks failed or the failure rate passed ``max_failure_rate``. With an
+    ``id_field``, the ids that occur more than once anywhere in the job (every chunk's, committed before or now)
+    are counted and the first few named (:mod:`~modalkit.batch.repeats`).
     """
     job = plan.job
+    store = store or default_store()
     records = sum(r.records for r in results)
     failed = sum(r.failed for r in results)
     fresh = sum(r.records for r in results if not r.skipped)
@@ -279,6 +283,8 @@ def finalize_job(
         model_name=job.model_name,
         files_skipped=len(plan.skipped_files),
     )
+    if job.id_field is not None:
+        summary.duplicate_ids, summary.duplicate_examples = _repeated_ids(job, results, store)
     manifest = {
         **summary.model_dump(),
         "chunks_failed": failed_chunks,
@@ -288,10 +294,26 @@ def finalize_job(
         "finished_at": _now(),
         "chunk_results": [r.model_dump() for r in sorted(results, key=lambda r: r.index)],
     }
-    store = store or default_store()
     store.write_bytes(OutputLayout(job.output_uri).manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     store.remove_staging_dirs(job.output_uri)  # of workers killed mid-chunk in this run or an earlier one
     return summary
+
+
+def _repeated_ids(job: JobSpec, results: Sequence[ChunkResult], store: Store) -> tuple[int, list[RepeatedId]]:
+    """How many ids occur more than once in the job's chunks, and the first few with their places."""
+    layout = OutputLayout(job.output_uri, job.output_format)
+    with_records = [r.index for r in results if r.records]
+    found = find_repeats({i: layout.ids(i) for i in with_records}, store, sum(r.records for r in results))
+    parts = {i: [layout.part(i), layout.failures(i)] for i in {r.places[0][0] for r in found.examples}}
+    examples = [
+        RepeatedId(
+            record_id=record_id,
+            count=repeat.count,
+            occurrences=[IdOccurrence(key=key, position=pos) for _, key, pos in repeat.places],
+        )
+        for record_id, repeat in resolve_examples(found.examples, parts, store)
+    ]
+    return found.count, examples
 
 
 def _now() -> str:
