@@ -2,8 +2,8 @@
 
 Only ids from the data can repeat (``id_field``; ``<key>:<position>`` ids cannot), and only a check over the whole
 job finds a repeat across chunks or files. Each chunk hashes the id of every record that has a valid one (7 and
-"7" are one id, as on a queue) to 64 bits (BLAKE2b: stable across processes and machines, unlike ``hash()``) and
-writes the hashes, sorted, with each record's file and position, as one bookkeeping object,
+"7" are one id, as on a queue) to 64 bits (:func:`hash_ids`: stable across processes and machines, unlike
+``hash()``) and writes the hashes with each record's position (its file is the chunk's) as one bookkeeping object,
 ``_ids/NNNNN.npz`` (16 bytes a record, one PUT per chunk, written before the commit marker so every committed chunk
 has its hashes). When the job ends, :func:`find_repeats` reads the objects of every chunk (committed before
 or now: a resumed job still sees them all), in memory when they fit ``MEMORY_BUDGET`` and otherwise spilled to
@@ -49,14 +49,65 @@ _ROW = np.dtype([("hash", "<u8"), ("pos", "<u8"), ("chunk", "<u4"), ("file", "<u
 
 
 def hash_ids(ids: Iterable[Any]) -> np.ndarray:
-    """The 64-bit hash of each id's text (``str(7) == "7"``: 7 and "7" are one id), as little-endian uint64."""
+    """The 64-bit hash of each id, as little-endian uint64; 7 and "7" hash alike (on a queue they are one id).
+
+    An integer id (or a string that spells one as ``str(int)`` would, within 64 bits) goes through splitmix64's
+    finalizer, vectorized (a bijection: two such ids never collide); any other id is BLAKE2b-64 of its UTF-8 text.
+    Both are the same in every process and on every machine.
+    """
+    ids = ids if isinstance(ids, list) else list(ids)
+    if all(type(i) is int for i in ids):
+        try:
+            return _mix(np.array(ids, dtype=np.int64))
+        except OverflowError:
+            pass
+    out = np.empty(len(ids), dtype="<u8")
+    numbers: list[int] = []
+    number_at: list[int] = []
+    digests: list[bytes] = []
+    digest_at: list[int] = []
     blake = hashlib.blake2b
-    digests = b"".join([blake(str(i).encode("utf-8", "surrogatepass"), digest_size=8).digest() for i in ids])
-    return np.frombuffer(digests, dtype="<u8")
+    for n, value in enumerate(ids):
+        number = _as_int64(value)
+        if number is None:
+            digests.append(blake(str(value).encode("utf-8", "surrogatepass"), digest_size=8).digest())
+            digest_at.append(n)
+        else:
+            numbers.append(number)
+            number_at.append(n)
+    if numbers:
+        out[number_at] = _mix(np.array(numbers, dtype=np.int64))
+    if digests:
+        out[digest_at] = np.frombuffer(b"".join(digests), dtype="<u8")
+    return out
+
+
+_INT64 = (-(2**63), 2**63)
+
+
+def _as_int64(value: Any) -> int | None:
+    """``value`` as an int when it is one, or a string spelling one as ``str(int)`` does, within 64 bits."""
+    if type(value) is int:
+        number = value
+    elif type(value) is str and value.lstrip("-").isdigit() and value.isascii():
+        number = int(value)
+        if str(number) != value:
+            return None
+    else:
+        return None
+    return number if _INT64[0] <= number < _INT64[1] else None
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer over int64 values (uint64 arithmetic wraps, as the algorithm wants)."""
+    z = values.view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))).astype("<u8", copy=False)
 
 
 class IdHashes:
-    """The id hashes of one chunk's records, with their positions; :meth:`write` stores them sorted by hash.
+    """The id hashes of one chunk's records, with their positions; :meth:`write` stores them as one object.
 
     Args:
         key: The file the records come from (a chunk of several files gives each record's file to :meth:`add`).
@@ -77,12 +128,12 @@ class IdHashes:
             self._positions.extend(positions)
 
     def to_bytes(self) -> bytes:
-        """The ``.npz`` object: ``hash`` (sorted) and ``pos`` (uint64, aligned), ``keys`` (the chunk's files)."""
+        """The ``.npz`` object: ``hash`` and ``pos`` (uint64, in record order: the merge sorts them anyway), and
+        ``keys`` (the chunk's files)."""
         hashes = np.concatenate(self._hashes) if self._hashes else np.empty(0, "<u8")
         positions = np.asarray(self._positions, dtype="<u8")
-        order = np.argsort(hashes, kind="stable")
         buffer = io.BytesIO()
-        np.savez(buffer, hash=hashes[order], pos=positions[order], keys=np.asarray(self.keys, dtype=str))
+        np.savez(buffer, hash=hashes, pos=positions, keys=np.asarray(self.keys, dtype=str))
         return buffer.getvalue()
 
     def write(self, uri: str, store: Store | None = None) -> None:
