@@ -227,6 +227,14 @@ def _merge_bucket(rows: np.ndarray, files: list[str], best: list[tuple[tuple[int
     in ``best``: at most MAX_EXAMPLES ``((file, position) of the first occurrence, repeat)``."""
     if len(rows) < 2:
         return 0
+    ordered = np.sort(rows["hash"])  # the hashes alone: sorting them is most of the cost, so sort nothing else
+    same = ordered[1:] == ordered[:-1]
+    if not same.any():
+        return 0
+    repeated_hashes = ordered[1:][same]
+    repeated_hashes = repeated_hashes[np.r_[True, repeated_hashes[1:] != repeated_hashes[:-1]]]
+    at = np.minimum(np.searchsorted(repeated_hashes, rows["hash"]), len(repeated_hashes) - 1)
+    rows = rows[repeated_hashes[at] == rows["hash"]]  # only the records whose id repeats
     rows = rows[np.lexsort((rows["pos"], rows["file"], rows["hash"]))]
     hashes = rows["hash"]
     starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
