@@ -20,6 +20,7 @@ once, at the end, and only when ``id_field`` is set. Two different ids share a 6
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import heapq
 import io
@@ -170,10 +171,11 @@ def find_repeats(uris: Mapping[int, str], store: Store | None = None, records: i
     buckets = 1
     while records is not None and records * _ROW.itemsize > MEMORY_BUDGET * buckets:
         buckets *= 2
-    with tempfile.TemporaryDirectory(prefix="modalkit-ids-") as spill:
+    with tempfile.TemporaryDirectory(prefix="modalkit-ids-") as spill, contextlib.ExitStack() as closing:
         files: list[str] = []
         parts: list[list[np.ndarray]] = [[] for _ in range(buckets)]
         paths = [os.path.join(spill, f"{b}.bin") for b in range(buckets)]
+        spilled = [closing.enter_context(open(path, "wb")) for path in paths] if buckets > 1 else []
         total = 0
         for chunk, hashes, positions, keys in _read_all(uris, store):
             rows = np.empty(len(hashes), _ROW)
@@ -187,15 +189,16 @@ def find_repeats(uris: Mapping[int, str], store: Store | None = None, records: i
             shift = np.uint64(64 - (buckets.bit_length() - 1))
             which = (rows["hash"] >> shift).astype(np.int64)
             for b in np.unique(which):
-                with open(paths[b], "ab") as fh:
-                    rows[which == b].tofile(fh)
+                rows[which == b].tofile(spilled[b])
+        for fh in spilled:
+            fh.close()
         found = Repeats(records=total)
         best: list[tuple[tuple[int, int], Repeat]] = []
         for b in range(buckets):
             if buckets == 1:
                 rows = np.concatenate(parts[0]) if parts[0] else np.empty(0, _ROW)
             else:
-                rows = np.fromfile(paths[b], _ROW) if os.path.exists(paths[b]) else np.empty(0, _ROW)
+                rows = np.fromfile(paths[b], _ROW)
             found.count += _merge_bucket(rows, files, best)
         found.examples = [repeat for _, repeat in sorted(best, key=lambda item: item[0])]
     return found
@@ -217,9 +220,10 @@ def _read_all(uris: Mapping[int, str], store: Store) -> Iterator[tuple[int, np.n
     if not items:
         return
     with concurrent.futures.ThreadPoolExecutor(min(READERS, len(items))) as pool:
-        for result in pool.map(read, items):
-            if result is not None:
-                yield result
+        for start in range(0, len(items), READERS * 4):  # a window at a time: at most this many objects held
+            for result in pool.map(read, items[start : start + READERS * 4]):
+                if result is not None:
+                    yield result
 
 
 def _merge_bucket(rows: np.ndarray, files: list[str], best: list[tuple[tuple[int, int], Repeat]]) -> int:
