@@ -339,6 +339,15 @@ class ChunkResult(BaseModel):
     )
 
 
+class QueueTarget(BaseModel):
+    """Where a batch job's queue records go: the backend, where it keeps them, and each queue's address there."""
+
+    backend: str = Field(description="The queue backend: local, sqs, memory, or a registered name.")
+    location: str = Field(description="Where that backend keeps records: the SQLite file, the SQS endpoint...")
+    success_queue: str | None = Field(None, description="The success queue: its name, or its URL on SQS.")
+    failure_queue: str | None = Field(None, description="The failure queue: its name, or its URL on SQS.")
+
+
 class JobSummary(BaseModel):
     """The summary of a batch job: the flow's return value, the ``--json`` line, ``_manifest.json``'s top level."""
 
@@ -356,6 +365,7 @@ class JobSummary(BaseModel):
     input_uri: str = ""
     model_name: str = ""
     files_skipped: int = Field(0, description="Input files left out because a name on their path starts with _ or .")
+    queues: QueueTarget | None = Field(None, description="Where the queue records went; None: the job names no queue.")
 
 
 class JobStatus(BaseModel):
