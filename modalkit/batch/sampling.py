@@ -33,7 +33,7 @@ import orjson
 from modalkit.batch.formats import Unreadable, format_named
 from modalkit.batch.record_ids import REPLAY_ID_KEY
 from modalkit.batch.storage import Store, default_store
-from modalkit.exceptions import ConfigError
+from modalkit.exceptions import ConfigError, ModalkitError
 from modalkit.iomodel import ChunkSpec
 
 __all__ = ["ID_CHECK_RECORDS", "MissingIdField", "SampledRecord", "check_id_field", "first_records", "sample_records"]
@@ -120,13 +120,17 @@ def check_id_field(chunks: Sequence[ChunkSpec], id_field: str | None, store: Sto
     """Raise :class:`MissingIdField` when ``id_field`` is in none of the input's first records (they parse, and
     none holds it): a typo would otherwise fail every record of the job. One read of the input's head.
 
-    A field some records lack is no typo: those records fail on their own (``InvalidRecordId``).
+    A field some records lack is no typo: those records fail on their own (``InvalidRecordId``). An input whose
+    head cannot be read gets no verdict here: the chunk that reads it reports why, as before.
     """
     if id_field is None:
         return
     parsed: list[SampledRecord] = []
     for chunk in chunks[:ID_CHECK_CHUNKS]:
-        parsed = [r for r in first_records(chunk, ID_CHECK_RECORDS, store) if isinstance(r.data, dict)]
+        try:
+            parsed = [r for r in first_records(chunk, ID_CHECK_RECORDS, store) if isinstance(r.data, dict)]
+        except ModalkitError:  # no verdict: the chunk that reads it reports the error, as a job always has
+            return
         if parsed:
             break
     if not parsed or any(id_field in r.data or REPLAY_ID_KEY in r.data for r in parsed):

@@ -217,3 +217,11 @@ def test_init_writes_a_project_that_validates_and_runs_a_batch_and_never_overwri
     assert batch.returncode == 0, batch.stdout + batch.stderr
     summary = last_json_line(batch.stdout)
     assert (summary["records"], summary["succeeded"]) == (25, 25)
+    # the Modal app builds offline, as `modal deploy app.py` imports it (nothing reaches Modal)
+    build = "import app; web = app.web_endpoints.local(); print(app.app.name, sorted(r.path for r in web.routes))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
+    built = subprocess.run([sys.executable, "-W", "error", "-c", build], cwd=project, env=env, capture_output=True,
+                           text=True, timeout=120, check=False)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.startswith("my-model-dev [")
+    assert "'/predict_sync'" in built.stdout
