@@ -46,6 +46,9 @@ class Stack:
             "PREFECT_HOME": str(root / "prefect-home"),
             "PREFECT_API_URL": self.api,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # as `make server` starts it: runs' logs streamed out, so that `--watch` prints them
+            "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+            "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
             "AWS_ENDPOINT_URL": moto.url,
@@ -341,7 +344,8 @@ def test_a_nightly_run_with_a_bad_date_fails_within_a_second_of_its_start_and_wa
 
     assert watched.returncode != 0
     reason = "parameter date: '2026-13-01' is not a date; use YYYY-MM-DD"
-    assert f"batch-inference failed: {reason}" in watched.stdout, watched.stdout  # in --watch's own output
+    printed = " ".join(watched.stdout.split())  # --watch wraps its lines to the terminal's width
+    assert f"batch-inference failed: {reason}" in printed, watched.stdout  # among --watch's own lines
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     with client() as c:
