@@ -225,3 +225,28 @@ def test_init_writes_a_project_that_validates_and_runs_a_batch_and_never_overwri
     assert built.returncode == 0, built.stderr
     assert built.stdout.startswith("my-model-dev [")
     assert "'/predict_sync'" in built.stdout
+
+
+def test_validate_on_s3_reports_a_missing_sqs_queue_and_an_output_another_job_holds(
+    cli: Cli, tmp_path: Path, s3: Any, sqs: Any, unique: str
+) -> None:
+    bucket = f"validate-{unique}"
+    s3.create_bucket(Bucket=bucket)
+    body = "".join(json.dumps({"id": f"r{i}", "text": "fine"}) + "\n" for i in range(8))
+    s3.put_object(Bucket=bucket, Key="in/a.jsonl", Body=body.encode())
+    s3.put_object(Bucket=bucket, Key="out/_job.json", Body=json.dumps({"job_id": "someone-else"}).encode())
+    config = write_config(tmp_path)
+
+    proc = cli("validate", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--config", str(config), "--id-field", "id",
+               "--queue-backend", "sqs", "--success-queue", f"nowhere-{unique}")  # fmt: skip
+    sqs.create_queue(QueueName=f"nowhere-{unique}")
+    again = cli("validate", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--config", str(config), "--id-field",
+                "id", "--queue-backend", "sqs", "--success-queue", f"nowhere-{unique}")  # fmt: skip
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"problem  queues: SQS queue 'nowhere-{unique}' does not exist" in proc.stdout
+    assert "ok       records: 8 records from 1 file(s) parse and validate against Review" in proc.stdout
+    assert again.returncode == 2, again.stdout
+    assert f"problem  output: output s3://{bucket}/out already holds job someone-else" in again.stdout
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert sorted(keys) == ["in/a.jsonl", "out/_job.json"]  # nothing written
