@@ -356,6 +356,15 @@ class RepeatedId(BaseModel):
     occurrences: list[IdOccurrence]
 
 
+class QueueTarget(BaseModel):
+    """Where a batch job's queue records go: the backend, where it keeps them, and each queue's address there."""
+
+    backend: str = Field(description="The queue backend: local, sqs, memory, or a registered name.")
+    location: str = Field(description="Where that backend keeps records: the SQLite file, the SQS endpoint...")
+    success_queue: str | None = Field(None, description="The success queue: its name, or its URL on SQS.")
+    failure_queue: str | None = Field(None, description="The failure queue: its name, or its URL on SQS.")
+
+
 class JobSummary(BaseModel):
     """The summary of a batch job: the flow's return value, the ``--json`` line, ``_manifest.json``'s top level."""
 
@@ -379,6 +388,7 @@ class JobSummary(BaseModel):
     duplicate_examples: list[RepeatedId] = Field(
         default_factory=list, description="The first repeated ids in job order, each with its first places."
     )
+    queues: QueueTarget | None = Field(None, description="Where the queue records went; None: the job names no queue.")
 
 
 class JobStatus(BaseModel):

@@ -1,9 +1,10 @@
 """A batch job as a whole: planning with every check done before anything is written, and the manifest at the end.
 
 :func:`plan_job` fails fast, writing nothing, when the input does not exist or holds unreadable files, the model
-is unknown or its pipeline cannot be imported or declares no schemas, a named queue does not exist, or the output
-already belongs to another job. :func:`start_job` then claims the output (``_job.json``), and
-:func:`finalize_job` gathers the chunk results into the summary and ``_manifest.json``.
+is unknown or its pipeline cannot be imported or declares no schemas, a named queue does not exist, the output
+already belongs to another job, or the ``id_field`` is in none of the input's first records.
+:func:`start_job` then claims the output (``_job.json``), and :func:`finalize_job` gathers the chunk results into
+the summary and ``_manifest.json``.
 """
 
 from __future__ import annotations
@@ -20,17 +21,19 @@ from modalkit.batch.chunk import read_marker
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
 from modalkit.batch.repeats import find_repeats, resolve_examples
+from modalkit.batch.sampling import check_id_field
 from modalkit.batch.storage import Store, default_store, is_remote
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import import_pipeline
-from modalkit.iomodel import ChunkResult, ChunkSpec, IdOccurrence, JobSpec, JobSummary, RepeatedId
-from modalkit.queues import check_queues, create_backend
+from modalkit.iomodel import ChunkResult, ChunkSpec, IdOccurrence, JobSpec, JobSummary, QueueTarget, RepeatedId
+from modalkit.queues import check_queues, create_backend, describe_target
 from modalkit.settings import JobConfig, Settings
 from modalkit.settings_errors import invalid_values
 
 __all__ = [
     "InvalidJobParameters",
     "JobPlan",
+    "check_job_queues",
     "dispatch_order",
     "finalize_job",
     "find_committed",
@@ -51,6 +54,8 @@ class JobPlan(BaseModel):
     total_bytes: int
     #: keys under the input that are not part of the dataset (names starting with ``_`` or ``.``)
     skipped_files: list[str] = []
+    #: where the job's queue records go (None: it names no queue)
+    queues: QueueTarget | None = None
 
 
 def resolve_job_config(settings: Settings, names: Mapping[str, str] | None = None, **overrides: Any) -> JobConfig:
@@ -103,7 +108,7 @@ def plan_job(
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
     store = store or default_store()
     _check_uris(store, input_uri, output_uri, config.backend)
-    _check_queues(settings, config)
+    queues = check_job_queues(settings, config)
     skipped: list[str] = []
     files = list_dataset(input_uri, skipped, store=store)
     job_id = job_id_for(files, name, {"output_uri": output_uri, "pipeline": entry.pipeline, **config.identity()})
@@ -118,7 +123,9 @@ def plan_job(
         **parameters,
     )
     chunks = plan_chunks(files, int(config.chunk_size), job_id, split_csv=config.split_csv, store=store)
-    return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped)
+    check_id_field(chunks, config.id_field, store)  # a typo in id_field fails here, not in every record
+    return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped,
+                   queues=queues)  # fmt: skip
 
 
 def _check_uris(store: Store, input_uri: str, output_uri: str, backend: str) -> None:
@@ -138,14 +145,27 @@ def _normal(store: Store, uri: str) -> str:
     return uri.rstrip("/") if is_remote(uri) else store.filesystem(uri)[1].rstrip("/")
 
 
-def _check_queues(settings: Settings, config: JobConfig) -> None:
+def check_job_queues(settings: Settings, config: JobConfig) -> QueueTarget | None:
+    """The job's queues exist; returns where their records will go (None: the job names no queue).
+
+    Raises:
+        ConfigError: the job names queues and ``queue_config.backend`` is ``none``.
+        QueueError: a named queue does not exist.
+    """
     queues = [q for q in (config.success_queue, config.failure_queue) if q]
     if not queues:
-        return
+        return None
     backend = create_backend(settings.app_settings.queue_config)
     if backend is None:
         raise ConfigError(f"the job names queue(s) {', '.join(queues)} but app_settings.queue_config.backend is 'none'")
     check_queues(backend, queues)  # raises QueueError naming a missing queue
+    success, failure = config.success_queue, config.failure_queue
+    return QueueTarget(
+        backend=settings.app_settings.queue_config.backend,
+        location=describe_target(backend, queues[0])[0],
+        success_queue=describe_target(backend, success)[1] if success else None,
+        failure_queue=describe_target(backend, failure)[1] if failure else None,
+    )
 
 
 def _check_owner(store: Store, output_uri: str, job_id: str) -> None:
@@ -282,6 +302,7 @@ def finalize_job(
         input_uri=job.input_uri,
         model_name=job.model_name,
         files_skipped=len(plan.skipped_files),
+        queues=plan.queues,
     )
     if job.id_field is not None:
         summary.duplicate_ids, summary.duplicate_examples = _repeated_ids(job, results, store)

@@ -168,6 +168,14 @@ class SQSBackend(BatchQueueBackend):
         for name in queue_names:
             self.queue_url(name)
 
+    def location(self) -> str:
+        """The SQS endpoint the client talks to."""
+        return str(self.client.meta.endpoint_url)
+
+    def address(self, queue_name: str) -> str:
+        """The queue's URL (looked up once)."""
+        return self.queue_url(queue_name)
+
     def queue_url(self, queue_name: str) -> str:
         """The queue's URL, looked up once. A queue URL may be given instead of a name.
 
