@@ -143,7 +143,8 @@ class BuildConfig(_Strict):
     workdir: str = Field("/root", min_length=1, description="Working directory inside the container.")
     local_python_sources: list[str] = Field(
         default_factory=lambda: ["modalkit"],
-        description="Local Python packages added to the image (modalkit itself and your pipeline's package).",
+        description="Local Python packages added to the image (modalkit itself; each model entry's local pipeline "
+        "module is added without being listed).",
     )
     install_modalkit_requirements: bool = Field(
         True, description="pip-install the libraries modalkit needs inside the container."
