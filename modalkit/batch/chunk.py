@@ -288,6 +288,8 @@ class _ChunkRun:
         self.succeeded = 0
         self.ordinal = 0
         self.ids = IdPolicy(job.job_id, chunk.key, job.id_field, self._where)
+        #: how a record read as text (a CSV row) is fitted to the input model; None for typed formats
+        self.fitter = self.format.fitter(chunk, proc.input_model, job.id_field)
         self.failures = FailureLog(job.job_id, chunk.key, self._where, sender)
         self._job_json = orjson.dumps(job.job_id)
 
@@ -334,6 +336,7 @@ class _ChunkRun:
     def _parse(self, positions: list[int], payloads: list[Any]) -> tuple[list[Parsed], list[Rejected]]:
         """The records of a sub-batch as data, numbered in the chunk; those that do not parse, rejected."""
         loads = orjson.loads
+        fit = self.fitter.fit if self.fitter is not None else None
         parsed: list[Parsed] = []
         rejected: list[Rejected] = []
         ordinal = self.ordinal
@@ -347,6 +350,8 @@ class _ChunkRun:
             elif type(payload) is Unreadable:
                 error = RecordError("parse", payload.error_type, payload.error)
                 rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload.raw.rstrip("\r\n")))
+            elif fit is not None:
+                parsed.append((ordinal, pos, fit(payload)))
             else:
                 parsed.append((ordinal, pos, payload))
             ordinal += 1
@@ -366,7 +371,10 @@ class _ChunkRun:
             try:
                 models.append(validate_one(data))
             except ValidationError as exc:
-                error = RecordError("validate", "ValidationError", describe_validation_error(exc))
+                described = describe_validation_error(exc)
+                if self.fitter is not None:
+                    described = self.fitter.describe(data, described)
+                error = RecordError("validate", "ValidationError", described)
                 self.failures.add(ordinal, record_id, pos, error, data)
                 continue
             good_ids.append(record_id)
