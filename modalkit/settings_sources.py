@@ -76,7 +76,8 @@ def no_model_hint(files: Sequence[Path]) -> str:
     looked_for = Path.cwd() / DEFAULT_CONFIG_FILE
     return (
         f"no settings file was read: {ENV_PREFIX}CONFIG is not set and {looked_for} does not exist; run modalkit "
-        f"from the folder holding modalkit.yaml, pass --config PATH, or set {ENV_PREFIX}CONFIG=PATH[,PATH...]"
+        f"from the folder holding modalkit.yaml, pass --config PATH, set {ENV_PREFIX}CONFIG=PATH[,PATH...], or "
+        "start a project here with `modalkit init`"
     )
 
 
