@@ -34,7 +34,8 @@ bench: $(BENCH_STAMP)
 
 # The Prefect way (README, "Run it the Prefect way"): a server with the UI, a process worker, the deployments of
 # prefect.yaml. Each runs in its own terminal (server and worker stay up) and says what to do next. PREFECT_API_URL
-# and PREFECT_HOME may be set to point them elsewhere.
+# and PREFECT_HOME may be set to point them elsewhere. The server streams runs' logs out, so that `prefect deployment
+# run ... --watch` prints them (a failed run's reason among them); Prefect's default is not to.
 PREFECT_API_URL ?= http://127.0.0.1:4200/api
 PREFECT_HOME ?= $(CURDIR)/.prefect
 POOL ?= modalkit
@@ -44,6 +45,7 @@ PREFECT := PREFECT_HOME=$(PREFECT_HOME) PREFECT_API_URL=$(PREFECT_API_URL) PREFE
 server: $(STAMP)
 	@echo "Prefect server and UI: http://127.0.0.1:4200 (data in $(PREFECT_HOME)). Next, in another terminal: make worker"
 	@PREFECT_HOME=$(PREFECT_HOME) PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_API_URL=$(PREFECT_API_URL) \
+		PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=true PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED=true \
 		$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 worker: $(STAMP)

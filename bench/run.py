@@ -20,10 +20,14 @@ Before the throughput runs, the start-up of a 10-record job: command to first ch
 wall, with a configured Prefect server, with modalkit's local server up, and with it stopped; beside the runs with
 the local server up, ``python -c "import prefect"`` in turn (the target: the job's wall at most 2x that).
 
+Then the repeated-id check (``bench/repeated_ids.py``): what hashing the ids costs the workers and what merging them
+costs the job's end, at each size, and its share of the W1 job's seconds.
+
 Then W2, online (``bench/w2.py``): ``modalkit serve`` beside LitServe and plain FastAPI at 1 and 32 clients.
 
 Environment: MODALKIT_SHARED_BENCH (default ../shared/bench), BENCH_SIZES, BENCH_ROUNDS, BENCH_CHUNK_SIZE,
-BENCH_STARTUP_ROUNDS (0 skips the start-up runs), BENCH_W2 (0 skips W2), W2_ROUNDS, W2_REQUESTS.
+BENCH_STARTUP_ROUNDS (0 skips the start-up runs), BENCH_REPEATS (0 skips the repeated-id check), BENCH_W2 (0 skips
+W2), W2_ROUNDS, W2_REQUESTS.
 ``BENCH_SIZES= BENCH_W2=0 make bench`` runs the start-up part alone and prints it (RESULTS.md is left as it is).
 """
 
@@ -62,6 +66,7 @@ CHUNK_SIZE = os.environ.get("BENCH_CHUNK_SIZE", "32MiB")  # the default chunk_si
 FILES = 4
 TIMEOUT = 1800
 W2 = os.environ.get("BENCH_W2", "1") != "0"  # W2, online: modalkit serve beside LitServe and plain FastAPI
+REPEATS = os.environ.get("BENCH_REPEATS", "1") != "0"  # the repeated-id check's cost (bench/repeated_ids.py)
 
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -367,7 +372,10 @@ def startup_lines(startup: dict[str, Any]) -> list[str]:
 
 
 def write_results(
-    rows: list[dict[str, Any]], startup: dict[str, Any] | None = None, w2: list[str] | None = None
+    rows: list[dict[str, Any]],
+    startup: dict[str, Any] | None = None,
+    w2: list[str] | None = None,
+    repeats: list[str] | None = None,
 ) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "modalkit", "flows", "tasks"],
@@ -423,6 +431,8 @@ def write_results(
         "- The anchors in ../shared/bench/ANCHORS.md put the bare 2-process loop at about 2.7x Ray Data on this",
         "  machine; compare ratios only, never absolute figures across sessions.",
     ]
+    if repeats:
+        lines += ["", *repeats]
     if w2:
         lines += ["", *w2]
     if CODE_MEASUREMENTS.exists():
@@ -448,13 +458,20 @@ def main() -> int:
     if not SIZES:  # BENCH_SIZES="": the start-up runs only, printed; RESULTS.md is left as it is
         print("\n".join(startup_lines(startup)) if startup else "nothing measured", flush=True)
         return 0
+    repeats_lines = None
+    if REPEATS:  # measured directly, alone on the machine, at W1's sizes
+        sys.path.insert(0, str(HERE))
+        import repeated_ids
+
+        measured = [repeated_ids.measure(rows, str_ids) for rows in SIZES for str_ids in (False, True)]
+        repeats_lines = repeated_ids.markdown(measured, {s["rows"]: s["rows"] / s["mk_rps"] for s in results})
     w2_lines = None
     if W2:  # the online workload, after the batch one (never beside it: they would share the cores)
         sys.path.insert(0, str(HERE))
         import w2
 
         w2_lines = w2.markdown(w2.run())
-    write_results(results, startup, w2_lines)
+    write_results(results, startup, w2_lines, repeats_lines)
     for s in results:
         log(f"{s['rows']:,} rows: modalkit/bare = {s['ratio_job']:.3f}x (job), {s['ratio_wall']:.3f}x (process); "
             f"peak tree RSS {s['mk_rss']:.0f} MB")  # fmt: skip

@@ -143,28 +143,34 @@ def build_batch_flow(
                             failure_queue=failure_queue, max_failure_rate=max_failure_rate,
                             output_format=output_format)  # fmt: skip
         except JobFailed as exc:
+            _log_failure(exc)
             emit_job_event("failed", exc.summary, str(exc), job_uris)
             raise
         except Exception as exc:
+            _log_failure(exc)
             emit_job_event("failed", None, f"{type(exc).__name__}: {exc}", job_uris)
             raise
 
     def _run_job(
         job_uris: dict[str, str], model_name: str | None, config: str | None, date: str | None, **options: Any
     ) -> dict[str, Any]:
+        # the parameters first, each a check of a few milliseconds: a bad one fails the run at its start, before
+        # the pipeline is imported, the input listed or a worker started
         input_uri, output_uri = job_uris["input_uri"], job_uris["output_uri"]
         scheduled = flow_run.scheduled_start_time
+        day = partition_date(date, scheduled)  # a bad date fails here, whether or not the URIs use it
         night = None
         if is_template(input_uri) or is_template(output_uri):
-            night = partition_date(date, scheduled)
+            night = day
             input_uri = job_uris["input_uri"] = fill_partition(input_uri, night, "input_uri")
             output_uri = job_uris["output_uri"] = fill_partition(output_uri, night, "output_uri")
-            get_run_logger().info("partition %s: reading %s, writing %s", night, input_uri, output_uri)
         settings = Settings.load(config or None)
-        store = default_store()
         job_config = resolve_job_config(settings, **options)
         model = settings.model_settings.entry(model_name)[0]
-        label_run(model, job_config.backend, str(night or date or partition_date(None, scheduled)))
+        if night is not None:
+            get_run_logger().info("partition %s: reading %s, writing %s", night, input_uri, output_uri)
+        store = default_store()
+        label_run(model, job_config.backend, str(day))
         start = start_job or _planner(runner_factory, store)
         try:
             job = start(settings, job_config, input_uri, output_uri, model_name)
@@ -216,6 +222,15 @@ def build_batch_flow(
 
 
 batch_inference = build_batch_flow()
+
+
+def _log_failure(exc: BaseException) -> None:
+    """The reason a run failed, at ERROR as it ends: in the run's logs and in what ``prefect deployment run ...
+    --watch`` prints (Prefect's own lines give only the final state's name there)."""
+    try:
+        get_run_logger().error("batch-inference failed: %s", exc)
+    except Exception as error:  # never hide the run's own error behind a logging one
+        log.warning("could not log the failure of the run: %s", error)
 
 
 def _planner(runner_factory: RunnerFactory, store: Store) -> JobStarter:

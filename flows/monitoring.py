@@ -56,7 +56,8 @@ def job_report(
     max_failure_rate: float,
 ) -> str:
     """The markdown report of a finished job: counts, failure rate, throughput, wall time, where the output and
-    the failures are, and the first failure reasons grouped by ``error_type``."""
+    the failures are, the ids that occur more than once (the first few, with their places), and the first failure
+    reasons grouped by ``error_type``."""
     layout = OutputLayout(summary.output_uri)
     state = "failed" if errors or summary.status == "failed" else "completed"
     lines = [
@@ -75,6 +76,15 @@ def job_report(
         f"| output | `{summary.output_uri}` (manifest: `{layout.manifest}`) |",
         f"| failures | `{layout.failures_dir}/` |",
     ]
+    if summary.duplicate_ids:
+        lines += ["", f"## {summary.duplicate_ids:,} id(s) occur more than once", ""]
+        lines += ["Each record is in the output and on the queues under its id; consumers keyed on the id see "
+                  "these more than once.", "", "| id | records | where |", "|---|---|---|"]  # fmt: skip
+        for repeat in summary.duplicate_examples:
+            where = ", ".join(f"{o.key} at {o.position}" for o in repeat.occurrences)
+            unshown = repeat.count - len(repeat.occurrences)
+            more = f" and {unshown} more" if unshown > 0 else ""
+            lines.append(f"| `{_cell(str(repeat.record_id))}` | {repeat.count:,} | {_cell(where + more)} |")
     if errors:
         lines += ["", f"## {len(errors)} chunk(s) failed after their retries", ""]
         lines += [f"- chunk {index:05d}: `{_one_line(exc)}`" for index, exc in errors[:REPORT_ERROR_TYPES]]

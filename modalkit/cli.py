@@ -2,8 +2,12 @@
 
     modalkit batch INPUT_URI OUTPUT_URI [--model NAME] [--config PATH] [--backend local|modal] [--chunk-size 64MiB]
                    [--concurrency N] [--id-field FIELD] [--output-format jsonl|parquet]
-                   [--success-queue Q] [--failure-queue Q] [--max-failure-rate R] [--json]
+                   [--success-queue Q] [--failure-queue Q] [--max-failure-rate R]
+                   [--queue-backend local|sqs|memory] [--wait] [--json]
+    modalkit validate INPUT_URI [OUTPUT_URI] [the options of batch] [--sample N]
     modalkit replay JOB_OUTPUT_URI NEW_OUTPUT_URI [--stage STAGE] [--model NAME] [--config PATH] [batch's options]
+    modalkit queue [NAME] [--drain]
+    modalkit init [DIR]
     modalkit demo
     modalkit prefect status|stop
 
@@ -66,6 +70,16 @@ def _job_option(name: str) -> Any:
     return typer.Option(OPTION_NAMES[name], metavar=job_parameter(field).metavar, help=parameter_help(field))
 
 
+#: ``--queue-backend``: not a flow parameter (a deployment sets app_settings.queue_config.backend in its settings);
+#: for this run it replaces that setting.
+QUEUE_BACKEND_OPTION = typer.Option(
+    metavar="local|sqs|memory",
+    help="Where --success-queue and --failure-queue records go: local (a SQLite file under "
+    "queue_config.local_path; read it with `modalkit queue`), sqs, or memory (refused: its records vanish at exit). "
+    "Default: app_settings.queue_config.backend.",
+)
+
+
 class Interrupted(BaseException):
     """Ctrl-C or SIGTERM. A BaseException, so that neither the flow's error handling nor click's swallows it."""
 
@@ -111,6 +125,7 @@ def batch(
         str | None,
         typer.Option(metavar="YYYY-MM-DD", help="The night {date} in the URIs stands for. Default: today (UTC)."),
     ] = None,
+    queue_backend: Annotated[str | None, QUEUE_BACKEND_OPTION] = None,
     wait: Annotated[
         bool,
         typer.Option("--wait", help="When a run of the same job is running, wait for it to end instead of exiting 2."),
@@ -132,12 +147,14 @@ def batch(
         "success_queue": success_queue, "failure_queue": failure_queue, "max_failure_rate": max_failure_rate,
         "config": config, "date": date,
     }  # fmt: skip
-    summary, error = run_batch(params, show_progress=not json_out and err.is_terminal, wait=wait)
+    summary, error = run_batch(
+        params, show_progress=not json_out and err.is_terminal, queue_backend=queue_backend, wait=wait
+    )
     _finish(summary, error, json_out)
 
 
 def run_batch(
-    params: dict[str, Any], show_progress: bool = False, wait: bool = False
+    params: dict[str, Any], show_progress: bool = False, queue_backend: str | None = None, wait: bool = False
 ) -> tuple[dict[str, Any] | None, Exception | None]:
     """Run flow ``batch-inference`` in this process; returns ``(summary, error)``. With ``wait``, a run of the same
     job that holds the job's lease is waited for instead of refusing to start.
@@ -150,7 +167,7 @@ def run_batch(
     """
     from modalkit.exceptions import ModalkitError
 
-    early = _EarlyStart(params, wait)
+    early = _EarlyStart(params, queue_backend, wait)
     try:
         early.start()
     except ModalkitError as exc:
@@ -177,8 +194,9 @@ class _EarlyStart:
     """What ``modalkit batch`` does before its flow runs: checks, the runner, the first chunks, and meanwhile (in a
     thread) Prefect imported and its API found: the configured one, else modalkit's local server."""
 
-    def __init__(self, params: dict[str, Any], wait: bool = False) -> None:
+    def __init__(self, params: dict[str, Any], queue_backend: str | None = None, wait: bool = False) -> None:
         self.params = params
+        self.queue_backend = queue_backend  # --queue-backend: app_settings.queue_config.backend for this run
         self.wait = wait  # for the job's lease, when a run of the same job holds it
         self.runner: Any = None
         self.job: Any = None  # the StartedJob handed to the flow
@@ -192,6 +210,7 @@ class _EarlyStart:
         from modalkit.batch.job import dispatch_order, find_committed, plan_job, resolve_job_config, start_job
         from modalkit.batch.lease import take_lease
         from modalkit.batch.storage import default_store
+        from modalkit.cli_tools import refuse_vanishing_queues, with_queue_backend
         from modalkit.runners import open_runner
         from modalkit.runners.base import StartedJob
         from modalkit.runners.prestart import PrestartingRunner
@@ -199,9 +218,10 @@ class _EarlyStart:
 
         p = self.params
         _fill_partition(p)
-        settings = Settings.load(p["config"] or None)
+        settings = with_queue_backend(Settings.load(p["config"] or None), self.queue_backend)
         overrides = {name: p[name] for name in OPTION_NAMES}
         job_config = resolve_job_config(settings, names=OPTION_NAMES, **overrides)
+        refuse_vanishing_queues(settings, job_config, self.queue_backend)
         _mark("options")
         self._check_api_from_environment()
         self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
@@ -381,10 +401,14 @@ def _finish(summary: dict[str, Any] | None, error: Exception | None, json_out: b
 
 def _print_error(error: Exception) -> None:
     from modalkit.batch.job import InvalidJobParameters
+    from modalkit.batch.sampling import MissingIdField
 
     if isinstance(error, InvalidJobParameters):  # name the option as the user typed it
         for line in error.lines:
             err.print(f"[red]error:[/red] Invalid value for {escape(line)}", highlight=False)
+        return
+    if isinstance(error, MissingIdField):
+        err.print(f"[red]error:[/red] {escape(error.describe(OPTION_NAMES['id_field']))}", highlight=False)
         return
     # the message is text, not markup: pydantic's "[type=...]" and lists like "['predict']" must print as they are
     err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
@@ -400,7 +424,23 @@ def _print_summary(summary: dict[str, Any]) -> None:
         table.add_row(key, f"{value:,}" if isinstance(value, int) else escape(str(value)))
     if summary.get("files_skipped"):
         table.add_row("files_skipped", f"{summary['files_skipped']:,} (names starting with _ or .: not data)")
+    if summary.get("duplicate_ids"):
+        table.add_row("duplicate_ids", escape(_repeats_line(summary)))
+    if summary.get("queues"):
+        from modalkit.cli_tools import describe_queues
+
+        table.add_row("queues", escape(describe_queues(summary["queues"])))
     Console().print(table)
+
+
+def _repeats_line(summary: dict[str, Any]) -> str:
+    """``3 ids occur more than once: 0 (x.jsonl at 0, y.jsonl at 0), ...``, the first examples named."""
+    shown = []
+    for example in summary.get("duplicate_examples") or []:
+        places = ", ".join(f"{o['key']} at {o['position']}" for o in example["occurrences"])
+        shown.append(f"{example['record_id']!r} ({places})")
+    count = summary["duplicate_ids"]
+    return f"{count:,} {'id occurs' if count == 1 else 'ids occur'} more than once: " + "; ".join(shown)
 
 
 @app.command()
@@ -559,6 +599,67 @@ def demo(
         _print_summary(summary)
         show_demo_results(setup, summary)
     _finish(summary, error, json_out, printed=True)
+
+
+@app.command()
+def validate(
+    input_uri: Annotated[str, typer.Argument(metavar="INPUT_URI", help="Dataset, as `modalkit batch` takes it.")],
+    output_uri: Annotated[
+        str | None, typer.Argument(metavar="[OUTPUT_URI]", help="Output to check the claim of (optional).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(metavar="NAME", help="Model in model_settings.model_entries.")] = None,
+    config: Annotated[str | None, typer.Option(metavar="PATH", help="YAML settings file(s), comma-separated.")] = None,
+    backend: Annotated[str | None, _job_option("backend")] = None,
+    chunk_size: Annotated[str | None, _job_option("chunk_size")] = None,
+    concurrency: Annotated[str | None, _job_option("concurrency")] = None,
+    id_field: Annotated[str | None, _job_option("id_field")] = None,
+    output_format: Annotated[str | None, _job_option("output_format")] = None,
+    success_queue: Annotated[str | None, _job_option("success_queue")] = None,
+    failure_queue: Annotated[str | None, _job_option("failure_queue")] = None,
+    max_failure_rate: Annotated[str | None, _job_option("max_failure_rate")] = None,
+    date: Annotated[str | None, typer.Option(metavar="YYYY-MM-DD", help="The night {date} stands for.")] = None,
+    queue_backend: Annotated[str | None, QUEUE_BACKEND_OPTION] = None,
+    sample: Annotated[int, typer.Option(min=0, max=100_000, help="Records to parse and validate.")] = 200,
+) -> None:
+    """The dry run of `modalkit batch` with the same options: check the configuration and model entry, import and
+    load the pipeline, list and plan the input, parse and validate a sample of records, look for the id field, check
+    the queues and that the output is claimable. Prints one line per check; writes nothing.
+
+    Exit status: 0 a job would start; 1 it would start but its sample fails more than max_failure_rate; 2 it would
+    not start.
+    """
+    from modalkit.cli_tools import run_validate
+
+    options = {"backend": backend, "chunk_size": chunk_size, "concurrency": concurrency, "id_field": id_field,
+               "output_format": output_format, "success_queue": success_queue, "failure_queue": failure_queue,
+               "max_failure_rate": max_failure_rate}  # fmt: skip
+    params = {"input_uri": input_uri, "output_uri": output_uri, "model_name": model, "config": config, "date": date,
+              "names": OPTION_NAMES, "overrides": options}  # fmt: skip
+    raise typer.Exit(run_validate(params, queue_backend, sample))
+
+
+@app.command()
+def queue(
+    name: Annotated[str | None, typer.Argument(metavar="[NAME]", help="The queue; default: every queue.")] = None,
+    drain: Annotated[bool, typer.Option("--drain", help="Take the records off the queue as they are printed.")] = False,
+    config: Annotated[str | None, typer.Option(metavar="PATH", help="YAML settings file(s), comma-separated.")] = None,
+) -> None:
+    """Print the records waiting on the local queue (queue_config.local_path) as JSON lines, oldest first: what a
+    consumer would get. With --drain they are taken off the queue."""
+    from modalkit.cli_tools import run_queue
+
+    raise typer.Exit(run_queue(name, drain, config))
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(metavar="[DIR]", help="Where to write the project.")] = Path("."),
+) -> None:
+    """Start a project: a commented modalkit.yaml, a pipeline module to edit (pipeline.py) and a Modal app (app.py).
+    Existing files are never overwritten."""
+    from modalkit.cli_init import run_init
+
+    raise typer.Exit(run_init(directory))
 
 
 @prefect_app.command("status")

@@ -36,6 +36,7 @@ from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from modalkit.exceptions import ConfigError, DeviceError, ModalkitError, PipelineError, is_retryable
 from modalkit.iomodel import OUTPUT_ENVELOPE, FailureRecord, InferenceOutputModel, SuccessRecord
+from modalkit.pipeline_modules import find_top_level, not_found_message
 from modalkit.settings_errors import did_you_mean
 
 if TYPE_CHECKING:
@@ -455,23 +456,39 @@ def _is_infrastructure(exc: BaseException) -> bool:
 
 
 def import_pipeline(path: str, *, where: str = "pipeline") -> type[InferencePipeline]:
-    """Import an InferencePipeline subclass from ``"package.module:Class"``.
+    """Import an InferencePipeline subclass from ``"package.module:Class"``, as ``python -m`` would: a module found
+    nowhere on ``sys.path`` is looked for in the working directory (:mod:`modalkit.pipeline_modules`).
 
     Raises:
-        ConfigError: the module or class cannot be found, or is not an InferencePipeline.
+        ConfigError: the module or class cannot be found, or is not an InferencePipeline; a module that cannot
+            be found says where it was looked for and how to make it importable.
     """
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"{where}: {path!r} is not an import path of the form 'package.module:Class'")
+    find_top_level(module_name)
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(f"{missing}."):  # the module itself, or its package
+            raise ConfigError(
+                f"{where}: cannot import module {module_name!r} ({exc}); {not_found_message(module_name, where)}"
+            ) from exc
+        raise ConfigError(
+            f"{where}: module {module_name!r} imports {missing!r}, which is not installed here ({exc}); install "
+            "it (for Modal, list it in app_settings.build_config.pip_packages too)"
+        ) from exc
     except ImportError as exc:
         raise ConfigError(f"{where}: cannot import module {module_name!r} ({exc})") from exc
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+            found_at = getattr(module, "__file__", None)
+            raise ConfigError(
+                f"{where}: module {module_name!r}{f' ({found_at})' if found_at else ''} has no attribute {attr!r}"
+            )
     if not (inspect.isclass(obj) and issubclass(obj, InferencePipeline)):
         raise ConfigError(f"{where}: {path!r} is not a subclass of modalkit.InferencePipeline")
     return obj

@@ -33,10 +33,12 @@ __all__ = [
     "ErrorBody",
     "Extent",
     "FailureRecord",
+    "IdOccurrence",
     "InferenceOutputModel",
     "JobSpec",
     "JobStatus",
     "JobSummary",
+    "RepeatedId",
     "RowGroups",
     "Stage",
     "SuccessRecord",
@@ -339,6 +341,30 @@ class ChunkResult(BaseModel):
     )
 
 
+class IdOccurrence(BaseModel):
+    """Where a record is: its file's key and its position (byte offset of its line, or row index)."""
+
+    key: str
+    position: int
+
+
+class RepeatedId(BaseModel):
+    """An id that occurs more than once in a job: the id, how many records have it, and the first places."""
+
+    record_id: str | int
+    count: int
+    occurrences: list[IdOccurrence]
+
+
+class QueueTarget(BaseModel):
+    """Where a batch job's queue records go: the backend, where it keeps them, and each queue's address there."""
+
+    backend: str = Field(description="The queue backend: local, sqs, memory, or a registered name.")
+    location: str = Field(description="Where that backend keeps records: the SQLite file, the SQS endpoint...")
+    success_queue: str | None = Field(None, description="The success queue: its name, or its URL on SQS.")
+    failure_queue: str | None = Field(None, description="The failure queue: its name, or its URL on SQS.")
+
+
 class JobSummary(BaseModel):
     """The summary of a batch job: the flow's return value, the ``--json`` line, ``_manifest.json``'s top level."""
 
@@ -356,6 +382,13 @@ class JobSummary(BaseModel):
     input_uri: str = ""
     model_name: str = ""
     files_skipped: int = Field(0, description="Input files left out because a name on their path starts with _ or .")
+    duplicate_ids: int = Field(
+        0, description="How many ids occur more than once anywhere in the job (only ids from the id_field can)."
+    )
+    duplicate_examples: list[RepeatedId] = Field(
+        default_factory=list, description="The first repeated ids in job order, each with its first places."
+    )
+    queues: QueueTarget | None = Field(None, description="Where the queue records went; None: the job names no queue.")
 
 
 class JobStatus(BaseModel):

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from modalkit.exceptions import ConfigError
+from modalkit.pipeline_modules import find_top_level, not_found_message
 from modalkit.settings import AppSettings, ModelSettings, MountType, Settings
 
 if TYPE_CHECKING:
@@ -169,7 +172,7 @@ class ModalConfig:
             image = image.env(env)
         image = image.workdir(build.workdir)
         # files added last: they are mounted when a container starts instead of being baked into a layer
-        for source in build.local_python_sources:
+        for source in self.python_sources():
             image = image.add_local_python_source(source, ignore=python_source_ignore(source))
         for path, remote in zip(self.settings.config_files, remote_configs, strict=True):
             image = image.add_local_file(path, remote)
@@ -179,6 +182,47 @@ class ModalConfig:
             else:
                 image = image.add_local_dir(mount.local_path, remote_path=mount.remote_path)
         return image
+
+    def python_sources(self) -> list[str]:
+        """The local Python packages and modules the image ships: ``build_config.local_python_sources``, then the
+        module of each model entry's ``pipeline`` that is local (found here outside the installed packages, the
+        working directory included, as :func:`~modalkit.inference_pipeline.import_pipeline` finds it).
+
+        Shipping the pipeline's module rather than asking for it in ``local_python_sources``: the settings already
+        name it, and a container that cannot import its pipeline would be the first sign of the omission (after
+        the deploy, at the first request or chunk). A module installed here (``site-packages``) is left to
+        ``pip_packages``.
+
+        Raises:
+            ConfigError: a pipeline's module is found neither here nor in anything the image installs (no
+                ``pip_packages``, ``extra_run_commands`` or registry ``image``), naming the entry and where it was
+                looked for: at deploy time, not in a container.
+        """
+        build = self.app_settings.build_config
+        sources = list(build.local_python_sources)
+        for name, entry in self.model_settings.model_entries.items():
+            if not entry.pipeline:
+                continue
+            module = entry.pipeline.partition(":")[0]
+            top = module.partition(".")[0]
+            if not top or top in sources or top == "modalkit":
+                continue
+            spec = find_top_level(module)
+            where = f"model_settings.model_entries.{name}.pipeline"
+            if spec is None:
+                if build.pip_packages or build.extra_run_commands or build.image:
+                    log.warning("%s: module %r is not found here; the image must install it", where, top)
+                    continue
+                raise ConfigError(
+                    f"{where}: module {top!r} cannot be shipped to Modal: it is not found here and the image "
+                    f"installs nothing that could hold it; {not_found_message(module, where)}, or list its "
+                    "package in app_settings.build_config.pip_packages"
+                )
+            if _installed(spec.origin or next(iter(spec.submodule_search_locations or ()), None)):
+                continue
+            log.info("%s: shipping the local module %r in the image", where, top)
+            sources.append(top)
+        return sources
 
     # --- decorator arguments -------------------------------------------------------------------------------
 
@@ -314,6 +358,17 @@ def python_source_ignore(package: str) -> Callable[[Path], bool]:
 
     cli_only = CLI_ONLY_MODULES if package == "modalkit" else frozenset()
     return lambda path: path.as_posix() in cli_only or bool(NON_PYTHON_FILES(path))
+
+
+def _installed(origin: str | None) -> bool:
+    """Whether a module found at ``origin`` is an installed package (or the standard library), not a local one."""
+    if not origin or origin in ("built-in", "frozen"):
+        return True
+    parts = Path(origin).resolve().parts
+    return "site-packages" in parts or "dist-packages" in parts or Path(origin).resolve().is_relative_to(_STDLIB)
+
+
+_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
 def _has_tag(image: str) -> bool:

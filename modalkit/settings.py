@@ -41,7 +41,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from modalkit.exceptions import ConfigError
 from modalkit.settings_errors import describe_allowed, explain
-from modalkit.settings_sources import ENV_PREFIX, SourceChain, config_files_from_env, rename_legacy_keys
+from modalkit.settings_sources import (
+    ENV_PREFIX,
+    SourceChain,
+    config_files_from_env,
+    no_model_hint,
+    rename_legacy_keys,
+)
 
 __all__ = [
     "AppSettings",
@@ -137,7 +143,8 @@ class BuildConfig(_Strict):
     workdir: str = Field("/root", min_length=1, description="Working directory inside the container.")
     local_python_sources: list[str] = Field(
         default_factory=lambda: ["modalkit"],
-        description="Local Python packages added to the image (modalkit itself and your pipeline's package).",
+        description="Local Python packages added to the image (modalkit itself; each model entry's local pipeline "
+        "module is added without being listed).",
     )
     install_modalkit_requirements: bool = Field(
         True, description="pip-install the libraries modalkit needs inside the container."
@@ -502,6 +509,8 @@ class ModelSettings(_Strict):
     common: dict[str, Any] = Field(default_factory=dict, description="Settings shared by every model.")
     model_entries: dict[str, ModelEntry] = Field(default_factory=dict, description="Models by name.")
     default_model: str | None = Field(None, description="Model used when none is named; empty = the only entry.")
+    #: the settings files these settings were read from (set by Settings), for the error when no model is configured
+    _config_files: tuple[Path, ...] = PrivateAttr(default=())
 
     @field_validator("model_entries", mode="before")
     @classmethod
@@ -526,6 +535,8 @@ class ModelSettings(_Strict):
         Raises:
             ConfigError: the name is unknown, or no name was given and the default is ambiguous.
         """
+        if not self.model_entries:
+            raise ConfigError(f"no model is configured: {no_model_hint(self._config_files)}")
         if name is None:
             name = self.default_model
         if name is None:
@@ -579,6 +590,7 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise ConfigError(explain(exc, Settings, chain.origins, values, chain.renamed)) from None
         self._config_files = chain.files
+        self.model_settings._config_files = chain.files
 
     @property
     def config_files(self) -> tuple[Path, ...]:

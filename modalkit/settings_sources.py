@@ -42,6 +42,7 @@ __all__ = [
     "SourceChain",
     "YamlLayers",
     "config_files_from_env",
+    "no_model_hint",
     "rename_legacy_keys",
 ]
 
@@ -64,6 +65,20 @@ def config_files_from_env(environ: Mapping[str, str] | None = None) -> tuple[Pat
         return tuple(Path(p.strip()) for p in raw.split(",") if p.strip())
     default = Path(DEFAULT_CONFIG_FILE)
     return (default,) if default.is_file() else ()
+
+
+def no_model_hint(files: Sequence[Path]) -> str:
+    """What to say when settings read from ``files`` configure no model: the files read, or, when none was, the
+    ones looked for (the working directory's ``modalkit.yaml``; ``MODALKIT_CONFIG`` was not set) and how to name
+    one."""
+    if files:
+        return f"model_settings.model_entries is empty in {', '.join(str(f) for f in files)}; add a model entry there"
+    looked_for = Path.cwd() / DEFAULT_CONFIG_FILE
+    return (
+        f"no settings file was read: {ENV_PREFIX}CONFIG is not set and {looked_for} does not exist; run modalkit "
+        f"from the folder holding modalkit.yaml, pass --config PATH, set {ENV_PREFIX}CONFIG=PATH[,PATH...], or "
+        "start a project here with `modalkit init`"
+    )
 
 
 def rename_legacy_keys(

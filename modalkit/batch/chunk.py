@@ -4,7 +4,8 @@ Runs where the model runs (a local worker process or a Modal container). For eac
 ``max_batch_size`` records: parse (JSON), pick the record ids (:mod:`~modalkit.batch.record_ids`), validate
 against the pipeline's ``input_model``, run the pipeline through the isolated runner, write success rows and failure
 rows (:mod:`~modalkit.batch.failure_log`), spool queue records. At the end
-the part file and the failure file are moved into place (one object each), then the spooled queue records are sent
+the part file and the failure file are moved into place (one object each), with an ``id_field`` the id hashes
+(:mod:`~modalkit.batch.repeats`) beside them, then the spooled queue records are sent
 (so a queue never holds a record that no output file holds), and the commit marker ``_chunks/NNNNN.json`` is
 written last: a chunk with a marker is done and is skipped when the job runs again. Counts go back, never data.
 """
@@ -104,6 +105,8 @@ class ChunkProcessor:
             if counts["records"]:  # a chunk that owns no record (a cut inside one long line) leaves only its marker
                 store.upload_file(run.part_path, layout.part(chunk.index))
                 store.upload_file(run.failures_path, layout.failures(chunk.index))
+                if run.ids.hashes is not None:  # before the marker: every committed chunk has its id hashes
+                    run.ids.hashes.write(layout.ids(chunk.index), store)
             if sender is not None:  # the records go out only now that the files holding them are durable
                 sender.close()
         except BaseException:
@@ -285,6 +288,8 @@ class _ChunkRun:
         self.succeeded = 0
         self.ordinal = 0
         self.ids = IdPolicy(job.job_id, chunk.key, job.id_field, self._where)
+        #: how a record read as text (a CSV row) is fitted to the input model; None for typed formats
+        self.fitter = self.format.fitter(chunk, proc.input_model, job.id_field)
         self.failures = FailureLog(job.job_id, chunk.key, self._where, sender)
         self._job_json = orjson.dumps(job.job_id)
 
@@ -331,6 +336,7 @@ class _ChunkRun:
     def _parse(self, positions: list[int], payloads: list[Any]) -> tuple[list[Parsed], list[Rejected]]:
         """The records of a sub-batch as data, numbered in the chunk; those that do not parse, rejected."""
         loads = orjson.loads
+        fit = self.fitter.fit if self.fitter is not None else None
         parsed: list[Parsed] = []
         rejected: list[Rejected] = []
         ordinal = self.ordinal
@@ -344,6 +350,8 @@ class _ChunkRun:
             elif type(payload) is Unreadable:
                 error = RecordError("parse", payload.error_type, payload.error)
                 rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload.raw.rstrip("\r\n")))
+            elif fit is not None:
+                parsed.append((ordinal, pos, fit(payload)))
             else:
                 parsed.append((ordinal, pos, payload))
             ordinal += 1
@@ -363,7 +371,10 @@ class _ChunkRun:
             try:
                 models.append(validate_one(data))
             except ValidationError as exc:
-                error = RecordError("validate", "ValidationError", describe_validation_error(exc))
+                described = describe_validation_error(exc)
+                if self.fitter is not None:
+                    described = self.fitter.describe(data, described)
+                error = RecordError("validate", "ValidationError", described)
                 self.failures.add(ordinal, record_id, pos, error, data)
                 continue
             good_ids.append(record_id)
@@ -374,7 +385,7 @@ class _ChunkRun:
         """The successes of a sub-batch (their queue records handed to the sender); failures to the failure log."""
         serializer = self.proc.output_model.__pydantic_serializer__
         sender = self.sender
-        job_id = self.job.job_id
+        job_id, key = self.job.job_id, self.chunk.key
         successes: list[Success] = []
         for record_id, (ordinal, pos, data), outcome in zip(ids, kept, outcomes, strict=True):
             if type(outcome) is RecordError:
@@ -385,7 +396,7 @@ class _ChunkRun:
             if sender is not None:
                 meta = orjson.dumps({"key": self.chunk.key, "position": pos})
                 message = SUCCESS_BODY % (self._job_json, orjson.dumps(record_id), body, meta)
-                sender.add("success", ordinal, dedup_id(job_id, record_id), message)
+                sender.add("success", ordinal, dedup_id(job_id, key, pos), message)
         return successes
 
 

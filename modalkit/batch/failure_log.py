@@ -49,10 +49,8 @@ class FailureLog:
         self._job_json = orjson.dumps(job_id)
         self._lines: list[bytes] = []
 
-    def add(
-        self, ordinal: int, record_id: Any, pos: int, error: RecordError, data: Any, dedup: str | None = None
-    ) -> None:
-        """Log one failed record: its row, its queue record (``dedup`` overrides its dedup id), its count."""
+    def add(self, ordinal: int, record_id: Any, pos: int, error: RecordError, data: Any) -> None:
+        """Log one failed record: its row, its queue record, its count."""
         if isinstance(data, bytes):
             data = data.decode("utf-8", errors="replace").rstrip("\r\n")
         if isinstance(data, str) and len(data) > MAX_INPUT_CHARS:
@@ -77,7 +75,7 @@ class FailureLog:
             self.errors_by_type[error.error_type] = 1
             self.error_examples[error.error_type] = f"{error.stage}: {error_text}"[:MAX_EXAMPLE_CHARS]
         if self.sender is not None:  # whole: a body too large for its queue is the queue backend's to place
-            self.sender.add("failure", ordinal, dedup or dedup_id(self.job_id, record_id), body)
+            self.sender.add("failure", ordinal, dedup_id(self.job_id, self.key, pos), body)
 
     def take_lines(self) -> list[bytes]:
         """The failure rows logged since the last call (each ends with a newline)."""

@@ -1,9 +1,10 @@
 """A batch job as a whole: planning with every check done before anything is written, and the manifest at the end.
 
 :func:`plan_job` fails fast, writing nothing, when the input does not exist or holds unreadable files, the model
-is unknown or its pipeline cannot be imported or declares no schemas, a named queue does not exist, or the output
-already belongs to another job. :func:`start_job` then claims the output (``_job.json``), and
-:func:`finalize_job` gathers the chunk results into the summary and ``_manifest.json``.
+is unknown or its pipeline cannot be imported or declares no schemas, a named queue does not exist, the output
+already belongs to another job, or the ``id_field`` is in none of the input's first records.
+:func:`start_job` then claims the output (``_job.json``), and :func:`finalize_job` gathers the chunk results into
+the summary and ``_manifest.json``.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ from pydantic import BaseModel, ValidationError
 from modalkit.batch.chunk import read_marker
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
+from modalkit.batch.repeats import find_repeats, resolve_examples
+from modalkit.batch.sampling import check_id_field
 from modalkit.batch.storage import Store, default_store, is_remote
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import import_pipeline
-from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, JobSummary
-from modalkit.queues import check_queues, create_backend
+from modalkit.iomodel import ChunkResult, ChunkSpec, IdOccurrence, JobSpec, JobSummary, QueueTarget, RepeatedId
+from modalkit.queues import check_queues, create_backend, describe_target
 from modalkit.settings import JobConfig, Settings
 from modalkit.settings_errors import invalid_values
 
 __all__ = [
     "InvalidJobParameters",
     "JobPlan",
+    "check_job_queues",
     "dispatch_order",
     "finalize_job",
     "find_committed",
@@ -52,6 +56,8 @@ class JobPlan(BaseModel):
     skipped_files: list[str] = []
     #: the pipeline's version (its class attribute ``version``, or the model entry's): part of the job id
     pipeline_version: str | None = None
+    #: where the job's queue records go (None: it names no queue)
+    queues: QueueTarget | None = None
 
 
 def resolve_job_config(settings: Settings, names: Mapping[str, str] | None = None, **overrides: Any) -> JobConfig:
@@ -104,7 +110,7 @@ def plan_job(
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
     store = store or default_store()
     _check_uris(store, input_uri, output_uri, config.backend)
-    _check_queues(settings, config)
+    queues = check_job_queues(settings, config)
     skipped: list[str] = []
     files = list_dataset(input_uri, skipped, store=store)
     version = entry.version or (None if pipeline_cls.version is None else str(pipeline_cls.version))
@@ -123,9 +129,9 @@ def plan_job(
         **parameters,
     )
     chunks = plan_chunks(files, int(config.chunk_size), job_id, split_csv=config.split_csv, store=store)
-    return JobPlan(
-        job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped, pipeline_version=version
-    )
+    check_id_field(chunks, config.id_field, store)  # a typo in id_field fails here, not in every record
+    return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped,
+                   queues=queues, pipeline_version=version)  # fmt: skip
 
 
 def _check_uris(store: Store, input_uri: str, output_uri: str, backend: str) -> None:
@@ -145,14 +151,27 @@ def _normal(store: Store, uri: str) -> str:
     return uri.rstrip("/") if is_remote(uri) else store.filesystem(uri)[1].rstrip("/")
 
 
-def _check_queues(settings: Settings, config: JobConfig) -> None:
+def check_job_queues(settings: Settings, config: JobConfig) -> QueueTarget | None:
+    """The job's queues exist; returns where their records will go (None: the job names no queue).
+
+    Raises:
+        ConfigError: the job names queues and ``queue_config.backend`` is ``none``.
+        QueueError: a named queue does not exist.
+    """
     queues = [q for q in (config.success_queue, config.failure_queue) if q]
     if not queues:
-        return
+        return None
     backend = create_backend(settings.app_settings.queue_config)
     if backend is None:
         raise ConfigError(f"the job names queue(s) {', '.join(queues)} but app_settings.queue_config.backend is 'none'")
     check_queues(backend, queues)  # raises QueueError naming a missing queue
+    success, failure = config.success_queue, config.failure_queue
+    return QueueTarget(
+        backend=settings.app_settings.queue_config.backend,
+        location=describe_target(backend, queues[0])[0],
+        success_queue=describe_target(backend, success)[1] if success else None,
+        failure_queue=describe_target(backend, failure)[1] if failure else None,
+    )
 
 
 def _check_owner(store: Store, output_uri: str, job_id: str, version: str | None = None) -> None:
@@ -275,9 +294,12 @@ def finalize_job(
     """Sum the chunk results into the summary, write ``_manifest.json`` through ``store`` (default: the process's)
     and return the summary.
 
-    ``status`` is ``failed`` when chunks failed or the failure rate passed ``max_failure_rate``.
+    ``status`` is ``failed`` when chunks failed or the failure rate passed ``max_failure_rate``. With an
+    ``id_field``, the ids that occur more than once anywhere in the job (every chunk's, committed before or now)
+    are counted and the first few named (:mod:`~modalkit.batch.repeats`).
     """
     job = plan.job
+    store = store or default_store()
     records = sum(r.records for r in results)
     failed = sum(r.failed for r in results)
     fresh = sum(r.records for r in results if not r.skipped)
@@ -298,7 +320,10 @@ def finalize_job(
         input_uri=job.input_uri,
         model_name=job.model_name,
         files_skipped=len(plan.skipped_files),
+        queues=plan.queues,
     )
+    if job.id_field is not None:
+        summary.duplicate_ids, summary.duplicate_examples = _repeated_ids(job, results, store)
     manifest = {
         **summary.model_dump(),
         "chunks_failed": failed_chunks,
@@ -308,10 +333,26 @@ def finalize_job(
         "finished_at": _now(),
         "chunk_results": [r.model_dump() for r in sorted(results, key=lambda r: r.index)],
     }
-    store = store or default_store()
     store.write_bytes(OutputLayout(job.output_uri).manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     store.remove_staging_dirs(job.output_uri)  # of workers killed mid-chunk in this run or an earlier one
     return summary
+
+
+def _repeated_ids(job: JobSpec, results: Sequence[ChunkResult], store: Store) -> tuple[int, list[RepeatedId]]:
+    """How many ids occur more than once in the job's chunks, and the first few with their places."""
+    layout = OutputLayout(job.output_uri, job.output_format)
+    with_records = [r.index for r in results if r.records]
+    found = find_repeats({i: layout.ids(i) for i in with_records}, store, sum(r.records for r in results))
+    parts = {i: [layout.part(i), layout.failures(i)] for i in {r.places[0][0] for r in found.examples}}
+    examples = [
+        RepeatedId(
+            record_id=record_id,
+            count=repeat.count,
+            occurrences=[IdOccurrence(key=key, position=pos) for _, key, pos in repeat.places],
+        )
+        for record_id, repeat in resolve_examples(found.examples, parts, store)
+    ]
+    return found.count, examples
 
 
 def _version_name(version: object) -> str:

@@ -6,6 +6,7 @@ Under OUTPUT_URI::
     _failures/part-NNNNN.jsonl    failures of chunk N
     _chunks/NNNNN.json            commit marker of chunk N (its counts)
     _chunks/NNNNN.progress.json   how far chunk N's queue records were sent (while it runs)
+    _ids/NNNNN.npz                the id hashes of chunk N's records (only with an id_field): repeated ids
     _job.json                     which job owns this output
     _manifest.json                the summary and every chunk's result, when the job ends
     _lease/NNNNNNNN.json          which run of the job runs now (one generation per run; see batch/lease.py)
@@ -62,6 +63,10 @@ class OutputLayout:
     def marker(self, index: int) -> str:
         """The commit marker of chunk ``index``: written last, once its files and records are out."""
         return join(self.chunks_dir, f"{index:05d}.json")
+
+    def ids(self, index: int) -> str:
+        """The id hashes of chunk ``index``'s records (with an ``id_field``), for finding ids that repeat."""
+        return join(self.root, "_ids", f"{index:05d}.npz")
 
     def journal(self, index: int) -> str:
         """How far chunk ``index``'s queue records were sent (exists only while the chunk is unfinished)."""

@@ -65,7 +65,8 @@ def list_dataset(input_uri: str, skipped: list[str] | None = None, *, store: Sto
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ConfigError(
-            f"input {input_uri} has files modalkit cannot read: {shown}; supported: {', '.join(supported_suffixes())}"
+            f"input {input_uri} has files modalkit cannot read: {shown}; supported: {', '.join(supported_suffixes())}; "
+            "move them out of the input, or start their names with '_' or '.' to have them skipped"
         )
     return out
 

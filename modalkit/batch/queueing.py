@@ -6,8 +6,11 @@ order, on a background thread (at most ``MAX_PENDING_WINDOWS`` windows wait, whi
 holds a record that no output file holds: a chunk that fails for good (a truncated input, a crashing record, a
 worker killed) has sent nothing.
 
-Exactly-once across crashes: every message carries ``dedup_id = <job_id>:<record_id>`` (the local queue stores a
-dedup id once; SQS FIFO queues drop repeats within five minutes), and after each acknowledged window the sender
+Exactly-once across crashes: every message carries the deduplication id of its *input record*,
+``<job_id>:<file key>:<position>`` (:func:`dedup_id`; the local queue stores a dedup id once, SQS FIFO queues drop
+repeats within five minutes, and SQS messages carry it as the ``dedup_id`` attribute for consumers of standard
+queues). It is stable across retries and resumes, and two records that share a record id (two files, or two
+chunks, holding the same ``id_field`` value) are two messages. After each acknowledged window the sender
 records in a small journal (``_chunks/NNNNN.progress.json``, written at most every ``JOURNAL_INTERVAL`` seconds)
 how far the chunk's records have been sent. A retried or resumed chunk skips the records the journal covers, so
 on a standard SQS queue only the records sent after the last journal write can be sent twice.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import os
+import re
 import tempfile
 import time
 from collections import deque
@@ -35,12 +40,27 @@ MAX_PENDING_WINDOWS = 3
 JOURNAL_INTERVAL = 0.5
 
 
-def dedup_id(job_id: str, record_id: object) -> str:
-    """``<job_id>:<record_id>``: the same record of the same job is one message, whatever retried or resumed.
+#: The longest dedup id (SQS's limit on a MessageDeduplicationId), and the characters it may hold as it is.
+MAX_DEDUP_ID = 128
+_PLAIN_DEDUP = re.compile(r"^[!-~]+$")
 
-    Backends make it fit their rules (the SQS backend hashes an id SQS would refuse); this is the logical id.
+
+def dedup_id(job_id: str, key: str, position: int) -> str:
+    """The deduplication id of the input record at ``position`` (byte offset or row index) of file ``key``.
+
+    ``<job_id>:<key>:<position>``: the same record of the same job is one message whatever retried or resumed (the
+    position does not depend on how the input was cut into chunks), and two records are two messages even when they
+    share a record id. When that is over 128 characters or holds a character outside printable ASCII (a space, an
+    accent), the part after the job id is a SHA-256 of ``<key>:<position>`` instead (40 hex digits).
+
+    Example:
+        >>> dedup_id("3f9a2c7d1e5b8a40", "2026/orders.jsonl", 120)
+        '3f9a2c7d1e5b8a40:2026/orders.jsonl:120'
     """
-    return f"{job_id}:{record_id}"
+    plain = f"{job_id}:{key}:{position}"
+    if len(plain) <= MAX_DEDUP_ID and _PLAIN_DEDUP.match(plain):
+        return plain
+    return f"{job_id}:{hashlib.sha256(f'{key}:{position}'.encode()).hexdigest()[:40]}"
 
 
 def read_journal(uri: str, store: Store | None = None) -> int:

@@ -3,7 +3,9 @@
 A record's id is the value of the job's ``id_field`` (a string or an integer, as the input has it), else
 ``<file key>:<position>``; a replayed failure keeps its original id (:data:`REPLAY_ID_KEY`). Ids from the data are
 unique within a chunk: a record whose id an earlier record of the chunk has fails (``DuplicateRecordId``), and 7
-and "7" count as one id (on a queue they are one). Work is done per sub-batch, one call for many records.
+and "7" count as one id (on a queue they are one). Ids from the data are also hashed for the job-wide check of
+repeated ids (:mod:`~modalkit.batch.repeats`), repeats included. Work is done per sub-batch, one call for many
+records.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from modalkit.batch.queueing import dedup_id
+from modalkit.batch.repeats import IdHashes
 from modalkit.inference_pipeline import RecordError
 
 __all__ = ["REPLAY_ID_KEY", "IdPolicy", "Parsed", "Rejected"]
@@ -25,22 +27,20 @@ Parsed = tuple[int, int, Any]
 
 
 class Rejected(NamedTuple):
-    """A record that failed before the pipeline saw it; ``dedup`` is its own dedup id where the usual one
-    (``<job_id>:<record_id>``) belongs to another record."""
+    """A record that failed before the pipeline saw it."""
 
     ordinal: int
     record_id: Any
     pos: int
     error: RecordError
     data: Any
-    dedup: str | None = None
 
 
 class IdPolicy:
     """Gives the records of one chunk their ids.
 
     Args:
-        job_id: The job (for the dedup id of a duplicate's failure record).
+        job_id: The job.
         key: The file's key: the prefix of ids from positions.
         id_field: The field that holds the id, or None for ids from positions.
         where: Describes a position in the file (``a.jsonl at byte 120``) for error messages.
@@ -55,6 +55,8 @@ class IdPolicy:
         #: (no str() per int id), and _first_across_types catches 7 and "7"
         self._seen: dict[Any, int] | None = {} if id_field is not None else None
         self._id_type: type | None = None  # the one type of the chunk's ids so far; None once there are two
+        #: the hashes of the ids from the data (with an id_field), for the job-wide check of repeated ids
+        self.hashes: IdHashes | None = IdHashes(key) if id_field is not None else None
 
     def position_id(self, pos: int) -> str:
         """The id of the record at ``pos`` when it has no other (``<key>:<pos>``)."""
@@ -67,6 +69,8 @@ class IdPolicy:
         ids: list[Any] = []
         kept: list[Parsed] = []
         rejected: list[Rejected] = []
+        hashed: list[Any] = []
+        hashed_positions: list[int] = []
         for record in records:
             ordinal, pos, data = record
             if type(data) is dict and id_field is not None and REPLAY_ID_KEY not in data:
@@ -80,6 +84,8 @@ class IdPolicy:
                 rejected.append(Rejected(ordinal, self.position_id(pos), pos, error, data))
                 continue
             if seen is not None:  # ids from the data must be unique; 7 and "7" are one id on a queue
+                hashed.append(record_id)
+                hashed_positions.append(pos)
                 first = seen.setdefault(record_id, pos)
                 if first == pos and type(record_id) is not self._id_type:
                     first = self._first_across_types(record_id, pos)
@@ -88,6 +94,8 @@ class IdPolicy:
                     continue
             ids.append(record_id)
             kept.append(record)
+        if self.hashes is not None:
+            self.hashes.add(hashed, hashed_positions)
         return ids, kept, rejected
 
     def _record_id(self, data: Any, pos: int) -> Any:
@@ -124,10 +132,8 @@ class IdPolicy:
         """A record whose id an earlier record of the chunk has: it fails, so no id is in the output twice."""
         reason = f"record id {record_id!r} is already the id of the record at {self.where(first)}"
         error = RecordError("validate", "DuplicateRecordId", reason)
-        # its own dedup id: a queue that drops repeats must not drop this failure record as one
         ordinal, pos, data = record
-        own = f"{dedup_id(self.job_id, record_id)}@{pos}"
-        return Rejected(ordinal, record_id, pos, error, data, own)
+        return Rejected(ordinal, record_id, pos, error, data)
 
 
 class _BadId:

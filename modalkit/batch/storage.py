@@ -322,9 +322,10 @@ class Store:
     def list_files(self, uri: str, skipped: list[str] | None = None) -> list[StoredFile]:
         """Files under ``uri`` (or ``uri`` itself when it is a file), sorted by key.
 
-        Under a folder, hidden files and folders (``.name``, ``_name``: our own ``_chunks``, ``_failures``,
-        ``_manifest.json`` among them) are skipped, and their keys appended to ``skipped`` when it is given; a file
-        named on its own is taken whatever its name. An object's ``etag`` is its ETag; a local file's is empty.
+        Under a folder, folder markers (keys ending in ``/``) are not files, and hidden files and folders
+        (``.name``, ``_name``: our own ``_chunks``, ``_failures``, ``_manifest.json`` among them) are skipped,
+        their keys appended to ``skipped`` when it is given; a file named on its own is taken whatever its name.
+        An object's ``etag`` is its ETag; a local file's is empty.
 
         Raises:
             StorageError: ``uri`` does not exist.
@@ -349,7 +350,7 @@ class Store:
             if meta.get("islink"):  # a local symlink: listed as "other" with the link's own size; take its target's
                 with storage_errors(f"listing {uri}"):
                     meta = fs.info(name)
-            if meta.get("type") not in (None, "file"):
+            if meta.get("type") not in (None, "file") or _is_folder_marker(name):
                 continue
             key = name[len(root) :].lstrip("/") if name.startswith(root) else os.path.basename(name)
             if not single and any(part.startswith((".", "_")) for part in key.split("/")):
@@ -368,6 +369,12 @@ class Store:
             with storage_errors(f"opening {uri}"):
                 stream = files.open(path, stack)
             yield stream
+
+
+def _is_folder_marker(name: str) -> bool:
+    """Whether an object only marks a folder: a key ending in ``/`` (what the S3 console's "Create folder" makes,
+    listed by s3fs as a file) or Hadoop's ``name_$folder$``. Neither is a file of the dataset, nor a skipped one."""
+    return name.endswith(("/", "_$folder$"))
 
 
 @functools.cache

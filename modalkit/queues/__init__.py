@@ -19,6 +19,7 @@ from modalkit.queues.base import (
     check_queues,
     deliver,
     deliver_sync,
+    describe_target,
 )
 from modalkit.queues.local import LocalQueueBackend
 from modalkit.queues.memory import InMemoryBackend, MemoryBackend
@@ -40,6 +41,7 @@ __all__ = [
     "create_backend",
     "deliver",
     "deliver_sync",
+    "describe_target",
     "fifo_dedup_id",
     "register_backend",
     "resolve_message_body",

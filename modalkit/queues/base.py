@@ -38,6 +38,7 @@ __all__ = [
     "check_queues",
     "deliver",
     "deliver_sync",
+    "describe_target",
 ]
 
 
@@ -60,8 +61,10 @@ class QueueMessage:
 
     Attributes:
         body: The JSON string.
-        dedup_id: Deduplication id: ``<job_id>:<record_id>`` for batch records. The local and memory backends store
-            a dedup id once per queue; the SQS backend turns it into a valid ``MessageDeduplicationId``.
+        dedup_id: Deduplication id: for batch records ``<job_id>:<file key>:<position>``, naming the input record
+            (:func:`modalkit.batch.queueing.dedup_id`). The local and memory backends store a dedup id once per
+            queue; the SQS backend sends it as the ``MessageDeduplicationId`` of a FIFO queue and as the
+            ``dedup_id`` message attribute on every queue.
         group_id: FIFO ``MessageGroupId``; defaults to the backend's.
     """
 
@@ -111,6 +114,14 @@ class BatchQueueBackend(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
 
+    def location(self) -> str:
+        """Where this backend keeps records, for a user to find them (a file, an endpoint)."""
+        return type(self).__name__
+
+    def address(self, queue_name: str) -> str:
+        """Where ``queue_name`` is within :meth:`location` (its name; on SQS its URL)."""
+        return queue_name
+
 
 def check_queues(backend: QueueBackend, queue_names: Sequence[str]) -> None:
     """Ask ``backend`` whether ``queue_names`` exist (backends that cannot tell are taken at their word).
@@ -121,6 +132,13 @@ def check_queues(backend: QueueBackend, queue_names: Sequence[str]) -> None:
     check = getattr(backend, "check_queues", None)
     if callable(check):
         check(list(queue_names))
+
+
+def describe_target(backend: QueueBackend, queue_name: str) -> tuple[str, str]:
+    """``(location, address)`` of ``queue_name`` on ``backend``; a backend of another kind is named by its class."""
+    if isinstance(backend, BatchQueueBackend):
+        return backend.location(), backend.address(queue_name)
+    return type(backend).__name__, queue_name
 
 
 def deliver_sync(backend: QueueBackend, queue_name: str, messages: Sequence[str | QueueMessage]) -> int:

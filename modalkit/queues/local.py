@@ -128,6 +128,10 @@ class LocalQueueBackend(BatchQueueBackend):
             cur = self._connection().execute("SELECT DISTINCT queue FROM messages WHERE taken = 0 ORDER BY 1")
             return [row[0] for row in cur]
 
+    def location(self) -> str:
+        """The queue file's absolute path."""
+        return os.path.abspath(self.path)
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from typing import ClassVar
@@ -54,6 +55,10 @@ class MemoryBackend(BatchQueueBackend):
         """Names of the queues that received messages."""
         with self._lock:
             return sorted(self._queues)
+
+    def location(self) -> str:
+        """This process's memory (the records go when it exits)."""
+        return f"the memory of process {os.getpid()}"
 
     def clear(self) -> None:
         """Drop every message."""

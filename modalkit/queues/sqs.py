@@ -5,8 +5,10 @@ up to ``max_send_attempts`` times (this is the one retry layer of a send: the bo
 retry on their own). The size policy is this backend's: bodies over ``large_message_threshold`` (256 KiB, SQS's
 limit) are stored in S3 behind a pointer message in the AWS SQS Extended Client format when ``large_message_uri``
 is set; without it, a failure record is sent with the start of its input (``input_truncated``), and any other body
-over the threshold is an error. FIFO queues get a ``MessageGroupId`` and a ``MessageDeduplicationId``. A queue
-that does not exist is an error: modalkit never creates queues.
+over the threshold is an error. A message with a dedup id carries it as the ``dedup_id`` message attribute (a
+String), so that consumers of standard queues can deduplicate on it (its bytes count toward the threshold, as
+SQS counts attributes toward its limit); FIFO queues also get it as the ``MessageDeduplicationId``, and a
+``MessageGroupId``. A queue that does not exist is an error: modalkit never creates queues.
 
 Example:
     >>> from modalkit.queues import SQSBackend
@@ -34,7 +36,7 @@ from modalkit.queues.base import BatchQueueBackend, QueueMessage, as_message
 if TYPE_CHECKING:
     from modalkit.settings import QueueConfig
 
-__all__ = ["S3_POINTER_CLASS", "SQSBackend", "fifo_dedup_id", "resolve_message_body"]
+__all__ = ["DEDUP_ATTRIBUTE", "S3_POINTER_CLASS", "SQSBackend", "fifo_dedup_id", "resolve_message_body"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +47,8 @@ SQS_MAX_BATCH_BYTES = 256 * 1024
 MAX_BACKOFF_SECONDS = 5.0
 # the pointer format of the AWS SQS Extended Client libraries, so their consumers can read our large messages
 S3_POINTER_CLASS = "software.amazon.payloadoffloading.PayloadS3Pointer"
+#: The message attribute that carries a message's dedup id (consumers of standard queues deduplicate on it).
+DEDUP_ATTRIBUTE = "dedup_id"
 _DEDUP_ID_OK = re.compile(r"^[!-~]{1,128}$")  # printable ASCII without space, 1..128 characters, as SQS requires
 # keys of a QueueConfig dump that the original modalkit passed to every backend (create_backend(backend, **dump))
 _CONFIG_ONLY_KEYS = frozenset({"backend", "local_path", "broker_url", "allowed_queues"})
@@ -164,6 +168,14 @@ class SQSBackend(BatchQueueBackend):
         for name in queue_names:
             self.queue_url(name)
 
+    def location(self) -> str:
+        """The SQS endpoint the client talks to."""
+        return str(self.client.meta.endpoint_url)
+
+    def address(self, queue_name: str) -> str:
+        """The queue's URL (looked up once)."""
+        return self.queue_url(queue_name)
+
     def queue_url(self, queue_name: str) -> str:
         """The queue's URL, looked up once. A queue URL may be given instead of a name.
 
@@ -214,16 +226,21 @@ class SQSBackend(BatchQueueBackend):
 
     def _entry(self, queue_name: str, msg: QueueMessage, fifo: bool) -> dict[str, Any]:
         body = msg.body
-        entry: dict[str, Any] = {}
+        attributes: dict[str, Any] = {}
+        if msg.dedup_id is not None:
+            attributes[DEDUP_ATTRIBUTE] = {"DataType": "String", "StringValue": msg.dedup_id}
+        limit = self.large_message_threshold - _attributes_size(attributes)
         size = len(body.encode("utf-8"))
-        if size > self.large_message_threshold:
-            cut = None if self.large_message_uri else truncate_failure_input(body, self.large_message_threshold)
+        if size > limit:
+            cut = None if self.large_message_uri else truncate_failure_input(body, limit)
             if cut is not None:
                 body = cut
             else:
                 body = self._offload(queue_name, body, size)
-                entry["MessageAttributes"] = {"ExtendedPayloadSize": {"DataType": "Number", "StringValue": str(size)}}
-        entry["MessageBody"] = body
+                attributes["ExtendedPayloadSize"] = {"DataType": "Number", "StringValue": str(size)}
+        entry: dict[str, Any] = {"MessageBody": body}
+        if attributes:
+            entry["MessageAttributes"] = attributes
         if fifo:
             entry["MessageGroupId"] = msg.group_id or self.message_group_id
             entry["MessageDeduplicationId"] = fifo_dedup_id(msg)
@@ -289,7 +306,8 @@ def _batches(entries: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     size = 0
     for entry in entries:
-        entry_size = len(entry["MessageBody"].encode("utf-8")) + 64
+        attributes = _attributes_size(entry.get("MessageAttributes", {}))
+        entry_size = len(entry["MessageBody"].encode("utf-8")) + attributes + 64
         if batch and (len(batch) == SQS_BATCH_ENTRIES or size + entry_size > SQS_MAX_BATCH_BYTES):
             yield batch
             batch, size = [], 0
@@ -297,6 +315,14 @@ def _batches(entries: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
         size += entry_size
     if batch:
         yield batch
+
+
+def _attributes_size(attributes: dict[str, Any]) -> int:
+    """The bytes SQS counts for message attributes: each one's name, data type and value."""
+    return sum(
+        len(name.encode()) + len(a["DataType"].encode()) + len(a["StringValue"].encode())
+        for name, a in attributes.items()
+    )
 
 
 def _safe_key(name: str) -> str:

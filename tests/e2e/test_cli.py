@@ -209,6 +209,28 @@ def test_batch_without_json_off_a_terminal_prints_a_table_and_writes_parquet_wit
     assert_every_record_once(out, data)
 
 
+def test_batch_names_ids_that_two_files_share_in_its_table_and_its_json_summary(
+    cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    (tmp_path / "in").mkdir()
+    for name in ("x", "y"):
+        rows = [json.dumps({"order_id": i, "text": "fine"}) for i in range(5)]
+        (tmp_path / "in" / f"{name}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config = write_config(tmp_path)
+    args = ["batch", str(tmp_path / "in"), "--config", str(config), "--id-field", "order_id"]
+
+    table = cli(*args[:2], str(tmp_path / "table"), *args[2:])
+    assert table.returncode == 0, table.stderr
+    text = " ".join(line.strip(" │") for line in table.stdout.splitlines())
+    assert "duplicate_ids" in text
+    assert "5 ids occur more than once: 0 (x.jsonl at 0, y.jsonl at 0)" in " ".join(text.split())
+
+    summary = last_json_line(cli(*args[:2], str(tmp_path / "json"), *args[2:], "--json").stdout)
+    assert (summary["succeeded"], summary["duplicate_ids"]) == (10, 5)
+    assert summary["duplicate_examples"][0]["occurrences"] == [
+        {"key": "x.jsonl", "position": 0}, {"key": "y.jsonl", "position": 0}]  # fmt: skip
+
+
 # --- a job that fails, and jobs that cannot start -----------------------------------------------------------------
 
 

@@ -46,6 +46,9 @@ class Stack:
             "PREFECT_HOME": str(root / "prefect-home"),
             "PREFECT_API_URL": self.api,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # as `make server` starts it: runs' logs streamed out, so that `--watch` prints them
+            "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+            "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
             "AWS_ENDPOINT_URL": moto.url,
@@ -328,3 +331,31 @@ def _by_run(run_id: Any) -> Any:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     return FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+
+
+def test_a_nightly_run_with_a_bad_date_fails_within_a_second_of_its_start_and_watch_prints_why(api: Stack) -> None:
+    stack = api
+    started = time.monotonic()
+    watched = stack.prefect(
+        "deployment", "run", "batch-inference/nightly", "--watch", "--watch-timeout", "240",
+        "--param", "date=2026-13-01", timeout=300,
+    )  # fmt: skip
+    wall = time.monotonic() - started
+
+    assert watched.returncode != 0
+    reason = "parameter date: '2026-13-01' is not a date; use YYYY-MM-DD"
+    printed = " ".join(watched.stdout.split())  # --watch wraps its lines to the terminal's width
+    assert f"batch-inference failed: {reason}" in printed, watched.stdout  # among --watch's own lines
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with client() as c:
+        deployment = c.read_deployment_by_name("batch-inference/nightly")
+        runs = c.read_flow_runs(deployment_filter=_by_deployment(deployment.id))
+        (run,) = [r for r in runs if r.parameters.get("date") == "2026-13-01"]
+        logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    assert run.state.is_failed()
+    assert reason in run.state.message
+    [failure] = [log for log in logs if log.level >= 40 and log.message.startswith("batch-inference failed: ")]
+    seconds = (failure.timestamp - run.start_time).total_seconds()
+    print(f"bad date: the reason logged {seconds:.3f} s after the run started; {wall:.1f} s from `deployment run`")
+    assert seconds < 1.0

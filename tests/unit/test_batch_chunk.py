@@ -556,7 +556,7 @@ def test_queue_records_have_the_contract_shapes_and_dedup_ids(tmp_path: Path, se
     assert len(backend.sent) == 4
     for queue, message in backend.sent:
         body = json.loads(message.body)
-        assert message.dedup_id == f"{JOB_ID}:{body['record_id']}"
+        assert message.dedup_id == f"{JOB_ID}:q.jsonl:{body['meta']['position']}"  # the input record, not its id
         assert message.group_id == f"{JOB_ID}-00000"
         assert queue == ("ok" if body["status"] == "success" else "bad")
     assert not (tmp_path / "out" / "_chunks" / "00000.progress.json").exists()  # journal gone after the commit
@@ -907,9 +907,9 @@ def test_the_id_policy_rejects_bad_and_repeated_ids_across_sub_batches() -> None
 
     ids, kept, rejected = policy.assign([(3, 30, {"id": "7"}), (4, 40, {"id": None}), (5, 50, {"id": 8})])
     assert ids == [8]
-    assert [(r.ordinal, r.record_id, r.error.error_type, r.dedup) for r in rejected] == [
-        (3, "7", "DuplicateRecordId", f"{JOB_ID}:7@30"),
-        (4, "k.jsonl:40", "InvalidRecordId", None),
+    assert [(r.ordinal, r.record_id, r.error.error_type) for r in rejected] == [
+        (3, "7", "DuplicateRecordId"),
+        (4, "k.jsonl:40", "InvalidRecordId"),
     ]
     assert rejected[0].error.error == "record id '7' is already the id of the record at k.jsonl at byte 0"
 

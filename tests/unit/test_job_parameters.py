@@ -95,7 +95,7 @@ def test_job_identity_is_exactly_the_parameters_that_shape_the_output() -> None:
 
 def test_a_plans_job_id_is_the_one_earlier_versions_gave(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.jsonl").write_bytes(b'{"text": "good"}\n')
+    (tmp_path / "in" / "a.jsonl").write_bytes(b'{"id": 1, "text": "good"}\n')
     pipeline = "pipelines:PoisonAwareSentiment"
     settings = Settings.load(data={"model_settings": {"model_entries": {"sentiment": {"pipeline": pipeline}}}})
     config = resolve_job_config(settings, chunk_size="64KiB", id_field="id", output_format="parquet")

@@ -3,6 +3,8 @@ failed (grouped by error_type, first failure of each, most common first)."""
 
 from __future__ import annotations
 
+import pytest
+
 from flows.monitoring import job_report
 from modalkit.iomodel import ChunkResult, JobSummary
 
@@ -56,3 +58,36 @@ def test_only_the_five_most_common_error_types_are_listed_and_the_rest_counted()
     assert "| `E4` | 6 |" in text
     assert "`E5`" not in text
     assert "| (3 more types) | | see the failures folder |" in text
+
+
+def test_the_report_names_the_ids_that_occur_more_than_once_with_their_files_and_positions() -> None:
+    repeats = [
+        {
+            "record_id": 0,
+            "count": 2,
+            "occurrences": [{"key": "x.jsonl", "position": 0}, {"key": "y.jsonl", "position": 0}],
+        },
+        {"record_id": "a|b", "count": 7, "occurrences": [{"key": "x.jsonl", "position": 40}] * 5},
+    ]
+    text = job_report(summary(duplicate_ids=2, duplicate_examples=repeats), [], [], 0.05)
+    section = text.split("## 2 id(s) occur more than once\n", 1)[1]
+    assert "| `0` | 2 | x.jsonl at 0, y.jsonl at 0 |" in section
+    assert (
+        "| `a\\|b` | 7 | x.jsonl at 40, x.jsonl at 40, x.jsonl at 40, x.jsonl at 40, x.jsonl at 40 and 2 more |"
+        in section
+    )
+
+
+def test_a_job_without_repeated_ids_has_no_repeats_section() -> None:
+    assert "more than once" not in job_report(summary(), [], [], 0.05)
+
+
+def test_the_cli_table_names_the_repeated_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    from modalkit.cli import _print_summary
+
+    repeats = [{"record_id": 0, "count": 2, "occurrences": [{"key": "x.jsonl", "position": 0},
+                                                            {"key": "y.jsonl", "position": 0}]}]  # fmt: skip
+    _print_summary(summary(duplicate_ids=5, duplicate_examples=repeats).model_dump())
+    out = " ".join(capsys.readouterr().out.split())
+    assert "duplicate_ids" in out
+    assert "5 ids occur more than once: 0 (x.jsonl at 0, y.jsonl at 0)" in out.replace("│ ", "").replace(" │", "")

@@ -6,6 +6,7 @@ Every test runs in its own empty working directory with no MODALKIT_ variables (
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import textwrap
 import threading
 from pathlib import Path
@@ -626,9 +627,15 @@ def test_entry_with_unknown_name_lists_known_models() -> None:
         entries("spam", "reviews").model_settings.entry("revews")
 
 
-def test_entry_with_no_models_configured_says_so() -> None:
-    with pytest.raises(ConfigError, match=r"model_entries has: none"):
+def test_entry_with_no_models_configured_says_so_and_names_the_files_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no model is configured") as none_read:
         Settings().model_settings.entry()
+    assert f"{tmp_path / 'modalkit.yaml'} does not exist" in str(none_read.value)
+    assert "MODALKIT_CONFIG is not set" in str(none_read.value)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("app_settings: {}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"model_settings.model_entries is empty in {re.escape(str(empty))}"):
+        Settings.load(empty).model_settings.entry()
 
 
 def test_default_model_must_be_a_model_entry() -> None:

@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar, Literal, NamedTuple, TypeVar
 
+from pydantic import BaseModel
+
+from modalkit.batch.formats.cells import RowFitter
 from modalkit.batch.storage import Store, StoredFile
 from modalkit.iomodel import ChunkSpec, Extent
 
@@ -75,6 +78,11 @@ class InputFormat(ABC):
     def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
         """The records of ``chunk`` (of the extent this format planned), read through ``store``, in file order, at
         most ``batch_size`` per sub-batch."""
+
+    def fitter(self, chunk: ChunkSpec, model: type[BaseModel], id_field: str | None) -> RowFitter | None:
+        """How ``chunk``'s records are fitted to the pipeline's input ``model`` before validation, decided once per
+        chunk; None (the default) when they need nothing: JSON and Parquet values have their types already."""
+        return None
 
     def prove_start(self, chunk: ChunkSpec, committed: Callable[[], set[int]], store: Store) -> None:  # noqa: B027 - optional
         """Raise unless ``chunk`` provably starts at a record boundary; called before its results are committed.

@@ -1,4 +1,5 @@
-"""CSV (``.csv``): a header line naming the columns, then one record per row; rows become dicts of strings.
+"""CSV (``.csv``): a header line naming the columns, then one record per row; rows become dicts of strings,
+fitted to the pipeline's input model before validation (empty cells, JSON cells: :mod:`.cells`).
 
 A quoted field may hold a line break, and whether a byte offset falls inside quotes cannot be known without
 reading everything before it. So a CSV file is one chunk, unless ``job_config.split_csv`` says its quoted fields
@@ -17,7 +18,10 @@ import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pydantic import BaseModel
+
 from modalkit.batch.formats.base import Batch, InputFile, InputFormat, Part, PlanOptions, Unreadable, batched, extent_of
+from modalkit.batch.formats.cells import RowFitter
 from modalkit.batch.formats.lines import byte_ranges, open_chunk, read_lines
 from modalkit.batch.storage import Store
 from modalkit.exceptions import StorageError, storage_errors
@@ -54,6 +58,12 @@ class CsvFormat(InputFormat):
 
     def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
         yield from batched(_rows(store, chunk, extent_of(chunk, CsvRows)), batch_size)
+
+    def fitter(self, chunk: ChunkSpec, model: type[BaseModel], id_field: str | None) -> RowFitter | None:
+        """Cells are text: empty cells, JSON cells and the id are fitted to the model's fields (see
+        :mod:`modalkit.batch.formats.cells`); None when no column needs it."""
+        fitter = RowFitter(model, extent_of(chunk, CsvRows).header, id_field)
+        return fitter if fitter.needed else None
 
     def prove_start(self, chunk: ChunkSpec, committed: Callable[[], set[int]], store: Store) -> None:
         extent = extent_of(chunk, CsvRows)

@@ -1,27 +1,40 @@
-"""JSONL (``.jsonl``, ``.ndjson``): one JSON object per line; cut at line ends, parsed by the chunk processor."""
+"""JSONL (``.jsonl``, ``.ndjson``, and ``.json`` as Spark and Ray read it): one JSON object per line; cut at line
+ends, parsed by the chunk processor.
+
+A ``.json`` file is often one JSON document instead (an array, or a pretty-printed object), which read line by
+line would fail every line: planning reads its first line (one small read per ``.json`` file) and refuses such a
+file, naming it and how to convert it.
+"""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
 
+import orjson
+
 from modalkit.batch.formats.base import Batch, InputFile, InputFormat, Part, PlanOptions, batched, extent_of
-from modalkit.batch.formats.lines import byte_ranges, read_lines
+from modalkit.batch.formats.lines import byte_ranges, open_chunk, read_lines
 from modalkit.batch.storage import Store
+from modalkit.exceptions import ConfigError, storage_errors
 from modalkit.iomodel import ByteRange, ChunkSpec
 
 __all__ = ["BOM", "JsonlFormat"]
 
 BOM = b"\xef\xbb\xbf"
+#: How much of a ``.json`` file's first line planning reads to tell JSON Lines from one JSON document.
+PROBE_BYTES = 1024 * 1024
 
 
 class JsonlFormat(InputFormat):
     """JSON Lines. Payloads are the raw lines (``bytes``); blank lines are skipped."""
 
     name = "jsonl"
-    suffixes = (".jsonl", ".ndjson")
+    suffixes = (".jsonl", ".ndjson", ".json")
 
     def plan(self, file: InputFile, options: PlanOptions, store: Store) -> list[Part]:
+        if file.key.lower().removesuffix(f".{file.compression}" if file.compression else "").endswith(".json"):
+            _require_json_lines(store, file)
         if file.compression or file.size <= options.chunk_size:
             return [Part(ByteRange(), file.size)]
         return [Part(ByteRange(start=s, end=e), n) for s, e, n in byte_ranges(file.size, 0, options.chunk_size)]
@@ -35,6 +48,36 @@ class JsonlFormat(InputFormat):
             if line[0] == 0x7B or line.strip()
         )
         yield from batched(lines, batch_size)
+
+
+def _require_json_lines(store: Store, file: InputFile) -> None:
+    """Refuse a ``.json`` file whose first line is not one whole JSON object: a JSON array or a pretty-printed
+    document, not JSON Lines."""
+    with storage_errors(f"reading the first line of {file.uri}"), open_chunk(store, file.uri, file.compression) as fh:
+        first = fh.readline(PROBE_BYTES)
+        while first and not first.strip():
+            first = fh.readline(PROBE_BYTES)
+    if len(first) == PROBE_BYTES and not first.endswith(b"\n"):
+        return  # a first line too long to look at: its records fail one by one if they are not JSON
+    first = first.removeprefix(BOM).strip()
+    if first.startswith(b"["):
+        shape = "a JSON array"
+    elif first.startswith(b"{") and not _parses(first):
+        shape = "one JSON document over several lines"
+    else:
+        return  # JSON Lines (or records that fail one by one, each saying why)
+    raise ConfigError(
+        f"{file.key} holds {shape}, not JSON Lines (one object per line, which modalkit reads from .json files as "
+        "Spark and Ray do); convert it to a .jsonl file, e.g. with jq -c '.[]' for an array or jq -c . for an object"
+    )
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _without_bom(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
