@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import logging
-import shlex
 import threading
 import time
 from collections import deque
@@ -43,6 +42,7 @@ from modalkit.batch.layout import OutputLayout
 from modalkit.batch.lease import JobLease
 from modalkit.batch.partition import fill_partition, is_template, partition_date
 from modalkit.batch.progress import JobProgress
+from modalkit.batch.replay import finished_message, replay_command
 from modalkit.batch.storage import Store, default_store
 from modalkit.exceptions import JobFailed, StorageError, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
@@ -66,7 +66,6 @@ __all__ = [
     "batch_inference",
     "build_batch_flow",
     "describe_run_parameters",
-    "replay_command",
 ]  # JobFailed lives in modalkit.exceptions
 
 
@@ -421,16 +420,6 @@ def _publish_summary(summary: JobSummary, errors: list[tuple[int, BaseException]
     )
 
 
-def replay_command(output_uri: str, config: str | None, model_name: str | None) -> str:
-    """The ``modalkit replay`` command that reruns the failures of the job at ``output_uri``, ready to paste."""
-    words = ["modalkit", "replay", output_uri, output_uri.rstrip("/") + "-replay"]
-    if config:
-        words += ["--config", config]
-    if model_name:
-        words += ["--model", model_name]
-    return shlex.join(words)
-
-
 def _outcome(
     summary: JobSummary,
     errors: list[tuple[int, BaseException]],
@@ -442,11 +431,7 @@ def _outcome(
     finished_before = summary.chunks_skipped == summary.chunks and not errors
     if finished_before and summary.failed:
         # the same job run again, unchanged: every chunk was committed, nothing ran; say so and show the way on
-        message = (
-            f"job {summary.job_id} is finished (all {summary.chunks} chunks were committed before this run; nothing "
-            f"ran again): {summary.failed} of {summary.records} records failed. After fixing the pipeline, raise "
-            f"its version and rerun the failures: {replay}"
-        )
+        message = finished_message(summary.job_id, summary.chunks, summary.failed, summary.records, replay)
         if summary.status == "failed":
             raise JobFailed(message, data)
         get_run_logger().warning(message)

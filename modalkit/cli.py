@@ -150,7 +150,17 @@ def batch(
     summary, error = run_batch(
         params, show_progress=not json_out and err.is_terminal, queue_backend=queue_backend, wait=wait
     )
+    if error is None and summary and summary["failed"] and summary["chunks_skipped"] == summary["chunks"]:
+        _say_finished(summary, params)  # a finished job run again, unchanged: nothing ran; say how to go on
     _finish(summary, error, json_out)
+
+
+def _say_finished(summary: dict[str, Any], params: dict[str, Any]) -> None:
+    from modalkit.batch.replay import finished_message, replay_command
+
+    replay = replay_command(summary["output_uri"], params["config"], params["model_name"])
+    line = finished_message(summary["job_id"], summary["chunks"], summary["failed"], summary["records"], replay)
+    err.print(escape(line), highlight=False)
 
 
 def run_batch(

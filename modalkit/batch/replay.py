@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import shlex
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from modalkit.batch.layout import OutputLayout
 from modalkit.batch.storage import Store, default_store
 from modalkit.exceptions import ConfigError
 
-__all__ = ["ReplayInput", "collect_failures"]
+__all__ = ["ReplayInput", "collect_failures", "finished_message", "replay_command"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,30 @@ def collect_failures(
                          str(manifest.get("job_id", "")), job_output_uri, asked)  # fmt: skip
     store.write_bytes(source_uri, orjson.dumps(dataclasses.asdict(replay)))
     return replay
+
+
+def replay_command(output_uri: str, config: str | None = None, model_name: str | None = None) -> str:
+    """The ``modalkit replay`` command that reruns the failures of the job at ``output_uri``, ready to paste.
+
+    Example:
+        >>> replay_command("s3://b/scored", "prod.yaml")
+        'modalkit replay s3://b/scored s3://b/scored-replay --config prod.yaml'
+    """
+    words = ["modalkit", "replay", output_uri, output_uri.rstrip("/") + "-replay"]
+    if config:
+        words += ["--config", config]
+    if model_name:
+        words += ["--model", model_name]
+    return shlex.join(words)
+
+
+def finished_message(job_id: str, chunks: int, failed: int, records: int, replay: str) -> str:
+    """What a run of a job that was already finished says: nothing ran again, and how to rerun its failures."""
+    return (
+        f"job {job_id} is finished (all {chunks} chunks were committed before this run; nothing ran again): "
+        f"{failed} of {records} records failed. After fixing the pipeline, raise its version and rerun the "
+        f"failures: {replay}"
+    )
 
 
 def _previous_replay(
