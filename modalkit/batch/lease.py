@@ -37,7 +37,7 @@ from modalkit.batch.layout import OutputLayout
 from modalkit.batch.storage import Store
 from modalkit.exceptions import ConfigError, ModalkitError, StorageError
 
-__all__ = ["JobLease", "LeaseHeld", "LeaseLost", "take_lease"]
+__all__ = ["JobLease", "LeaseHeld", "LeaseLost", "running_run", "take_lease"]
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,17 @@ def take_lease(
             on_wait(f"waiting for the run of job {job_id} that holds {output_uri}: {_describe(holder)}")
             told = True
         time.sleep(min(WAIT_POLL_SECONDS, float(holder.get("ttl_seconds") or ttl_seconds) / 3))
+
+
+def running_run(store: Store, output_uri: str) -> str | None:
+    """What a run taking the lease of ``output_uri`` now would be refused with (the live holder named), or None
+    when the lease is free. Reads only: one listing and one small read."""
+    layout = OutputLayout(output_uri)
+    current = _newest_generation(store, layout)
+    holder = _read(store, layout, current) if current else None
+    if holder is None or _free(holder):
+        return None
+    return _held_message(output_uri, holder)
 
 
 def _newest_generation(store: Store, layout: OutputLayout) -> int:

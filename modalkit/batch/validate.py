@@ -5,7 +5,8 @@ The checks, in order: ``config`` (the model entry and its pipeline's import path
 declares its schemas and loads: the constructor runs), ``input`` (listed and planned, as the job would),
 ``records`` (a sample parses and validates against the pipeline's ``input_model``), ``id_field`` (present in the
 first records), ``queues`` (they exist; where their records would go) and ``output`` (the job could claim it:
-:func:`~modalkit.batch.job.plan_job`, every check a job makes before its claim). A check that cannot run because
+:func:`~modalkit.batch.job.plan_job`, every check a job makes before its claim; and no run of the job holds its
+lease now). A check that cannot run because
 one before it failed is left out.
 
 Example:
@@ -24,6 +25,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from modalkit.batch.job import check_job_queues, find_committed, plan_job
+from modalkit.batch.lease import running_run
 from modalkit.batch.planning import list_dataset, plan_chunks
 from modalkit.batch.sampling import MissingIdField, SampledRecord, check_id_field, sample_records
 from modalkit.batch.storage import Store, default_store
@@ -237,6 +239,10 @@ def _output(
         return
     except ModalkitError as exc:
         result.add("output", "problem", str(exc))
+        return
+    running = running_run(store, output_uri)
+    if running is not None:
+        result.add("output", "problem", running)
         return
     done = find_committed(plan, store)
     if done:

@@ -250,3 +250,29 @@ def test_validate_on_s3_reports_a_missing_sqs_queue_and_an_output_another_job_ho
     assert f"problem  output: output s3://{bucket}/out already holds job someone-else" in again.stdout
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert sorted(keys) == ["in/a.jsonl", "out/_job.json"]  # nothing written
+
+
+def test_validate_while_a_run_of_the_job_holds_its_lease_names_that_run_and_says_a_job_would_not_start(
+    cli: Cli, tmp_path: Path
+) -> None:
+    from modalkit.batch.lease import take_lease
+    from modalkit.batch.storage import default_store
+
+    write_orders(tmp_path / "in", n=10)
+    config = write_config(tmp_path)
+    out = tmp_path / "out"
+    first = cli("batch", str(tmp_path / "in"), str(out), "--config", str(config), "--json")
+    assert first.returncode == 0, first.stdout + first.stderr
+    held = take_lease(default_store(), str(out), last_json_line(first.stdout)["job_id"], ttl_seconds=60.0,
+                      flow_run_id="run-7")  # fmt: skip
+    try:
+        proc = cli("validate", str(tmp_path / "in"), str(out), "--config", str(config))
+    finally:
+        held.release()
+
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.split()[:2] == ["problem", "output:"]]
+    assert "already running" in line, line
+    assert "Prefect flow run run-7" in line, line
+    assert "--wait" in line, line
+    assert proc.stdout.strip().splitlines()[-1].startswith("validate: a job would not start")
