@@ -182,10 +182,13 @@ def _check_owner(store: Store, output_uri: str, job_id: str, version: str | None
         replay_dir = layout.replay_dir.rsplit("/", 1)[-1]
         # a replay's input, and hidden files (.DS_Store, .gitkeep), are not results
         entries = store.list_names(output_uri, folders=True)
+        claim_name = layout.job_claim.rsplit("/", 1)[-1]
+        if claim_name in entries:  # a run of a job claimed it between the read and the listing (two started at once)
+            _check_owner(store, output_uri, job_id, version)
+            return
         foreign = [name for name in entries if name != replay_dir and not name.startswith(".")]
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            claim_name = layout.job_claim.rsplit("/", 1)[-1]
             raise ConfigError(
                 f"output {output_uri} holds files ({shown}) but no {claim_name}: it is not a modalkit job's output, "
                 "or its claim was deleted; use an empty output (modalkit never writes into one it cannot tell is "

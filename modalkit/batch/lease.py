@@ -11,7 +11,9 @@ create (``If-None-Match: *`` on S3, a hard link locally) is needed, which every 
   and stops sending (the flow cancels its runner and fails).
 
 A run that has died is taken over at most ``ttl_seconds`` after its last renewal
-(``app_settings.job_config.lease_seconds``, 60 s by default). Hosts must agree on the time to within a small
+(``app_settings.job_config.lease_seconds``, 60 s by default), and at once when it ran on this machine (the same
+host, boot and PID namespace) and its process is gone: a user who Ctrl-C's or kills a run and starts it again
+waits for nothing. Hosts must agree on the time to within a small
 part of that (NTP): ``renewed_at`` is the holder's clock, read by the taker.
 
 Example:
@@ -149,6 +151,7 @@ def take_lease(
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "flow_run_id": flow_run_id,
+        **_this_process(),
         "started_at": now,
         "renewed_at": now,
         "ttl_seconds": ttl_seconds,
@@ -199,7 +202,45 @@ def _read(store: Store, layout: OutputLayout, generation: int) -> dict[str, Any]
 def _free(holder: dict[str, Any]) -> bool:
     if holder.get("released_at"):
         return True
-    return _age(holder) > float(holder.get("ttl_seconds") or 0)
+    return _age(holder) > float(holder.get("ttl_seconds") or 0) or _gone_from_here(holder)
+
+
+def _this_process() -> dict[str, Any]:
+    """What tells this process apart on this machine, beyond host and pid (Linux; empty elsewhere): the boot, the
+    PID namespace (containers on one kernel share a boot) and the process's start time (a pid is reused)."""
+    try:
+        return {
+            "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+            "pid_namespace": os.readlink("/proc/self/ns/pid"),
+            "process_start": _process_start(os.getpid()),
+        }
+    except OSError:
+        return {}
+
+
+def _gone_from_here(holder: dict[str, Any]) -> bool:
+    """The holder ran on this machine, in this PID namespace, and its process is gone (or a zombie)."""
+    if holder.get("host") != socket.gethostname() or not holder.get("process_start"):
+        return False
+    here = _this_process()
+    if not here or any(holder.get(key) != here[key] for key in ("boot_id", "pid_namespace")):
+        return False
+    try:
+        return _process_start(int(holder["pid"])) != holder["process_start"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return True  # no such process
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot), or None for a zombie."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read().strip()
 
 
 def _age(holder: dict[str, Any]) -> float:
@@ -233,8 +274,8 @@ def _held_message(output_uri: str, holder: dict[str, Any]) -> str:
     ttl = float(holder.get("ttl_seconds") or 0)
     return (
         f"job {holder.get('job_id')} is already running on {output_uri} ({_describe(holder)}); this run did not "
-        f"start: wait for that one to finish, or pass --wait to start when it ends (if it died, its lease is "
-        f"taken over {ttl:g} s after its last renewal)"
+        f"start: wait for that one to finish, or pass --wait to start when it ends (if it died, a run on its "
+        f"machine takes its lease over at once, a run elsewhere {ttl:g} s after its last renewal)"
     )
 
 

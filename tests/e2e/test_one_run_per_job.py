@@ -23,7 +23,7 @@ import pytest
 from batch_support import drain_sqs, read_parts, write_config
 
 from modalkit.batch import storage
-from modalkit.batch.lease import LeaseHeld, take_lease
+from modalkit.batch.lease import take_lease
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 RECORDS = 48
@@ -102,7 +102,7 @@ def test_two_runs_of_one_job_at_once_send_each_record_once_and_one_says_why_it_d
     refused = next(o for o in outcomes if o[0] == 2)
     summary = json.loads(ran[1].strip().splitlines()[-1])
     assert (summary["records"], summary["chunks_skipped"]) == (RECORDS, 0)
-    [line] = [line for line in refused[2].splitlines() if "already running" in line]
+    [line] = [line for line in refused[2].splitlines() if "already running" in line] or [refused[2][-3000:]]
     running_pid = (first if ran is outcomes[0] else second).pid
     assert f"pid {running_pid}" in line
     assert "--wait" in line
@@ -110,7 +110,7 @@ def test_two_runs_of_one_job_at_once_send_each_record_once_and_one_says_why_it_d
     assert sum(sent_once(sqs, job).values()) == RECORDS
 
 
-def test_a_sigkilled_runs_lease_is_taken_over_within_the_lease_time_and_wait_then_runs_the_rest(
+def test_a_sigkilled_runs_lease_is_taken_over_at_once_on_its_machine_and_the_rerun_resumes_the_rest(
     job: dict[str, Any], sqs: Any, s3: Any
 ) -> None:
     doomed = start(job)
@@ -123,13 +123,11 @@ def test_a_sigkilled_runs_lease_is_taken_over_within_the_lease_time_and_wait_the
     killed_at = dt.datetime.now(dt.UTC)
     doomed.communicate()
 
-    # in this process (a CLI's start-up outlasts this test's short lease): still held at once, taken over in time
+    # on the machine it ran on, its process is known to be gone: taken over at once, without waiting for its ttl
     output = f"s3://{job['bucket']}/same"
     store = storage.default_store()
     job_id = orjson.loads(store.read_bytes(f"{output}/_job.json"))["job_id"]
-    with pytest.raises(LeaseHeld, match=f"pid {doomed.pid}"):
-        take_lease(store, output, job_id, LEASE_SECONDS)
-    take_lease(store, output, job_id, LEASE_SECONDS, wait=True).release()
+    take_lease(store, output, job_id, LEASE_SECONDS).release()  # no wait: it would raise LeaseHeld
     assert (dt.datetime.now(dt.UTC) - killed_at).total_seconds() <= LEASE_SECONDS + 1.0
 
     code, out, err = finish(start(job, "--wait"))  # the job resumes where the dead run left it
