@@ -7,7 +7,7 @@ chunks of W1's size at the default chunk_size (about 145,000 records of ~230 byt
 * worker: what each chunk pays, hashing its ids sub-batch by sub-batch (256) and writing its ``_ids`` object
   (local disk), in microseconds per record;
 * finalize: reading every chunk's object and merging them (``find_repeats``), in memory as the job does up to
-  the memory budget, and spilled in 8 buckets as a job over ~11M records does; with 0.1% of the ids repeated.
+  the memory budget, and spilled in 8 buckets as a job over ~1.4M records does; with 0.1% of the ids repeated.
 
     python bench/repeated_ids.py 1000000 4000000      # prints a markdown table; --json prints the figures
 """
@@ -91,7 +91,7 @@ def markdown(results: list[dict[str, Any]], w1_seconds: dict[int, float] | None 
         f"chunks of {RECORDS_PER_CHUNK:,} records (W1's at 32 MiB), sub-batches of {SUB_BATCH}, {REPEATED:.1%} of",
         "ids repeated;",
         "the worker's time is summed over chunks (two workers share it in W1); finalize reads and merges every",
-        "chunk's object, in memory (as up to about 11M records) and spilled in 8 buckets (as beyond).",
+        "chunk's object, in memory (as up to about 1.4M records) and spilled in 8 buckets (as beyond).",
         "",
         "| records | ids | chunks | worker s (us/record) | bytes/record | finalize s in memory | finalize s "
         "spilled | share of the W1 job |",
