@@ -42,8 +42,8 @@ __all__ = ["MAX_EXAMPLES", "IdHashes", "Repeats", "find_repeats", "hash_ids", "r
 MAX_EXAMPLES = 5
 MAX_OCCURRENCES = 5
 #: Bytes of rows (hash, position, chunk, file: 24 bytes a record) merged in memory at once; more is spilled.
-#: 32 MiB (about 1.4M records a bucket): a 4M-record W1 job's tree peaked 150 MB higher than at 1M with 256 MiB,
-#: and the spilled merge is as fast as the in-memory one (bench/RESULTS.md, "The repeated-id check").
+#: 32 MiB (about 1.4M records a bucket): at 256 MiB a 10M-record job held about 240 MB of rows in the flow's
+#: process, and the spilled merge is as fast as the in-memory one (bench/RESULTS.md, "The repeated-id check").
 MEMORY_BUDGET = 32 * 1024 * 1024
 #: Bookkeeping objects read at once (S3 GETs are slow one by one, fast side by side).
 READERS = 16
