@@ -4,10 +4,13 @@ There is no Modal cloud here. The app is ``modalkit/modal_app.py`` itself, impor
 the test's directory named by ``MODALKIT_CONFIG`` (as ``modal deploy`` imports it). The stand-in takes the place
 of ``modal.Cls.from_name(app_name, class_name)`` through the seam the flow itself is built with
 (``build_batch_flow(partial(open_runner, modal_lookup=standin))``), with the same call surface:
-``from_name(app, cls)(model_name=...).process_chunk.remote(job, chunk)``. Its ``remote`` pickles the arguments and
-the result (as Modal does across the wire), keeps a pool of "containers" (one ``modal.Cls`` object each, used one
+``from_name(app, cls)(model_name=...).process_chunk.remote(job, chunk)`` and ``.spawn(job, chunk)``, whose call
+has ``get(timeout=...)`` and ``cancel(terminate_containers=...)``. Its ``remote`` pickles the arguments and the
+result (as Modal does across the wire), keeps a pool of "containers" (one ``modal.Cls`` object each, used one
 call at a time), and runs the real class code through Modal's own ``.local()``, so ``@modal.enter`` runs once per
-container. What the stand-in cannot show: Modal's scheduling, image build, and real network failures.
+container; ``spawn`` runs that in a thread of its own. What the stand-in cannot show: Modal's scheduling, image
+build, real network failures, and a cancel that stops the container's code (a cancelled call's thread runs on:
+the stand-in can only retire its container so that no later call gets it).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class InProcessModal:
         self.containers: list[Any] = []  # every modal Obj started
         self.before_call: Callable[[str, tuple[Any, ...]], None] | None = None
         self.retired: list[Any] = []  # containers that called modal.experimental.stop_fetching_inputs()
+        self.cancelled: list[dict[str, Any]] = []  # every FunctionCall.cancel(): chunk index, terminate_containers
         self._idle: dict[tuple[str, str, str], list[Any]] = {}
         self._lock = threading.Lock()
         self._current = threading.local()
@@ -72,7 +76,15 @@ class InProcessModal:
     def __call__(self, app_name: str, class_name: str) -> _StandinCls:
         return _StandinCls(self, app_name, class_name)
 
-    def remote(self, app_name: str, class_name: str, params: dict[str, Any], method: str, args: tuple[Any, ...]) -> Any:
+    def remote(
+        self,
+        app_name: str,
+        class_name: str,
+        params: dict[str, Any],
+        method: str,
+        args: tuple[Any, ...],
+        call: _StandinCall | None = None,
+    ) -> Any:
         payload = pickle.dumps(args)  # what would travel to the container
         with self._lock:
             self.calls.append({"method": method, "chunk": args[1].get("index"), "payload_bytes": len(payload)})
@@ -86,6 +98,8 @@ class InProcessModal:
             self.before_call(method, args)
         container = self._take(module, app_name, class_name, params)
         self._current.container = container
+        if call is not None:
+            call.container = container
         try:
             result = getattr(container, method).local(*pickle.loads(payload))
         finally:
@@ -133,6 +147,43 @@ class _StandinMethod:
     def remote(self, *args: Any) -> Any:
         o = self._obj
         return o._modal.remote(o._app_name, o._class_name, o._params, self._method, args)
+
+    def spawn(self, *args: Any) -> _StandinCall:
+        return _StandinCall(self, args)
+
+
+class _StandinCall:
+    """A spawned call (``modal.FunctionCall``): the call runs in a daemon thread; ``get`` waits for it."""
+
+    def __init__(self, method: _StandinMethod, args: tuple[Any, ...]) -> None:
+        self._modal = method._obj._modal
+        self.chunk = args[1].get("index")
+        self.container: Any = None
+        self._done = threading.Event()
+        self._outcome: tuple[bool, Any] = (False, None)
+        o = method._obj
+        run = functools.partial(self._modal.remote, o._app_name, o._class_name, o._params, method._method, args, self)
+        threading.Thread(target=self._run, args=(run,), daemon=True).start()
+
+    def _run(self, run: Callable[[], Any]) -> None:
+        try:
+            self._outcome = (True, run())
+        except BaseException as exc:
+            self._outcome = (False, exc)
+        self._done.set()
+
+    def get(self, timeout: float | None = None) -> Any:
+        if not self._done.wait(timeout):
+            raise modal.exception.TimeoutError("the call has not finished")  # what Modal raises
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+    def cancel(self, terminate_containers: bool = False) -> None:
+        self._modal.cancelled.append({"chunk": self.chunk, "terminate_containers": terminate_containers})
+        if terminate_containers and self.container is not None:
+            self._modal.retired.append(self.container)  # Modal stops it: later calls start a new container
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
