@@ -31,7 +31,15 @@ import modal
 import modal.exception
 import modal.experimental
 import pytest
-from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
+from batch_support import (
+    assert_record_invariant,
+    drain_sqs,
+    duplicates,
+    read_failures,
+    read_manifest,
+    read_parts,
+    write_config,
+)
 
 import modalkit.modal_service
 from flows.batch_inference import build_batch_flow
@@ -460,6 +468,36 @@ def test_modal_backend_via_in_process_modal_standin_retries_a_chunk_that_met_a_b
     ids += [r["record_id"] for r in read_failures(summary["output_uri"])]
     assert duplicates(ids) == {}
     assert len(ids) == data["records"]
+
+
+@pytest.mark.timeout(120)  # the guard: without a chunk timeout the job waits on the hung call forever
+def test_modal_backend_via_in_process_modal_standin_cancels_a_hung_call_and_commits_its_chunk_once(
+    prefect_api: str, tmp_path: Path, s3: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HANG_FLAG", str(tmp_path / "hung.flag"))
+    config = write_config(tmp_path, "pipelines:HangsOnce", queue_config={"backend": "none"},
+                          job_config={"retry_delay_seconds": 0.1, "chunk_timeout_s": 3})  # fmt: skip
+    standin = InProcessModal(deploy(config, monkeypatch))
+    bucket = f"hang-{unique}"
+    s3.create_bucket(Bucket=bucket)
+    ids = []
+    for f in range(3):  # three files, one chunk each; the second file's 5th record hangs its first call
+        rows = [{"id": f"f{f}-{i:02d}", "text": "HANG, then fine" if (f, i) == (1, 4) else "great value"}
+                for i in range(20)]  # fmt: skip
+        ids += [row["id"] for row in rows]
+        s3.put_object(Bucket=bucket, Key=f"in/part-{f}.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows))
+
+    summary = flow_on(standin)(input_uri=f"s3://{bucket}/in", output_uri=f"s3://{bucket}/out", backend="modal",
+                               config=str(config), id_field="id", concurrency=1)  # fmt: skip
+
+    assert summary["status"] == "completed"
+    assert sorted(call["chunk"] for call in standin.calls) == [0, 1, 1, 2]  # the hung chunk ran again, once
+    assert standin.cancelled == [{"chunk": 1, "terminate_containers": True}]
+    assert len(standin.retired) == 1  # the hung container got no more chunks
+    assert len(standin.containers) == 2
+    markers = s3.list_objects_v2(Bucket=bucket, Prefix="out/_chunks/")["Contents"]
+    assert sorted(m["Key"] for m in markers if m["Key"].endswith("1.json")) == ["out/_chunks/00001.json"]
+    assert_record_invariant(summary["output_uri"], ids, summary=summary)
 
 
 def chunk_ref() -> tuple[JobSpec, ChunkSpec]:
