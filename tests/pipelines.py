@@ -235,3 +235,16 @@ class HangsOnce(PoisonAwareSentiment):
             while True:  # hung: only a kill ends it
                 time.sleep(3600)
         return super().predict(input_list, preprocessed_data)
+
+
+class HangsAlways(PoisonAwareSentiment):
+    """The sentiment pipeline, except that a batch holding a ``HANG`` text blocks forever, every time; each process
+    that meets it first appends its pid to the file named by ``TEST_HANG_FLAG``."""
+
+    def predict(self, input_list: list[Review], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        if any("HANG" in r.text for r in input_list):
+            with open(os.environ["TEST_HANG_FLAG"], "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()}\n")
+            while True:
+                time.sleep(3600)
+        return super().predict(input_list, preprocessed_data)

@@ -99,7 +99,7 @@ class ChunkDeadline:
             ran = 0.0 if began is None else max(0.0, time.time() - began)
             if limit is not None and began is not None and ran >= limit:
                 raise ChunkTimedOut(self.explain(chunk, limit))
-            step = RECHECK_S if limit is None or began is None else limit - ran
+            step = RECHECK_S if limit is None else limit - ran
             if self.timeout_s is None or began is None:
                 step = min(step, RECHECK_S)  # the limit, or the start, may come while we wait
             try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from batch_support import assert_record_invariant, write_config
 
-from flows.batch_inference import batch_inference
+from flows.batch_inference import JobFailed, batch_inference
 from modalkit.task_queue import LocalQueueBackend
 
 MARKER = re.compile(r"^\d{5}\.json$")  # a commit marker, not a journal or a temp file
@@ -80,3 +80,28 @@ def test_hung_chunk_is_killed_retried_once_and_committed_once(
         backend.close()
     outcome = assert_record_invariant(str(out), ids, queued, summary)
     assert outcome["failure"] == []
+
+
+@pytest.mark.timeout(90)
+def test_chunk_that_hangs_every_time_fails_the_job_after_its_retries_naming_the_setting(
+    tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flag = tmp_path / "hangs.pids"
+    monkeypatch.setenv("TEST_HANG_FLAG", str(flag))
+    _write_inputs(tmp_path / "in")
+    config = write_config(
+        tmp_path,
+        pipeline="pipelines:HangsAlways",
+        job_config={"chunk_timeout_s": 1, "chunk_retries": 1, "retry_delay_seconds": 0.1, "local_workers": 2},
+    )
+
+    with pytest.raises(JobFailed) as failed:
+        batch_inference(str(tmp_path / "in"), str(tmp_path / "out"), config=str(config), id_field="id")
+
+    pids = [int(p) for p in flag.read_text().split()]
+    assert len(pids) == 2  # 1 + chunk_retries attempts, each in its own worker
+    assert not any(_alive(pid) for pid in pids)
+    message = str(failed.value)
+    assert "chunk 00001" in message
+    assert "time limit of 1 s" in message
+    assert "app_settings.job_config.chunk_timeout_s" in message
