@@ -392,6 +392,14 @@ class JobConfig(_Strict):
     )
     chunk_retries: int = Field(3, ge=0, le=20, description="Retries of a chunk after a transient error.")
     retry_delay_seconds: float = Field(2.0, ge=0.0, le=600.0, description="First retry delay; doubles each time.")
+    chunk_timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=7 * 24 * 3600.0,
+        description="Seconds a chunk attempt may run before it is stopped (its local worker killed, its Modal call "
+        "cancelled) and retried as a transient error, with chunk_retries; empty = adaptive: no limit until 5 "
+        "chunks have finished, then 10 times their median wall time, at least 600 seconds.",
+    )
     lease_seconds: float = Field(
         60.0,
         ge=1.0,

@@ -213,3 +213,38 @@ class FlatRate(InferencePipeline):
 
     def postprocess(self, input_list: list[_Amount], raw_output: dict[str, Any]) -> list[Any]:
         return [_Converted(euros=e) for e in raw_output["euros"]]
+
+
+class HangsOnce(PoisonAwareSentiment):
+    """The sentiment pipeline, except that a batch holding a ``HANG`` text blocks forever, as a stuck read or a hung
+    device would, the first time any process meets it: the flag file named by ``TEST_HANG_FLAG`` (created then, with
+    the pid of the process that hangs) says it happened. Every process that meets it appends its pid to
+    ``<flag>.attempts``."""
+
+    def predict(self, input_list: list[Review], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        if any("HANG" in r.text for r in input_list):
+            flag = os.environ["TEST_HANG_FLAG"]
+            with open(flag + ".attempts", "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()}\n")
+            try:
+                fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return super().predict(input_list, preprocessed_data)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            while True:  # hung: only a kill ends it
+                time.sleep(3600)
+        return super().predict(input_list, preprocessed_data)
+
+
+class HangsAlways(PoisonAwareSentiment):
+    """The sentiment pipeline, except that a batch holding a ``HANG`` text blocks forever, every time; each process
+    that meets it first appends its pid to the file named by ``TEST_HANG_FLAG``."""
+
+    def predict(self, input_list: list[Review], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        if any("HANG" in r.text for r in input_list):
+            with open(os.environ["TEST_HANG_FLAG"], "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()}\n")
+            while True:
+                time.sleep(3600)
+        return super().predict(input_list, preprocessed_data)

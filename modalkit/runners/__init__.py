@@ -27,14 +27,14 @@ def open_runner(
     Args:
         settings: Loaded settings (the workers load the model from them).
         model_name: The model the workers load.
-        job_config: The job's parameters: ``backend`` and ``local_workers``.
+        job_config: The job's parameters: ``backend``, ``local_workers`` and ``chunk_timeout_s``.
         modal_lookup: How the deployed worker class is found; default ``modal.Cls.from_name``. Tests pass an
             in-process stand-in with the same call surface.
     """
     if job_config.backend == "modal":
         from modalkit.runners.modal_client import ModalRunner
 
-        return ModalRunner(settings, model_name, cls_lookup=modal_lookup)
+        return ModalRunner(settings, model_name, cls_lookup=modal_lookup, chunk_timeout_s=job_config.chunk_timeout_s)
     from modalkit.runners.local import LocalRunner
 
-    return LocalRunner(settings, model_name, job_config.local_workers)
+    return LocalRunner(settings, model_name, job_config.local_workers, chunk_timeout_s=job_config.chunk_timeout_s)

@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from modalkit.batch.crashes import CrashPlan, CrashTracker
 from modalkit.exceptions import DeviceError, RemoteError
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
+from modalkit.runners.deadline import ChunkDeadline, ChunkTimedOut
 from modalkit.settings import Settings
 
 __all__ = ["LocalRunner", "default_workers"]
@@ -98,9 +100,31 @@ def _warm() -> None:
         _processor()
 
 
-def _run_chunk(job: JobSpec, chunk: ChunkSpec, crash: Any = None) -> ChunkResult:
-    result: ChunkResult = _processor().process(job, chunk, crash)
+def _run_chunk(job: JobSpec, chunk: ChunkSpec, crash: CrashPlan) -> ChunkResult:
+    processor = _processor()
+    with open(_started_file(crash), "w", encoding="utf-8") as fh:  # for the runner: who runs it, since when
+        fh.write(f"{os.getpid()} {time.time()!r}")
+    result: ChunkResult = processor.process(job, chunk, crash)
     return result
+
+
+def _started_file(crash: CrashPlan) -> str:
+    return crash.breadcrumb + ".started"
+
+
+def _started_at(crash: CrashPlan) -> float | None:
+    started = _read_started(crash)
+    return None if started is None else started[1]
+
+
+def _read_started(crash: CrashPlan) -> tuple[int, float] | None:
+    """(pid, start time) of the worker running the chunk's attempt, once it has begun."""
+    try:
+        with open(_started_file(crash), encoding="utf-8") as fh:
+            pid, began = fh.read().split()
+        return int(pid), float(began)
+    except (OSError, ValueError):
+        return None
 
 
 class _WorkerDied(Exception):
@@ -115,13 +139,24 @@ class LocalRunner:
         model_name: The model every worker loads.
         workers: How many processes; default one per CPU. This is also ``slots``, the chunks it runs at once.
         start: Start the workers now, so that they load the model while the caller plans the job.
+        chunk_timeout_s: How long an attempt may run once a worker has begun it (``job_config.chunk_timeout_s``;
+            None: the adaptive limit of :class:`~modalkit.runners.deadline.ChunkDeadline`). Past it, the worker
+            is killed and the attempt fails as :class:`~modalkit.runners.deadline.ChunkTimedOut`.
     """
 
-    def __init__(self, settings: Settings, model_name: str, workers: int | None = None, start: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        model_name: str,
+        workers: int | None = None,
+        start: bool = True,
+        chunk_timeout_s: float | None = None,
+    ) -> None:
         self.settings = settings
         self.model_name = model_name
         self.workers = workers or default_workers()
         self.slots = self.workers
+        self.deadline = ChunkDeadline(chunk_timeout_s)
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._stopped = False
@@ -167,6 +202,8 @@ class LocalRunner:
         (:mod:`modalkit.batch.crashes`): a record that kills its worker fails alone, as ``WorkerCrashed``.
 
         Raises:
+            ChunkTimedOut: the attempt ran past the deadline; its worker was killed (retryable; the pool restarts,
+                so the chunks beside it run again too: the stdlib pool cannot lose one worker alone).
             RemoteError: a worker died outside the pipeline, or too often (retryable; the pool is restarted).
             ModalkitError: what the chunk raised (storage, queue, pipeline errors keep their type).
         """
@@ -188,9 +225,14 @@ class LocalRunner:
     def _run_once(self, job: JobSpec, chunk: ChunkSpec, crash: CrashPlan) -> ChunkResult:
         pool = self._pool()
         try:
+            with contextlib.suppress(OSError):
+                os.remove(_started_file(crash))  # an earlier attempt's
             with _sigint_blocked():  # a submit may spawn a worker
                 future = pool.submit(_run_chunk, job, chunk, crash)  # raises BrokenProcessPool if a worker just died
-            return future.result()
+            return self.deadline.wait(future.result, lambda: _started_at(crash), chunk)
+        except ChunkTimedOut:
+            self._stop_attempt(pool, future, crash)
+            raise
         except concurrent.futures.CancelledError as exc:
             raise RemoteError(f"chunk {chunk.index} ({chunk.key}) was not run: the workers were stopped") from exc
         except DeviceError:
@@ -203,6 +245,24 @@ class LocalRunner:
                 raise RemoteError(f"chunk {chunk.index} ({chunk.key}) was stopped with the workers") from exc
             self._restart(pool)
             raise _WorkerDied() from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(_started_file(crash))
+
+    def _stop_attempt(
+        self, pool: concurrent.futures.ProcessPoolExecutor, future: concurrent.futures.Future[Any], crash: CrashPlan
+    ) -> None:
+        """Kill the worker running a timed-out attempt (only a kill stops a hung pipeline) and restart the pool."""
+        future.cancel()
+        started = _read_started(crash)
+        processes = getattr(pool, "_processes", None) or {}  # the stdlib keeps them there
+        process = processes.get(started[0]) if started else None
+        if process is not None:
+            log.warning("killing local worker %d, stuck on a chunk past its time limit", process.pid)
+            with contextlib.suppress(Exception):
+                process.kill()
+                process.join(timeout=5)
+            self._restart(pool)
 
     def _restart(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
         with self._lock:

@@ -1,9 +1,12 @@
 """The Modal client: the one seam where modalkit calls deployed Modal functions.
 
 Batch: :class:`ModalChunkClient` looks the deployed batch worker class up by name (``modal.Cls.from_name``, lazily:
-no network until the first chunk) and calls ``process_chunk.remote`` with a chunk *reference*; the container reads
-and writes the data itself. Modal's errors become modalkit's (:func:`~modalkit.exceptions.modal_errors`). Tests
-give ``cls_lookup`` an in-process stand-in with the same call surface.
+no network until the first chunk) and calls ``process_chunk.spawn`` with a chunk *reference*, then waits on the
+call (``FunctionCall.get``) under the chunk's time limit (:mod:`modalkit.runners.deadline`): past it the call is
+cancelled with its container (``cancel(terminate_containers=True)``) and the chunk is retried on another. The
+container reads and writes the data itself. Modal's errors become modalkit's
+(:func:`~modalkit.exceptions.modal_errors`). Tests give ``cls_lookup`` an in-process stand-in with the same call
+surface.
 
 Online: :func:`sync_call` and :func:`async_call` send one request to the deployed model class's ``process_request``
 (``.remote.aio``, ``.spawn.aio``); :func:`job_status` looks a spawned call up by its id (``GET /jobs/{id}``).
@@ -11,12 +14,14 @@ Online: :func:`sync_call` and :func:`async_call` send one request to the deploye
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
 
-from modalkit.exceptions import modal_errors
+from modalkit.exceptions import RemoteError, modal_errors
 from modalkit.iomodel import (
     AsyncInputModel,
     AsyncOutputModel,
@@ -27,6 +32,7 @@ from modalkit.iomodel import (
     JobStatus,
     SyncInputModel,
 )
+from modalkit.runners.deadline import ChunkDeadline, ChunkTimedOut
 from modalkit.runners.online import UnknownJob
 from modalkit.settings import Settings
 
@@ -53,6 +59,8 @@ class ModalChunkClient:
         model_name: The model the workers load (the class's ``model_name`` parameter).
         class_name: The worker class's name in the app.
         cls_lookup: ``modal.Cls.from_name`` (the default), or a stand-in with the same signature.
+        chunk_timeout_s: How long a chunk's call may run, from the call (its container's start included);
+            ``job_config.chunk_timeout_s``, None: the adaptive limit of :class:`ChunkDeadline`.
     """
 
     def __init__(
@@ -61,10 +69,12 @@ class ModalChunkClient:
         model_name: str,
         class_name: str = BATCH_WORKER_CLASS,
         cls_lookup: Callable[[str, str], Any] | None = None,
+        chunk_timeout_s: float | None = None,
     ) -> None:
         self.app_name = app_name
         self.model_name = model_name
         self.class_name = class_name
+        self.deadline = ChunkDeadline(chunk_timeout_s)
         self._lookup = cls_lookup
         self._worker: Any = None
 
@@ -80,10 +90,37 @@ class ModalChunkClient:
         return self._worker
 
     def run_chunk(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:
-        """Call ``process_chunk.remote`` with the chunk reference; Modal errors become modalkit errors."""
+        """Spawn ``process_chunk`` with the chunk reference and wait for it under the chunk's time limit.
+
+        Raises:
+            ChunkTimedOut: the call ran past the limit; it was cancelled and its container stopped (retryable).
+            RemoteError, ConfigError: what Modal raised, translated.
+        """
+        import modal.exception
+
         worker = self._remote_worker()
-        with modal_errors(f"running chunk {chunk.index} ({chunk.key}) on Modal app {self.app_name!r}"):
-            result = worker.process_chunk.remote(job.model_dump(mode="json"), chunk.model_dump(mode="json"))
+        what = f"running chunk {chunk.index} ({chunk.key}) on Modal app {self.app_name!r}"
+        with modal_errors(what):
+            call = worker.process_chunk.spawn(job.model_dump(mode="json"), chunk.model_dump(mode="json"))
+        called = time.time()
+
+        def poll(seconds: float) -> Any:
+            try:
+                with modal_errors(what):
+                    return call.get(timeout=seconds)
+            except RemoteError as exc:
+                cause = exc.__cause__
+                expired = isinstance(cause, modal.exception.OutputExpiredError)
+                if isinstance(cause, modal.exception.TimeoutError) and not expired:
+                    raise TimeoutError(what) from None  # not done yet
+                raise
+
+        try:
+            result = self.deadline.wait(poll, lambda: called, chunk)
+        except ChunkTimedOut:
+            with contextlib.suppress(Exception), modal_errors(f"cancelling chunk {chunk.index}"):
+                call.cancel(terminate_containers=True)  # a hung container takes no more chunks
+            raise
         return ChunkResult.model_validate(result)
 
     def close(self) -> None:
@@ -97,10 +134,18 @@ class ModalRunner:
     ``slots`` is ``deployment_config.max_containers`` (else :data:`DEFAULT_MODAL_SLOTS`): one chunk per container.
     """
 
-    def __init__(self, settings: Settings, model_name: str, cls_lookup: Callable[[str, str], Any] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        model_name: str,
+        cls_lookup: Callable[[str, str], Any] | None = None,
+        chunk_timeout_s: float | None = None,
+    ):
         from modalkit.modal_config import ModalConfig
 
-        self.client = ModalChunkClient(ModalConfig(settings).app_name, model_name, cls_lookup=cls_lookup)
+        self.client = ModalChunkClient(
+            ModalConfig(settings).app_name, model_name, cls_lookup=cls_lookup, chunk_timeout_s=chunk_timeout_s
+        )
         self.slots = settings.app_settings.deployment_config.max_containers or DEFAULT_MODAL_SLOTS
 
     def run_chunk(self, job: JobSpec, chunk: ChunkSpec) -> ChunkResult:

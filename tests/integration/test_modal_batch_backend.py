@@ -4,10 +4,13 @@ There is no Modal cloud here. The app is ``modalkit/modal_app.py`` itself, impor
 the test's directory named by ``MODALKIT_CONFIG`` (as ``modal deploy`` imports it). The stand-in takes the place
 of ``modal.Cls.from_name(app_name, class_name)`` through the seam the flow itself is built with
 (``build_batch_flow(partial(open_runner, modal_lookup=standin))``), with the same call surface:
-``from_name(app, cls)(model_name=...).process_chunk.remote(job, chunk)``. Its ``remote`` pickles the arguments and
-the result (as Modal does across the wire), keeps a pool of "containers" (one ``modal.Cls`` object each, used one
+``from_name(app, cls)(model_name=...).process_chunk.remote(job, chunk)`` and ``.spawn(job, chunk)``, whose call
+has ``get(timeout=...)`` and ``cancel(terminate_containers=...)``. Its ``remote`` pickles the arguments and the
+result (as Modal does across the wire), keeps a pool of "containers" (one ``modal.Cls`` object each, used one
 call at a time), and runs the real class code through Modal's own ``.local()``, so ``@modal.enter`` runs once per
-container. What the stand-in cannot show: Modal's scheduling, image build, and real network failures.
+container; ``spawn`` runs that in a thread of its own. What the stand-in cannot show: Modal's scheduling, image
+build, real network failures, and a cancel that stops the container's code (a cancelled call's thread runs on:
+the stand-in can only retire its container so that no later call gets it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ import modal
 import modal.exception
 import modal.experimental
 import pytest
-from batch_support import drain_sqs, duplicates, read_failures, read_manifest, read_parts, write_config
+from batch_support import (
+    assert_record_invariant,
+    drain_sqs,
+    duplicates,
+    read_failures,
+    read_manifest,
+    read_parts,
+    write_config,
+)
 
 import modalkit.modal_service
 from flows.batch_inference import build_batch_flow
@@ -61,6 +72,7 @@ class InProcessModal:
         self.containers: list[Any] = []  # every modal Obj started
         self.before_call: Callable[[str, tuple[Any, ...]], None] | None = None
         self.retired: list[Any] = []  # containers that called modal.experimental.stop_fetching_inputs()
+        self.cancelled: list[dict[str, Any]] = []  # every FunctionCall.cancel(): chunk index, terminate_containers
         self._idle: dict[tuple[str, str, str], list[Any]] = {}
         self._lock = threading.Lock()
         self._current = threading.local()
@@ -72,7 +84,15 @@ class InProcessModal:
     def __call__(self, app_name: str, class_name: str) -> _StandinCls:
         return _StandinCls(self, app_name, class_name)
 
-    def remote(self, app_name: str, class_name: str, params: dict[str, Any], method: str, args: tuple[Any, ...]) -> Any:
+    def remote(
+        self,
+        app_name: str,
+        class_name: str,
+        params: dict[str, Any],
+        method: str,
+        args: tuple[Any, ...],
+        call: _StandinCall | None = None,
+    ) -> Any:
         payload = pickle.dumps(args)  # what would travel to the container
         with self._lock:
             self.calls.append({"method": method, "chunk": args[1].get("index"), "payload_bytes": len(payload)})
@@ -86,6 +106,8 @@ class InProcessModal:
             self.before_call(method, args)
         container = self._take(module, app_name, class_name, params)
         self._current.container = container
+        if call is not None:
+            call.container = container
         try:
             result = getattr(container, method).local(*pickle.loads(payload))
         finally:
@@ -133,6 +155,43 @@ class _StandinMethod:
     def remote(self, *args: Any) -> Any:
         o = self._obj
         return o._modal.remote(o._app_name, o._class_name, o._params, self._method, args)
+
+    def spawn(self, *args: Any) -> _StandinCall:
+        return _StandinCall(self, args)
+
+
+class _StandinCall:
+    """A spawned call (``modal.FunctionCall``): the call runs in a daemon thread; ``get`` waits for it."""
+
+    def __init__(self, method: _StandinMethod, args: tuple[Any, ...]) -> None:
+        self._modal = method._obj._modal
+        self.chunk = args[1].get("index")
+        self.container: Any = None
+        self._done = threading.Event()
+        self._outcome: tuple[bool, Any] = (False, None)
+        o = method._obj
+        run = functools.partial(self._modal.remote, o._app_name, o._class_name, o._params, method._method, args, self)
+        threading.Thread(target=self._run, args=(run,), daemon=True).start()
+
+    def _run(self, run: Callable[[], Any]) -> None:
+        try:
+            self._outcome = (True, run())
+        except BaseException as exc:
+            self._outcome = (False, exc)
+        self._done.set()
+
+    def get(self, timeout: float | None = None) -> Any:
+        if not self._done.wait(timeout):
+            raise modal.exception.TimeoutError("the call has not finished")  # what Modal raises
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+    def cancel(self, terminate_containers: bool = False) -> None:
+        self._modal.cancelled.append({"chunk": self.chunk, "terminate_containers": terminate_containers})
+        if terminate_containers and self.container is not None:
+            self._modal.retired.append(self.container)  # Modal stops it: later calls start a new container
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
@@ -409,6 +468,36 @@ def test_modal_backend_via_in_process_modal_standin_retries_a_chunk_that_met_a_b
     ids += [r["record_id"] for r in read_failures(summary["output_uri"])]
     assert duplicates(ids) == {}
     assert len(ids) == data["records"]
+
+
+@pytest.mark.timeout(120)  # the guard: without a chunk timeout the job waits on the hung call forever
+def test_modal_backend_via_in_process_modal_standin_cancels_a_hung_call_and_commits_its_chunk_once(
+    prefect_api: str, tmp_path: Path, s3: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HANG_FLAG", str(tmp_path / "hung.flag"))
+    config = write_config(tmp_path, "pipelines:HangsOnce", queue_config={"backend": "none"},
+                          job_config={"retry_delay_seconds": 0.1, "chunk_timeout_s": 3})  # fmt: skip
+    standin = InProcessModal(deploy(config, monkeypatch))
+    bucket = f"hang-{unique}"
+    s3.create_bucket(Bucket=bucket)
+    ids = []
+    for f in range(3):  # three files, one chunk each; the second file's 5th record hangs its first call
+        rows = [{"id": f"f{f}-{i:02d}", "text": "HANG, then fine" if (f, i) == (1, 4) else "great value"}
+                for i in range(20)]  # fmt: skip
+        ids += [row["id"] for row in rows]
+        s3.put_object(Bucket=bucket, Key=f"in/part-{f}.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows))
+
+    summary = flow_on(standin)(input_uri=f"s3://{bucket}/in", output_uri=f"s3://{bucket}/out", backend="modal",
+                               config=str(config), id_field="id", concurrency=1)  # fmt: skip
+
+    assert summary["status"] == "completed"
+    assert sorted(call["chunk"] for call in standin.calls) == [0, 1, 1, 2]  # the hung chunk ran again, once
+    assert standin.cancelled == [{"chunk": 1, "terminate_containers": True}]
+    assert len(standin.retired) == 1  # the hung container got no more chunks
+    assert len(standin.containers) == 2
+    markers = s3.list_objects_v2(Bucket=bucket, Prefix="out/_chunks/")["Contents"]
+    assert sorted(m["Key"] for m in markers if m["Key"].endswith("1.json")) == ["out/_chunks/00001.json"]
+    assert_record_invariant(summary["output_uri"], ids, summary=summary)
 
 
 def chunk_ref() -> tuple[JobSpec, ChunkSpec]:
