@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,8 @@ __all__ = [
 
 #: Commit markers read at once when a job resumes (S3 GETs are slow one by one, fast side by side).
 MARKER_READERS = 16
+#: Error types the manifest names with their counts and first example (the rest are counted in ``error_types``).
+MANIFEST_ERROR_TYPES = 20
 
 
 class JobPlan(BaseModel):
@@ -334,11 +337,30 @@ def finalize_job(
         "queued_failure": sum(r.queued_failure for r in results),
         "parameters": job.model_dump(),
         "finished_at": _now(),
-        "chunk_results": [r.model_dump() for r in sorted(results, key=lambda r: r.index)],
+        **_aggregates(results),
     }
     store.write_bytes(OutputLayout(job.output_uri).manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     store.remove_staging_dirs(job.output_uri)  # of workers killed mid-chunk in this run or an earlier one
     return summary
+
+
+def _aggregates(results: Sequence[ChunkResult]) -> dict[str, Any]:
+    """What the manifest says of the chunks as a whole, in a size that does not grow with their number (each
+    chunk's own result is in its commit marker): failed records by error type with the first example of each, and
+    when the first chunk started."""
+    by_type: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for result in sorted(results, key=lambda r: r.index):
+        by_type.update(result.errors_by_type)
+        for error_type, example in result.error_examples.items():
+            examples.setdefault(error_type, example)
+    started = [r.started_at for r in results if r.started_at]
+    return {
+        "errors_by_type": dict(by_type.most_common(MANIFEST_ERROR_TYPES)),
+        "error_examples": {t: examples[t] for t, _ in by_type.most_common(MANIFEST_ERROR_TYPES) if t in examples},
+        "error_types": len(by_type),
+        "first_chunk_started_at": min(started) if started else None,
+    }
 
 
 def _repeated_ids(job: JobSpec, results: Sequence[ChunkResult], store: Store) -> tuple[int, list[RepeatedId]]:
