@@ -157,3 +157,20 @@ def test_an_old_output_with_empty_failure_files_and_chunk_results_still_resumes_
     assert_record_invariant(str(out), ids_of(data), summary=summary.model_dump())
     assert collect_failures(str(out), str(tmp_path / "replayed")).replayable == 1
     assert os.path.getsize(layout.failures(0)) == 0  # left as it was
+
+
+def test_the_manifest_names_the_failed_chunks_with_their_errors_and_the_errors_by_type(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "r.jsonl").write_bytes(reviews(60, filler=1500, bad=frozenset({45, 50})))
+    out = tmp_path / "out"
+    job = Job(tmp_path, chunk_size="64KiB")
+    plan = job.plan(str(tmp_path / "in"), str(out))
+    start_job(plan)
+    results = [process_chunk(plan.job, c, job.pipeline) for c in plan.chunks if c.index != 1]
+    summary = finalize_job(plan, results, 1.0, [(1, "RemoteError: the worker was lost")])
+    manifest = orjson.loads((out / "_manifest.json").read_bytes())
+    assert (summary.status, manifest["chunks_failed"]) == ("failed", 1)
+    assert manifest["failed_chunk_errors"] == [{"index": 1, "error": "RemoteError: the worker was lost"}]
+    assert manifest["errors_by_type"] == {"ValidationError": 2}
+    assert "text" in manifest["error_examples"]["ValidationError"]
+    assert "chunk_results" not in manifest
