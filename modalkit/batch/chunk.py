@@ -106,10 +106,12 @@ class ChunkProcessor:
             # nothing empty is written: no part file without a success, no failure file without a failure (the
             # marker says which it wrote); a chunk that owns no record (a cut inside one long line) leaves only its
             # marker
-            if counts["succeeded"]:
-                store.upload_file(run.part_path, layout.part(chunk.index))
-            if counts["failed"]:
-                store.upload_file(run.failures_path, layout.failures(chunk.index))
+            for count, path, uri in ((counts["succeeded"], run.part_path, layout.part(chunk.index)),
+                                     (counts["failed"], run.failures_path, layout.failures(chunk.index))):  # fmt: skip
+                if count:
+                    store.upload_file(path, uri)
+                elif counts["records"]:  # one that an earlier attempt wrote (lost before its marker) would be read
+                    store.delete(uri)  # as this chunk's: one existence check (S3: a HEAD), nothing written
             if counts["records"] and run.ids.hashes is not None:  # before the marker: every committed chunk has its ids
                 run.ids.hashes.write(layout.ids(chunk.index), store)
             if sender is not None:  # the records go out only now that the files holding them are durable

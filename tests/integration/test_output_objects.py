@@ -174,3 +174,22 @@ def test_the_manifest_names_the_failed_chunks_with_their_errors_and_the_errors_b
     assert manifest["errors_by_type"] == {"ValidationError": 2}
     assert "text" in manifest["error_examples"]["ValidationError"]
     assert "chunk_results" not in manifest
+
+
+def test_files_an_interrupted_attempt_left_are_gone_when_the_retry_writes_none(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    data = reviews(60, filler=1500)
+    (tmp_path / "in" / "r.jsonl").write_bytes(data)
+    out = tmp_path / "out"
+    job = Job(tmp_path, chunk_size="64KiB")
+    plan = job.plan(str(tmp_path / "in"), str(out))
+    start_job(plan)
+    # an earlier attempt of chunk 1 wrote a failure file (a record failed then, say a timeout) and was lost before
+    # its marker; this attempt has no failure
+    stale = Path(OutputLayout(str(out)).failures(1))
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(json.dumps({"record_id": ids_of(data)[25], "stage": "predict"}).encode() + b"\n")
+    results = [process_chunk(plan.job, c, job.pipeline) for c in plan.chunks]
+    summary = finalize_job(plan, results, 1.0)
+    assert not stale.exists()
+    assert_record_invariant(str(out), ids_of(data), summary=summary.model_dump())
