@@ -249,7 +249,7 @@ def startup_run(config: Path, env: dict[str, str], name: str) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"start-up run {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     manifest = json.loads((out / "_manifest.json").read_text())
-    first = min(r["started_at"] for r in manifest["chunk_results"]) - launched
+    first = manifest["first_chunk_started_at"] - launched
     marks = json.loads(trace.read_text()) if trace.exists() else {}
     shutil.rmtree(out, ignore_errors=True)
     return {"first_chunk_s": first, "wall_s": wall, "marks": {k: v - launched for k, v in marks.items()}}

@@ -206,7 +206,8 @@ def build_batch_flow(
             runner.cancel()  # an interrupt or a crash: stop the workers now, not after their chunks
             raise
         with _Closing(runner):  # the workers exit while the manifest and the artifacts are written
-            summary = finalize(plan, results, time.perf_counter() - job.started, len(errors), store)
+            failed = [(index, str(exc)) for index, exc in errors]
+            summary = finalize(plan, results, time.perf_counter() - job.started, failed, store)
             _publish_summary(summary, errors)
             create_markdown_artifact(
                 job_report(summary, results, errors, job_config.max_failure_rate),

@@ -74,7 +74,9 @@ def job_report(
         f"| wall time | {summary.seconds:,.1f} s |",
         f"| input | `{summary.input_uri}` |",
         f"| output | `{summary.output_uri}` (manifest: `{layout.manifest}`) |",
-        f"| failures | `{layout.failures_dir}/` |",
+        f"| failures | `{layout.failures_dir}/` |"
+        if summary.failed
+        else "| failures | none (no `_failures/` written) |",
     ]
     if summary.duplicate_ids:
         lines += ["", f"## {summary.duplicate_ids:,} id(s) occur more than once", ""]

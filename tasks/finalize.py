@@ -11,7 +11,7 @@ from modalkit.iomodel import ChunkResult, JobSummary
 
 
 @task(name="finalize-job", cache_policy=NO_CACHE)  # storage calls retry themselves
-def finalize(plan: JobPlan, results: list[ChunkResult], seconds: float, failed_chunks: int,
+def finalize(plan: JobPlan, results: list[ChunkResult], seconds: float, failed_chunks: list[tuple[int, str]],
              store: Store | None = None) -> JobSummary:  # fmt: skip
     """Write the manifest and return the summary."""
     return finalize_job(plan, results, seconds, failed_chunks, store)

@@ -3,8 +3,9 @@
 Runs where the model runs (a local worker process or a Modal container). For each sub-batch of
 ``max_batch_size`` records: parse (JSON), pick the record ids (:mod:`~modalkit.batch.record_ids`), validate
 against the pipeline's ``input_model``, run the pipeline through the isolated runner, write success rows and failure
-rows (:mod:`~modalkit.batch.failure_log`), spool queue records. At the end
-the part file and the failure file are moved into place (one object each), with an ``id_field`` the id hashes
+rows (:mod:`~modalkit.batch.failure_log`), spool queue records. At the end the part file (when records succeeded)
+and the failure file (when records failed) are moved into place, one object each (nothing empty is written; the
+marker's ``part_uri`` and ``failures_uri`` say which were), with an ``id_field`` the id hashes
 (:mod:`~modalkit.batch.repeats`) beside them, then the spooled queue records are sent
 (so a queue never holds a record that no output file holds), and the commit marker ``_chunks/NNNNN.json`` is
 written last: a chunk with a marker is done and is skipped when the job runs again. Counts go back, never data.
@@ -102,11 +103,17 @@ class ChunkProcessor:
                 if run.crash_log is not None:
                     run.crash_log.close()
             run.format.prove_start(chunk, lambda: set(layout.committed_indices(store)), store)  # before any commit
-            if counts["records"]:  # a chunk that owns no record (a cut inside one long line) leaves only its marker
-                store.upload_file(run.part_path, layout.part(chunk.index))
-                store.upload_file(run.failures_path, layout.failures(chunk.index))
-                if run.ids.hashes is not None:  # before the marker: every committed chunk has its id hashes
-                    run.ids.hashes.write(layout.ids(chunk.index), store)
+            # nothing empty is written: no part file without a success, no failure file without a failure (the
+            # marker says which it wrote); a chunk that owns no record (a cut inside one long line) leaves only its
+            # marker
+            for count, path, uri in ((counts["succeeded"], run.part_path, layout.part(chunk.index)),
+                                     (counts["failed"], run.failures_path, layout.failures(chunk.index))):  # fmt: skip
+                if count:
+                    store.upload_file(path, uri)
+                elif counts["records"]:  # one that an earlier attempt wrote (lost before its marker) would be read
+                    store.delete(uri)  # as this chunk's: one existence check (S3: a HEAD), nothing written
+            if counts["records"] and run.ids.hashes is not None:  # before the marker: every committed chunk has its ids
+                run.ids.hashes.write(layout.ids(chunk.index), store)
             if sender is not None:  # the records go out only now that the files holding them are durable
                 sender.close()
         except BaseException:
@@ -122,8 +129,8 @@ class ChunkProcessor:
             failed=counts["failed"],
             started_at=round(started_at, 3),
             seconds=round(time.perf_counter() - started, 3),
-            part_uri=layout.part(chunk.index) if counts["records"] else None,
-            failures_uri=layout.failures(chunk.index) if counts["records"] else None,
+            part_uri=layout.part(chunk.index) if counts["succeeded"] else None,
+            failures_uri=layout.failures(chunk.index) if counts["failed"] else None,
             queued_success=sender.sent["success"] if sender else 0,
             queued_failure=sender.sent["failure"] if sender else 0,
             errors_by_type=run.failures.errors_by_type,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,10 @@ __all__ = [
 
 #: Commit markers read at once when a job resumes (S3 GETs are slow one by one, fast side by side).
 MARKER_READERS = 16
+#: Error types the manifest names with their counts and first example (the rest are counted in ``error_types``).
+MANIFEST_ERROR_TYPES = 20
+#: Failed chunks the manifest names with their error, and how much of each error (the rest are counted).
+MANIFEST_FAILED_CHUNKS, MANIFEST_ERROR_CHARS = 100, 500
 
 
 class JobPlan(BaseModel):
@@ -291,13 +296,17 @@ def finalize_job(
     plan: JobPlan,
     results: Sequence[ChunkResult],
     seconds: float,
-    failed_chunks: int = 0,
+    failed_chunks: int | Sequence[tuple[int, str]] = 0,
     store: Store | None = None,
 ) -> JobSummary:
     """Sum the chunk results into the summary, write ``_manifest.json`` through ``store`` (default: the process's)
     and return the summary.
 
-    ``status`` is ``failed`` when chunks failed or the failure rate passed ``max_failure_rate``. With an
+    ``failed_chunks`` is how many chunks failed after their retries, or those chunks as ``(index, error)`` pairs
+    (the manifest names the first hundred). The manifest holds the summary, the totals and the failures by error
+    type, never one entry per chunk: each chunk's own result is in its commit marker, so its size does not grow
+    with the number of chunks. ``status`` is ``failed`` when chunks failed or the failure rate passed
+    ``max_failure_rate``. With an
     ``id_field``, the ids that occur more than once anywhere in the job (every chunk's, committed before or now)
     are counted and the first few named (:mod:`~modalkit.batch.repeats`).
     """
@@ -307,7 +316,9 @@ def finalize_job(
     failed = sum(r.failed for r in results)
     fresh = sum(r.records for r in results if not r.skipped)
     rate = failed / records if records else 0.0
-    status = "failed" if failed_chunks or rate > job.max_failure_rate else "completed"
+    chunk_errors = [] if isinstance(failed_chunks, int) else list(failed_chunks)
+    failed_count = failed_chunks if isinstance(failed_chunks, int) else len(chunk_errors)
+    status = "failed" if failed_count or rate > job.max_failure_rate else "completed"
     summary = JobSummary(
         job_id=job.job_id,
         records=records,
@@ -329,16 +340,38 @@ def finalize_job(
         summary.duplicate_ids, summary.duplicate_examples = _repeated_ids(job, results, store)
     manifest = {
         **summary.model_dump(),
-        "chunks_failed": failed_chunks,
+        "chunks_failed": failed_count,
+        "failed_chunk_errors": [
+            {"index": i, "error": e[:MANIFEST_ERROR_CHARS]} for i, e in sorted(chunk_errors)[:MANIFEST_FAILED_CHUNKS]
+        ],
         "queued_success": sum(r.queued_success for r in results),
         "queued_failure": sum(r.queued_failure for r in results),
         "parameters": job.model_dump(),
         "finished_at": _now(),
-        "chunk_results": [r.model_dump() for r in sorted(results, key=lambda r: r.index)],
+        **_aggregates(results),
     }
     store.write_bytes(OutputLayout(job.output_uri).manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     store.remove_staging_dirs(job.output_uri)  # of workers killed mid-chunk in this run or an earlier one
     return summary
+
+
+def _aggregates(results: Sequence[ChunkResult]) -> dict[str, Any]:
+    """What the manifest says of the chunks as a whole, in a size that does not grow with their number (each
+    chunk's own result is in its commit marker): failed records by error type with the first example of each, and
+    when the first chunk started."""
+    by_type: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for result in sorted(results, key=lambda r: r.index):
+        by_type.update(result.errors_by_type)
+        for error_type, example in result.error_examples.items():
+            examples.setdefault(error_type, example)
+    started = [r.started_at for r in results if r.started_at]
+    return {
+        "errors_by_type": dict(by_type.most_common(MANIFEST_ERROR_TYPES)),
+        "error_examples": {t: examples[t] for t, _ in by_type.most_common(MANIFEST_ERROR_TYPES) if t in examples},
+        "error_types": len(by_type),
+        "first_chunk_started_at": min(started) if started else None,
+    }
 
 
 def _repeated_ids(job: JobSpec, results: Sequence[ChunkResult], store: Store) -> tuple[int, list[RepeatedId]]:

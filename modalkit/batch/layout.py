@@ -2,13 +2,14 @@
 
 Under OUTPUT_URI::
 
-    part-NNNNN.<fmt>              successes of chunk N (jsonl or parquet)
-    _failures/part-NNNNN.jsonl    failures of chunk N
-    _chunks/NNNNN.json            commit marker of chunk N (its counts)
+    part-NNNNN.<fmt>              successes of chunk N (jsonl or parquet), only when it has some
+    _failures/part-NNNNN.jsonl    failures of chunk N, only when it has some
+    _chunks/NNNNN.json            commit marker of chunk N (its counts, which of the two files it wrote)
     _chunks/NNNNN.progress.json   how far chunk N's queue records were sent (while it runs)
     _ids/NNNNN.npz                the id hashes of chunk N's records (only with an id_field): repeated ids
     _job.json                     which job owns this output
-    _manifest.json                the summary and every chunk's result, when the job ends
+    _manifest.json                the summary, totals and failures by error type, when the job ends (a size that
+                                  does not grow with the chunks: each chunk's result is in its marker)
     _lease/NNNNNNNN.json          which run of the job runs now (one generation per run; see batch/lease.py)
     _replay/                      a replay job's input: the failures of the job it replays
 

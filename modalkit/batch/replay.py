@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import re
 import shlex
 import shutil
 from collections.abc import Iterable
@@ -24,6 +25,8 @@ from modalkit.batch.storage import Store, default_store
 from modalkit.exceptions import ConfigError
 
 __all__ = ["ReplayInput", "collect_failures", "finished_message", "replay_command"]
+
+_FAILURE_NAME = re.compile(r"part-(\d+)\.jsonl$")
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,7 @@ def collect_failures(
     replayable = not_replayable = 0
     try:
         with open(local, "wb") as out:
-            for result in manifest.get("chunk_results", []):
-                # where the output layout puts it under job_output_uri, not the path the manifest recorded: that
-                # one is relative to the first job's working directory when its output was a relative path, and
-                # stale when the output was copied or moved since
-                uri = job_layout.failures(int(result["index"]))
-                if not result.get("failed") or not store.exists(uri):
-                    continue
+            for uri in _failure_files(job_layout, store, _chunks_without_failures(manifest)):
                 for line in store.read_bytes(uri).splitlines():
                     row = orjson.loads(line)
                     if wanted is not None and row.get("stage") not in wanted:
@@ -105,6 +102,35 @@ def collect_failures(
                          str(manifest.get("job_id", "")), job_output_uri, asked)  # fmt: skip
     store.write_bytes(source_uri, orjson.dumps(dataclasses.asdict(replay)))
     return replay
+
+
+def _failure_files(layout: OutputLayout, store: Store, without: set[int]) -> list[str]:
+    """The failure files of the job's committed chunks, in chunk order: one listing of ``_failures/`` and one of
+    ``_chunks/``, whatever the number of chunks.
+
+    Only chunks with failures have a failure file (outputs of earlier versions also hold empty ones, which add
+    nothing); a failure file without a commit marker (a chunk that failed after its files were written) is not part
+    of the job's results; nor are the chunks in ``without``. Paths are where the layout puts them under the job's
+    output, not paths a marker recorded (relative to the first job's working directory, or stale when the output
+    was moved).
+    """
+    keep = set(layout.committed_indices(store)) - without
+    indices = (_failure_index(name) for name in store.list_names(layout.failures_dir))
+    return [layout.failures(i) for i in sorted(i for i in indices if i is not None and i in keep)]
+
+
+def _chunks_without_failures(manifest: dict[str, object]) -> set[int]:
+    """The chunks an output written by an earlier version lists as without failures (their failure files are
+    empty, not worth a request each); none for a current one (its manifest lists no chunks)."""
+    results = manifest.get("chunk_results")
+    if not isinstance(results, list):
+        return set()
+    return {int(r["index"]) for r in results if isinstance(r, dict) and not r.get("failed")}
+
+
+def _failure_index(name: str) -> int | None:
+    match = _FAILURE_NAME.match(posixpath.basename(name))
+    return int(match.group(1)) if match else None
 
 
 def replay_command(output_uri: str, config: str | None = None, model_name: str | None = None) -> str:

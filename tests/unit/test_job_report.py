@@ -30,6 +30,12 @@ def test_the_report_shows_counts_rate_throughput_wall_time_and_where_the_output_
         assert cell in text
 
 
+def test_the_report_of_a_job_without_failures_points_at_no_failures_folder() -> None:
+    text = job_report(summary(succeeded=1000, failed=0, failure_rate=0.0), [], [], 0.05)
+    assert "| failures | none (no `_failures/` written) |" in text
+    assert "s3://b/scored/2026-11-20/_failures/" not in text
+
+
 def test_failures_are_grouped_by_error_type_across_chunks_most_common_first_with_the_first_failure_of_each() -> None:
     results = [
         ChunkResult(index=1, errors_by_type={"ValidationError": 2, "ValueError": 5},
