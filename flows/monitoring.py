@@ -76,7 +76,7 @@ def job_report(
         f"| output | `{summary.output_uri}` (manifest: `{layout.manifest}`) |",
         f"| failures | `{layout.failures_dir}/` |"
         if summary.failed
-        else "| failures | none (no `_failures/` written) |",
+        else f"| failures | none (no `{layout.failures_dir.rsplit('/', 1)[-1]}/` written) |",
     ]
     if summary.duplicate_ids:
         lines += ["", f"## {summary.duplicate_ids:,} id(s) occur more than once", ""]
