@@ -10,9 +10,9 @@ the error). An automation matching ``modalkit.job.failed``, or ``modalkit.job.co
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Any, Literal
 
+from modalkit.batch.job import errors_by_type
 from modalkit.batch.layout import OutputLayout
 from modalkit.iomodel import ChunkResult, JobSummary
 
@@ -90,12 +90,7 @@ def job_report(
     if errors:
         lines += ["", f"## {len(errors)} chunk(s) failed after their retries", ""]
         lines += [f"- chunk {index:05d}: `{_one_line(exc)}`" for index, exc in errors[:REPORT_ERROR_TYPES]]
-    by_type: Counter[str] = Counter()
-    examples: dict[str, str] = {}
-    for result in sorted(results, key=lambda r: r.index):
-        by_type.update(result.errors_by_type)
-        for error_type, example in result.error_examples.items():
-            examples.setdefault(error_type, example)
+    by_type, examples = errors_by_type(results)
     if by_type:
         lines += ["", "## Failures by error type", "", "| error_type | records | first failure |", "|---|---|---|"]
         for error_type, count in by_type.most_common(REPORT_ERROR_TYPES):

@@ -36,6 +36,7 @@ __all__ = [
     "JobPlan",
     "check_job_queues",
     "dispatch_order",
+    "errors_by_type",
     "finalize_job",
     "find_committed",
     "plan_job",
@@ -355,16 +356,22 @@ def finalize_job(
     return summary
 
 
-def _aggregates(results: Sequence[ChunkResult]) -> dict[str, Any]:
-    """What the manifest says of the chunks as a whole, in a size that does not grow with their number (each
-    chunk's own result is in its commit marker): failed records by error type with the first example of each, and
-    when the first chunk started."""
+def errors_by_type(results: Sequence[ChunkResult]) -> tuple[Counter[str], dict[str, str]]:
+    """Failed records of ``results`` by error type, and the first example of each in chunk order."""
     by_type: Counter[str] = Counter()
     examples: dict[str, str] = {}
     for result in sorted(results, key=lambda r: r.index):
         by_type.update(result.errors_by_type)
         for error_type, example in result.error_examples.items():
             examples.setdefault(error_type, example)
+    return by_type, examples
+
+
+def _aggregates(results: Sequence[ChunkResult]) -> dict[str, Any]:
+    """What the manifest says of the chunks as a whole, in a size that does not grow with their number (each
+    chunk's own result is in its commit marker): failed records by error type with the first example of each, and
+    when the first chunk started."""
+    by_type, examples = errors_by_type(results)
     started = [r.started_at for r in results if r.started_at]
     return {
         "errors_by_type": dict(by_type.most_common(MANIFEST_ERROR_TYPES)),
