@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,13 +68,17 @@ def stop_daemon(pid: int, timeout: float = 30.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+_REQUEST_LINE = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+"')
+
+
 class MotoServer:
     """A moto_server process on a free loopback port."""
 
     def __init__(self, log_dir: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_dir / f"moto-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log_path = log_dir / f"moto-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log,
@@ -83,6 +89,21 @@ class MotoServer:
         except TimeoutError:
             self.stop()
             raise
+
+    def log_size(self) -> int:
+        """Where its request log ends now: pass it to :meth:`requests` to count what came after."""
+        return self.log_path.stat().st_size
+
+    def requests(self, since: int = 0, settle: float = 0.3) -> collections.Counter[str]:
+        """The requests it served since log offset ``since``, by kind: ``LIST`` (a listing page), ``GET``,
+        ``HEAD``, ``PUT``, ``POST``, ``DELETE``. moto logs a request just after answering it: ``settle`` waits."""
+        time.sleep(settle)
+        text = self.log_path.read_bytes()[since:].decode(errors="replace")
+        kinds: collections.Counter[str] = collections.Counter()
+        for method, path in _REQUEST_LINE.findall(text):
+            listing = method == "GET" and re.search(r"[?&](list-type|prefix|delimiter)=", path)
+            kinds["LIST" if listing else method] += 1
+        return kinds
 
     def reset(self) -> None:
         """Empty every bucket and queue (moto's reset API)."""

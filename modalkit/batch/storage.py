@@ -148,6 +148,9 @@ class _LocalFiles:
     def forget_listing(self, path: str) -> None:
         pass  # the local filesystem caches no listing
 
+    def file_exists(self, path: str) -> bool:
+        return os.path.isfile(path)
+
     def open(self, path: str, stack: contextlib.ExitStack) -> IO[bytes]:
         return stack.enter_context(open(path, "rb", buffering=READ_BUFFER))
 
@@ -180,6 +183,19 @@ class _ObjectFiles:
 
     def forget_listing(self, path: str) -> None:
         self.fs.invalidate_cache(path)  # s3fs caches listings: another process may have written since
+
+    def file_exists(self, path: str) -> bool:
+        """One HEAD on S3: s3fs's ``exists`` follows a missing key with a listing (is it a folder?), a second
+        request for every check of a marker or a stale file that is not there, which is most of them."""
+        call_s3 = getattr(self.fs, "call_s3", None)
+        if call_s3 is None:
+            return bool(self.fs.exists(path))
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            call_s3("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        return True
 
     def open(self, path: str, stack: contextlib.ExitStack) -> IO[bytes]:
         raw = stack.enter_context(self.fs.open(path, "rb", cache_type="none"))
@@ -240,10 +256,10 @@ class Store:
 
     @with_retries
     def exists(self, uri: str) -> bool:
-        """Whether a file or object exists at ``uri``."""
+        """Whether a file or object exists at ``uri`` (a folder does not count; on S3, one HEAD request)."""
         files, path = self._files(uri)
         with storage_errors(f"checking {uri}"):
-            return bool(files.fs.exists(path))
+            return files.file_exists(path)
 
     @with_retries
     def read_bytes(self, uri: str) -> bytes:
@@ -299,7 +315,7 @@ class Store:
         """Delete ``uri`` if it exists."""
         files, path = self._files(uri)
         with storage_errors(f"deleting {uri}"):
-            if files.fs.exists(path):
+            if files.file_exists(path):
                 files.fs.rm_file(path)
 
     @with_retries

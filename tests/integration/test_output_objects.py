@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from batch_support import assert_record_invariant, write_config
+from support import MotoServer
 
 from modalkit.batch.chunk import process_chunk
 from modalkit.batch.job import JobPlan, finalize_job, find_committed, plan_job, resolve_job_config, start_job
@@ -193,3 +194,26 @@ def test_files_an_interrupted_attempt_left_are_gone_when_the_retry_writes_none(t
     summary = finalize_job(plan, results, 1.0)
     assert not stale.exists()
     assert_record_invariant(str(out), ids_of(data), summary=summary.model_dump())
+
+
+def test_an_s3_chunk_costs_one_head_per_existence_check_and_no_listing(
+    tmp_path: Path, aws: MotoServer, s3: Any, unique: str
+) -> None:
+    data = reviews(60, filler=1500, bad=frozenset({3}))  # three 64 KiB chunks, a failure in the first
+    s3.create_bucket(Bucket=unique)
+    s3.put_object(Bucket=unique, Key="in/r.jsonl", Body=data)
+    job = Job(tmp_path, chunk_size="64KiB")
+    plan = job.plan(f"s3://{unique}/in", f"s3://{unique}/out")
+    start_job(plan)
+    since = aws.log_size()
+    results = [process_chunk(plan.job, chunk, job.pipeline) for chunk in plan.chunks]
+    requests = aws.requests(since)
+    chunks = len(plan.chunks)
+    # per chunk: its marker looked for (HEAD), its input read (GET), its part file (PUT) and the failure file it does
+    # not write looked for (HEAD), or the failure file written (PUT), then its marker (PUT); never a listing: s3fs's
+    # own exists() follows a missing key with one (is it a folder?), a request per check for nothing
+    assert requests["LIST"] == 0, dict(requests)
+    assert requests["HEAD"] == 2 * chunks - 1, dict(requests)
+    assert requests["PUT"] == 2 * chunks + 1, dict(requests)
+    summary = finalize_job(plan, results, 1.0)
+    assert_record_invariant(f"s3://{unique}/out", ids_of(data), summary=summary.model_dump())
