@@ -313,7 +313,7 @@ def _run_chunks(
     :class:`LeaseLost` within a second; the lanes stop and the caller cancels the runner, so the chunks in flight
     stop uncommitted (the run that holds the lease redoes them) instead of sending on beside it."""
     pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
-    lanes = ChunkLanes(runner, plan.job, pending, job_config.chunk_retries, job_config.retry_delay_seconds)
+    lanes = ChunkLanes(runner, plan.job, pending, job_config.chunk_retries, job_config.retry_delay_seconds, lease)
     results: list[ChunkResult] = []
     errors: list[tuple[int, BaseException]] = []
     for chunk in plan.chunks:
@@ -341,6 +341,8 @@ def _run_chunks(
                 tracker.chunk_done(chunk.size, outcome)
             else:
                 errors.append((chunk.index, outcome))  # its lane logged it and ends Failed
+        if lease is not None:
+            lease.check()  # the lanes may all have ended on a lost lease before this thread saw it
     finally:
         lanes.stop()  # an interrupt or a lost lease: no lane starts or retries a chunk
     _raise_lane_crash(running)

@@ -8,7 +8,8 @@ a straggler stopped by its deadline is one) with exponential backoff, and puts e
 
 Once a chunk has failed for good no lane starts another (those in flight finish, retries included), and the lane
 that met it raises :class:`ChunkFailed` as it ends. :meth:`ChunkLanes.stop` (an interrupt, a lost lease) ends
-every lane after the chunk it is on, without retrying it.
+every lane after the chunk it is on, without retrying it; so does a lost lease (no lane starts a chunk once the
+run's :class:`~modalkit.batch.lease.JobLease` is lost; the flow raises :class:`~modalkit.batch.lease.LeaseLost`).
 
 Example:
     >>> import logging
@@ -32,6 +33,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from modalkit.batch.lease import JobLease
 from modalkit.exceptions import ModalkitError, is_retryable
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.runners.base import ChunkRunner
@@ -62,6 +64,7 @@ class ChunkLanes:
         chunks: The chunks to run, in the order to hand them out (:func:`modalkit.batch.job.dispatch_order`).
         retries: Retries of a chunk after a transient error (``job_config.chunk_retries``).
         retry_delay_s: The first retry's delay; each next one doubles it (``job_config.retry_delay_seconds``).
+        lease: The run's lease on the job, if any: once it is lost, no lane starts another chunk.
 
     Attributes:
         outcomes: ``(chunk, ChunkResult or the exception it failed with)``, one per chunk a lane finished, and
@@ -69,10 +72,17 @@ class ChunkLanes:
     """
 
     def __init__(
-        self, runner: ChunkRunner, job: JobSpec, chunks: Iterable[ChunkSpec], retries: int, retry_delay_s: float
+        self,
+        runner: ChunkRunner,
+        job: JobSpec,
+        chunks: Iterable[ChunkSpec],
+        retries: int,
+        retry_delay_s: float,
+        lease: JobLease | None = None,
     ) -> None:
         self.runner, self.job = runner, job
         self.retries, self.retry_delay_s = retries, retry_delay_s
+        self.lease = lease
         self.outcomes: queue.Queue[tuple[ChunkSpec, ChunkResult | BaseException] | None] = queue.Queue()
         self._pending = collections.deque(chunks)
         self._lock = threading.Lock()
@@ -116,7 +126,8 @@ class ChunkLanes:
 
     def _take(self) -> ChunkSpec | None:
         with self._lock:
-            if self._failed or self._stopped.is_set() or not self._pending:
+            lost = self.lease is not None and self.lease.lost
+            if self._failed or lost or self._stopped.is_set() or not self._pending:
                 return None
             return self._pending.popleft()
 
