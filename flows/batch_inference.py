@@ -1,8 +1,10 @@
 """Flow ``batch-inference``: an input dataset to scored results, success/failure records and a summary.
 
 Orchestration only: fill a dated partition's ``{date}`` into the URIs (:mod:`modalkit.batch.partition`), plan the
-chunks, skip those an earlier run committed (they are sent nowhere), run the rest on the job's runner with bounded
-concurrency and retries, report progress (a Prefect progress artifact, and ``on_progress`` when given), write the
+chunks, skip those an earlier run committed (they are sent nowhere), run the rest on the job's runner through
+``concurrency`` lanes (one Prefect task run each, ``chunk-lane-00``..., pulling chunks largest first, each chunk
+retried on transient errors with exponential backoff: the run's task runs grow with its concurrency, not with its
+chunks), report progress (a Prefect progress artifact, and ``on_progress`` when given), write the
 manifest, publish a summary table artifact and a markdown report, emit ``modalkit.job.completed`` or
 ``modalkit.job.failed`` (the summary as its payload) for automations, and return the summary. Record failures do not
 fail the flow unless their rate passes ``max_failure_rate``; a chunk that fails after its retries does (a rerun
@@ -17,12 +19,11 @@ deployment started it, ``deployment:<name>``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
 import logging
+import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -34,7 +35,6 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.runtime import flow_run
-from prefect.tasks import exponential_backoff
 
 from flows.monitoring import emit_job_event, job_report, label_run
 from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
@@ -48,10 +48,11 @@ from modalkit.exceptions import JobFailed, StorageError, is_retryable
 from modalkit.iomodel import ChunkResult, JobSummary
 from modalkit.runners import ChunkRunner, RunnerFactory, open_runner
 from modalkit.runners.base import JobStarter, StartedJob
+from modalkit.runners.lanes import ChunkFailed, ChunkLanes
 from modalkit.settings import JobConfig, Settings, parameter_help, run_parameters
+from tasks.chunk_lane import chunk_lane
 from tasks.finalize import finalize
 from tasks.plan import claim_output, committed_chunks, plan_chunks
-from tasks.run_chunk import run_chunk
 
 PROGRESS_EVERY_SECONDS = 1.0
 #: How often a run waiting on its chunks looks whether it still holds the job's lease.
@@ -199,9 +200,7 @@ def build_batch_flow(
             )  # fmt: skip
             in_flight = job_config.concurrency or runner.slots
             tracker = _Progress(plan, on_progress)
-            results, errors, not_started = _run_chunks(
-                plan, done, runner, _chunk_task(job_config), in_flight, tracker, job.lease
-            )
+            results, errors, not_started = _run_chunks(plan, done, runner, job_config, in_flight, tracker, job.lease)
         except BaseException:
             runner.cancel()  # an interrupt or a crash: stop the workers now, not after their chunks
             raise
@@ -301,66 +300,65 @@ class _Closing:
             raise self.error
 
 
-def _chunk_task(job_config: JobConfig) -> Any:
-    """The run-chunk task with this job's retries: exponential backoff, transient errors only."""
-    retries = job_config.chunk_retries
-    delays = exponential_backoff(job_config.retry_delay_seconds)(retries) if retries else 0
-    return run_chunk.with_options(retries=retries, retry_delay_seconds=delays)
-
-
 def _run_chunks(
-    plan: JobPlan, done: dict[int, ChunkResult], runner: ChunkRunner, chunk_task: Any, in_flight: int,
+    plan: JobPlan, done: dict[int, ChunkResult], runner: ChunkRunner, job_config: JobConfig, in_flight: int,
     tracker: _Progress, lease: JobLease | None = None,
 ) -> tuple[list[ChunkResult], list[tuple[int, BaseException]], list[int]]:  # fmt: skip
-    """Run every chunk not in ``done``, at most ``in_flight`` at once; stop starting new ones once a chunk has failed
-    after its retries. The committed chunks in ``done`` count as finished and are sent nowhere.
+    """Run every chunk not in ``done`` through ``in_flight`` lanes (task runs ``chunk-lane-NN``) that pull them
+    largest first; no lane starts a new chunk once one has failed after its retries. The committed chunks in
+    ``done`` count as finished and are sent nowhere.
 
-    A run that loses its lease (another run took the job over) raises :class:`LeaseLost` within a second; the
-    caller then cancels the runner, so the chunks in flight stop uncommitted (the run that holds the lease redoes
-    them) instead of sending on beside it."""
-    logger = get_run_logger()
-    pending = deque(dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done]))
-    running: dict[concurrent.futures.Future[Any], Any] = {}
+    The lanes put each chunk's outcome on a queue that this thread drains: progress and ``on_progress`` are told
+    from here, one chunk at a time. A run that loses its lease (another run took the job over) raises
+    :class:`LeaseLost` within a second; the lanes stop and the caller cancels the runner, so the chunks in flight
+    stop uncommitted (the run that holds the lease redoes them) instead of sending on beside it."""
+    pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
+    lanes = ChunkLanes(runner, plan.job, pending, job_config.chunk_retries, job_config.retry_delay_seconds, lease)
     results: list[ChunkResult] = []
     errors: list[tuple[int, BaseException]] = []
     for chunk in plan.chunks:
         if chunk.index in done:
             results.append(done[chunk.index])
             tracker.chunk_done(chunk.size, done[chunk.index])
-    while pending or running:
-        while pending and len(running) < in_flight and not _fatal(errors):
+    running: list[Any] = [chunk_lane.submit(lanes, lane) for lane in range(min(in_flight, len(pending)))]
+    ended = 0
+    try:
+        while ended < len(running):
             if lease is not None:
                 lease.check()
-            chunk = pending.popleft()
-            future = chunk_task.submit(runner, plan.job, chunk)
-            running[future.wrapped_future] = (future, chunk)
-        if not running:
-            break
-        finished, _ = concurrent.futures.wait(
-            running, timeout=LEASE_CHECK_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED
-        )
-        if lease is not None:
-            lease.check()
-        for wrapped in finished:
-            future, chunk = running.pop(wrapped)
-            outcome = future.result(raise_on_failure=False)
+            try:
+                item = lanes.outcomes.get(timeout=LEASE_CHECK_SECONDS)
+            except queue.Empty:
+                if all(future.wrapped_future.done() for future in running) and lanes.outcomes.empty():
+                    break  # a lane Prefect never ran (or one that crashed) sends no end
+                continue
+            if item is None:
+                ended += 1  # a lane ended
+                continue
+            chunk, outcome = item
             if isinstance(outcome, ChunkResult):
                 results.append(outcome)
                 tracker.chunk_done(chunk.size, outcome)
             else:
-                logger.error("chunk %05d (%s) failed: %s", chunk.index, chunk.key, outcome)
-                errors.append((chunk.index, outcome))
-    if pending:
-        logger.error("%d chunks were not started after a chunk failed for good", len(pending))
+                errors.append((chunk.index, outcome))  # its lane logged it and ends Failed
+        if lease is not None:
+            lease.check()  # the lanes may all have ended on a lost lease before this thread saw it
+    finally:
+        lanes.stop()  # an interrupt or a lost lease: no lane starts or retries a chunk
+    _raise_lane_crash(running)
+    not_started = lanes.not_started()
+    if not_started:
+        get_run_logger().error("%d chunks were not started after a chunk failed for good", len(not_started))
     tracker.finish()
-    return results, errors, [chunk.index for chunk in pending]
+    return results, errors, [chunk.index for chunk in not_started]
 
 
-def _fatal(errors: list[tuple[int, BaseException]]) -> bool:
-    # A chunk that failed after its retries means the job fails: start no more chunks (those in flight finish), so
-    # that an outage fails the job in the time one chunk's retries take, not one chunk after another. A rerun
-    # resumes from the committed chunks.
-    return bool(errors)
+def _raise_lane_crash(running: list[Any]) -> None:
+    """A lane that ended on anything but a failed chunk (a bug, or Prefect failing the task run) fails the job."""
+    for future in running:
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException) and not isinstance(outcome, ChunkFailed):
+            raise outcome
 
 
 class _Progress:
