@@ -25,10 +25,14 @@ costs the job's end, at each size, and its share of the W1 job's seconds.
 
 Then W2, online (``bench/w2.py``): ``modalkit serve`` beside LitServe and plain FastAPI at 1 and 32 clients.
 
+Then the scale row (``bench/scale.py``): 20,000 files of 5 records against the same records in one file, task runs
+read back from the Prefect server, objects written, manifest bytes, a no-op rerun, and planning 100,000 files.
+
 Environment: MODALKIT_SHARED_BENCH (default ../shared/bench), BENCH_SIZES, BENCH_ROUNDS, BENCH_CHUNK_SIZE,
 BENCH_STARTUP_ROUNDS (0 skips the start-up runs), BENCH_REPEATS (0 skips the repeated-id check), BENCH_W2 (0 skips
-W2), W2_ROUNDS, W2_REQUESTS.
-``BENCH_SIZES= BENCH_W2=0 make bench`` runs the start-up part alone and prints it (RESULTS.md is left as it is).
+W2), W2_ROUNDS, W2_REQUESTS, BENCH_SCALE (0 skips the scale row), BENCH_SCALE_FILES, BENCH_SCALE_PLAN_FILES.
+``BENCH_SIZES= BENCH_W2=0 make bench`` runs the start-up part (and the scale row) alone and prints it (RESULTS.md is
+left as it is); ``BENCH_SIZES= BENCH_STARTUP_ROUNDS=0 BENCH_W2=0 BENCH_SCALE_FILES=500 make bench`` a small scale row.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ FILES = 4
 TIMEOUT = 1800
 W2 = os.environ.get("BENCH_W2", "1") != "0"  # W2, online: modalkit serve beside LitServe and plain FastAPI
 REPEATS = os.environ.get("BENCH_REPEATS", "1") != "0"  # the repeated-id check's cost (bench/repeated_ids.py)
+SCALE = os.environ.get("BENCH_SCALE", "1") != "0"  # many small files against one file (bench/scale.py)
 
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -376,6 +381,7 @@ def write_results(
     startup: dict[str, Any] | None = None,
     w2: list[str] | None = None,
     repeats: list[str] | None = None,
+    scale: list[str] | None = None,
 ) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "modalkit", "flows", "tasks"],
@@ -435,10 +441,21 @@ def write_results(
         lines += ["", *repeats]
     if w2:
         lines += ["", *w2]
+    if scale:
+        lines += ["", *scale]
     if CODE_MEASUREMENTS.exists():
         lines += ["", *CODE_MEASUREMENTS.read_text(encoding="utf-8").splitlines()]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     log(f"wrote {RESULTS}")
+
+
+def scale_row(server: PrefectServer, config: Path) -> list[str]:
+    """The scale row (bench/scale.py), against the benchmark's Prefect server, after W1 (never beside it)."""
+    sys.path.insert(0, str(HERE))
+    import scale
+
+    return scale.markdown(scale.run(config, server.api_url, {**os.environ, **THREADS_ENV,
+                                                             "MODALKIT_SHARED_BENCH": str(SHARED)}))  # fmt: skip
 
 
 def main() -> int:
@@ -453,10 +470,12 @@ def main() -> int:
     try:
         startup = bench_startup(server, config) if STARTUP_ROUNDS else None
         results = [summarize(bench_size(rows, server, config)) for rows in SIZES]
+        scale_lines = scale_row(server, config) if SCALE else None
     finally:
         server.stop()
-    if not SIZES:  # BENCH_SIZES="": the start-up runs only, printed; RESULTS.md is left as it is
-        print("\n".join(startup_lines(startup)) if startup else "nothing measured", flush=True)
+    if not SIZES:  # BENCH_SIZES="": the start-up runs (and the scale row) only, printed; RESULTS.md is left as it is
+        printed = [*(startup_lines(startup) if startup else []), *(scale_lines or [])]
+        print("\n".join(printed) if printed else "nothing measured", flush=True)
         return 0
     repeats_lines = None
     if REPEATS:  # measured directly, alone on the machine, at W1's sizes
@@ -471,7 +490,7 @@ def main() -> int:
         import w2
 
         w2_lines = w2.markdown(w2.run())
-    write_results(results, startup, w2_lines, repeats_lines)
+    write_results(results, startup, w2_lines, repeats_lines, scale_lines)
     for s in results:
         log(f"{s['rows']:,} rows: modalkit/bare = {s['ratio_job']:.3f}x (job), {s['ratio_wall']:.3f}x (process); "
             f"peak tree RSS {s['mk_rss']:.0f} MB")  # fmt: skip

@@ -3,6 +3,8 @@
 * :class:`MotoServer`: a real ``moto_server`` process (S3, SQS...) reached by the real boto3/s3fs clients.
 * :class:`TcpProxy`: a small TCP proxy in front of a server, to cut the connection mid-job and restore it
   without losing the server's state (a restarted moto_server starts empty).
+* :class:`CountingProxy`: a TcpProxy that reads the HTTP requests going through it, to count what a client asks
+  of S3 (requests by method and query, connections open at once), optionally adding latency to each request.
 """
 
 from __future__ import annotations
@@ -201,3 +203,75 @@ class TcpProxy:
         self._stop.set()
         self.cut()
         self._thread.join(timeout=5)
+
+
+class CountingProxy(TcpProxy):
+    """A :class:`TcpProxy` that parses the HTTP/1.1 requests going through it (request line, headers, a
+    ``Content-Length`` or chunked body) and records each as ``"METHOD /path?query"`` in :attr:`requests`.
+
+    ``delay`` seconds are added before each request is forwarded (a far-away S3); :attr:`max_held` is the most
+    requests held for it at once: 1 for a client that sends its requests one after the other, more for one that
+    sends them side by side.
+    """
+
+    def __init__(self, target_port: int, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.requests: list[str] = []
+        self.max_held = 0
+        self._held = 0
+        super().__init__(target_port)
+
+    def reset(self) -> None:
+        """Forget the requests counted so far, and the peak of requests held."""
+        with self._lock:
+            self.requests = []
+            self.max_held = 0
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        if src.getpeername()[1] == self.target_port:  # the server's replies pass through untouched
+            super()._pipe(src, dst)
+            return
+        try:
+            self._forward_requests(src, dst)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _forward_requests(self, src: socket.socket, dst: socket.socket) -> None:
+        reader = src.makefile("rb")
+        while True:
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                line = reader.readline(65536)
+                if not line:
+                    return
+                head += line
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)}
+            method, target = request_line.split(" ")[:2]
+            with self._lock:
+                self.requests.append(f"{method} {target}")
+                self._held += 1
+                self.max_held = max(self.max_held, self._held)
+            time.sleep(self.delay)
+            with self._lock:
+                self._held -= 1
+            dst.sendall(head)
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                while True:
+                    size_line = reader.readline(65536)
+                    dst.sendall(size_line)
+                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        break
+                    dst.sendall(reader.read(size + 2))  # the chunk and its CRLF
+                trailer = None
+                while trailer not in (b"\r\n", b""):  # trailers (checksums), then the empty line
+                    trailer = reader.readline(65536)
+                    dst.sendall(trailer)
+            elif int(headers.get("content-length", "0")):
+                dst.sendall(reader.read(int(headers["content-length"])))

@@ -351,9 +351,10 @@ class Store:
         protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
         single = False
         with storage_errors(f"listing {uri}"):
-            if not fs.exists(path):
-                raise StorageError(f"input {uri} does not exist", retryable=False)
-            info = fs.info(path)
+            try:
+                info = fs.info(path)  # one look (S3: a HEAD, then a one-key listing for a folder)
+            except FileNotFoundError:
+                raise StorageError(f"input {uri} does not exist", retryable=False) from None
             if info.get("type") == "file":
                 entries = {path: info}
                 root = os.path.dirname(path.rstrip("/"))
