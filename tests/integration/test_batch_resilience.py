@@ -11,6 +11,8 @@ command, which is killed with SIGKILL; every process started here is stopped by 
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -662,3 +664,54 @@ def test_bad_job_fails_fast_on_the_command_line_writing_nothing(
     for word in job.words:
         assert word in message
     job.untouched()
+
+
+# --- 5. many small objects on S3 -----------------------------------------------------------------------------
+
+
+def output_objects(s3: Any, bucket: str, prefix: str) -> list[str]:
+    """Every object key under ``prefix`` (one paginated listing, straight from moto)."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+@pytest.mark.slow
+def test_5000_small_s3_objects_are_packed_into_chunks_resumed_after_sigkill_each_record_once(
+    tmp_path: Path, prefect_api: str, direct: dict[str, Any], unique: str
+) -> None:
+    files, per_file = 5_000, 3
+    data, ids, bad = make_records(files * per_file, pad=60)
+    lines = data.splitlines(keepends=True)
+    bucket = f"many-{unique}"
+    s3 = direct["s3"]
+    s3.create_bucket(Bucket=bucket)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: s3.put_object(Bucket=bucket, Key=f"in/part-{n:05d}.jsonl",
+                                              Body=b"".join(lines[n * per_file : (n + 1) * per_file])),
+                      range(files)))  # fmt: skip
+    config = write_config(tmp_path, batch_config={"max_batch_size": 32})
+    out = f"s3://{bucket}/out"
+    cli = Cli(tmp_path, prefect_api)
+    args = [f"s3://{bucket}/in/", out, "--config", str(config), "--id-field", "id", "--json"]
+
+    cli.start_and_kill(Output(out, s3), *args)
+    summary = cli.summary(*args)
+
+    assert 2 <= summary["chunks_skipped"] < summary["chunks"]
+    check_invariant(out, ids, bad, summary)
+    # what the output costs grows with the chunks, not the files: per chunk a part file (when a record succeeded), a
+    # failure file (when one failed), the id hashes and the marker; per job _job.json and _manifest.json; per run
+    # of it (two here) a lease
+    written = output_objects(s3, bucket, "out/")
+    kinds = collections.Counter(re.sub(r"\d{5,}", "N", key.removeprefix("out/")) for key in written)
+    chunks = summary["chunks"]
+    assert chunks <= files // 50, f"{chunks} chunks for {files} small files: they were not packed"
+    assert kinds["_chunks/N.json"] == kinds["_ids/N.npz"] == chunks
+    assert kinds["part-N.jsonl"] <= chunks
+    assert kinds["_failures/part-N.jsonl"] <= chunks
+    assert (kinds["_job.json"], kinds["_manifest.json"], kinds["_lease/N.json"]) == (1, 1, 2)
+    expected = {"part-N.jsonl", "_failures/part-N.jsonl", "_chunks/N.json", "_ids/N.npz", "_job.json",
+                "_manifest.json", "_lease/N.json"}  # fmt: skip
+    assert set(kinds) <= expected, f"objects of other kinds: {set(kinds) - expected}"
+    assert len(written) <= 4 * chunks + 4
+    print(f"{files} objects, {len(ids)} records: {chunks} chunks, {len(written)} objects written: {dict(kinds)}")
