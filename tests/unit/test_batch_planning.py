@@ -40,8 +40,8 @@ def iter_batches(chunk: ChunkSpec, batch_size: int) -> Iterator[Batch]:
 def read_all(chunks: list[ChunkSpec], batch_size: int) -> list[tuple[int, Any]]:
     """(position, payload) of every record of every chunk, in chunk order."""
     out: list[tuple[int, Any]] = []
-    for chunk in chunks:
-        for positions, payloads in iter_batches(chunk, batch_size):
+    for piece in (piece for chunk in chunks for piece in chunk.pieces()):
+        for positions, payloads in iter_batches(piece, batch_size):
             assert len(positions) == len(payloads)
             assert 0 < len(positions) <= batch_size
             out.extend(zip(positions, payloads, strict=True))
@@ -318,6 +318,43 @@ def test_chunks_are_numbered_across_files_in_listing_order(tmp_path: Path) -> No
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert [c.key for c in chunks] == ["a.jsonl"] * 3 + ["b.jsonl"] * 3
     assert {c.job_id for c in chunks} == {"job"}
+
+
+def test_small_files_share_a_chunk_up_to_chunk_size_in_listing_order(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for n in range(10):
+        (tmp_path / "in" / f"f{n}.jsonl").write_bytes(b'{"x": 1}\n' * 3)  # 27 bytes each
+    chunks = plan_chunks(list_dataset(str(tmp_path / "in")), chunk_size=100, job_id="job")
+    assert [[p.key for p in c.pieces()] for c in chunks] == [
+        ["f0.jsonl", "f1.jsonl", "f2.jsonl"], ["f3.jsonl", "f4.jsonl", "f5.jsonl"],
+        ["f6.jsonl", "f7.jsonl", "f8.jsonl"], ["f9.jsonl"],
+    ]  # fmt: skip
+    assert [(c.index, c.size) for c in chunks] == [(0, 27), (1, 27), (2, 27), (3, 27)]  # the first piece's fields
+    assert all(p.job_id == "job" and p.index == c.index for c in chunks for p in c.pieces())
+    assert [pos for pos, _ in read_all(chunks, batch_size=2)] == [0, 9, 18] * 10
+
+
+def test_a_part_of_about_chunk_size_stays_alone_and_a_files_ranges_never_share_a_chunk(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b'{"x": 1}\n' * 2)  # 18 bytes
+    (tmp_path / "in" / "b.jsonl").write_bytes(b'{"x": 1}\n' * 11)  # 99 bytes: two ranges of 50 and 49
+    (tmp_path / "in" / "c.jsonl").write_bytes(b'{"x": 1}\n' * 2)
+    chunks = plan_chunks(list_dataset(str(tmp_path / "in")), chunk_size=60, job_id="job")
+    assert [[(p.key, p.size) for p in c.pieces()] for c in chunks] == [
+        [("a.jsonl", 18)], [("b.jsonl", 50)], [("b.jsonl", 49)], [("c.jsonl", 18)]
+    ]  # fmt: skip
+    big = plan_chunks(list_dataset(str(tmp_path / "in")), chunk_size=200, job_id="job")
+    assert [[p.key for p in c.pieces()] for c in big] == [["a.jsonl", "b.jsonl", "c.jsonl"]]
+
+
+def test_a_chunk_holds_at_most_max_pieces_files(tmp_path: Path) -> None:
+    from modalkit.batch.formats import InputFile, Part
+    from modalkit.batch.planning import MAX_PIECES, pack_parts
+    from modalkit.iomodel import ByteRange
+
+    planned = [(InputFile(f"{n}.jsonl", f"{n}.jsonl", 1, ""), [Part(ByteRange(), 1)]) for n in range(MAX_PIECES + 5)]
+    chunks = pack_parts(planned, chunk_size=10**9)
+    assert [len(c.pieces()) for c in chunks] == [MAX_PIECES, 5]
 
 
 def test_unsupported_extension_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
