@@ -35,6 +35,7 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import quote  # a task argument Prefect passes on without walking it (see below)
 
 from flows.monitoring import emit_job_event, job_report, label_run
 from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
@@ -207,7 +208,7 @@ def build_batch_flow(
             raise
         with _Closing(runner):  # the workers exit while the manifest and the artifacts are written
             failed = [(index, str(exc)) for index, exc in errors]
-            summary = finalize(plan, results, time.perf_counter() - job.started, failed, store)
+            summary = finalize(quote(plan), results, time.perf_counter() - job.started, failed, store)
             _publish_summary(summary, errors)
             create_markdown_artifact(
                 job_report(summary, results, errors, job_config.max_failure_rate),
@@ -245,12 +246,12 @@ def _planner(runner_factory: RunnerFactory, store: Store) -> JobStarter:
         runner = runner_factory(settings, settings.model_settings.entry(model_name)[0], job_config)
         try:
             plan = plan_chunks(settings, input_uri, output_uri, model_name, job_config, store)
-            lease = claim_output(plan, store, job_config.lease_seconds, _flow_run_id())
+            lease = claim_output(quote(plan), store, job_config.lease_seconds, _flow_run_id())
         except BaseException:
             runner.cancel()
             raise
         try:
-            return StartedJob(plan, runner, committed_chunks(plan, store), started, lease)
+            return StartedJob(plan, runner, committed_chunks(quote(plan), store), started, lease)
         except BaseException:
             runner.cancel()
             lease.release()
@@ -332,7 +333,9 @@ def _run_chunks(
             if lease is not None:
                 lease.check()
             chunk = pending.popleft()
-            future = chunk_task.submit(runner, plan.job, chunk)
+            # quote(): Prefect walks every task argument for futures, object by object; a plan holds every chunk and
+            # every packed file (600,000 objects at 20,000 files: 22 s of a no-op rerun), a packed chunk 1,000 files
+            future = chunk_task.submit(runner, plan.job, quote(chunk))
             running[future.wrapped_future] = (future, chunk)
         if not running:
             break
