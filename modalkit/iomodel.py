@@ -16,7 +16,15 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from modalkit.settings import BatchConfig, JobConfig
 
@@ -25,6 +33,7 @@ __all__ = [
     "AsyncInputModel",
     "AsyncOutputModel",
     "ByteRange",
+    "ChunkPiece",
     "ChunkResult",
     "ChunkSpec",
     "CsvCut",
@@ -302,11 +311,36 @@ class RowGroups(BaseModel):
 Extent = Annotated[ByteRange | CsvRows | RowGroups, Field(discriminator="kind")]
 
 
+class ChunkPiece(BaseModel):
+    """One piece of a packed chunk after its first: a whole small file, or a range of a large one."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str = Field(description="The input file (s3://..., file://... or a local path).")
+    key: str = Field(description="The file's key relative to the input root; the prefix of default record ids.")
+    format: str = Field(description="The input format plug-in that reads it: jsonl, csv or parquet.")
+    compression: str | None = Field(None, description="The codec the file is compressed with (gzip), if any.")
+    extent: Extent = Field(description="Which part of the file: a byte range, CSV rows or Parquet row groups.")
+    size: int = Field(0, ge=0, description="Approximate input bytes of the piece.")
+
+
 class ChunkSpec(BaseModel):
-    """A reference to one chunk of the input: which part of which file (its :data:`Extent`), and where it reads.
+    """A reference to one chunk of the input: which part of which file (its :data:`Extent`), and where it reads;
+    a chunk packed from several small files holds the others in ``more`` (:meth:`pieces` gives them all).
 
     Travels between processes and to Modal workers as JSON (``model_dump(mode="json")``/``model_validate``); never
-    carries record data.
+    carries record data. A chunk of one piece dumps without ``more``: its JSON is what it was before chunks were
+    packed, so markers and workers of earlier versions read it as they did.
+
+    Example:
+        >>> from modalkit.iomodel import ByteRange, ChunkPiece, ChunkSpec
+        >>> one = ChunkSpec(job_id="j", index=0, uri="a.jsonl", key="a.jsonl", format="jsonl", extent=ByteRange())
+        >>> "more" in one.model_dump()
+        False
+        >>> two = one.model_copy(update={"more": (ChunkPiece(uri="b.jsonl", key="b.jsonl", format="jsonl",
+        ...                                                  extent=ByteRange()),)})
+        >>> [p.key for p in two.pieces()]
+        ['a.jsonl', 'b.jsonl']
     """
 
     model_config = ConfigDict(frozen=True)
@@ -318,7 +352,27 @@ class ChunkSpec(BaseModel):
     format: str = Field(description="The input format plug-in that reads it: jsonl, csv or parquet.")
     compression: str | None = Field(None, description="The codec the file is compressed with (gzip), if any.")
     extent: Extent = Field(description="Which part of the file: a byte range, CSV rows or Parquet row groups.")
-    size: int = Field(0, ge=0, description="Approximate input bytes of the chunk (for progress and balance).")
+    size: int = Field(
+        0, ge=0, description="Approximate input bytes of the chunk, all its pieces (for progress and balance)."
+    )
+    more: tuple[ChunkPiece, ...] = Field(
+        (), description="The chunk's other pieces, in listing order, when small files were packed into it."
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_empty_more(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if not self.more and isinstance(data, dict):
+            data.pop("more", None)  # a one-piece chunk's JSON stays what it was before packing
+        return data
+
+    def pieces(self) -> list[ChunkSpec]:
+        """Every piece of the chunk, in reading order, each as a one-piece ChunkSpec of this chunk (its job id and
+        index), which a format reads like any chunk."""
+        if not self.more:
+            return [self]
+        first = self.model_copy(update={"more": (), "size": max(0, self.size - sum(p.size for p in self.more))})
+        return [first, *(ChunkSpec(job_id=self.job_id, index=self.index, **dict(p)) for p in self.more)]
 
 
 class ChunkResult(BaseModel):

@@ -302,8 +302,11 @@ class BatchWorker:
         from modalkit.iomodel import ChunkSpec, JobSpec
 
         try:
-            result = self._processor.process(JobSpec.model_validate(job), ChunkSpec.model_validate(chunk))
+            spec = ChunkSpec.model_validate(chunk)
+            result = self._processor.process(JobSpec.model_validate(job), spec)
         except DeviceError:
             replace_container()  # the flow retries the chunk (nothing was committed) on another container
             raise
-        return result.model_dump(mode="json")
+        # "pieces": the files this worker read, so that the flow can tell a worker of a version before packed chunks
+        # (which would read only a packed chunk's first file) from this one
+        return {**result.model_dump(mode="json"), "pieces": len(spec.pieces())}

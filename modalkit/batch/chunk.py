@@ -30,7 +30,9 @@ from modalkit.batch.failure_log import FailureLog
 from modalkit.batch.formats import Unreadable, format_named
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
+from modalkit.batch.readahead import read_ahead
 from modalkit.batch.record_ids import REPLAY_ID_KEY, IdPolicy, Parsed, Rejected
+from modalkit.batch.repeats import IdHashes
 from modalkit.batch.storage import Store, default_store
 from modalkit.batch.writers import FailureWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
@@ -102,7 +104,9 @@ class ChunkProcessor:
             finally:
                 if run.crash_log is not None:
                     run.crash_log.close()
-            run.format.prove_start(chunk, lambda: set(layout.committed_indices(store)), store)  # before any commit
+            committed = _once(lambda: set(layout.committed_indices(store)))
+            for piece in chunk.pieces():  # before any commit
+                format_named(piece.format).prove_start(piece, committed, store)
             # nothing empty is written: no part file without a success, no failure file without a failure (the
             # marker says which it wrote); a chunk that owns no record (a cut inside one long line) leaves only its
             # marker
@@ -112,8 +116,8 @@ class ChunkProcessor:
                     store.upload_file(path, uri)
                 elif counts["records"]:  # one that an earlier attempt wrote (lost before its marker) would be read
                     store.delete(uri)  # as this chunk's: one existence check (S3: a HEAD), nothing written
-            if counts["records"] and run.ids.hashes is not None:  # before the marker: every committed chunk has its ids
-                run.ids.hashes.write(layout.ids(chunk.index), store)
+            if counts["records"] and run.hashes is not None:  # before the marker: every committed chunk has its ids
+                run.hashes.write(layout.ids(chunk.index), store)
             if sender is not None:  # the records go out only now that the files holding them are durable
                 sender.close()
         except BaseException:
@@ -194,9 +198,36 @@ def _json_error(line: bytes, pos: int, exc: orjson.JSONDecodeError) -> RecordErr
     return RecordError("parse", "JSONDecodeError", f"invalid JSON: {exc}")
 
 
+def _once(fn: Callable[[], set[int]]) -> Callable[[], set[int]]:
+    """``fn``, called at most once (a listing that several pieces may ask for)."""
+    found: list[set[int]] = []
+
+    def call() -> set[int]:
+        if not found:
+            found.append(fn())
+        return found[0]
+
+    return call
+
+
 def marker_identity(job_id: str, chunk: ChunkSpec) -> dict[str, Any]:
-    """What a commit marker says it commits: the job, the file's key and the chunk's extent (which part of it)."""
-    return {"job_id": job_id, "key": chunk.key, "extent": chunk.extent.model_dump(mode="json")}
+    """What a commit marker says it commits: the job, the file's key and the chunk's extent (which part of it), and
+    for a packed chunk its other pieces (``more``: each one's key and extent). A one-piece chunk's identity is what
+    it was before chunks were packed."""
+    identity: dict[str, Any] = {"job_id": job_id, "key": chunk.key, "extent": chunk.extent.model_dump(mode="json")}
+    if chunk.more:
+        identity["more"] = [{"key": p.key, "extent": p.extent.model_dump(mode="json")} for p in chunk.more]
+    return identity
+
+
+def _more_of(data: Any) -> list[tuple[Any, Extent]] | None:
+    """The ``more`` pieces a marker names, as (key, extent) pairs; None when they are not pieces."""
+    if not isinstance(data, list):
+        return None
+    try:
+        return [(p.get("key"), _EXTENT.validate_python(p.get("extent"))) for p in data]
+    except (AttributeError, ValidationError):
+        return None
 
 
 _EXTENT: TypeAdapter[Extent] = TypeAdapter(Extent)
@@ -218,12 +249,18 @@ def _commits(data: Any, job_id: str, chunk: ChunkSpec) -> tuple[bool, dict[str, 
     if not isinstance(data, dict):
         return False, {"job_id": None}
     if "extent" in data:
-        theirs = {k: data.get(k) for k in ("job_id", "key", "extent")}
+        theirs = {k: data.get(k) for k in ("job_id", "key", "extent", "more")}
         try:
             extent = _EXTENT.validate_python(theirs["extent"])
         except ValidationError:
             return False, theirs
-        return (theirs["job_id"], theirs["key"], extent) == (job_id, chunk.key, chunk.extent), theirs
+        more = _more_of(theirs.pop("more") or [])
+        if more:
+            theirs["more"] = data["more"]
+        pieces = [(p.key, p.extent) for p in chunk.more]
+        return (theirs["job_id"], theirs["key"], extent, more) == (job_id, chunk.key, chunk.extent, pieces), theirs
+    if chunk.more:
+        return False, {k: data.get(k) for k in ("job_id", "key", "start", "end")}
     mine = _legacy_identity(job_id, chunk)
     # markers written before row_groups and first_row were recorded hold only the job, key and byte range
     theirs = {k: data.get(k, mine[k] if k in ("row_groups", "first_row") else None) for k in mine}
@@ -234,7 +271,8 @@ def read_marker(marker_uri: str, job_id: str, chunk: ChunkSpec, store: Store) ->
     """The result a commit marker recorded, as a skipped chunk's result (resume).
 
     A marker is honoured only when it commits this very chunk of this very job: the same job id, file key and
-    extent. A marker written before extents were typed (flat ``start``/``end``/``row_groups``/``first_row``) is
+    extent, and for a packed chunk the same other pieces (keys and extents, in order). A marker written before
+    extents were typed (flat ``start``/``end``/``row_groups``/``first_row``) is
     compared on those fields, as it was then.
 
     Raises:
@@ -264,15 +302,43 @@ def _describe(identity: dict[str, Any]) -> str:
         part = f"row groups {list(where.get('groups') or where.get('row_groups') or [])}"
     else:
         part = f"bytes {where.get('start')}-{'end' if where.get('end') is None else where['end']}"
-    return f"job {identity.get('job_id')}, {identity.get('key')} {part}"
+    more = identity.get("more")
+    files = f" and {len(more)} more file{'s' if len(more) > 1 else ''}" if isinstance(more, list) and more else ""
+    return f"job {identity.get('job_id')}, {identity.get('key')} {part}{files}"
+
+
+class _Piece:
+    """One file (or range of one) of the chunk being read, with what its records need: its format, how its rows
+    are fitted to the input model, and its id policy (ids from positions name its key)."""
+
+    __slots__ = ("fitter", "format", "ids", "key", "spec")
+
+    def __init__(self, run: _ChunkRun, spec: ChunkSpec) -> None:
+        self.spec = spec
+        self.key = spec.key
+        self.format = format_named(spec.format)
+        #: how a record read as text (a CSV row) is fitted to the input model; None for typed formats
+        self.fitter = self.format.fitter(spec, run.proc.input_model, run.job.id_field)
+        self.ids = IdPolicy(run.job.job_id, spec.key, run.job.id_field, self.where, run.hashes)
+
+    def where(self, pos: int) -> str:
+        # the piece's format, not the key's suffix (which may be upper case)
+        return f"{self.key} at {self.format.position} {pos}"
+
+
+#: A run of consecutive records of one piece in a sub-batch: the piece, their positions and their payloads.
+_Segment = tuple[_Piece, list[int], list[Any]]
 
 
 class _ChunkRun:
     """The state of one chunk being processed (kept off the processor so a worker can run chunk after chunk).
 
-    Each sub-batch goes through the same steps, each once for the whole sub-batch: parse, ids (the id policy),
-    validate, run the pipeline (under the crash guard when there is one), then the successes become part rows and
-    success records; every record that fails at a step goes to the failure log.
+    The chunk's pieces (one file, or several small ones packed) are read one after the other into sub-batches of
+    ``max_batch_size`` records that may span pieces, so the pipeline sees full batches however small the files.
+    Each sub-batch goes through the same steps: parse, ids (each piece's id policy), validate, piece by piece; run
+    the pipeline (under the crash guard when there is one) once for the whole sub-batch; then the successes become
+    part rows and success records; every record that fails at a step goes to the failure log, under its own file.
+    A record's ordinal counts the records of the whole chunk, across pieces.
     """
 
     def __init__(
@@ -289,15 +355,15 @@ class _ChunkRun:
         self.job = job
         self.chunk = chunk
         self.sender = sender
-        self.format = format_named(chunk.format)
         self.part_path = os.path.join(staging, "part")
         self.failures_path = os.path.join(staging, "failures")
         self.succeeded = 0
         self.ordinal = 0
-        self.ids = IdPolicy(job.job_id, chunk.key, job.id_field, self._where)
-        #: how a record read as text (a CSV row) is fitted to the input model; None for typed formats
-        self.fitter = self.format.fitter(chunk, proc.input_model, job.id_field)
-        self.failures = FailureLog(job.job_id, chunk.key, self._where, sender)
+        #: the hashes of the ids from the data (with an id_field) of every piece, for the job-wide repeat check
+        self.hashes = IdHashes(chunk.key) if job.id_field is not None else None
+        first = _Piece(self, chunk.pieces()[0])
+        self.failures = FailureLog(job.job_id, first.key, first.where, sender)
+        self._first = first
         self._job_json = orjson.dumps(job.job_id)
 
     def execute(self) -> dict[str, int]:
@@ -310,8 +376,11 @@ class _ChunkRun:
                 record_id_type(self.proc.input_model, job.id_field),
             )  # fmt: skip
             closing.callback(part.close)
-            for positions, payloads in self.format.read(chunk, job.max_batch_size, self.proc.store):
-                successes = self._sub_batch(positions, payloads)
+            ahead = read_ahead(self.proc.store, chunk)  # many small remote files: fetched side by side
+            if ahead is not None:
+                closing.callback(ahead.close)
+            for segments in self._sub_batches(ahead or self.proc.store):
+                successes = self._sub_batch(segments)
                 part.write(successes)
                 self.succeeded += len(successes)
                 failures.write(self.failures.take_lines())
@@ -319,31 +388,72 @@ class _ChunkRun:
                     self.sender.end_window(self.ordinal)
         return {"records": self.ordinal, "succeeded": self.succeeded, "failed": self.failures.failed}
 
-    def _where(self, pos: int) -> str:
-        # the chunk's format, not the key's suffix (which may be upper case)
-        return f"{self.chunk.key} at {self.format.position} {pos}"
+    def _sub_batches(self, store: Store) -> Iterator[list[_Segment]]:
+        """The chunk's records in sub-batches of ``max_batch_size``, each a list of segments (one per piece it
+        spans), read piece after piece through ``store``."""
+        size = self.job.max_batch_size
+        segments: list[_Segment] = []
+        count = 0
+        for n, spec in enumerate(self.chunk.pieces()):
+            piece = self._first if n == 0 else _Piece(self, spec)
+            for positions, payloads in piece.format.read(spec, size, store):
+                while positions:
+                    room = size - count
+                    if len(positions) <= room:
+                        segments.append((piece, positions, payloads))
+                        count += len(positions)
+                        positions = []
+                    else:
+                        segments.append((piece, positions[:room], payloads[:room]))
+                        count = size
+                        positions, payloads = positions[room:], payloads[room:]
+                    if count == size:
+                        yield segments
+                        segments, count = [], 0
+        if segments:
+            yield segments
 
-    def _sub_batch(self, positions: list[int], payloads: list[Any]) -> list[Success]:
-        parsed, rejected = self._parse(positions, payloads)
-        ids, kept, bad_ids = self.ids.assign(parsed)
-        if bad_ids:  # failure rows in record order, as the records came
-            rejected = sorted(rejected + bad_ids, key=lambda r: r.ordinal) if rejected else bad_ids
-        for reject in rejected:
-            self.failures.add(*reject)
-        models, ids, kept = self._validate(ids, kept)
+    def _sub_batch(self, segments: list[_Segment]) -> list[Success]:
+        failures = self.failures
+        prepared: list[tuple[_Piece, list[Any], list[Parsed]]] = []
+        models: list[BaseModel] = []
+        for piece, positions, payloads in segments:
+            failures.use(piece.key, piece.where)
+            parsed, rejected = self._parse(piece, positions, payloads)
+            ids, kept, bad_ids = piece.ids.assign(parsed)
+            if bad_ids:  # failure rows in record order, as the records came
+                rejected = sorted(rejected + bad_ids, key=lambda r: r.ordinal) if rejected else bad_ids
+            for reject in rejected:
+                failures.add(*reject)
+            valid, ids, kept = self._validate(piece, ids, kept)
+            if valid:
+                models.extend(valid)
+                prepared.append((piece, ids, kept))
         if not models:
             return []
         pipeline = self.proc.pipeline
         if self.crash_log is None:
-            return self._outcomes(ids, kept, run_isolated(pipeline, models))
-        positions = [pos for _, pos, _ in kept]
-        outcomes = run_guarded(lambda some: run_isolated(pipeline, some), models, positions, self.crash_log)
-        return self._outcomes(ids, kept, outcomes)
+            outcomes = run_isolated(pipeline, models)
+        else:  # records by their ordinal: unique in the chunk (positions repeat across its files)
+            ordinals = [ordinal for _, _, kept in prepared for ordinal, _, _ in kept]
+            outcomes = run_guarded(lambda some: run_isolated(pipeline, some), models, ordinals, self.crash_log)
+        if len(prepared) == 1:
+            piece, ids, kept = prepared[0]
+            failures.use(piece.key, piece.where)
+            return self._outcomes(piece.key, ids, kept, outcomes)
+        successes: list[Success] = []
+        start = 0
+        for piece, ids, kept in prepared:
+            failures.use(piece.key, piece.where)
+            successes += self._outcomes(piece.key, ids, kept, outcomes[start : start + len(kept)])
+            start += len(kept)
+        return successes
 
-    def _parse(self, positions: list[int], payloads: list[Any]) -> tuple[list[Parsed], list[Rejected]]:
-        """The records of a sub-batch as data, numbered in the chunk; those that do not parse, rejected."""
+    def _parse(self, piece: _Piece, positions: list[int], payloads: list[Any]) -> tuple[list[Parsed], list[Rejected]]:
+        """The records of a segment as data, numbered in the chunk; those that do not parse, rejected."""
         loads = orjson.loads
-        fit = self.fitter.fit if self.fitter is not None else None
+        fit = piece.fitter.fit if piece.fitter is not None else None
+        position_id = piece.ids.position_id
         parsed: list[Parsed] = []
         rejected: list[Rejected] = []
         ordinal = self.ordinal
@@ -353,10 +463,10 @@ class _ChunkRun:
                     parsed.append((ordinal, pos, loads(payload)))
                 except orjson.JSONDecodeError as exc:
                     error = _json_error(payload, pos, exc)
-                    rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload))
+                    rejected.append(Rejected(ordinal, position_id(pos), pos, error, payload))
             elif type(payload) is Unreadable:
                 error = RecordError("parse", payload.error_type, payload.error)
-                rejected.append(Rejected(ordinal, self.ids.position_id(pos), pos, error, payload.raw.rstrip("\r\n")))
+                rejected.append(Rejected(ordinal, position_id(pos), pos, error, payload.raw.rstrip("\r\n")))
             elif fit is not None:
                 parsed.append((ordinal, pos, fit(payload)))
             else:
@@ -365,8 +475,10 @@ class _ChunkRun:
         self.ordinal = ordinal
         return parsed, rejected
 
-    def _validate(self, ids: list[Any], kept: list[Parsed]) -> tuple[list[BaseModel], list[Any], list[Parsed]]:
-        """Validate a sub-batch in one call; only when it holds an invalid record, record by record."""
+    def _validate(
+        self, piece: _Piece, ids: list[Any], kept: list[Parsed]
+    ) -> tuple[list[BaseModel], list[Any], list[Parsed]]:
+        """Validate a segment in one call; only when it holds an invalid record, record by record."""
         try:
             return self.proc.validate_many([data for _, _, data in kept]), ids, kept
         except ValidationError:
@@ -379,8 +491,8 @@ class _ChunkRun:
                 models.append(validate_one(data))
             except ValidationError as exc:
                 described = describe_validation_error(exc)
-                if self.fitter is not None:
-                    described = self.fitter.describe(data, described)
+                if piece.fitter is not None:
+                    described = piece.fitter.describe(data, described)
                 error = RecordError("validate", "ValidationError", described)
                 self.failures.add(ordinal, record_id, pos, error, data)
                 continue
@@ -388,11 +500,12 @@ class _ChunkRun:
             good_kept.append(record)
         return models, good_ids, good_kept
 
-    def _outcomes(self, ids: list[Any], kept: list[Parsed], outcomes: list[Any]) -> list[Success]:
-        """The successes of a sub-batch (their queue records handed to the sender); failures to the failure log."""
+    def _outcomes(self, key: str, ids: list[Any], kept: list[Parsed], outcomes: list[Any]) -> list[Success]:
+        """The successes of file ``key``'s records in a sub-batch (their queue records handed to the sender);
+        failures to the failure log."""
         serializer = self.proc.output_model.__pydantic_serializer__
         sender = self.sender
-        job_id, key = self.job.job_id, self.chunk.key
+        job_id = self.job.job_id
         successes: list[Success] = []
         for record_id, (ordinal, pos, data), outcome in zip(ids, kept, outcomes, strict=True):
             if type(outcome) is RecordError:
@@ -401,7 +514,7 @@ class _ChunkRun:
             body = serializer.to_json(outcome, exclude=OUTPUT_ENVELOPE)
             successes.append(Success(record_id, outcome, body))
             if sender is not None:
-                meta = orjson.dumps({"key": self.chunk.key, "position": pos})
+                meta = orjson.dumps({"key": key, "position": pos})
                 message = SUCCESS_BODY % (self._job_json, orjson.dumps(record_id), body, meta)
                 sender.add("success", ordinal, dedup_id(job_id, key, pos), message)
         return successes

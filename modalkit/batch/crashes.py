@@ -2,7 +2,8 @@
 whole chunk.
 
 A worker that runs a chunk under a :class:`CrashPlan` writes a breadcrumb to a local file before each pipeline call:
-which records (by position) are in flight. When the process dies, the runner reads the breadcrumb and runs the chunk
+which records (by their ordinal in the chunk: a record's position repeats across the files of a packed chunk, its
+ordinal does not) are in flight. When the process dies, the runner reads the breadcrumb and runs the chunk
 again with a narrower plan: a sub-batch that was in flight at two deaths in a row is run one record at a time
 (``careful``), and a record that was alone in flight at a death is not run again but failed with
 ``error_type: WorkerCrashed`` (``killers``). The other records of the chunk are scored as usual.
@@ -26,7 +27,7 @@ WORKER_CRASHED = "WorkerCrashed"
 
 @dataclass(frozen=True)
 class CrashPlan:
-    """How a worker runs a chunk that has killed workers before (positions are the records' positions)."""
+    """How a worker runs a chunk that has killed workers before (records by their ordinal in the chunk)."""
 
     breadcrumb: str
     careful: frozenset[int] = frozenset()

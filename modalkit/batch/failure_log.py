@@ -33,7 +33,7 @@ class FailureLog:
 
     Args:
         job_id: The job.
-        key: The file's key (each record's ``meta.key``).
+        key: The file's key (each record's ``meta.key``); a chunk of several files names each with :meth:`use`.
         where: Describes a position in the file (``a.jsonl at byte 120``); it starts each record's ``error``.
         sender: Where failure records are spooled for the failure queue, or None.
     """
@@ -48,6 +48,11 @@ class FailureLog:
         self.error_examples: dict[str, str] = {}
         self._job_json = orjson.dumps(job_id)
         self._lines: list[bytes] = []
+
+    def use(self, key: str, where: Callable[[int], str]) -> None:
+        """Log the next failures as records of file ``key`` (a packed chunk reads several files)."""
+        self.key = key
+        self.where = where
 
     def add(self, ordinal: int, record_id: Any, pos: int, error: RecordError, data: Any) -> None:
         """Log one failed record: its row, its queue record, its count."""

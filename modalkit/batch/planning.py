@@ -1,8 +1,10 @@
 """Listing an input dataset and cutting it into chunks, without reading record bodies.
 
-Each file's name picks its format plug-in (:mod:`modalkit.batch.formats`), which plans it: JSONL into equal byte
-ranges of at most ``chunk_size`` aligned to line ends, CSV whole (or like JSONL with ``split_csv``), Parquet along
-row groups, compressed files whole. Chunks are numbered across files in listing order.
+Each file's name picks its format plug-in (:mod:`modalkit.batch.formats`), which plans it into parts: JSONL into
+equal byte ranges of at most ``chunk_size`` aligned to line ends, CSV whole (or like JSONL with ``split_csv``),
+Parquet along row groups, compressed files whole. The parts are then packed into chunks in listing order: small
+files share a chunk up to ``chunk_size`` bytes (and ``MAX_PIECES`` files), so a dataset of many small files is a
+few chunks, not one a file. Chunks are numbered in listing order.
 
 The job id hashes the listing (keys, sizes, S3 ETags or local content hashes), the model and the parameters that
 shape the results, so the same job run twice gets the same id, and its committed chunks are skipped; touching a
@@ -33,9 +35,9 @@ import orjson
 from modalkit.batch.formats import InputFile, Part, PlanOptions, detect, format_named, supported_suffixes
 from modalkit.batch.storage import Store, StoredFile, default_store, is_remote
 from modalkit.exceptions import ConfigError, StorageError, storage_errors
-from modalkit.iomodel import ChunkSpec
+from modalkit.iomodel import ChunkPiece, ChunkSpec
 
-__all__ = ["InputFile", "job_id_for", "list_dataset", "plan_chunks", "plan_files"]
+__all__ = ["MAX_PIECES", "InputFile", "job_id_for", "list_dataset", "pack_parts", "plan_chunks", "plan_files"]
 
 #: Files planned at once (a Parquet footer, a CSV header: S3 GETs are slow one by one, fast side by side).
 PLAN_READERS = 16
@@ -88,25 +90,58 @@ def plan_chunks(
     """Cut ``files`` into chunks of about ``chunk_size`` bytes, numbered in listing order; headers and footers are
     read through ``store`` (by default the process's).
 
-    CSV files are cut only with ``split_csv`` (see :mod:`modalkit.batch.formats.csv`).
+    Each file is planned on its own into parts (its format's plan), then the parts are packed into chunks
+    (:func:`pack_parts`): small files share a chunk. CSV files are cut only with ``split_csv`` (see
+    :mod:`modalkit.batch.formats.csv`).
     """
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
     options = PlanOptions(chunk_size=chunk_size, split_csv=split_csv)
+    planned = zip(files, plan_files(files, options, store or default_store()), strict=True)
+    return pack_parts(list(planned), chunk_size, job_id)
+
+
+#: The most pieces (files, or ranges of files) one chunk holds, whatever their size. Each piece costs the chunk
+#: an open (a GET on S3) and its (key, extent) in the chunk's reference and commit marker (about 100 bytes), and a
+#: chunk is what a failure retries whole: 1,000 pieces make 1,000 files of 5 records 2 chunks of 2,500 records
+#: (3 objects a chunk where each file made 2 or 3), a chunk reference and a marker of about 100 KB, and a retry
+#: that reads 1,000 files again, not 10,000.
+MAX_PIECES = 1000
+
+
+def pack_parts(
+    planned: Sequence[tuple[InputFile, Sequence[Part]]], chunk_size: int, job_id: str = ""
+) -> list[ChunkSpec]:
+    """Chunks from each file's planned parts, in listing order: the next part joins the current chunk while the
+    chunk's size stays within ``chunk_size`` (a part of about ``chunk_size`` stays alone), it holds fewer than
+    ``MAX_PIECES`` pieces, and it holds no other part of the same file (so a record's ``(key, position)`` is unique
+    in its chunk, and the parts of a cut file are in consecutive chunks, as the CSV check of ``split_csv`` needs).
+
+    Example:
+        >>> from modalkit.iomodel import ByteRange
+        >>> small = [(InputFile(f"{n}.jsonl", f"{n}.jsonl", 40, ""), [Part(ByteRange(), 40)]) for n in "abc"]
+        >>> [[p.key for p in c.pieces()] for c in pack_parts(small, chunk_size=100)]
+        [['a.jsonl', 'b.jsonl'], ['c.jsonl']]
+    """
     chunks: list[ChunkSpec] = []
-    for f, parts in zip(files, plan_files(files, options, store or default_store()), strict=True):
-        for extent, size in parts:
-            spec = ChunkSpec(
-                job_id=job_id,
-                index=len(chunks),
-                uri=f.uri,
-                key=f.key,
-                format=f.format,
-                compression=f.compression,
-                extent=extent,
-                size=size,
-            )
-            chunks.append(spec)
+    pieces: list[ChunkPiece] = []
+    size = 0
+
+    def close() -> None:
+        first, *more = pieces
+        whole = {**dict(first), "size": size}  # the chunk's size is all its pieces' (progress, dispatch order)
+        chunks.append(ChunkSpec(job_id=job_id, index=len(chunks), **whole, more=tuple(more)))
+
+    for f, parts in planned:
+        for extent, part_size in parts:
+            if pieces and (size + part_size > chunk_size or len(pieces) >= MAX_PIECES or pieces[-1].key == f.key):
+                close()
+                pieces, size = [], 0
+            pieces.append(ChunkPiece(uri=f.uri, key=f.key, format=f.format, compression=f.compression,
+                                     extent=extent, size=part_size))  # fmt: skip
+            size += part_size
+    if pieces:
+        close()
     return chunks
 
 

@@ -37,16 +37,26 @@ class Rejected(NamedTuple):
 
 
 class IdPolicy:
-    """Gives the records of one chunk their ids.
+    """Gives the records of one file of a chunk their ids (a packed chunk has one policy per file: an id two of its
+    files share is a repeat across files, counted job-wide, as when the files are in two chunks).
 
     Args:
         job_id: The job.
         key: The file's key: the prefix of ids from positions.
         id_field: The field that holds the id, or None for ids from positions.
         where: Describes a position in the file (``a.jsonl at byte 120``) for error messages.
+        hashes: Where the ids from the data are hashed: a packed chunk's files share one :class:`IdHashes`, each
+            policy adding its own file to it; by default a new one for this file.
     """
 
-    def __init__(self, job_id: str, key: str, id_field: str | None, where: Callable[[int], str]) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        key: str,
+        id_field: str | None,
+        where: Callable[[int], str],
+        hashes: IdHashes | None = None,
+    ) -> None:
         self.job_id = job_id
         self.key = key
         self.id_field = id_field
@@ -56,7 +66,11 @@ class IdPolicy:
         self._seen: dict[Any, int] | None = {} if id_field is not None else None
         self._id_type: type | None = None  # the one type of the chunk's ids so far; None once there are two
         #: the hashes of the ids from the data (with an id_field), for the job-wide check of repeated ids
-        self.hashes: IdHashes | None = IdHashes(key) if id_field is not None else None
+        self.hashes: IdHashes | None = None
+        self._file = 0
+        if id_field is not None:
+            self.hashes = hashes if hashes is not None else IdHashes(key)
+            self._file = self.hashes.file(key)
 
     def position_id(self, pos: int) -> str:
         """The id of the record at ``pos`` when it has no other (``<key>:<pos>``)."""
@@ -95,7 +109,7 @@ class IdPolicy:
             ids.append(record_id)
             kept.append(record)
         if self.hashes is not None:
-            self.hashes.add(hashed, hashed_positions)
+            self.hashes.add(hashed, hashed_positions, self._file)
         return ids, kept, rejected
 
     def _record_id(self, data: Any, pos: int) -> Any:

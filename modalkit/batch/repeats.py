@@ -3,9 +3,10 @@
 Only ids from the data can repeat (``id_field``; ``<key>:<position>`` ids cannot), and only a check over the whole
 job finds a repeat across chunks or files. Each chunk hashes the id of every record that has a valid one (7 and
 "7" are one id, as on a queue) to 64 bits (:func:`hash_ids`: stable across processes and machines, unlike
-``hash()``) and writes the hashes with each record's position (its file is the chunk's) as one bookkeeping object,
-``_ids/NNNNN.npz`` (16 bytes a record, one PUT per chunk, written before the commit marker so every committed chunk
-has its hashes). When the job ends, :func:`find_repeats` reads the objects of every chunk (committed before
+``hash()``) and writes the hashes with each record's position (and in a chunk packed from several files, the
+record's file in the chunk's key table) as one bookkeeping object, ``_ids/NNNNN.npz`` (16 bytes a record, 20 in
+a packed chunk; one PUT per chunk, written before the commit marker so every committed chunk has its hashes).
+When the job ends, :func:`find_repeats` reads the objects of every chunk (committed before
 or now: a resumed job still sees them all), in memory when they fit ``MEMORY_BUDGET`` and otherwise spilled to
 local files by the hash's top bits and merged bucket by bucket, counts the hashes that occur more than once and
 keeps the first ``MAX_EXAMPLES`` in job order with their occurrences; :func:`resolve_examples` then finds their id
@@ -110,33 +111,44 @@ def _mix(values: np.ndarray) -> np.ndarray:
 
 
 class IdHashes:
-    """The id hashes of one chunk's records, with their positions; :meth:`write` stores them as one object.
+    """The id hashes of one chunk's records, with their positions and files; :meth:`write` stores them as one object.
 
     Args:
-        key: The file the records come from (a chunk of several files gives each record's file to :meth:`add`).
+        key: The chunk's first file (a packed chunk adds the others with :meth:`file`).
     """
 
     def __init__(self, key: str) -> None:
         self.keys = [key]
         self._hashes: list[np.ndarray] = []
         self._positions: list[int] = []
+        self._files: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return len(self._positions)
 
-    def add(self, ids: Sequence[Any], positions: Sequence[int]) -> None:
-        """Hash ``ids`` (valid ids from the data, repeats included) found at ``positions``."""
+    def file(self, key: str) -> int:
+        """The number of file ``key`` in this chunk's key table (added when new)."""
+        if key not in self.keys[-1:]:  # a chunk reads each file once, in order: the last key or a new one
+            self.keys.append(key)
+        return len(self.keys) - 1
+
+    def add(self, ids: Sequence[Any], positions: Sequence[int], file: int = 0) -> None:
+        """Hash ``ids`` (valid ids from the data, repeats included) found at ``positions`` of file number ``file``."""
         if ids:
             self._hashes.append(hash_ids(ids))
             self._positions.extend(positions)
+            self._files.append(np.full(len(ids), file, dtype="<u4"))
 
     def to_bytes(self) -> bytes:
-        """The ``.npz`` object: ``hash`` and ``pos`` (uint64, in record order: the merge sorts them anyway), and
-        ``keys`` (the chunk's files)."""
+        """The ``.npz`` object: ``hash`` and ``pos`` (uint64, in record order: the merge sorts them anyway), ``keys``
+        (the chunk's files) and, when there are several, ``key_index`` (uint32: each record's file in ``keys``)."""
         hashes = np.concatenate(self._hashes) if self._hashes else np.empty(0, "<u8")
         positions = np.asarray(self._positions, dtype="<u8")
+        arrays: dict[str, np.ndarray] = {"hash": hashes, "pos": positions, "keys": np.asarray(self.keys, dtype=str)}
+        if len(self.keys) > 1:  # a chunk of one file writes what it wrote before chunks were packed
+            arrays["key_index"] = np.concatenate(self._files) if self._files else np.empty(0, "<u4")
         buffer = io.BytesIO()
-        np.savez(buffer, hash=hashes, pos=positions, keys=np.asarray(self.keys, dtype=str))
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
         return buffer.getvalue()
 
     def write(self, uri: str, store: Store | None = None) -> None:
@@ -179,10 +191,10 @@ def find_repeats(uris: Mapping[int, str], store: Store | None = None, records: i
         paths = [os.path.join(spill, f"{b}.bin") for b in range(buckets)]
         spilled = [closing.enter_context(open(path, "wb")) for path in paths] if buckets > 1 else []
         total = 0
-        for chunk, hashes, positions, keys in _read_all(uris, store):
+        for chunk, hashes, positions, keys, file in _read_all(uris, store):
             rows = np.empty(len(hashes), _ROW)
             rows["hash"], rows["pos"], rows["chunk"] = hashes, positions, chunk
-            rows["file"] = len(files)
+            rows["file"] = len(files) if file is None else len(files) + file
             files.extend(keys)
             total += len(rows)
             if buckets == 1:
@@ -206,8 +218,14 @@ def find_repeats(uris: Mapping[int, str], store: Store | None = None, records: i
     return found
 
 
-def _read_all(uris: Mapping[int, str], store: Store) -> Iterator[tuple[int, np.ndarray, np.ndarray, list[str]]]:
-    def read(item: tuple[int, str]) -> tuple[int, np.ndarray, np.ndarray, list[str]] | None:
+_Read = tuple[int, np.ndarray, np.ndarray, list[str], np.ndarray | None]
+
+
+def _read_all(uris: Mapping[int, str], store: Store) -> Iterator[_Read]:
+    """Each chunk's hashes, positions, key table and each record's file in it (None: all of the first, as in
+    objects of one file and those written before chunks were packed)."""
+
+    def read(item: tuple[int, str]) -> _Read | None:
         chunk, uri = item
         try:
             data = store.read_bytes(uri)
@@ -216,7 +234,8 @@ def _read_all(uris: Mapping[int, str], store: Store) -> Iterator[tuple[int, np.n
                 raise
             return None
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return chunk, npz["hash"], npz["pos"], [str(k) for k in npz["keys"]]
+            file = npz["key_index"] if "key_index" in npz.files else None
+            return chunk, npz["hash"], npz["pos"], [str(k) for k in npz["keys"]], file
 
     items = sorted(uris.items())
     if not items:

@@ -40,7 +40,8 @@ __all__ = ["ID_CHECK_RECORDS", "MissingIdField", "SampledRecord", "check_id_fiel
 
 #: Records of the input's head the id field is looked for in (it is a typo when none of them has it).
 ID_CHECK_RECORDS = 20
-#: Chunks looked at for a first record that parses (a head of blank or broken lines is not a verdict).
+#: Files (pieces of the first chunks) looked at for a first record that parses (a head of blank or broken lines is
+#: not a verdict).
 ID_CHECK_CHUNKS = 3
 
 
@@ -78,7 +79,8 @@ class MissingIdField(ConfigError):
 
 
 def first_records(chunk: ChunkSpec, limit: int, store: Store | None = None) -> list[SampledRecord]:
-    """The first ``limit`` records of ``chunk``, parsed (a record that does not parse carries its error)."""
+    """The first ``limit`` records of ``chunk``'s first piece, parsed (a record that does not parse carries its
+    error)."""
     fmt = format_named(chunk.format)
     out: list[SampledRecord] = []
     reader = fmt.read(chunk, max(1, min(limit, 1000)), store or default_store())
@@ -101,8 +103,8 @@ def sample_records(
     """About ``limit`` records: the first records of the first chunk of each of the first ``max_files`` files,
     shared evenly (one read per file sampled)."""
     firsts: dict[str, ChunkSpec] = {}
-    for chunk in chunks:
-        firsts.setdefault(chunk.key, chunk)
+    for piece in (piece for chunk in chunks for piece in chunk.pieces()):
+        firsts.setdefault(piece.key, piece)
         if len(firsts) == max_files:
             break
     if not firsts or limit < 1:
@@ -126,9 +128,10 @@ def check_id_field(chunks: Sequence[ChunkSpec], id_field: str | None, store: Sto
     if id_field is None:
         return
     parsed: list[SampledRecord] = []
-    for chunk in chunks[:ID_CHECK_CHUNKS]:
+    heads = [piece for chunk in chunks[:ID_CHECK_CHUNKS] for piece in chunk.pieces()][:ID_CHECK_CHUNKS]
+    for head in heads:
         try:
-            parsed = [r for r in first_records(chunk, ID_CHECK_RECORDS, store) if isinstance(r.data, dict)]
+            parsed = [r for r in first_records(head, ID_CHECK_RECORDS, store) if isinstance(r.data, dict)]
         except ModalkitError:  # no verdict: the chunk that reads it reports the error, as a job always has
             return
         if parsed:

@@ -121,6 +121,7 @@ class ModalChunkClient:
             with contextlib.suppress(Exception), modal_errors(f"cancelling chunk {chunk.index}"):
                 call.cancel(terminate_containers=True)  # a hung container takes no more chunks
             raise
+        _check_pieces(chunk, result, self.app_name)
         return ChunkResult.model_validate(result)
 
     def close(self) -> None:
@@ -209,3 +210,17 @@ async def job_status(job_id: str, from_id: Callable[[str], Any] | None = None) -
         return JobStatus(job_id=job_id, status="error", error=output.error, meta=meta)
     body = output.model_dump(mode="json") if isinstance(output, BaseModel) else output
     return JobStatus(job_id=job_id, status="success", result=body, meta=meta)
+
+
+def _check_pieces(chunk: ChunkSpec, result: Any, app_name: str) -> None:
+    """Refuse the result of a packed chunk that the deployed worker did not read whole: a worker of a modalkit
+    version before packed chunks reads only its first file (and says nothing of ``pieces``)."""
+    pieces = len(chunk.pieces())
+    if pieces == 1 or (isinstance(result, dict) and result.get("pieces") == pieces):
+        return
+    raise RemoteError(
+        f"the Modal app {app_name!r} read chunk {chunk.index} as one file, not the {pieces} files packed into it: it "
+        f"was deployed with an earlier modalkit; redeploy it (modal deploy -m modalkit.modal_app), delete "
+        f"_chunks/{chunk.index:05d}.json from the output, and run the job again",
+        retryable=False,
+    )

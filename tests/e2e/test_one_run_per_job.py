@@ -32,12 +32,14 @@ LEASE_SECONDS = 3.0
 
 @pytest.fixture
 def job(tmp_path: Path, s3: Any, sqs: Any, unique: str, prefect_api: str) -> dict[str, Any]:
-    """A bucket holding 4 input files (4 chunks), two standard SQS queues, and a settings file."""
+    """A bucket holding 4 input files (4 chunks: each over half a chunk, so none is packed with another), two
+    standard SQS queues, and a settings file."""
     bucket = f"lease-{unique}"
     s3.create_bucket(Bucket=bucket)
     for f in range(4):
         body = "".join(
-            json.dumps({"id": f"r{f}-{i:03d}", "text": f"great product number {i}"}) + "\n" for i in range(RECORDS // 4)
+            json.dumps({"id": f"r{f}-{i:03d}", "text": f"great product number {i}", "pad": "x" * 3000}) + "\n"
+            for i in range(RECORDS // 4)
         )
         s3.put_object(Bucket=bucket, Key=f"in/part-{f}.jsonl", Body=body.encode())
     queues = {name: sqs.create_queue(QueueName=f"{name}-{unique}")["QueueUrl"] for name in ("ok", "fail")}

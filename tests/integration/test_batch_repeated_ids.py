@@ -1,9 +1,10 @@
 """Ids that occur more than once in a job: no queue message is lost, the counts agree, the job names the repeats.
 
-Two files each holding ``order_id`` 0-4 are two chunks. Each of their ten records is its own message on the success
-queue (the deduplication id names the input record: job, file and position, never the record id alone), the
-manifest's queued counts are what the queue holds, and the summary, the manifest, the report and the CLI table say
-which ids occur more than once, in which files and where. Jobs run the library's steps inline, as the flow does.
+Two files each holding ``order_id`` 0-4 (one packed chunk when small, two chunks when large). Each of their ten
+records is its own message on the success queue (the deduplication id names the input record: job, file and
+position, never the record id alone), the manifest's queued counts are what the queue holds, and the summary, the
+manifest, the report and the CLI table say which ids occur more than once, in which files and where. Jobs run the
+library's steps inline, as the flow does.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from modalkit.settings import Settings
 TEXTS = ["Absolutely love it, great value", "Terrible, it broke after a day", "It is fine, nothing special"]
 
 
-def two_files_sharing_ids(tmp_path: Path) -> str:
-    """``x.jsonl`` and ``y.jsonl``, each with order_id 0-4 (the new user's input)."""
+def two_files_sharing_ids(tmp_path: Path, pad: int = 0) -> str:
+    """``x.jsonl`` and ``y.jsonl``, each with order_id 0-4 (the new user's input), packed into one chunk; with
+    ``pad`` bytes more a record (in a field the pipeline ignores) each file can be a chunk of its own."""
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("x", "y"):
-        rows = [json.dumps({"order_id": i, "text": f"{TEXTS[i % 3]} {name}"}) for i in range(5)]
+        rows = [json.dumps({"order_id": i, "text": f"{TEXTS[i % 3]} {name}", "pad": "x" * pad}) for i in range(5)]
         (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return str(folder)
 
@@ -124,7 +126,7 @@ def test_sqs_messages_carry_the_dedup_id_as_an_attribute_for_standard_queue_cons
 
 
 def test_a_resumed_job_still_reports_the_repeats_of_the_chunks_committed_before(tmp_path: Path) -> None:
-    inp, out = two_files_sharing_ids(tmp_path), str(tmp_path / "out")
+    inp, out = two_files_sharing_ids(tmp_path, pad=8_000), str(tmp_path / "out")  # 40 KB a file: two chunks
     backend = LocalQueueBackend(tmp_path / "queues")
     job = Job(tmp_path, id_field="order_id", success_queue="s2")
     _, _, first = job.run(inp, out, backend, only=1)  # interrupted after one chunk

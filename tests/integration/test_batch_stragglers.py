@@ -29,7 +29,8 @@ def _alive(pid: int) -> bool:
 
 
 def _write_inputs(folder: Path) -> list[str]:
-    """Three files of 30 reviews (one chunk each); the second file's 8th record hangs the pipeline once."""
+    """Three files of 30 reviews (about 37 KB each, so that each is a chunk of its own at a 64 KiB chunk size, not
+    packed with the others); the second file's 8th record hangs the pipeline once."""
     folder.mkdir()
     ids = []
     for f in range(3):
@@ -37,7 +38,7 @@ def _write_inputs(folder: Path) -> list[str]:
         for i in range(30):
             rid = f"f{f}-r{i:03d}"
             text = "HANG great value" if (f, i) == (1, 7) else ("great value" if i % 2 else "broke after a day")
-            lines.append(json.dumps({"id": rid, "text": text}))
+            lines.append(json.dumps({"id": rid, "text": text, "pad": "x" * 1200}))
             ids.append(rid)
         (folder / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return ids

@@ -481,9 +481,9 @@ def test_modal_backend_via_in_process_modal_standin_cancels_a_hung_call_and_comm
     bucket = f"hang-{unique}"
     s3.create_bucket(Bucket=bucket)
     ids = []
-    for f in range(3):  # three files, one chunk each; the second file's 5th record hangs its first call
-        rows = [{"id": f"f{f}-{i:02d}", "text": "HANG, then fine" if (f, i) == (1, 4) else "great value"}
-                for i in range(20)]  # fmt: skip
+    for f in range(3):  # three files of ~38 KB, one chunk each (not packed); the second's 5th record hangs once
+        rows = [{"id": f"f{f}-{i:02d}", "text": "HANG, then fine" if (f, i) == (1, 4) else "great value",
+                 "pad": "x" * 1900} for i in range(20)]  # fmt: skip
         ids += [row["id"] for row in rows]
         s3.put_object(Bucket=bucket, Key=f"in/part-{f}.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows))
 
@@ -567,3 +567,48 @@ def test_modal_app_module_builds_offline_from_the_repo_modalkit_yaml(
     assert web.concurrency_info is not None
     routes = set(modal_app.web.local().openapi()["paths"])
     assert {"/predict_sync", "/predict_batch", "/predict_async", "/jobs/{job_id}", "/health", "/metrics"} <= routes
+
+
+# --- packed chunks: a worker reads every file of its chunk, and one of an earlier version is refused -----------------
+
+
+class EarlierVersionModal(InProcessModal):
+    """The stand-in, playing a batch worker deployed with a modalkit before packed chunks: it reads a chunk's JSON
+    without ``more`` (its ChunkSpec has no such field) and says nothing of ``pieces``."""
+
+    def remote(self, app_name: str, class_name: str, params: dict[str, Any], method: str, args: tuple[Any, ...],
+               call: Any = None) -> Any:  # fmt: skip
+        if method == "process_chunk":
+            job, chunk = args
+            args = (job, {k: v for k, v in chunk.items() if k != "more"})
+        result = super().remote(app_name, class_name, params, method, args, call)
+        if isinstance(result, dict):
+            result.pop("pieces", None)
+        return result
+
+
+def packed_job(s3: Any, bucket: str) -> tuple[JobSpec, ChunkSpec]:
+    from modalkit.batch.planning import list_dataset, plan_chunks
+
+    s3.create_bucket(Bucket=bucket)
+    for name in ("a", "b", "c"):
+        s3.put_object(Bucket=bucket, Key=f"in/{name}.jsonl", Body=b'{"text": "great value"}\n' * 4)
+    (chunk,) = plan_chunks(list_dataset(f"s3://{bucket}/in"), 64 * 1024, "j0")
+    job = JobSpec(job_id="j0", input_uri=f"s3://{bucket}/in", output_uri=f"s3://{bucket}/out", model_name="sentiment")
+    return job, chunk
+
+
+def test_a_modal_worker_reads_every_file_of_a_packed_chunk(app_module: ModuleType, s3: Any, unique: str) -> None:
+    job, chunk = packed_job(s3, f"packed-{unique}")
+    client = ModalChunkClient(app_module.app.name, "sentiment", cls_lookup=InProcessModal(app_module))
+    assert (client.run_chunk(job, chunk).records, len(chunk.pieces())) == (12, 3)
+
+
+def test_a_modal_worker_of_an_earlier_version_is_refused_a_packed_chunk_naming_the_fix(
+    app_module: ModuleType, s3: Any, unique: str
+) -> None:
+    job, chunk = packed_job(s3, f"packed-{unique}")
+    client = ModalChunkClient(app_module.app.name, "sentiment", cls_lookup=EarlierVersionModal(app_module))
+    with pytest.raises(RemoteError, match=r"read chunk 0 as one file, not the 3 files.*redeploy it") as e:
+        client.run_chunk(job, chunk)
+    assert not e.value.retryable

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from modalkit.batch.formats import Batch, Unreadable, format_named
-from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
+from modalkit.batch.formats import Batch, InputFile, Part, Unreadable, format_named
+from modalkit.batch.planning import job_id_for, list_dataset, pack_parts, plan_chunks
 from modalkit.batch.storage import default_store
 from modalkit.exceptions import ConfigError, StorageError
-from modalkit.iomodel import ChunkSpec
+from modalkit.iomodel import ByteRange, ChunkSpec
 
 SEEDS = range(150)
 WORDS = ["ok", "a", "naïve", "日本語", "emoji 🎉", "x" * 40, "comma, inside", 'say "hi"', "tab\there", "ünïcödé"]
@@ -40,8 +40,8 @@ def iter_batches(chunk: ChunkSpec, batch_size: int) -> Iterator[Batch]:
 def read_all(chunks: list[ChunkSpec], batch_size: int) -> list[tuple[int, Any]]:
     """(position, payload) of every record of every chunk, in chunk order."""
     out: list[tuple[int, Any]] = []
-    for chunk in chunks:
-        for positions, payloads in iter_batches(chunk, batch_size):
+    for piece in (piece for chunk in chunks for piece in chunk.pieces()):
+        for positions, payloads in iter_batches(piece, batch_size):
             assert len(positions) == len(payloads)
             assert 0 < len(positions) <= batch_size
             out.extend(zip(positions, payloads, strict=True))
@@ -320,6 +320,43 @@ def test_chunks_are_numbered_across_files_in_listing_order(tmp_path: Path) -> No
     assert {c.job_id for c in chunks} == {"job"}
 
 
+def test_small_files_share_a_chunk_up_to_chunk_size_in_listing_order(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for n in range(10):
+        (tmp_path / "in" / f"f{n}.jsonl").write_bytes(b'{"x": 1}\n' * 3)  # 27 bytes each
+    chunks = plan_chunks(list_dataset(str(tmp_path / "in")), chunk_size=100, job_id="job")
+    assert [[p.key for p in c.pieces()] for c in chunks] == [
+        ["f0.jsonl", "f1.jsonl", "f2.jsonl"], ["f3.jsonl", "f4.jsonl", "f5.jsonl"],
+        ["f6.jsonl", "f7.jsonl", "f8.jsonl"], ["f9.jsonl"],
+    ]  # fmt: skip
+    assert [(c.index, c.size) for c in chunks] == [(0, 81), (1, 81), (2, 81), (3, 27)]  # every piece counts
+    assert all(p.job_id == "job" and p.index == c.index for c in chunks for p in c.pieces())
+    assert [pos for pos, _ in read_all(chunks, batch_size=2)] == [0, 9, 18] * 10
+
+
+def test_a_part_of_about_chunk_size_stays_alone_and_a_files_ranges_never_share_a_chunk(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b'{"x": 1}\n' * 2)  # 18 bytes
+    (tmp_path / "in" / "b.jsonl").write_bytes(b'{"x": 1}\n' * 11)  # 99 bytes: two ranges of 50 and 49
+    (tmp_path / "in" / "c.jsonl").write_bytes(b'{"x": 1}\n' * 2)
+    chunks = plan_chunks(list_dataset(str(tmp_path / "in")), chunk_size=60, job_id="job")
+    assert [[(p.key, p.size) for p in c.pieces()] for c in chunks] == [
+        [("a.jsonl", 18)], [("b.jsonl", 50)], [("b.jsonl", 49)], [("c.jsonl", 18)]
+    ]  # fmt: skip
+    big = plan_chunks(list_dataset(str(tmp_path / "in")), chunk_size=200, job_id="job")
+    assert [[p.key for p in c.pieces()] for c in big] == [["a.jsonl", "b.jsonl", "c.jsonl"]]
+
+
+def test_a_chunk_holds_at_most_max_pieces_files(tmp_path: Path) -> None:
+    from modalkit.batch.formats import InputFile, Part
+    from modalkit.batch.planning import MAX_PIECES, pack_parts
+    from modalkit.iomodel import ByteRange
+
+    planned = [(InputFile(f"{n}.jsonl", f"{n}.jsonl", 1, ""), [Part(ByteRange(), 1)]) for n in range(MAX_PIECES + 5)]
+    chunks = pack_parts(planned, chunk_size=10**9)
+    assert [len(c.pieces()) for c in chunks] == [MAX_PIECES, 5]
+
+
 def test_unsupported_extension_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "ok.jsonl").write_bytes(b"{}\n")
@@ -379,3 +416,11 @@ def test_job_id_is_stable_and_changes_with_listing_model_or_params(tmp_path: Pat
     with_c = job_id_for(list_dataset(str(root)), "m", params)
     (root / "c.jsonl").unlink()
     assert with_c != job_id_for(list_dataset(str(root)), "m", params)
+
+
+def test_a_packed_chunk_s_size_is_all_its_pieces_and_each_piece_keeps_its_own() -> None:
+    small = [(InputFile(f"{n}.jsonl", f"{n}.jsonl", 30 + i, ""), [Part(ByteRange(), 30 + i)]) for i, n in
+             enumerate("abc")]  # fmt: skip
+    (chunk,) = pack_parts(small, chunk_size=1000)
+    assert chunk.size == 30 + 31 + 32  # progress and dispatch order count every byte the chunk reads
+    assert [p.size for p in chunk.pieces()] == [30, 31, 32]
