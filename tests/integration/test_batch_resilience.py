@@ -701,7 +701,7 @@ def test_5000_small_s3_objects_are_packed_into_chunks_resumed_after_sigkill_each
     check_invariant(out, ids, bad, summary)
     # what the output costs grows with the chunks, not the files: per chunk a part file (when a record succeeded), a
     # failure file (when one failed), the id hashes and the marker; per job _job.json and _manifest.json; per run
-    # of it (two here) a lease
+    # of it (two here) at most a lease
     written = output_objects(s3, bucket, "out/")
     kinds = collections.Counter(re.sub(r"\d{5,}", "N", key.removeprefix("out/")) for key in written)
     chunks = summary["chunks"]
@@ -709,7 +709,8 @@ def test_5000_small_s3_objects_are_packed_into_chunks_resumed_after_sigkill_each
     assert kinds["_chunks/N.json"] == kinds["_ids/N.npz"] == chunks
     assert kinds["part-N.jsonl"] <= chunks
     assert kinds["_failures/part-N.jsonl"] <= chunks
-    assert (kinds["_job.json"], kinds["_manifest.json"], kinds["_lease/N.json"]) == (1, 1, 2)
+    assert (kinds["_job.json"], kinds["_manifest.json"]) == (1, 1)
+    assert 1 <= kinds["_lease/N.json"] <= 2  # a generation a run; a newer one may replace a dead run's
     expected = {"part-N.jsonl", "_failures/part-N.jsonl", "_chunks/N.json", "_ids/N.npz", "_job.json",
                 "_manifest.json", "_lease/N.json"}  # fmt: skip
     assert set(kinds) <= expected, f"objects of other kinds: {set(kinds) - expected}"
