@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from modalkit.batch.layout import OutputLayout
 from modalkit.exceptions import RemoteError, modal_errors
 from modalkit.iomodel import (
     AsyncInputModel,
@@ -121,7 +122,7 @@ class ModalChunkClient:
             with contextlib.suppress(Exception), modal_errors(f"cancelling chunk {chunk.index}"):
                 call.cancel(terminate_containers=True)  # a hung container takes no more chunks
             raise
-        _check_pieces(chunk, result, self.app_name)
+        _check_pieces(job, chunk, result, self.app_name)
         return ChunkResult.model_validate(result)
 
     def close(self) -> None:
@@ -212,7 +213,7 @@ async def job_status(job_id: str, from_id: Callable[[str], Any] | None = None) -
     return JobStatus(job_id=job_id, status="success", result=body, meta=meta)
 
 
-def _check_pieces(chunk: ChunkSpec, result: Any, app_name: str) -> None:
+def _check_pieces(job: JobSpec, chunk: ChunkSpec, result: Any, app_name: str) -> None:
     """Refuse the result of a packed chunk that the deployed worker did not read whole: a worker of a modalkit
     version before packed chunks reads only its first file (and says nothing of ``pieces``)."""
     pieces = len(chunk.pieces())
@@ -221,6 +222,6 @@ def _check_pieces(chunk: ChunkSpec, result: Any, app_name: str) -> None:
     raise RemoteError(
         f"the Modal app {app_name!r} read chunk {chunk.index} as one file, not the {pieces} files packed into it: it "
         f"was deployed with an earlier modalkit; redeploy it (modal deploy -m modalkit.modal_app), delete "
-        f"_chunks/{chunk.index:05d}.json from the output, and run the job again",
+        f"{OutputLayout(job.output_uri).marker(chunk.index)}, and run the job again",
         retryable=False,
     )

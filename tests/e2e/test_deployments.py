@@ -145,8 +145,13 @@ def api(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
 
 
 def put_reviews(s3: Any, bucket: str, prefix: str, n: int) -> tuple[list[str], list[str]]:
-    """``n`` reviews in two JSONL files under ``prefix``, three of them bad; returns (all ids, the bad ones)."""
-    lines = [json.dumps({"id": f"{prefix}-{i}", "text": f"a great product, really good {i}"}) for i in range(n)]
+    """``n`` reviews in two JSONL files under ``prefix``, three of them bad; returns (all ids, the bad ones).
+
+    Each record is padded (a field the model ignores) so that each file of 30 is over half a 64 KiB chunk: the two
+    files are two chunks, not packed into one."""
+    pad = "x" * 1200
+    lines = [json.dumps({"id": f"{prefix}-{i}", "text": f"a great product, really good {i}", "pad": pad})
+             for i in range(n)]  # fmt: skip
     bad = {i: r for i, r in ((5, {"id": f"{prefix}-5"}), (17, {"id": f"{prefix}-17", "text": "POISON-PREDICT"}))
            if i < n}  # fmt: skip
     for i, record in bad.items():

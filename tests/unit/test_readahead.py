@@ -41,7 +41,8 @@ def packed(store: Store, files: int, size: int = 10) -> ChunkSpec:
         store.write_bytes(uri, f'{{"n": {n}}}\n'.encode().ljust(size))
         pieces.append(ChunkPiece(uri=uri, key=f"f{n:03d}.jsonl", format="jsonl", extent=ByteRange(), size=size))
     first, *more = pieces
-    return ChunkSpec(job_id="j", index=0, **dict(first), more=tuple(more))
+    whole = {**dict(first), "size": size * files}  # a chunk's size is all its pieces'
+    return ChunkSpec(job_id="j", index=0, **whole, more=tuple(more))
 
 
 def test_small_remote_files_are_read_side_by_side_at_most_depth_at_once_and_in_order() -> None:
