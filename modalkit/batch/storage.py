@@ -151,6 +151,10 @@ class _LocalFiles:
     def file_exists(self, path: str) -> bool:
         return os.path.isfile(path)
 
+    def read(self, path: str) -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read()
+
     def open(self, path: str, stack: contextlib.ExitStack) -> IO[bytes]:
         return stack.enter_context(open(path, "rb", buffering=READ_BUFFER))
 
@@ -183,6 +187,13 @@ class _ObjectFiles:
 
     def forget_listing(self, path: str) -> None:
         self.fs.invalidate_cache(path)  # s3fs caches listings: another process may have written since
+
+    def read(self, path: str) -> bytes:
+        """One GET on S3: s3fs's ``cat_file`` first asks the object's size (a HEAD) to fetch a large one in parts,
+        a second request for every marker, manifest and small input file (a packed chunk reads thousands)."""
+        if getattr(self.fs, "call_s3", None) is None:
+            return bytes(self.fs.cat_file(path))
+        return bytes(self.fs.cat_file(path, max_concurrency=1))
 
     def file_exists(self, path: str) -> bool:
         """One HEAD on S3: s3fs's ``exists`` follows a missing key with a listing (is it a folder?), a second
@@ -266,7 +277,7 @@ class Store:
         """The whole content of ``uri``."""
         files, path = self._files(uri)
         with storage_errors(f"reading {uri}"):
-            return bytes(files.fs.cat_file(path))
+            return files.read(path)
 
     @with_retries
     def write_bytes(self, uri: str, data: bytes) -> None:

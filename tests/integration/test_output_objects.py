@@ -20,6 +20,7 @@ from modalkit.batch.chunk import process_chunk
 from modalkit.batch.job import JobPlan, finalize_job, find_committed, plan_job, resolve_job_config, start_job
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.replay import collect_failures
+from modalkit.batch.storage import default_store
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import import_pipeline
 from modalkit.iomodel import ChunkResult, JobSummary
@@ -217,3 +218,28 @@ def test_an_s3_chunk_costs_one_head_per_existence_check_and_no_listing(
     assert requests["PUT"] == 2 * chunks + 1, dict(requests)
     summary = finalize_job(plan, results, 1.0)
     assert_record_invariant(f"s3://{unique}/out", ids_of(data), summary=summary.model_dump())
+
+
+def test_a_packed_chunk_of_small_s3_objects_reads_each_with_one_get_and_no_head(
+    tmp_path: Path, aws: MotoServer, s3: Any, unique: str
+) -> None:
+    data = reviews(120)
+    lines = data.splitlines(keepends=True)
+    s3.create_bucket(Bucket=unique)
+    for n in range(40):
+        s3.put_object(Bucket=unique, Key=f"in/f{n:02d}.jsonl", Body=b"".join(lines[3 * n : 3 * n + 3]))
+    job = Job(tmp_path, chunk_size="64KiB", id_field="id")
+    plan = job.plan(f"s3://{unique}/in", f"s3://{unique}/out")
+    (chunk,) = plan.chunks
+    assert len(chunk.pieces()) == 40
+    start_job(plan)
+    default_store().filesystem(f"s3://{unique}")[0].invalidate_cache()  # as a worker, which listed nothing
+    since = aws.log_size()
+    result = process_chunk(plan.job, chunk, job.pipeline)
+    requests = aws.requests(since)
+    # the 40 files read ahead, a GET each: s3fs's cat_file asks an object's size first (a HEAD) unless told to
+    # fetch it in one part; the chunk's own HEADs: its marker and the failure file it does not write, looked for
+    assert requests["GET"] == 40, dict(requests)
+    assert requests["HEAD"] == 2, dict(requests)
+    summary = finalize_job(plan, [result], 1.0)
+    assert_record_invariant(f"s3://{unique}/out", [f"r{i:05d}" for i in range(120)], summary=summary.model_dump())
