@@ -165,11 +165,7 @@ class TcpProxy:
 
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
+            self._forward(src, dst)
         except OSError:
             pass
         finally:
@@ -180,6 +176,14 @@ class TcpProxy:
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+
+    def _forward(self, src: socket.socket, dst: socket.socket) -> None:
+        """Copy ``src`` to ``dst`` until ``src`` closes (raises OSError when either breaks)."""
+        while True:
+            data = src.recv(65536)
+            if not data:
+                return
+            dst.sendall(data)
 
     def cut(self) -> None:
         """Close the listening socket and every open connection: clients see connection refused/reset."""
@@ -227,19 +231,11 @@ class CountingProxy(TcpProxy):
             self.requests = []
             self.max_held = 0
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _forward(self, src: socket.socket, dst: socket.socket) -> None:
         if src.getpeername()[1] == self.target_port:  # the server's replies pass through untouched
-            super()._pipe(src, dst)
-            return
-        try:
+            super()._forward(src, dst)
+        else:
             self._forward_requests(src, dst)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
 
     def _forward_requests(self, src: socket.socket, dst: socket.socket) -> None:
         reader = src.makefile("rb")
