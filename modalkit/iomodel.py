@@ -51,6 +51,7 @@ __all__ = [
     "RepeatedId",
     "RowGroups",
     "Stage",
+    "StageSeconds",
     "SuccessRecord",
     "SyncInputModel",
     "describe_validation_error",
@@ -386,6 +387,27 @@ class ChunkSpec(BaseModel):
         return (first, *rest)
 
 
+class StageSeconds(BaseModel):
+    """Seconds a chunk (or, summed, a job) spent in each stage of the engine, and the device's share of the wall.
+
+    Each figure is the time the stage's own work took, on whichever thread ran it: ``read`` (input bytes and
+    records out of the file), ``parse`` (JSON and CSV parsing, record ids, validation against the input model),
+    ``preprocess``, ``predict`` and ``postprocess`` (the pipeline's three steps, retries of a split batch
+    included), ``write`` (part and failure rows to local staging, and the upload of those files) and ``queue``
+    (queue records spooled and sent). ``device_busy`` is ``predict`` over the wall it was measured against (the
+    chunk's ``seconds``; for a job, the sum of its chunks' seconds): the share of time the device worked.
+    """
+
+    read: float = 0.0
+    parse: float = 0.0
+    preprocess: float = 0.0
+    predict: float = 0.0
+    postprocess: float = 0.0
+    write: float = 0.0
+    queue: float = 0.0
+    device_busy: float = Field(0.0, description="predict / wall: the share of the wall the device worked (0..1).")
+
+
 class ChunkResult(BaseModel):
     """What a finished chunk reports back: counts, never data."""
 
@@ -403,6 +425,9 @@ class ChunkResult(BaseModel):
     errors_by_type: dict[str, int] = Field(default_factory=dict, description="Failed records per error_type.")
     error_examples: dict[str, str] = Field(
         default_factory=dict, description="The first failure's stage and message per error_type (for the report)."
+    )
+    stages: StageSeconds | None = Field(
+        None, description="Seconds in each stage and the device's busy share; None from a worker that does not time."
     )
 
 
