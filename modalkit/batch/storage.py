@@ -24,10 +24,11 @@ import functools
 import io
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, ParamSpec, TypeVar
 
 from tenacity import RetryCallState, retry, retry_if_exception, wait_exponential, wait_random
@@ -98,6 +99,9 @@ class StoredFile:
     key: str
     size: int
     etag: str
+    #: a local file's ``(st_mtime_ns, st_ino)`` as it was listed, so that its content hash is looked up without a
+    #: second ``stat``; None for an object
+    stamp: tuple[int, int] | None = field(default=None, kw_only=True, compare=False, repr=False)
 
 
 class _LocalFiles:
@@ -150,6 +154,21 @@ class _LocalFiles:
 
     def file_exists(self, path: str) -> bool:
         return os.path.isfile(path)
+
+    def walk(self, root: str) -> Iterator[tuple[str, os.stat_result]]:
+        """Every file under the folder ``root`` with its ``stat``, through ``os.scandir`` (a directory read a
+        folder, and the ``stat`` a file needs anyway: fsspec's ``find`` costs a second ``stat`` and its own
+        bookkeeping a file, 0.8 s for 20,000 files against 0.4 s). A symlink to a file is taken with its target's
+        ``stat``; a symlink to a folder is not followed (as fsspec does not)."""
+        folders = [root]
+        while folders:
+            folder = folders.pop()
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif entry.is_file():
+                        yield entry.path, entry.stat()
 
     def read(self, path: str) -> bytes:
         with open(path, "rb") as fh:
@@ -358,8 +377,10 @@ class Store:
             StorageError: ``uri`` does not exist.
         """
         files, path = self._files(uri)
+        if isinstance(files, _LocalFiles):
+            return _sorted(self._list_local(files, uri, path, skipped))
         fs = files.fs
-        protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+        protocol = uri.split("://", 1)[0] + "://"
         single = False
         with storage_errors(f"listing {uri}"):
             try:
@@ -375,19 +396,31 @@ class Store:
                 root = path.rstrip("/")
         out = []
         for name, meta in entries.items():
-            if meta.get("islink"):  # a local symlink: listed as "other" with the link's own size; take its target's
-                with storage_errors(f"listing {uri}"):
-                    meta = fs.info(name)
             if meta.get("type") not in (None, "file") or _is_folder_marker(name):
                 continue
             key = name[len(root) :].lstrip("/") if name.startswith(root) else os.path.basename(name)
-            if not single and any(part.startswith((".", "_")) for part in key.split("/")):
-                if skipped is not None:
-                    skipped.append(key)
-                continue  # hidden files, and our own _chunks/_failures/_manifest.json
-            etag = str(meta.get("ETag") or meta.get("etag") or "") if is_remote(uri) else ""
+            if not single and _hidden(key, skipped):
+                continue
+            etag = str(meta.get("ETag") or meta.get("etag") or "")
             out.append(StoredFile(uri=f"{protocol}{name}", key=key, size=int(meta.get("size") or 0), etag=etag))
-        return sorted(out, key=lambda f: f.key)
+        return _sorted(out)
+
+    @staticmethod
+    def _list_local(files: _LocalFiles, uri: str, path: str, skipped: list[str] | None) -> list[StoredFile]:
+        with storage_errors(f"listing {uri}"):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise StorageError(f"input {uri} does not exist", retryable=False) from None
+            if not stat.S_ISDIR(st.st_mode):
+                return [StoredFile(path, os.path.basename(path), st.st_size, "", stamp=(st.st_mtime_ns, st.st_ino))]
+            root = path.rstrip("/") + "/"
+            out = []
+            for name, st in files.walk(path):
+                key = name[len(root) :]
+                if not _hidden(key, skipped):
+                    out.append(StoredFile(name, key, st.st_size, "", stamp=(st.st_mtime_ns, st.st_ino)))
+        return out
 
     @contextlib.contextmanager
     def open_input(self, uri: str) -> Iterator[IO[bytes]]:
@@ -397,6 +430,20 @@ class Store:
             with storage_errors(f"opening {uri}"):
                 stream = files.open(path, stack)
             yield stream
+
+
+def _hidden(key: str, skipped: list[str] | None) -> bool:
+    """Whether a listed file is hidden (a name on its path starts with ``.`` or ``_``: hidden files, and our own
+    ``_chunks``, ``_failures``, ``_manifest.json``), its key appended to ``skipped`` when it is."""
+    if not any(part.startswith((".", "_")) for part in key.split("/")):
+        return False
+    if skipped is not None:
+        skipped.append(key)
+    return True
+
+
+def _sorted(files: list[StoredFile]) -> list[StoredFile]:
+    return sorted(files, key=lambda f: f.key)
 
 
 def _is_folder_marker(name: str) -> bool:

@@ -294,11 +294,22 @@ if os.environ.get("LISTING_SPY_DIR"):
         return _ls(self, path, detail=detail, **kwargs)
 
     LocalFileSystem.ls = ls
+
+    _scandir = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, str) and os.path.abspath(path) == os.environ["LISTING_SPY_DIR"]:
+            with open(os.environ["LISTING_SPY_LOG"], "a") as log:
+                log.write(f"{os.getpid()}\\n")
+        return _scandir(path)
+
+    os.scandir = scandir
 """
 
 
 def test_a_job_lists_its_input_once(home: Path, tmp_path: Path) -> None:
-    # every fsspec listing of the input folder (find, walk, glob all list it) is written down, in any process
+    # every listing of the input folder (fsspec's find, walk and glob, and os.scandir) is written down, in any
+    # process
     spy = tmp_path / "spy"
     spy.mkdir()
     (spy / "sitecustomize.py").write_text(LISTING_SPY, encoding="utf-8")
