@@ -2,8 +2,8 @@
 
 The embedded default where batch jobs run. A chunk *reference* goes to a worker; the worker reads the input,
 writes the results and returns counts. Workers are started with ``spawn`` (safe beside the threads of the flow
-process), load the pipeline on their first chunk, and die with their parent (Linux ``PR_SET_PDEATHSIG``), so a
-job killed with SIGKILL leaves no worker behind to race its rerun.
+process), load the pipeline on their first chunk, and die with their parent (a thread in each waits on the
+parent's sentinel), so a job killed with SIGKILL leaves no worker behind to race its rerun.
 
 Example:
     >>> from modalkit.runners.local import LocalRunner
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +36,6 @@ from modalkit.settings import Settings
 __all__ = ["LocalRunner", "default_workers"]
 
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
 
 # per worker process: the processor built on the first chunk
 _worker_state: dict[str, Any] = {}
@@ -53,14 +50,22 @@ def default_workers() -> int:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except OSError:  # pragma: no cover - no libc
-            pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    """End this worker as soon as the job's process is gone, however it ended (SIGKILL included).
+
+    A thread waits on the parent's sentinel (a pipe multiprocessing keeps open in the parent, closed by its
+    death). Not Linux's ``PR_SET_PDEATHSIG``: that fires when the parent *thread* that spawned the worker ends,
+    and a worker is spawned by whichever thread submits work first (a lane, the thread starting the first chunks),
+    so a worker died with its lane, and one killed while it waited for work left the pool's queue locked.
+    """
+    parent = multiprocessing.parent_process()
+    if os.getppid() != parent_pid or parent is None:  # the parent died before this worker started
         os._exit(1)
+
+    def watch() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="modalkit-parent-watch", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -173,10 +178,20 @@ class LocalRunner:
         A pipeline that fails to load fails the first chunk with its real error. Called by the constructor unless
         ``start=False``.
         """
+        self.warm(self.workers)
+
+    def warm(self, workers: int) -> None:
+        """Have ``workers`` more worker processes start and load the pipeline now (the pool spawns a process only
+        for a task that finds no idle one, up to ``workers``)."""
         pool = self._pool()
         with _sigint_blocked():
-            for _ in range(self.workers):
+            for _ in range(workers):
                 pool.submit(_warm)  # one per worker: each submit finds no idle worker and spawns one
+
+    def resize(self, workers: int) -> None:
+        """Run at most ``workers`` chunks at once from now on (``slots``), in at most that many processes: the
+        caller knows, once it has planned, how many chunks there are. The workers started already stay."""
+        self.workers = self.slots = max(1, workers)
 
     def __exit__(self, *exc: object) -> None:
         self.close()
