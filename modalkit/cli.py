@@ -238,6 +238,17 @@ class _EarlyStart:
         self._prefect_thread.start()
         started = time.perf_counter()
         store = default_store()
+        model = settings.model_settings.entry(p["model_name"])[0]
+        early_workers = None
+        if job_config.backend == "local":
+            # one worker starts and loads the model on the other core while the job is planned (20,000 small
+            # files plan in about a second); the others, if the job has chunks for them, once it is planned
+            from modalkit.runners.local import LocalRunner
+
+            self.runner = early_workers = LocalRunner(
+                settings, model, job_config.local_workers, start=False, chunk_timeout_s=job_config.chunk_timeout_s
+            )
+            early_workers.warm(1)
         plan = plan_job(settings, p["input_uri"], p["output_uri"], p["model_name"], job_config, store)
         start_job(plan, store)
         self.lease = take_lease(
@@ -247,15 +258,18 @@ class _EarlyStart:
         done = find_committed(plan, store)
         pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
         _mark("planned")
-        # planned first (listing reads no records), so that a job starts no more local workers than it has chunks
-        # to run: a 10-record job loads its model in one process, not one per CPU
-        from modalkit.runners.local import default_workers
-
-        workers = min(job_config.local_workers or default_workers(), max(1, len(pending)))
-        model = settings.model_settings.entry(p["model_name"])[0]
-        self.runner = PrestartingRunner(
-            open_runner(settings, model, job_config.model_copy(update={"local_workers": workers}))
-        )
+        # the other local workers only now (listing reads no records), so that a job starts no more of them than
+        # it has chunks to run: a 10-record job loads its model in one process, not one per CPU
+        if early_workers is None:
+            inner = open_runner(settings, model, job_config)
+        elif not pending:  # nothing to run: the worker loading the model is not waited for
+            early_workers.cancel()
+            inner = early_workers
+        else:
+            inner = early_workers
+            early_workers.resize(min(early_workers.workers, len(pending)))
+            early_workers.warm(early_workers.workers - 1)
+        self.runner = PrestartingRunner(inner)
         self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
         self.job = StartedJob(plan, self.runner, done, started, self.lease)
         _mark("runner")
