@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from modalkit.batch.job import errors_by_type
 from modalkit.batch.layout import OutputLayout
+from modalkit.batch.timings import busy_text, stage_shares
 from modalkit.iomodel import ChunkResult, JobSummary
 
 __all__ = ["emit_job_event", "job_report", "label_run"]
@@ -56,8 +57,8 @@ def job_report(
     max_failure_rate: float,
 ) -> str:
     """The markdown report of a finished job: counts, failure rate, throughput, wall time, where the output and
-    the failures are, the ids that occur more than once (the first few, with their places), and the first failure
-    reasons grouped by ``error_type``."""
+    the failures are, the ids that occur more than once (the first few, with their places), where the time went
+    (when the chunks were timed) and the first failure reasons grouped by ``error_type``."""
     layout = OutputLayout(summary.output_uri)
     state = "failed" if errors or summary.status == "failed" else "completed"
     lines = [
@@ -90,6 +91,7 @@ def job_report(
     if errors:
         lines += ["", f"## {len(errors)} chunk(s) failed after their retries", ""]
         lines += [f"- chunk {index:05d}: `{_one_line(exc)}`" for index, exc in errors[:REPORT_ERROR_TYPES]]
+    lines += _timing_section(summary)
     by_type, examples = errors_by_type(results)
     if by_type:
         lines += ["", "## Failures by error type", "", "| error_type | records | first failure |", "|---|---|---|"]
@@ -98,6 +100,23 @@ def job_report(
         if len(by_type) > REPORT_ERROR_TYPES:
             lines.append(f"| ({len(by_type) - REPORT_ERROR_TYPES} more types) | | see the failures folder |")
     return "\n".join(lines) + "\n"
+
+
+def _timing_section(summary: JobSummary) -> list[str]:
+    """Where the time went: the device's busy share, each stage's seconds and share of the chunks' time, and the
+    bottleneck; nothing when no chunk was timed."""
+    data = summary.model_dump()
+    shares = stage_shares(data)
+    if not shares:
+        return []
+    lines = ["", "## Where the time went", "", f"The device was busy {busy_text(data)}.", ""]
+    lines += ["| stage | seconds | share of the chunks' time |", "|---|---|---|"]
+    for stage, seconds, share in shares:
+        name = "predict (device)" if stage == "predict" else stage
+        lines.append(f"| {name} | {seconds:,.2f} | {share:.0%} |")
+    if summary.bottleneck_note:
+        lines += ["", f"**Bottleneck:** {summary.bottleneck_note}"]
+    return lines
 
 
 def emit_job_event(
