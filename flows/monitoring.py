@@ -14,15 +14,17 @@ from typing import Any, Literal
 
 from modalkit.batch.job import errors_by_type
 from modalkit.batch.layout import OutputLayout
-from modalkit.batch.timings import busy_text, stage_shares
+from modalkit.batch.timings import TIMING_FIELDS, busy_text, stage_shares
 from modalkit.iomodel import ChunkResult, JobSummary
 
-__all__ = ["emit_job_event", "job_report", "label_run"]
+__all__ = ["emit_job_event", "job_report", "label_run", "summary_rows"]
 
 log = logging.getLogger(__name__)
 
 #: How many error types the report lists (the failure files hold every failure).
 REPORT_ERROR_TYPES = 5
+#: How many chunks that failed for good the summary table names with their errors.
+TABLE_CHUNK_ERRORS = 20
 
 
 def label_run(model: str, backend: str, day: str) -> None:
@@ -100,6 +102,17 @@ def job_report(
         if len(by_type) > REPORT_ERROR_TYPES:
             lines.append(f"| ({len(by_type) - REPORT_ERROR_TYPES} more types) | | see the failures folder |")
     return "\n".join(lines) + "\n"
+
+
+def summary_rows(summary: JobSummary, errors: list[tuple[int, BaseException]]) -> list[dict[str, str]]:
+    """The summary table artifact's rows (``field``, ``value``): every field of the summary, the stage timings only
+    when chunks were timed (the stage seconds on one line), then the first chunks that failed for good."""
+    data = summary.model_dump(exclude=set(TIMING_FIELDS) if summary.stage_seconds is None else None)
+    if summary.stage_seconds is not None:
+        data["stage_seconds"] = ", ".join(f"{stage} {sec:,.2f} s" for stage, sec in summary.stage_seconds.items())
+    rows = [{"field": k, "value": str(v)} for k, v in data.items()]
+    rows += [{"field": f"chunk {i:05d} error", "value": str(exc)[:500]} for i, exc in errors[:TABLE_CHUNK_ERRORS]]
+    return rows
 
 
 def _timing_section(summary: JobSummary) -> list[str]:

@@ -26,6 +26,7 @@ __all__ = [
     "DEVICE_BOUND",
     "HOST_STAGES",
     "STAGES",
+    "TIMING_FIELDS",
     "Bottleneck",
     "JobTimings",
     "busy_text",
@@ -39,6 +40,10 @@ __all__ = [
 STAGES: tuple[str, ...] = ("read", "parse", "preprocess", "predict", "postprocess", "write", "queue")
 #: The stages of the host, which the device waits on when they are slow (all but ``predict``).
 HOST_STAGES: tuple[str, ...] = tuple(stage for stage in STAGES if stage != "predict")
+#: The summary's fields this module fills (empty, or 0, when no chunk was timed).
+TIMING_FIELDS: tuple[str, ...] = (
+    "stage_seconds", "device_busy_fraction", "chunk_seconds", "timed_chunks", "bottleneck", "bottleneck_note",
+)  # fmt: skip
 #: The device is the bottleneck when it was busy at least this share of the chunks' time: what is left is the
 #: gaps between sub-batches, which no host setting closes. Below it, the device waited on the host.
 DEVICE_BOUND = 0.8

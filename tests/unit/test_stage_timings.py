@@ -262,3 +262,22 @@ def test_the_cli_table_says_how_many_chunks_the_timings_cover_when_some_were_not
     out = cli_table(summary_with(tmp_path, timed(0, 2.0, predict=1.0), untimed(1)), capsys)
 
     assert "device busy 50% of the chunks' 2.0 s (1 of 2 chunks timed)" in out
+
+
+def test_the_summary_table_in_prefect_has_no_timing_rows_for_an_untimed_job_and_readable_ones_for_a_timed_one(
+    tmp_path: Path,
+) -> None:
+    from flows.monitoring import summary_rows
+
+    untimed_rows = {row["field"]: row["value"] for row in summary_rows(summary_with(tmp_path / "a", untimed(0)), [])}
+    timed_rows = summary_rows(summary_with(tmp_path / "b", timed(0, 10.0, parse=1.0, predict=8.5)), [])
+
+    assert "records" in untimed_rows
+    assert not {"stage_seconds", "device_busy_fraction", "chunk_seconds", "timed_chunks", "bottleneck"} & set(
+        untimed_rows
+    )
+    fields = {row["field"]: row["value"] for row in timed_rows}
+    assert fields["stage_seconds"] == (
+        "read 0.00 s, parse 1.00 s, preprocess 0.00 s, predict 8.50 s, postprocess 0.00 s, write 0.00 s, queue 0.00 s"
+    )
+    assert (fields["device_busy_fraction"], fields["bottleneck"]) == ("0.85", "device")
