@@ -37,7 +37,7 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
-from flows.monitoring import emit_job_event, job_report, label_run
+from flows.monitoring import emit_job_event, job_report, label_run, summary_rows
 from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.lease import JobLease
@@ -423,10 +423,10 @@ class _Progress:
 
 
 def _publish_summary(summary: JobSummary, errors: list[tuple[int, BaseException]]) -> None:
-    rows = [{"field": k, "value": str(v)} for k, v in summary.model_dump().items()]
-    rows += [{"field": f"chunk {index:05d} error", "value": str(exc)[:500]} for index, exc in errors[:20]]
     create_table_artifact(
-        rows, key=f"batch-summary-{summary.job_id}", description=f"Summary of batch job {summary.job_id}"
+        summary_rows(summary, errors),
+        key=f"batch-summary-{summary.job_id}",
+        description=f"Summary of batch job {summary.job_id}",
     )
 
 

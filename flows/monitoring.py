@@ -14,14 +14,17 @@ from typing import Any, Literal
 
 from modalkit.batch.job import errors_by_type
 from modalkit.batch.layout import OutputLayout
+from modalkit.batch.timings import TIMING_FIELDS, busy_text, stage_shares
 from modalkit.iomodel import ChunkResult, JobSummary
 
-__all__ = ["emit_job_event", "job_report", "label_run"]
+__all__ = ["emit_job_event", "job_report", "label_run", "summary_rows"]
 
 log = logging.getLogger(__name__)
 
 #: How many error types the report lists (the failure files hold every failure).
 REPORT_ERROR_TYPES = 5
+#: How many chunks that failed for good the summary table names with their errors.
+TABLE_CHUNK_ERRORS = 20
 
 
 def label_run(model: str, backend: str, day: str) -> None:
@@ -56,8 +59,8 @@ def job_report(
     max_failure_rate: float,
 ) -> str:
     """The markdown report of a finished job: counts, failure rate, throughput, wall time, where the output and
-    the failures are, the ids that occur more than once (the first few, with their places), and the first failure
-    reasons grouped by ``error_type``."""
+    the failures are, the ids that occur more than once (the first few, with their places), where the time went
+    (when the chunks were timed) and the first failure reasons grouped by ``error_type``."""
     layout = OutputLayout(summary.output_uri)
     state = "failed" if errors or summary.status == "failed" else "completed"
     lines = [
@@ -90,6 +93,7 @@ def job_report(
     if errors:
         lines += ["", f"## {len(errors)} chunk(s) failed after their retries", ""]
         lines += [f"- chunk {index:05d}: `{_one_line(exc)}`" for index, exc in errors[:REPORT_ERROR_TYPES]]
+    lines += _timing_section(summary)
     by_type, examples = errors_by_type(results)
     if by_type:
         lines += ["", "## Failures by error type", "", "| error_type | records | first failure |", "|---|---|---|"]
@@ -98,6 +102,34 @@ def job_report(
         if len(by_type) > REPORT_ERROR_TYPES:
             lines.append(f"| ({len(by_type) - REPORT_ERROR_TYPES} more types) | | see the failures folder |")
     return "\n".join(lines) + "\n"
+
+
+def summary_rows(summary: JobSummary, errors: list[tuple[int, BaseException]]) -> list[dict[str, str]]:
+    """The summary table artifact's rows (``field``, ``value``): every field of the summary, the stage timings only
+    when chunks were timed (the stage seconds on one line), then the first chunks that failed for good."""
+    data = summary.model_dump(exclude=set(TIMING_FIELDS) if summary.stage_seconds is None else None)
+    if summary.stage_seconds is not None:
+        data["stage_seconds"] = ", ".join(f"{stage} {sec:,.2f} s" for stage, sec in summary.stage_seconds.items())
+    rows = [{"field": k, "value": str(v)} for k, v in data.items()]
+    rows += [{"field": f"chunk {i:05d} error", "value": str(exc)[:500]} for i, exc in errors[:TABLE_CHUNK_ERRORS]]
+    return rows
+
+
+def _timing_section(summary: JobSummary) -> list[str]:
+    """Where the time went: the device's busy share, each stage's seconds and share of the chunks' time, and the
+    bottleneck; nothing when no chunk was timed."""
+    data = summary.model_dump()
+    shares = stage_shares(data)
+    if not shares:
+        return []
+    lines = ["", "## Where the time went", "", f"The device was busy {busy_text(data)}.", ""]
+    lines += ["| stage | seconds | share of the chunks' time |", "|---|---|---|"]
+    for stage, seconds, share in shares:
+        name = "predict (device)" if stage == "predict" else stage
+        lines.append(f"| {name} | {seconds:,.2f} | {share:.0%} |")
+    if summary.bottleneck_note:
+        lines += ["", f"**Bottleneck:** {summary.bottleneck_note}"]
+    return lines
 
 
 def emit_job_event(

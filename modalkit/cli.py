@@ -454,6 +454,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
         from modalkit.cli_tools import describe_queues
 
         table.add_row("queues", escape(describe_queues(summary["queues"])))
+    from modalkit.batch.timings import timing_rows
+
+    for name, value in timing_rows(summary):  # none when the workers did not time their stages
+        table.add_row(name, escape(value))
     Console().print(table)
 
 

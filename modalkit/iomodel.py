@@ -479,6 +479,24 @@ class JobSummary(BaseModel):
         default_factory=list, description="The first repeated ids in job order, each with its first places."
     )
     queues: QueueTarget | None = Field(None, description="Where the queue records went; None: the job names no queue.")
+    stage_seconds: dict[str, float] | None = Field(
+        None,
+        description="Seconds in each stage (read, parse, preprocess, predict, postprocess, write, queue), summed over "
+        "the timed chunks, those of earlier runs included; None when no chunk was timed.",
+    )
+    device_busy_fraction: float | None = Field(
+        None, description="The timed chunks' predict seconds over their seconds: the share of time the device worked."
+    )
+    chunk_seconds: float | None = Field(
+        None, description="The timed chunks' seconds, summed: what stage shares and the busy fraction are of."
+    )
+    timed_chunks: int = Field(0, description="How many chunks the stage timings cover (their workers timed them).")
+    bottleneck: Literal["device", "host"] | None = Field(
+        None, description="device: it was busy most of the time; host: it waited on the host stages."
+    )
+    bottleneck_note: str | None = Field(
+        None, description="The bottleneck in a sentence: the busy share, the slowest host stage, what to do."
+    )
 
 
 class JobStatus(BaseModel):

@@ -24,6 +24,7 @@ from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
 from modalkit.batch.repeats import find_repeats, resolve_examples
 from modalkit.batch.sampling import check_id_field
 from modalkit.batch.storage import Store, default_store, is_remote
+from modalkit.batch.timings import sum_stages
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import import_pipeline
 from modalkit.iomodel import ChunkResult, ChunkSpec, IdOccurrence, JobSpec, JobSummary, QueueTarget, RepeatedId
@@ -309,7 +310,8 @@ def finalize_job(
     with the number of chunks. ``status`` is ``failed`` when chunks failed or the failure rate passed
     ``max_failure_rate``. With an
     ``id_field``, the ids that occur more than once anywhere in the job (every chunk's, committed before or now)
-    are counted and the first few named (:mod:`~modalkit.batch.repeats`).
+    are counted and the first few named (:mod:`~modalkit.batch.repeats`). The chunks' stage seconds are summed
+    with the device's busy share and the bottleneck (:mod:`~modalkit.batch.timings`; none when no chunk was timed).
     """
     job = plan.job
     store = store or default_store()
@@ -320,6 +322,7 @@ def finalize_job(
     chunk_errors = [] if isinstance(failed_chunks, int) else list(failed_chunks)
     failed_count = failed_chunks if isinstance(failed_chunks, int) else len(chunk_errors)
     status = "failed" if failed_count or rate > job.max_failure_rate else "completed"
+    timings = sum_stages(results)  # the chunks' stage seconds, those committed by an earlier run included
     summary = JobSummary(
         job_id=job.job_id,
         records=records,
@@ -336,6 +339,7 @@ def finalize_job(
         model_name=job.model_name,
         files_skipped=len(plan.skipped_files),
         queues=plan.queues,
+        **(timings.summary_fields() if timings is not None else {}),
     )
     if job.id_field is not None:
         summary.duplicate_ids, summary.duplicate_examples = _repeated_ids(job, results, store)
