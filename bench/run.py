@@ -28,11 +28,17 @@ Then W2, online (``bench/w2.py``): ``modalkit serve`` beside LitServe and plain 
 Then the scale row (``bench/scale.py``): 20,000 files of 5 records against the same records in one file, task runs
 read back from the Prefect server, objects written, manifest bytes, a no-op rerun, and planning 100,000 files.
 
+Then W3, device-bound (``bench/w3.py``): modalkit with one local worker (one simulated device) beside the harness's
+``run_w3.py`` runners (``cpu``, ``seq``, ``threads``, ``procs``, Ray Data), each as a fraction of the device's bound.
+
 Environment: MODALKIT_SHARED_BENCH (default ../shared/bench), BENCH_SIZES, BENCH_ROUNDS, BENCH_CHUNK_SIZE,
 BENCH_STARTUP_ROUNDS (0 skips the start-up runs), BENCH_REPEATS (0 skips the repeated-id check), BENCH_W2 (0 skips
-W2), W2_ROUNDS, W2_REQUESTS, BENCH_SCALE (0 skips the scale row), BENCH_SCALE_FILES, BENCH_SCALE_PLAN_FILES.
+W2), W2_ROUNDS, W2_REQUESTS, BENCH_SCALE (0 skips the scale row), BENCH_SCALE_FILES, BENCH_SCALE_PLAN_FILES,
+BENCH_W3 (0 skips W3), BENCH_W3_ROWS, BENCH_RAY (0 skips W3's Ray Data runner).
 ``BENCH_SIZES= BENCH_W2=0 make bench`` runs the start-up part (and the scale row) alone and prints it (RESULTS.md is
 left as it is); ``BENCH_SIZES= BENCH_STARTUP_ROUNDS=0 BENCH_W2=0 BENCH_SCALE_FILES=500 make bench`` a small scale row.
+``BENCH_SIZES= BENCH_STARTUP_ROUNDS=0 BENCH_W2=0 BENCH_REPEATS=0 BENCH_SCALE=0 make bench`` runs W3 alone (about two
+minutes), prints its section and puts it into RESULTS.md in place of the one there (the rest is left as it is).
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ TIMEOUT = 1800
 W2 = os.environ.get("BENCH_W2", "1") != "0"  # W2, online: modalkit serve beside LitServe and plain FastAPI
 REPEATS = os.environ.get("BENCH_REPEATS", "1") != "0"  # the repeated-id check's cost (bench/repeated_ids.py)
 SCALE = os.environ.get("BENCH_SCALE", "1") != "0"  # many small files against one file (bench/scale.py)
+W3 = os.environ.get("BENCH_W3", "1") != "0"  # device-bound: modalkit beside the harness's W3 runners (bench/w3.py)
 
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -382,6 +389,7 @@ def write_results(
     w2: list[str] | None = None,
     repeats: list[str] | None = None,
     scale: list[str] | None = None,
+    w3: list[str] | None = None,
 ) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "modalkit", "flows", "tasks"],
@@ -443,6 +451,8 @@ def write_results(
         lines += ["", *w2]
     if scale:
         lines += ["", *scale]
+    if w3:
+        lines += ["", *w3]
     if CODE_MEASUREMENTS.exists():
         lines += ["", *CODE_MEASUREMENTS.read_text(encoding="utf-8").splitlines()]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -458,6 +468,14 @@ def scale_row(server: PrefectServer, config: Path) -> list[str]:
                                                              "MODALKIT_SHARED_BENCH": str(SHARED)}))  # fmt: skip
 
 
+def w3_section(server: PrefectServer) -> list[str]:
+    """W3 (bench/w3.py), against the benchmark's Prefect server, after the others (never beside them)."""
+    sys.path.insert(0, str(HERE))
+    import w3
+
+    return w3.markdown(w3.run(server.api_url))
+
+
 def main() -> int:
     if not (SHARED / "run_mp.py").exists():
         log(f"the reference harness is not at {SHARED}; set MODALKIT_SHARED_BENCH")
@@ -471,11 +489,18 @@ def main() -> int:
         startup = bench_startup(server, config) if STARTUP_ROUNDS else None
         results = [summarize(bench_size(rows, server, config)) for rows in SIZES]
         scale_lines = scale_row(server, config) if SCALE else None
+        w3_lines = w3_section(server) if W3 else None
     finally:
         server.stop()
-    if not SIZES:  # BENCH_SIZES="": the start-up runs (and the scale row) only, printed; RESULTS.md is left as it is
-        printed = [*(startup_lines(startup) if startup else []), *(scale_lines or [])]
+    if not SIZES:  # BENCH_SIZES="": the start-up runs (and the scale row, W3) only, printed; W3's section replaces
+        # its own in RESULTS.md, the rest of which is left as it is
+        printed = [*(startup_lines(startup) if startup else []), *(scale_lines or []), *(w3_lines or [])]
         print("\n".join(printed) if printed else "nothing measured", flush=True)
+        if w3_lines:
+            import w3
+
+            w3.splice(RESULTS, w3_lines)
+            log(f"wrote W3's section into {RESULTS}")
         return 0
     repeats_lines = None
     if REPEATS:  # measured directly, alone on the machine, at W1's sizes
@@ -490,7 +515,7 @@ def main() -> int:
         import w2
 
         w2_lines = w2.markdown(w2.run())
-    write_results(results, startup, w2_lines, repeats_lines, scale_lines)
+    write_results(results, startup, w2_lines, repeats_lines, scale_lines, w3_lines)
     for s in results:
         log(f"{s['rows']:,} rows: modalkit/bare = {s['ratio_job']:.3f}x (job), {s['ratio_wall']:.3f}x (process); "
             f"peak tree RSS {s['mk_rss']:.0f} MB")  # fmt: skip
