@@ -3,12 +3,14 @@
 Runs where the model runs (a local worker process or a Modal container). For each sub-batch of
 ``max_batch_size`` records: parse (JSON), pick the record ids (:mod:`~modalkit.batch.record_ids`), validate
 against the pipeline's ``input_model``, run the pipeline through the isolated runner, write success rows and failure
-rows (:mod:`~modalkit.batch.failure_log`), spool queue records. At the end the part file (when records succeeded)
-and the failure file (when records failed) are moved into place, one object each (nothing empty is written; the
-marker's ``part_uri`` and ``failures_uri`` say which were), with an ``id_field`` the id hashes
-(:mod:`~modalkit.batch.repeats`) beside them, then the spooled queue records are sent
+rows (:mod:`~modalkit.batch.failure_log`), spool queue records; the steps of consecutive sub-batches overlap on
+three threads, ``predict`` on the calling one (:mod:`~modalkit.batch.overlap`; ``job.prefetch_batches``). At the
+end the part file (when records succeeded) and the failure file (when records failed) are moved into place, one
+object each (nothing empty is written; the marker's ``part_uri`` and ``failures_uri`` say which were), with an
+``id_field`` the id hashes (:mod:`~modalkit.batch.repeats`) beside them, then the spooled queue records are sent
 (so a queue never holds a record that no output file holds), and the commit marker ``_chunks/NNNNN.json`` is
-written last: a chunk with a marker is done and is skipped when the job runs again. Counts go back, never data.
+written last: a chunk with a marker is done and is skipped when the job runs again. Counts and stage timings go
+back, never data.
 """
 
 from __future__ import annotations
