@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
@@ -43,16 +45,23 @@ if TYPE_CHECKING:
     from modalkit.settings import Settings
 
 __all__ = [
+    "STAGES",
     "FailedOutput",
     "InferencePipeline",
     "RecordError",
+    "StageClock",
     "as_output",
     "async_result",
     "import_pipeline",
     "is_device_failure",
+    "isolate_failed",
     "load_pipeline",
+    "outcomes_of",
     "run_isolated",
 ]
+
+#: The pipeline's stages, in the order they run on a batch.
+STAGES = ("preprocess", "predict", "postprocess")
 
 #: How to write each method, for the error raised when a subclass lacks one.
 _METHOD_HINTS = {
@@ -77,6 +86,18 @@ class InferencePipeline(ABC):
     like the rest of the settings (a typo such as ``tax_rat`` fails, naming the key, before a job writes anything)
     and reach ``__init__`` as keyword arguments of the declared types.
 
+    ``device_stages`` (optional) names the stages that must run on the thread that loaded the model: by default
+    only ``predict``. A batch worker runs the other stages on helper threads of the same process, so that the next
+    sub-batch is read, validated and preprocessed, and the previous one postprocessed and written, while the device
+    runs ``predict`` (CUDA contexts and streams expect one thread). A pipeline whose ``preprocess`` touches the GPU
+    (moves tensors to the device, runs a GPU tokenizer) declares it; one whose stages share state that is not
+    thread-safe declares all three, and only reading and writing overlap its stages::
+
+        class OnGpuTokens(InferencePipeline):
+            device_stages = ("preprocess", "predict")
+
+    Whichever thread runs them, each stage runs on one batch at a time, and ``predict`` always on the same thread.
+
     ``version`` (optional, a string) names the version of the pipeline's code and weights; a model entry's
     ``version`` key overrides it. It is part of a batch job's identity: after a fix, raise it, and a rerun on the
     old output is refused (naming both versions) instead of skipping every chunk the old version committed; write
@@ -97,6 +118,7 @@ class InferencePipeline(ABC):
     output_model: ClassVar[type[InferenceOutputModel] | None] = None
     parameters: ClassVar[type[BaseModel] | None] = None
     version: ClassVar[str | None] = None
+    device_stages: ClassVar[tuple[str, ...]] = ("predict",)
 
     @classmethod
     def validate_parameters(cls, values: Mapping[str, Any], where: str = "the model entry") -> dict[str, Any]:
@@ -153,6 +175,17 @@ class InferencePipeline(ABC):
     @classmethod
     def _check_declared_schemas(cls) -> None:
         name = cls.__qualname__
+        stages = cls.device_stages
+        if (
+            not isinstance(stages, tuple | list)
+            or "predict" not in stages
+            or any(stage not in STAGES for stage in stages)
+        ):
+            raise PipelineError(
+                f"{name}.device_stages must be a tuple of stages that holds 'predict' and names only "
+                f'{", ".join(repr(s) for s in STAGES)} (e.g. device_stages = ("preprocess", "predict")), '
+                f"not {stages!r}"
+            )
         if cls.input_model is not None and not (
             inspect.isclass(cls.input_model) and issubclass(cls.input_model, BaseModel)
         ):
@@ -316,18 +349,58 @@ class _StageFailed(Exception):
         self.cause = cause
 
 
-def _run_stages(pipeline: InferencePipeline, batch: list[Any]) -> list[Any]:
+class StageClock:
+    """Runs the pipeline's stages for one thread: adds up the seconds each stage takes (per batch, not per record),
+    and runs each stage under its lock when locks are given, so that a stage shared by two threads (a host stage,
+    and the retry of a failed batch) never runs twice at once.
+
+    Args:
+        locks: One lock per stage, shared by the clocks of every thread running one pipeline; None: no locking.
+    """
+
+    __slots__ = ("locks", "seconds")
+
+    def __init__(self, locks: Mapping[str, threading.Lock] | None = None) -> None:
+        self.locks = locks
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    def call(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` timed (and locked) as ``stage``."""
+        start = time.perf_counter()
+        try:
+            if self.locks is None:
+                return fn(*args)
+            with self.locks[stage]:
+                return fn(*args)
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+def _run_stages(pipeline: InferencePipeline, batch: list[Any], clock: StageClock | None) -> list[Any]:
     stage = "preprocess"
     try:
-        pre = pipeline.preprocess(batch)
-        stage = "predict"
-        raw = pipeline.predict(batch, pre)
-        stage = "postprocess"
-        outputs = pipeline.postprocess(batch, raw)
-        _check_count(type(pipeline), len(batch), outputs)
+        if clock is None:
+            pre = pipeline.preprocess(batch)
+            stage = "predict"
+            raw = pipeline.predict(batch, pre)
+            stage = "postprocess"
+            outputs = pipeline.postprocess(batch, raw)
+            _check_count(type(pipeline), len(batch), outputs)
+        else:
+            pre = clock.call(stage, pipeline.preprocess, batch)
+            stage = "predict"
+            raw = clock.call(stage, pipeline.predict, batch, pre)
+            stage = "postprocess"
+            outputs = clock.call(stage, _postprocess_checked, pipeline, batch, raw)
     except Exception as exc:
         raise _StageFailed(stage, exc) from exc
     return list(outputs)
+
+
+def _postprocess_checked(pipeline: InferencePipeline, batch: list[Any], raw: Any) -> Any:
+    outputs = pipeline.postprocess(batch, raw)
+    _check_count(type(pipeline), len(batch), outputs)
+    return outputs
 
 
 def _coerce_output(pipeline: InferencePipeline, output: Any) -> Any:
@@ -353,13 +426,14 @@ def _coerce_output(pipeline: InferencePipeline, output: Any) -> Any:
         return RecordError("postprocess", "InvalidOutput", f"output does not match {model.__qualname__}: {exc}")
 
 
-def run_isolated(pipeline: InferencePipeline, inputs: Sequence[Any]) -> list[Any]:
+def run_isolated(pipeline: InferencePipeline, inputs: Sequence[Any], clock: StageClock | None = None) -> list[Any]:
     """Run ``inputs`` through the pipeline so that each input gets its own outcome.
 
     Returns a list as long as ``inputs``, in order: each item is the input's output model, or a
     :class:`RecordError` for an input that failed. When a batch raises, it is split in halves and each half is run
     again, down to single records, so a poison record fails alone and its neighbours still succeed. A batch with no
-    bad record costs one pass; ``k`` bad records cost about ``2 k log2(n)`` extra calls.
+    bad record costs one pass; ``k`` bad records cost about ``2 k log2(n)`` extra calls. With a ``clock``, each
+    stage is timed (and locked) by it.
 
     Errors that no record causes are raised instead, for the caller to retry the batch: ``MemoryError``,
     ``ConnectionError``/``TimeoutError`` and retryable modalkit errors. An error that means the accelerator itself is
@@ -367,7 +441,39 @@ def run_isolated(pipeline: InferencePipeline, inputs: Sequence[Any]) -> list[Any
     splitting the batch: every record would fail the same way on this device.
     """
     outcomes: list[Any] = [None] * len(inputs)
-    _run_segment(pipeline, list(inputs), 0, outcomes)
+    _run_segment(pipeline, list(inputs), 0, outcomes, None, clock)
+    return outcomes
+
+
+def isolate_failed(
+    pipeline: InferencePipeline, inputs: Sequence[Any], stage: str, exc: Exception, clock: StageClock | None = None
+) -> list[Any]:
+    """What :func:`run_isolated` returns for ``inputs`` when their whole batch has already failed at ``stage`` with
+    ``exc``: the same outcomes, from the same calls after the first (the batch is not run whole again).
+
+    A stage runner that ran the stages of a batch itself (the batch worker's pipelined executor) hands a batch
+    that raised to this. Raises what :func:`run_isolated` raises.
+    """
+    outcomes: list[Any] = [None] * len(inputs)
+    failed = _StageFailed(stage, exc)
+    try:
+        raise failed from exc
+    except _StageFailed:
+        _after_failure(pipeline, list(inputs), 0, outcomes, failed, None, clock)
+    return outcomes
+
+
+def outcomes_of(pipeline: InferencePipeline, inputs: Sequence[Any], outputs: Any) -> list[Any]:
+    """The outcomes of a batch whose three stages ran: postprocess's ``outputs`` checked (one per input) and each
+    made an output model, or a :class:`RecordError` for an output that is not one (as :func:`run_isolated` does).
+
+    Raises:
+        ContractBroken: ``outputs`` is not a list of one output per input (hand the batch to
+            :func:`isolate_failed` as a ``postprocess`` failure, as :func:`run_isolated` would split it).
+    """
+    _check_count(type(pipeline), len(inputs), outputs)
+    outcomes: list[Any] = [None] * len(inputs)
+    _settle(pipeline, list(outputs), 0, outcomes)
     return outcomes
 
 
@@ -387,34 +493,55 @@ def _run_segment(
     offset: int,
     outcomes: list[Any],
     first_break: ContractBroken | None = None,
+    clock: StageClock | None = None,
 ) -> None:
     if not inputs:
         return
     try:
-        outputs = _run_stages(pipeline, inputs)
+        outputs = _run_stages(pipeline, inputs, clock)
     except _StageFailed as failed:
-        if isinstance(failed.cause, ContractBroken):
-            # split like any failure, in case one record makes it happen; if a single record still does, the
-            # pipeline itself is broken
-            if len(inputs) == 1:
-                _contract_broken(pipeline, failed.cause, first_break)
-            first_break = first_break or failed.cause
-        else:
-            if is_device_failure(failed.cause):
-                text = str(failed.cause) or type(failed.cause).__name__
-                raise DeviceError(
-                    f"{failed.stage} failed on a broken device: {type(failed.cause).__name__}: {text}",
-                    stage=failed.stage,
-                ) from failed.cause
-            if _is_infrastructure(failed.cause):
-                raise failed.cause from None
-            if len(inputs) == 1:
-                outcomes[offset] = RecordError.from_exception(failed.stage, failed.cause)
-                return
-        mid = len(inputs) // 2
-        _run_segment(pipeline, inputs[:mid], offset, outcomes, first_break)
-        _run_segment(pipeline, inputs[mid:], offset + mid, outcomes, first_break)
+        _after_failure(pipeline, inputs, offset, outcomes, failed, first_break, clock)
         return
+    if clock is None:
+        _settle(pipeline, outputs, offset, outcomes)
+    else:  # making outputs of what postprocess returned is postprocess's time
+        clock.call("postprocess", _settle, pipeline, outputs, offset, outcomes)
+
+
+def _after_failure(
+    pipeline: InferencePipeline,
+    inputs: list[Any],
+    offset: int,
+    outcomes: list[Any],
+    failed: _StageFailed,
+    first_break: ContractBroken | None,
+    clock: StageClock | None,
+) -> None:
+    """A batch failed at ``failed.stage``: raise what no record causes, fail a single record, or split in halves."""
+    if isinstance(failed.cause, ContractBroken):
+        # split like any failure, in case one record makes it happen; if a single record still does, the
+        # pipeline itself is broken
+        if len(inputs) == 1:
+            _contract_broken(pipeline, failed.cause, first_break)
+        first_break = first_break or failed.cause
+    else:
+        if is_device_failure(failed.cause):
+            text = str(failed.cause) or type(failed.cause).__name__
+            raise DeviceError(
+                f"{failed.stage} failed on a broken device: {type(failed.cause).__name__}: {text}",
+                stage=failed.stage,
+            ) from failed.cause
+        if _is_infrastructure(failed.cause):
+            raise failed.cause from None
+        if len(inputs) == 1:
+            outcomes[offset] = RecordError.from_exception(failed.stage, failed.cause)
+            return
+    mid = len(inputs) // 2
+    _run_segment(pipeline, inputs[:mid], offset, outcomes, first_break, clock)
+    _run_segment(pipeline, inputs[mid:], offset + mid, outcomes, first_break, clock)
+
+
+def _settle(pipeline: InferencePipeline, outputs: list[Any], offset: int, outcomes: list[Any]) -> None:
     model = type(pipeline).output_model
     for i, output in enumerate(outputs, offset):
         # the common case inline (an instance of the declared model, not flagged): no call per record

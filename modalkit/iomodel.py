@@ -265,6 +265,7 @@ class JobSpec(BaseModel):
     chunk_size: ByteSize = _declared(JobConfig, "chunk_size")
     max_failure_rate: float = _declared(JobConfig, "max_failure_rate")
     backend: Literal["local", "modal"] = _declared(JobConfig, "backend")
+    prefetch_batches: int = _declared(JobConfig, "prefetch_batches")
 
 
 class ByteRange(BaseModel):

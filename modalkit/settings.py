@@ -390,6 +390,14 @@ class JobConfig(_Strict):
     max_failure_rate: Annotated[float, JobParameter(per_run=True, metavar="RATE")] = Field(
         0.1, ge=0.0, le=1.0, description="The job fails when more than this fraction of its records fail."
     )
+    prefetch_batches: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Sub-batches a worker reads, validates and preprocesses ahead of the one its device runs, on "
+        "helper threads, while another one is postprocessed and written; at most this many plus 2 are in memory at "
+        "once. 0: each sub-batch goes through every step before the next is read, on one thread.",
+    )
     chunk_retries: int = Field(3, ge=0, le=20, description="Retries of a chunk after a transient error.")
     retry_delay_seconds: float = Field(2.0, ge=0.0, le=600.0, description="First retry delay; doubles each time.")
     chunk_timeout_s: float | None = Field(

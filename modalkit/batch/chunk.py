@@ -3,12 +3,14 @@
 Runs where the model runs (a local worker process or a Modal container). For each sub-batch of
 ``max_batch_size`` records: parse (JSON), pick the record ids (:mod:`~modalkit.batch.record_ids`), validate
 against the pipeline's ``input_model``, run the pipeline through the isolated runner, write success rows and failure
-rows (:mod:`~modalkit.batch.failure_log`), spool queue records. At the end the part file (when records succeeded)
-and the failure file (when records failed) are moved into place, one object each (nothing empty is written; the
-marker's ``part_uri`` and ``failures_uri`` say which were), with an ``id_field`` the id hashes
-(:mod:`~modalkit.batch.repeats`) beside them, then the spooled queue records are sent
+rows (:mod:`~modalkit.batch.failure_log`), spool queue records; the steps of consecutive sub-batches overlap on
+three threads, ``predict`` on the calling one (:mod:`~modalkit.batch.overlap`; ``job.prefetch_batches``). At the
+end the part file (when records succeeded) and the failure file (when records failed) are moved into place, one
+object each (nothing empty is written; the marker's ``part_uri`` and ``failures_uri`` say which were), with an
+``id_field`` the id hashes (:mod:`~modalkit.batch.repeats`) beside them, then the spooled queue records are sent
 (so a queue never holds a record that no output file holds), and the commit marker ``_chunks/NNNNN.json`` is
-written last: a chunk with a marker is done and is skipped when the job runs again. Counts go back, never data.
+written last: a chunk with a marker is done and is skipped when the job runs again. Counts and stage timings go
+back, never data.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import gc
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,17 +29,18 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from modalkit.batch.crashes import CrashLog, CrashPlan, run_guarded
-from modalkit.batch.failure_log import FailureLog
+from modalkit.batch.failure_log import FailureLog, FailureRows
 from modalkit.batch.formats import Unreadable, format_named
 from modalkit.batch.layout import OutputLayout
+from modalkit.batch.overlap import Overlap, SubBatch, ThreadSeconds
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
 from modalkit.batch.readahead import read_ahead
 from modalkit.batch.record_ids import REPLAY_ID_KEY, IdPolicy, Parsed, Rejected
 from modalkit.batch.repeats import IdHashes
 from modalkit.batch.storage import Store, default_store
-from modalkit.batch.writers import FailureWriter, Success, open_part_writer, record_id_type
+from modalkit.batch.writers import FailureWriter, PartWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
-from modalkit.inference_pipeline import InferencePipeline, RecordError, run_isolated
+from modalkit.inference_pipeline import InferencePipeline, RecordError, StageClock, run_isolated
 from modalkit.iomodel import (
     OUTPUT_ENVELOPE,
     ChunkResult,
@@ -44,6 +48,7 @@ from modalkit.iomodel import (
     Extent,
     JobSpec,
     RowGroups,
+    StageSeconds,
     SuccessRecord,
     describe_validation_error,
     json_template,
@@ -58,6 +63,19 @@ SUCCESS_BODY = json_template(SuccessRecord, ("job_id", "record_id", "output", "m
 
 class ChunkProcessor:
     """Processes chunks with one loaded pipeline; build it once per worker and call :meth:`process` per chunk.
+
+    :meth:`process` runs ``predict`` (and the pipeline's other ``device_stages``) on the thread that calls it, the
+    thread that loaded the model; with ``job.prefetch_batches`` above 0 (``job_config.prefetch_batches``, default
+    2) it runs the host steps of the sub-batches before and after the one the device runs on two helper threads
+    (:mod:`~modalkit.batch.overlap`). Either way the chunk writes the same bytes in the same order.
+
+    Each result's ``stages`` (:class:`~modalkit.iomodel.StageSeconds`) says where the chunk's time went, timed once
+    a sub-batch (never per record) on the thread that did the work. With ``prefetch_batches: 0`` every step runs on
+    the calling thread, and the stages add up to the chunk's ``seconds`` within 10% or 20 ms, whichever is more
+    (the rest: opening the files, the journal and the commit's checks). With the stages overlapped they add up to
+    more than the wall (that is the point); ``device_busy`` (``predict`` over the wall) is then the share of the
+    chunk the device worked, and :attr:`last_threads` says for each thread how long it was busy, how long it waited
+    for the others and how long it lived: busy plus waiting is its life, within the same tolerance.
 
     Args:
         pipeline: The loaded pipeline; it must declare ``input_model`` and ``output_model``.
@@ -76,6 +94,9 @@ class ChunkProcessor:
         self.validate_many: Callable[[list[Any]], list[BaseModel]] = TypeAdapter(
             list[self.input_model]  # type: ignore[name-defined]
         ).validate_python
+        #: the last chunk's threads ("feeder", "device", "finisher"): busy, waiting and alive seconds of each; empty
+        #: when its steps ran one after another
+        self.last_threads: dict[str, ThreadSeconds] = {}
 
     def process(self, job: JobSpec, chunk: ChunkSpec, crash: CrashPlan | None = None) -> ChunkResult:
         """Run one chunk; returns its counts (``skipped`` when it was committed before).
@@ -104,9 +125,11 @@ class ChunkProcessor:
             finally:
                 if run.crash_log is not None:
                     run.crash_log.close()
+                self.last_threads = run.threads
             committed = _once(lambda: set(layout.committed_indices(store)))
             for piece in chunk.pieces():  # before any commit
                 format_named(piece.format).prove_start(piece, committed, store)
+            uploading = time.perf_counter()
             # nothing empty is written: no part file without a success, no failure file without a failure (the
             # marker says which it wrote); a chunk that owns no record (a cut inside one long line) leaves only its
             # marker
@@ -118,27 +141,31 @@ class ChunkProcessor:
                     store.delete(uri)  # as this chunk's: one existence check (S3: a HEAD), nothing written
             if counts["records"] and run.hashes is not None:  # before the marker: every committed chunk has its ids
                 run.hashes.write(layout.ids(chunk.index), store)
+            sending = time.perf_counter()
             if sender is not None:  # the records go out only now that the files holding them are durable
                 sender.close()
+            sent = time.perf_counter()
         except BaseException:
             if sender is not None:
                 sender.abort()
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        seconds = time.perf_counter() - started
         result = ChunkResult(
             index=chunk.index,
             records=counts["records"],
             succeeded=counts["succeeded"],
             failed=counts["failed"],
             started_at=round(started_at, 3),
-            seconds=round(time.perf_counter() - started, 3),
+            seconds=round(seconds, 3),
             part_uri=layout.part(chunk.index) if counts["succeeded"] else None,
             failures_uri=layout.failures(chunk.index) if counts["failed"] else None,
             queued_success=sender.sent["success"] if sender else 0,
             queued_failure=sender.sent["failure"] if sender else 0,
             errors_by_type=run.failures.errors_by_type,
             error_examples=run.failures.error_examples,
+            stages=_stage_seconds(run.clocks, sending - uploading, sent - sending, seconds),
         )
         marker = {**marker_identity(job.job_id, chunk), **result.model_dump()}
         store.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
@@ -161,6 +188,19 @@ class ChunkProcessor:
             spool_dir=staging,
             store=self.store,
         )
+
+
+def _stage_seconds(clocks: list[StageClock], upload: float, send: float, wall: float) -> StageSeconds:
+    """The chunk's stage seconds: every thread's, added up, plus the upload of its files (``write``) and the sending
+    of its queue records (``queue``) once they are durable."""
+    total: dict[str, float] = {name: 0.0 for name in StageSeconds.model_fields if name != "device_busy"}
+    for clock in clocks:
+        for name, spent in clock.seconds.items():
+            total[name] += spent
+    total["write"] += upload
+    total["queue"] += send
+    busy = min(1.0, total["predict"] / wall) if wall > 0 else 0.0
+    return StageSeconds(**{name: round(spent, 4) for name, spent in total.items()}, device_busy=round(busy, 4))
 
 
 #: The cyclic garbage collector's first threshold while a chunk runs (Python's default is 700).
@@ -331,15 +371,41 @@ class _Piece:
 _Segment = tuple[_Piece, list[int], list[Any]]
 
 
+class _SubBatch(SubBatch):
+    """A sub-batch of the chunk: besides its inputs, each piece's share of them (ids and parsed records), its
+    failure rows, its success queue records and the ordinal of the first record after it."""
+
+    __slots__ = ("end", "prepared", "rows", "successes", "to_queue")
+
+    def __init__(
+        self, models: list[Any], prepared: list[tuple[_Piece, list[Any], list[Parsed]]], rows: FailureRows, end: int
+    ) -> None:
+        super().__init__(models)
+        self.prepared = prepared
+        self.rows = rows
+        self.end = end
+        self.successes: list[Success] = []
+        #: each success's (ordinal, file key, position, record id, output json), for the success queue
+        self.to_queue: list[tuple[int, str, int, Any, bytes]] = []
+
+    def ordinals(self) -> list[int]:
+        return [ordinal for _, _, kept in self.prepared for ordinal, _, _ in kept]
+
+
 class _ChunkRun:
     """The state of one chunk being processed (kept off the processor so a worker can run chunk after chunk).
 
     The chunk's pieces (one file, or several small ones packed) are read one after the other into sub-batches of
     ``max_batch_size`` records that may span pieces, so the pipeline sees full batches however small the files.
     Each sub-batch goes through the same steps: parse, ids (each piece's id policy), validate, piece by piece; run
-    the pipeline (under the crash guard when there is one) once for the whole sub-batch; then the successes become
-    part rows and success records; every record that fails at a step goes to the failure log, under its own file.
-    A record's ordinal counts the records of the whole chunk, across pieces.
+    the pipeline once for the whole sub-batch; then the successes become part rows and success records; every
+    record that fails at a step goes to the sub-batch's failure rows, under its own file. A record's ordinal counts
+    the records of the whole chunk, across pieces.
+
+    With ``job.prefetch_batches`` above 0 the steps of consecutive sub-batches overlap on three threads
+    (:mod:`~modalkit.batch.overlap`); with 0, or once a worker has died on the chunk (so that the crash finder's
+    breadcrumbs name one sub-batch), they run one sub-batch after another on the calling thread. Both write the same
+    bytes.
     """
 
     def __init__(
@@ -362,37 +428,103 @@ class _ChunkRun:
         self.ordinal = 0
         #: the hashes of the ids from the data (with an id_field) of every piece, for the job-wide repeat check
         self.hashes = IdHashes(chunk.key) if job.id_field is not None else None
-        first = _Piece(self, chunk.pieces()[0])
-        self.failures = FailureLog(job.job_id, first.key, first.where, sender)
-        self._first = first
+        self._first = _Piece(self, chunk.pieces()[0])
+        self.failures = FailureLog(job.job_id, queued=sender is not None)
         self._job_json = orjson.dumps(job.job_id)
+        self._store: Store = proc.store
+        self._part: PartWriter | None = None
+        self._failure_writer: FailureWriter | None = None
+        #: every thread's stage seconds (one clock when the stages do not overlap)
+        self.clocks: list[StageClock] = []
+        #: with overlapping stages, each thread's busy, waiting and alive seconds
+        self.threads: dict[str, ThreadSeconds] = {}
+        self._in_flight: dict[int, list[int]] = {}
+        self._in_flight_lock = threading.Lock()
 
     def execute(self) -> dict[str, int]:
         job, chunk = self.job, self.chunk
         with contextlib.ExitStack() as closing:  # both files are closed even when closing one of them raises
-            failures = FailureWriter(self.failures_path, f"the failure file of chunk {chunk.index}")
-            closing.callback(failures.close)
+            self._failure_writer = FailureWriter(self.failures_path, f"the failure file of chunk {chunk.index}")
+            closing.callback(self._failure_writer.close)
             part = open_part_writer(
                 job.output_format, self.part_path, self.proc.output_model, f"the part file of chunk {chunk.index}",
                 record_id_type(self.proc.input_model, job.id_field),
             )  # fmt: skip
+            self._part = part
             closing.callback(part.close)
             ahead = read_ahead(self.proc.store, chunk)  # many small remote files: fetched side by side
             if ahead is not None:
                 closing.callback(ahead.close)
-            for segments in self._sub_batches(ahead or self.proc.store):
-                successes = self._sub_batch(segments)
-                part.write(successes)
-                self.succeeded += len(successes)
-                failures.write(self.failures.take_lines())
-                if self.sender is not None:
-                    self.sender.end_window(self.ordinal)
+                self._store = ahead
+            crash_plan = self.crash_log.plan if self.crash_log is not None else None
+            if job.prefetch_batches and (crash_plan is None or not crash_plan.deaths):
+                overlap = Overlap(self.proc.pipeline, self, job.prefetch_batches, *self._crash_hooks())
+                self.clocks = list(overlap.clocks.values())
+                overlap.run()
+                self.threads = overlap.threads
+            else:
+                self._one_after_another()
         return {"records": self.ordinal, "succeeded": self.succeeded, "failed": self.failures.failed}
 
-    def _sub_batches(self, store: Store) -> Iterator[list[_Segment]]:
+    def _one_after_another(self) -> None:
+        """Each sub-batch through every step before the next is read, on this thread."""
+        clock = StageClock()
+        self.clocks = [clock]
+        seconds, perf = clock.seconds, time.perf_counter
+        source = self.read()
+        while True:
+            began = perf()
+            raw = next(source, None)
+            read = perf()
+            seconds["read"] = seconds.get("read", 0.0) + read - began
+            if raw is None:
+                return
+            batch = self.parse(raw)
+            parsed = perf()
+            seconds["parse"] = seconds.get("parse", 0.0) + parsed - read
+            if batch.models:
+                batch.outcomes = self._run_pipeline(batch, clock)
+            written = perf()
+            self.write(batch)
+            queued = perf()
+            self.queue(batch)
+            seconds["write"] = seconds.get("write", 0.0) + queued - written
+            seconds["queue"] = seconds.get("queue", 0.0) + perf() - queued
+
+    def _run_pipeline(self, batch: _SubBatch, clock: StageClock) -> list[Any]:
+        pipeline = self.proc.pipeline
+        if self.crash_log is None:
+            return run_isolated(pipeline, batch.models, clock)
+        # records by their ordinal: unique in the chunk (positions repeat across its files)
+        return run_guarded(lambda some: run_isolated(pipeline, some, clock), batch.models, batch.ordinals(),
+                           self.crash_log)  # fmt: skip
+
+    def _crash_hooks(self) -> tuple[Callable[[SubBatch], None] | None, Callable[[SubBatch], None] | None]:
+        """With a crash log, the breadcrumb names the records of every sub-batch in the pipeline at once."""
+        if self.crash_log is None:
+            return None, None
+        log = self.crash_log
+
+        def enter(batch: SubBatch) -> None:
+            assert isinstance(batch, _SubBatch)
+            with self._in_flight_lock:
+                self._in_flight[id(batch)] = batch.ordinals()
+                log.note("batch", [o for ordinals in self._in_flight.values() for o in ordinals])
+
+        def leave(batch: SubBatch) -> None:
+            with self._in_flight_lock:
+                self._in_flight.pop(id(batch), None)
+                log.note("batch", [o for ordinals in self._in_flight.values() for o in ordinals])
+
+        return enter, leave
+
+    # --- the steps of a sub-batch (overlap.Work) -----------------------------------------------------------------
+
+    def read(self) -> Iterator[list[_Segment]]:
         """The chunk's records in sub-batches of ``max_batch_size``, each a list of segments (one per piece it
-        spans), read piece after piece through ``store``."""
+        spans), read piece after piece."""
         size = self.job.max_batch_size
+        store = self._store
         segments: list[_Segment] = []
         count = 0
         for n, spec in enumerate(self.chunk.pieces()):
@@ -414,41 +546,55 @@ class _ChunkRun:
         if segments:
             yield segments
 
-    def _sub_batch(self, segments: list[_Segment]) -> list[Success]:
-        failures = self.failures
+    def parse(self, segments: list[_Segment]) -> _SubBatch:
+        """A sub-batch parsed, its ids assigned and its records validated; the records that fail, logged."""
+        first = segments[0][0]
+        rows = self.failures.rows(first.key, first.where)
         prepared: list[tuple[_Piece, list[Any], list[Parsed]]] = []
         models: list[BaseModel] = []
         for piece, positions, payloads in segments:
-            failures.use(piece.key, piece.where)
+            rows.use(piece.key, piece.where)
             parsed, rejected = self._parse(piece, positions, payloads)
             ids, kept, bad_ids = piece.ids.assign(parsed)
             if bad_ids:  # failure rows in record order, as the records came
                 rejected = sorted(rejected + bad_ids, key=lambda r: r.ordinal) if rejected else bad_ids
             for reject in rejected:
-                failures.add(*reject)
-            valid, ids, kept = self._validate(piece, ids, kept)
+                rows.add(*reject)
+            valid, ids, kept = self._validate(piece, ids, kept, rows)
             if valid:
                 models.extend(valid)
                 prepared.append((piece, ids, kept))
-        if not models:
-            return []
-        pipeline = self.proc.pipeline
-        if self.crash_log is None:
-            outcomes = run_isolated(pipeline, models)
-        else:  # records by their ordinal: unique in the chunk (positions repeat across its files)
-            ordinals = [ordinal for _, _, kept in prepared for ordinal, _, _ in kept]
-            outcomes = run_guarded(lambda some: run_isolated(pipeline, some), models, ordinals, self.crash_log)
-        if len(prepared) == 1:
-            piece, ids, kept = prepared[0]
-            failures.use(piece.key, piece.where)
-            return self._outcomes(piece.key, ids, kept, outcomes)
-        successes: list[Success] = []
-        start = 0
-        for piece, ids, kept in prepared:
-            failures.use(piece.key, piece.where)
-            successes += self._outcomes(piece.key, ids, kept, outcomes[start : start + len(kept)])
-            start += len(kept)
-        return successes
+        return _SubBatch(models, prepared, rows, self.ordinal)
+
+    def write(self, batch: SubBatch) -> None:
+        """A sub-batch's outcomes made rows: successes to the part file, failures to the failure file."""
+        assert isinstance(batch, _SubBatch)
+        assert self._part is not None
+        assert self._failure_writer is not None
+        outcomes = batch.outcomes
+        if outcomes is not None:
+            start = 0
+            for piece, ids, kept in batch.prepared:
+                self._outcomes(batch, piece, ids, kept, outcomes[start : start + len(kept)])
+                start += len(kept)
+        self._part.write(batch.successes)
+        self.succeeded += len(batch.successes)
+        self.failures.take(batch.rows)
+        self._failure_writer.write(batch.rows.lines)
+
+    def queue(self, batch: SubBatch) -> None:
+        """A sub-batch's queue records spooled, as one window."""
+        sender = self.sender
+        if sender is None:
+            return
+        assert isinstance(batch, _SubBatch)
+        for ordinal, dedup, body in batch.rows.queue:
+            sender.add("failure", ordinal, dedup, body)
+        job_id, job_json, dumps = self.job.job_id, self._job_json, orjson.dumps
+        for ordinal, key, pos, record_id, output in batch.to_queue:
+            message = SUCCESS_BODY % (job_json, dumps(record_id), output, dumps({"key": key, "position": pos}))
+            sender.add("success", ordinal, dedup_id(job_id, key, pos), message)
+        sender.end_window(batch.end)
 
     def _parse(self, piece: _Piece, positions: list[int], payloads: list[Any]) -> tuple[list[Parsed], list[Rejected]]:
         """The records of a segment as data, numbered in the chunk; those that do not parse, rejected."""
@@ -477,7 +623,7 @@ class _ChunkRun:
         return parsed, rejected
 
     def _validate(
-        self, piece: _Piece, ids: list[Any], kept: list[Parsed]
+        self, piece: _Piece, ids: list[Any], kept: list[Parsed], rows: FailureRows
     ) -> tuple[list[BaseModel], list[Any], list[Parsed]]:
         """Validate a segment in one call; only when it holds an invalid record, record by record."""
         try:
@@ -495,30 +641,30 @@ class _ChunkRun:
                 if piece.fitter is not None:
                     described = piece.fitter.describe(data, described)
                 error = RecordError("validate", "ValidationError", described)
-                self.failures.add(ordinal, record_id, pos, error, data)
+                rows.add(ordinal, record_id, pos, error, data)
                 continue
             good_ids.append(record_id)
             good_kept.append(record)
         return models, good_ids, good_kept
 
-    def _outcomes(self, key: str, ids: list[Any], kept: list[Parsed], outcomes: list[Any]) -> list[Success]:
-        """The successes of file ``key``'s records in a sub-batch (their queue records handed to the sender);
-        failures to the failure log."""
+    def _outcomes(
+        self, batch: _SubBatch, piece: _Piece, ids: list[Any], kept: list[Parsed], outcomes: list[Any]
+    ) -> None:
+        """The successes of one piece's records in a sub-batch (and their success queue records); failures to the
+        sub-batch's failure rows."""
         serializer = self.proc.output_model.__pydantic_serializer__
-        sender = self.sender
-        job_id = self.job.job_id
-        successes: list[Success] = []
+        rows, successes = batch.rows, batch.successes
+        to_queue = batch.to_queue if self.sender is not None else None
+        key = piece.key
+        rows.use(key, piece.where)
         for record_id, (ordinal, pos, data), outcome in zip(ids, kept, outcomes, strict=True):
             if type(outcome) is RecordError:
-                self.failures.add(ordinal, record_id, pos, outcome, data)
+                rows.add(ordinal, record_id, pos, outcome, data)
                 continue
             body = serializer.to_json(outcome, exclude=OUTPUT_ENVELOPE)
             successes.append(Success(record_id, outcome, body))
-            if sender is not None:
-                meta = orjson.dumps({"key": key, "position": pos})
-                message = SUCCESS_BODY % (self._job_json, orjson.dumps(record_id), body, meta)
-                sender.add("success", ordinal, dedup_id(job_id, key, pos), message)
-        return successes
+            if to_queue is not None:
+                to_queue.append((ordinal, key, pos, record_id, body))
 
 
 def process_chunk(

@@ -7,12 +7,17 @@ ordinal does not) are in flight. When the process dies, the runner reads the bre
 again with a narrower plan: a sub-batch that was in flight at two deaths in a row is run one record at a time
 (``careful``), and a record that was alone in flight at a death is not run again but failed with
 ``error_type: WorkerCrashed`` (``killers``). The other records of the chunk are scored as usual.
+
+A chunk whose sub-batches overlap (the pipelined executor of :mod:`modalkit.batch.chunk`) has several sub-batches
+in the pipeline at once; its breadcrumb names the records of all of them, and once a worker has died on a chunk
+(``CrashPlan.deaths``) the chunk runs one sub-batch after another, so that the breadcrumbs narrow down as above.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +37,8 @@ class CrashPlan:
     breadcrumb: str
     careful: frozenset[int] = frozenset()
     killers: frozenset[int] = frozenset()
+    #: how many times a worker has died on this chunk already: the chunk then runs one sub-batch at a time
+    deaths: int = 0
 
 
 class CrashLog:
@@ -40,14 +47,17 @@ class CrashLog:
     def __init__(self, plan: CrashPlan) -> None:
         self.plan = plan
         self._fh = open(plan.breadcrumb, "wb")  # noqa: SIM115 - closed in close()
+        self._lock = threading.Lock()  # the stages of a pipelined chunk note from several threads
 
     def note(self, kind: str, positions: Sequence[int]) -> None:
         """Record that the pipeline is about to run these records (``kind``: "batch" or "one")."""
-        fh = self._fh
-        fh.seek(0)
-        fh.write(f"{kind} {' '.join(map(str, positions))}\n".encode())
-        fh.truncate()
-        fh.flush()  # to the OS: it outlives this process however it dies
+        line = f"{kind} {' '.join(map(str, positions))}\n".encode()
+        with self._lock:
+            fh = self._fh
+            fh.seek(0)
+            fh.write(line)
+            fh.truncate()
+            fh.flush()  # to the OS: it outlives this process however it dies
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -108,7 +118,7 @@ class CrashTracker:
     _last: tuple[int, ...] | None = None
 
     def plan(self) -> CrashPlan:
-        return CrashPlan(self.breadcrumb, frozenset(self.careful), frozenset(self.killers))
+        return CrashPlan(self.breadcrumb, frozenset(self.careful), frozenset(self.killers), self.deaths)
 
     def died(self) -> bool:
         """Account for a death; True when the chunk should run again with the narrower plan."""

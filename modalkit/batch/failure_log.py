@@ -1,8 +1,11 @@
 """A chunk's failure log: its failure rows (also the failure queue's records) and its failures by error type.
 
 Each failed record becomes one :class:`~modalkit.iomodel.FailureRecord` body, built as bytes from the model's field
-names; the same bytes are the failure file's row and the failure queue's message. The log also counts failures per
-``error_type`` with the first one's stage and message, for the job's report (at most ``MAX_ERROR_TYPES`` types).
+names; the same bytes are the failure file's row and the failure queue's message. Each sub-batch collects its own
+failures (:class:`FailureRows`, on whichever thread works on the sub-batch at the time); the chunk's log takes them
+in input order (:meth:`FailureLog.take`), so the rows, the queue records and the counts come out the same however
+the stages of consecutive sub-batches overlapped. The log counts failures per ``error_type`` with the first one's
+stage and message, for the job's report (at most ``MAX_ERROR_TYPES`` types).
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from typing import Any
 
 import orjson
 
-from modalkit.batch.queueing import RecordSender, dedup_id
+from modalkit.batch.queueing import dedup_id
 from modalkit.inference_pipeline import RecordError
 from modalkit.iomodel import FailureRecord, json_template
 
-__all__ = ["FAILURE_BODY", "MAX_ERROR_TYPES", "MAX_EXAMPLE_CHARS", "MAX_INPUT_CHARS", "FailureLog"]
+__all__ = ["FAILURE_BODY", "MAX_ERROR_TYPES", "MAX_EXAMPLE_CHARS", "MAX_INPUT_CHARS", "FailureLog", "FailureRows"]
 
 #: A raw line (a record that did not parse) keeps at most this many characters in its failure row.
 MAX_INPUT_CHARS = 100_000
@@ -28,26 +31,31 @@ MAX_EXAMPLE_CHARS = 300
 FAILURE_BODY = json_template(FailureRecord, ("job_id", "record_id", "stage", "error_type", "error", "input", "meta"))
 
 
-class FailureLog:
-    """The failures of one chunk.
+class FailureRows:
+    """The failures of one sub-batch, in the order they were logged: rows, failure queue records, errors.
 
     Args:
         job_id: The job.
-        key: The file's key (each record's ``meta.key``); a chunk of several files names each with :meth:`use`.
+        key: The file's key (each record's ``meta.key``); a sub-batch spanning several files names each with
+            :meth:`use`.
         where: Describes a position in the file (``a.jsonl at byte 120``); it starts each record's ``error``.
-        sender: Where failure records are spooled for the failure queue, or None.
+        queued: Whether the failures also go to a failure queue (their deduplication ids are then made).
     """
 
-    def __init__(self, job_id: str, key: str, where: Callable[[int], str], sender: RecordSender | None) -> None:
+    __slots__ = ("_job_json", "errors", "job_id", "key", "lines", "queue", "queued", "where")
+
+    def __init__(self, job_id: str, key: str, where: Callable[[int], str], queued: bool = False) -> None:
         self.job_id = job_id
         self.key = key
         self.where = where
-        self.sender = sender
-        self.failed = 0
-        self.errors_by_type: dict[str, int] = {}
-        self.error_examples: dict[str, str] = {}
+        self.queued = queued
         self._job_json = orjson.dumps(job_id)
-        self._lines: list[bytes] = []
+        #: each failure's row (also its queue record's body), ending with a newline
+        self.lines: list[bytes] = []
+        #: each failure's (ordinal, deduplication id, body) for the failure queue, when ``queued``
+        self.queue: list[tuple[int, str, bytes]] = []
+        #: each failure's (error, the error text of its row), for the counts by error type
+        self.errors: list[tuple[RecordError, str]] = []
 
     def use(self, key: str, where: Callable[[int], str]) -> None:
         """Log the next failures as records of file ``key`` (a packed chunk reads several files)."""
@@ -55,7 +63,7 @@ class FailureLog:
         self.where = where
 
     def add(self, ordinal: int, record_id: Any, pos: int, error: RecordError, data: Any) -> None:
-        """Log one failed record: its row, its queue record, its count."""
+        """Log one failed record: its row, its queue record."""
         if isinstance(data, bytes):
             data = data.decode("utf-8", errors="replace").rstrip("\r\n")
         if isinstance(data, str) and len(data) > MAX_INPUT_CHARS:
@@ -71,18 +79,39 @@ class FailureLog:
             dumps(data, default=str),
             dumps({"key": self.key, "position": pos}),
         )
-        self._lines.append(body + b"\n")
-        self.failed += 1
-        count = self.errors_by_type.get(error.error_type)
-        if count is not None:
-            self.errors_by_type[error.error_type] = count + 1
-        elif len(self.errors_by_type) < MAX_ERROR_TYPES:
-            self.errors_by_type[error.error_type] = 1
-            self.error_examples[error.error_type] = f"{error.stage}: {error_text}"[:MAX_EXAMPLE_CHARS]
-        if self.sender is not None:  # whole: a body too large for its queue is the queue backend's to place
-            self.sender.add("failure", ordinal, dedup_id(self.job_id, self.key, pos), body)
+        self.lines.append(body + b"\n")
+        self.errors.append((error, error_text))
+        if self.queued:  # whole: a body too large for its queue is the queue backend's to place
+            self.queue.append((ordinal, dedup_id(self.job_id, self.key, pos), body))
 
-    def take_lines(self) -> list[bytes]:
-        """The failure rows logged since the last call (each ends with a newline)."""
-        lines, self._lines = self._lines, []
-        return lines
+
+class FailureLog:
+    """The failures of one chunk: how many, and the first of each error type.
+
+    Args:
+        job_id: The job.
+        queued: Whether the failures also go to a failure queue (see :class:`FailureRows`).
+    """
+
+    def __init__(self, job_id: str, queued: bool = False) -> None:
+        self.job_id = job_id
+        self.queued = queued
+        self.failed = 0
+        self.errors_by_type: dict[str, int] = {}
+        self.error_examples: dict[str, str] = {}
+
+    def rows(self, key: str, where: Callable[[int], str]) -> FailureRows:
+        """An empty log for the failures of one sub-batch, starting in file ``key``."""
+        return FailureRows(self.job_id, key, where, self.queued)
+
+    def take(self, rows: FailureRows) -> None:
+        """Count a sub-batch's failures (call it with the sub-batches in input order)."""
+        self.failed += len(rows.lines)
+        errors_by_type = self.errors_by_type
+        for error, error_text in rows.errors:
+            count = errors_by_type.get(error.error_type)
+            if count is not None:
+                errors_by_type[error.error_type] = count + 1
+            elif len(errors_by_type) < MAX_ERROR_TYPES:
+                errors_by_type[error.error_type] = 1
+                self.error_examples[error.error_type] = f"{error.stage}: {error_text}"[:MAX_EXAMPLE_CHARS]

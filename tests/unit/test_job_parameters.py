@@ -66,7 +66,7 @@ def test_job_spec_fields_are_the_settings_fields_type_default_bounds_and_descrip
 
     assert set(shared) == {
         "max_batch_size", "chunk_size", "max_failure_rate", "backend", "id_field", "output_format", "success_queue",
-        "failure_queue",
+        "failure_queue", "prefetch_batches",
     }  # fmt: skip
     for name in shared:
         spec, source = JobSpec.model_fields[name], declared[name]
