@@ -48,10 +48,12 @@ TIMING_FIELDS: tuple[str, ...] = (
 #: gaps between sub-batches, which no host setting closes. Below it, the device waited on the host.
 DEVICE_BOUND = 0.8
 
-# What to do when a host stage is the slowest (the settings are named in words: the executor owns their keys).
-_MORE_CORES = "give the host stages more cores (raise the host workers setting)"
+# What to do when a host stage is the slowest. Host stages overlap predict on their own threads (one core's worth
+# of Python between them) unless job_config.prefetch_batches is 0.
+_MORE_CORES = ("keep job_config.prefetch_batches at 1 or more so that it overlaps predict, make it cheaper, or "
+               "give it a faster core")  # fmt: skip
 HOST_ADVICE: dict[str, str] = {
-    "read": "read further ahead (raise the prefetch depth), or keep the input nearer the workers",
+    "read": "read further ahead (raise job_config.prefetch_batches), or keep the input nearer the workers",
     "parse": _MORE_CORES,
     "preprocess": _MORE_CORES + ", or move preprocessing that the device could do onto it",
     "postprocess": _MORE_CORES,

@@ -2,9 +2,6 @@
 sentiment model on local files) prints a summary whose stage seconds and device busy share come from the chunk
 engine's own timings, the manifest and the report in Prefect carry them, and the same job run again (every chunk
 committed) shows them in its table from the commit markers; the ``modalkit.job.completed`` event carries them.
-
-Until the chunk engine times its stages (issue 18's executor), every chunk reports none and these tests fail:
-they are marked ``xfail(strict=True)``, so the day the engine times them they pass and the marker must go.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from batch_support import read_manifest, write_config
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 STAGES = ["read", "parse", "preprocess", "predict", "postprocess", "write", "queue"]
-NOT_TIMED_YET = pytest.mark.xfail(strict=True, reason="chunk engine does not time stages until h-exec merges")
 
 
 def run_cli(tmp_path: Path, prefect_api: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -74,7 +70,6 @@ def completed_event_of(job_id: str, timeout: float = 30.0) -> dict[str, Any]:
             time.sleep(0.5)
 
 
-@NOT_TIMED_YET
 def test_a_job_reports_where_its_time_went_in_json_manifest_report_event_and_again_from_its_markers(
     tmp_path: Path, prefect_api: str
 ) -> None:

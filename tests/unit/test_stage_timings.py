@@ -118,7 +118,7 @@ def test_a_device_that_waited_names_the_slowest_host_stage_with_its_share_and_wh
     assert (found.kind, found.stage) == ("host", "parse")
     assert found.note.startswith("host: the device waited 54% of the chunks' time; the slowest host stage is parse "
                                  "(3.80 s, 38% of the chunks' time): ")  # fmt: skip
-    assert "host workers" in found.note  # what to do about a stage that wants cores
+    assert "job_config.prefetch_batches" in found.note  # the setting that overlaps a host stage with predict
 
 
 def test_a_job_slowest_at_reading_is_told_to_read_further_ahead() -> None:
