@@ -291,6 +291,9 @@ def _commits(data: Any, job_id: str, chunk: ChunkSpec) -> tuple[bool, dict[str, 
         return False, {"job_id": None}
     if "extent" in data:
         theirs = {k: data.get(k) for k in ("job_id", "key", "extent", "more")}
+        mine = marker_identity(job_id, chunk)
+        if all(data.get(k) == v for k, v in mine.items()) and ("more" in mine or not data.get("more")):
+            return True, theirs  # as this version writes it: equal as JSON (1,000 pieces validated took 20 ms)
         try:
             extent = _EXTENT.validate_python(theirs["extent"])
         except ValidationError:
