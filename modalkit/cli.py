@@ -200,6 +200,18 @@ def _fill_partition(params: dict[str, Any]) -> None:
         params["output_uri"] = fill_partition(params["output_uri"], day, "OUTPUT_URI")
 
 
+def _finished_before(store: Any, output_uri: str) -> bool:
+    """Whether ``output_uri`` holds the manifest of a job that ended (one existence check; a storage error is left
+    for planning to report)."""
+    from modalkit.batch.layout import OutputLayout
+    from modalkit.exceptions import StorageError
+
+    try:
+        return bool(store.exists(OutputLayout(output_uri.rstrip("/")).manifest))
+    except StorageError:
+        return False
+
+
 class _EarlyStart:
     """What ``modalkit batch`` does before its flow runs: checks, the runner, the first chunks, and meanwhile (in a
     thread) Prefect imported and its API found: the configured one, else modalkit's local server."""
@@ -240,9 +252,10 @@ class _EarlyStart:
         store = default_store()
         model = settings.model_settings.entry(p["model_name"])[0]
         early_workers = None
-        if job_config.backend == "local":
+        if job_config.backend == "local" and not _finished_before(store, p["output_uri"]):
             # one worker starts and loads the model on the other core while the job is planned (20,000 small
-            # files plan in about a second); the others, if the job has chunks for them, once it is planned
+            # files plan in about a second); the others, if the job has chunks for them, once it is planned. Not
+            # for an output that holds a finished job's manifest: run again, it mostly has nothing left to run
             from modalkit.runners.local import LocalRunner
 
             self.runner = early_workers = LocalRunner(
