@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ def check_id_field(chunks: Sequence[ChunkSpec], id_field: str | None, store: Sto
     if id_field is None:
         return
     parsed: list[SampledRecord] = []
-    heads = [piece for chunk in chunks[:ID_CHECK_CHUNKS] for piece in chunk.pieces()][:ID_CHECK_CHUNKS]
+    heads = list(itertools.islice((piece for chunk in chunks for piece in chunk.iter_pieces()), ID_CHECK_CHUNKS))
     for head in heads:
         try:
             parsed = [r for r in first_records(head, ID_CHECK_RECORDS, store) if isinstance(r.data, dict)]

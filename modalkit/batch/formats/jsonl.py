@@ -26,6 +26,10 @@ BOM = b"\xef\xbb\xbf"
 PROBE_BYTES = 1024 * 1024
 
 
+#: The extent of a file read whole (one frozen instance for every small file: 100,000 made anew cost 0.2 s).
+WHOLE_FILE = ByteRange()
+
+
 class JsonlFormat(InputFormat):
     """JSON Lines. Payloads are the raw lines (``bytes``); blank lines are skipped."""
 
@@ -36,7 +40,7 @@ class JsonlFormat(InputFormat):
         if file.key.lower().removesuffix(f".{file.compression}" if file.compression else "").endswith(".json"):
             _require_json_lines(store, file)
         if file.compression or file.size <= options.chunk_size:
-            return [Part(ByteRange(), file.size)]
+            return [Part(WHOLE_FILE, file.size)]
         return [Part(ByteRange(start=s, end=e), n) for s, e, n in byte_ranges(file.size, 0, options.chunk_size)]
 
     def read(self, chunk: ChunkSpec, batch_size: int, store: Store) -> Iterator[Batch]:
