@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -84,9 +85,18 @@ class ChunkProcessor:
     """
 
     def __init__(
-        self, pipeline: InferencePipeline, queue_backend: QueueBackend | None = None, store: Store | None = None
+        self,
+        pipeline: InferencePipeline,
+        queue_backend: QueueBackend | None = None,
+        store: Store | None = None,
+        overlap: bool | None = None,
     ) -> None:
         self.pipeline = pipeline
+        #: True: overlap the stages of every chunk (with ``prefetch_batches`` above 0); False: never; None: measure
+        #: it on the first chunks (see ``_ChunkRun._choose_and_run``)
+        self.forced_overlap = overlap
+        #: what the measurement chose, kept for the later chunks
+        self.learned_overlap: bool | None = None
         self.store = store or default_store()
         self.input_model, self.output_model = type(pipeline).require_schemas()
         self.queue_backend = queue_backend
@@ -97,6 +107,11 @@ class ChunkProcessor:
         #: the last chunk's threads ("feeder", "device", "finisher"): busy, waiting and alive seconds of each; empty
         #: when its steps ran one after another
         self.last_threads: dict[str, ThreadSeconds] = {}
+
+    @property
+    def overlap(self) -> bool | None:
+        """Whether this processor's chunks overlap their stages: forced, learned, or None (not known yet)."""
+        return self.forced_overlap if self.forced_overlap is not None else self.learned_overlap
 
     def process(self, job: JobSpec, chunk: ChunkSpec, crash: CrashPlan | None = None) -> ChunkResult:
         """Run one chunk; returns its counts (``skipped`` when it was committed before).
@@ -395,6 +410,32 @@ class _SubBatch(SubBatch):
         return [ordinal for _, _, kept in self.prepared for ordinal, _, _ in kept]
 
 
+#: Sub-batches a chunk runs one after another, then as many overlapped, to learn which way is faster.
+PROBE_BATCHES = 24
+#: How much faster overlapped sub-batches must run to be chosen (the threads cost memory and hand-offs).
+OVERLAP_GAIN = 1.1
+
+
+class _Counted:
+    """An iterator that says when it has run out (a probe's ``islice`` of it cannot)."""
+
+    __slots__ = ("exhausted", "items")
+
+    def __init__(self, items: Iterator[list[_Segment]]) -> None:
+        self.items = items
+        self.exhausted = False
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> list[_Segment]:
+        try:
+            return next(self.items)
+        except StopIteration:
+            self.exhausted = True
+            raise
+
+
 class _ChunkRun:
     """The state of one chunk being processed (kept off the processor so a worker can run chunk after chunk).
 
@@ -460,21 +501,49 @@ class _ChunkRun:
                 closing.callback(ahead.close)
                 self._store = ahead
             crash_plan = self.crash_log.plan if self.crash_log is not None else None
-            if job.prefetch_batches and (crash_plan is None or not crash_plan.deaths):
-                overlap = Overlap(self.proc.pipeline, self, job.prefetch_batches, *self._crash_hooks())
-                self.clocks = list(overlap.clocks.values())
-                overlap.run()
-                self.threads = overlap.threads
+            source = _Counted(self.read())
+            if not job.prefetch_batches or (crash_plan is not None and crash_plan.deaths):
+                self._one_after_another(source)
+            elif self.proc.overlap is not None:
+                self._run(source, self.proc.overlap)
             else:
-                self._one_after_another()
+                self._choose_and_run(source)
         return {"records": self.ordinal, "succeeded": self.succeeded, "failed": self.failures.failed}
 
-    def _one_after_another(self) -> None:
+    def _choose_and_run(self, source: _Counted) -> None:
+        """Overlap the stages only where it pays: ``PROBE_BATCHES`` sub-batches one after another, as many
+        overlapped, the rest the faster way. A ``predict`` that holds the interpreter (a model computed in Python,
+        or a CPU library that keeps the GIL) gains nothing from overlap and loses to the threads' hand-offs (W1's
+        model on one worker: 28% slower); one that waits on a device gains up to the host's whole time (W3: 0.45
+        to 0.76 of the device's bound). The choice is kept by the worker for its later chunks."""
+        rates = []
+        for overlap in (False, True):
+            began, records = time.perf_counter(), self.ordinal
+            self._run(itertools.islice(source, PROBE_BATCHES), overlap)
+            if source.exhausted or self.ordinal == records:  # a chunk too small to tell: nothing learned
+                return
+            rates.append((self.ordinal - records) / max(time.perf_counter() - began, 1e-9))
+        choice = rates[1] > rates[0] * OVERLAP_GAIN
+        self.proc.learned_overlap = choice
+        self._run(source, choice)
+
+    def _run(self, source: Iterator[list[_Segment]], overlap: bool) -> None:
+        """``source``'s sub-batches, their stages overlapped or one after another."""
+        if not overlap:
+            self._one_after_another(source)
+            return
+        run = Overlap(self.proc.pipeline, self, self.job.prefetch_batches, *self._crash_hooks(), source=source)
+        self.clocks += run.clocks.values()
+        run.run()
+        for name, spent in run.threads.items():  # summed over the runs of a chunk
+            before = self.threads.get(name, ThreadSeconds(0.0, 0.0, 0.0))
+            self.threads[name] = ThreadSeconds(*(a + b for a, b in zip(before, spent, strict=True)))
+
+    def _one_after_another(self, source: Iterator[list[_Segment]]) -> None:
         """Each sub-batch through every step before the next is read, on this thread."""
         clock = StageClock()
-        self.clocks = [clock]
+        self.clocks.append(clock)
         seconds, perf = clock.seconds, time.perf_counter
-        source = self.read()
         while True:
             began = perf()
             raw = next(source, None)

@@ -99,6 +99,7 @@ class Overlap:
     Args:
         pipeline: The loaded pipeline; its ``device_stages`` run on the thread that calls :meth:`run`.
         work: The chunk's sub-batches and what to do with each.
+        source: The sub-batches to run, as ``work.read()`` gives them (default: all of them, from ``work.read()``).
         depth: Sub-batches read and preprocessed ahead of the one the device runs (at least 1).
         on_enter: Called (feeder thread) when a sub-batch with inputs enters the pipeline, before preprocess.
         on_leave: Called (finisher thread) when the pipeline is through with it.
@@ -111,9 +112,11 @@ class Overlap:
         depth: int,
         on_enter: Callable[[SubBatch], None] | None = None,
         on_leave: Callable[[SubBatch], None] | None = None,
+        source: Iterator[Any] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.work = work
+        self.source = source
         self.device_stages = tuple(s for s in STAGES if s in type(pipeline).device_stages)
         self.on_enter = on_enter
         self.on_leave = on_leave
@@ -180,7 +183,7 @@ class Overlap:
             item = None  # not kept alive while waiting for the next one
 
     def _feed(self, clock: StageClock) -> None:
-        source = self.work.read()
+        source = self.source if self.source is not None else self.work.read()
         perf = time.perf_counter
         host_preprocess = "preprocess" not in self.device_stages
         while True:

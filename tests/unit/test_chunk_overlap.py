@@ -97,7 +97,7 @@ def test_overlapped_stages_write_the_same_bytes_and_queue_records_as_one_sub_bat
         backend = MemoryBackend()
         job = make_job(tmp_path, f"out{depth}", max_batch_size=4, prefetch_batches=depth, output_format=output_format,
                        success_queue="ok", failure_queue="bad")  # fmt: skip
-        processor = ChunkProcessor(sentiment, backend)
+        processor = ChunkProcessor(sentiment, backend, overlap=True)
         results[depth] = processor.process(job, chunk)
         queues[depth] = {q: backend.messages(q) for q in ("ok", "bad")}
         assert bool(processor.last_threads) == (depth > 0)  # the stages did overlap at depth 2
@@ -173,7 +173,7 @@ def test_a_poison_record_in_a_prefetched_sub_batch_fails_alone_while_the_next_on
     chunk = one_chunk(tmp_path, {"a.jsonl": jsonl(*({"text": t} for t in texts))})
     pipeline = SlowStageThreads()
     job = make_job(tmp_path, "out", max_batch_size=4, prefetch_batches=2)
-    result = ChunkProcessor(pipeline).process(job, chunk)
+    result = ChunkProcessor(pipeline, overlap=True).process(job, chunk)
 
     assert (result.records, result.succeeded, result.failed) == (40, 39, 1)
     (failure,) = [json.loads(line) for line in (tmp_path / "out" / "_failures" / "part-00000.jsonl").read_bytes()
@@ -200,7 +200,9 @@ def test_predict_and_the_device_stages_run_on_the_thread_that_called_process_and
     texts[6], texts[11], texts[21] = "PRE 6", "PREDICT 11", "POST 21"  # each split and retried: where predict may run
     chunk = one_chunk(tmp_path, {"a.jsonl": jsonl(*({"text": t} for t in texts))})
     pipeline = pipeline_cls()
-    result = ChunkProcessor(pipeline).process(make_job(tmp_path, "out", max_batch_size=4, prefetch_batches=2), chunk)
+    result = ChunkProcessor(pipeline, overlap=True).process(
+        make_job(tmp_path, "out", max_batch_size=4, prefetch_batches=2), chunk
+    )
 
     assert (result.succeeded, result.failed) == (27, 3)
     me = threading.get_ident()
@@ -247,7 +249,7 @@ class Slow(InferencePipeline):
 (chunk,) = plan_chunks(list_dataset(str(base / "in")), 10**9, "job")
 job = JobSpec(job_id="job", input_uri=str(base / "in"), output_uri=str(base / "out"), model_name="m",
               max_batch_size=2, prefetch_batches=2)
-ChunkProcessor(Slow("slow", "models", {})).process(job, chunk)
+ChunkProcessor(Slow("slow", "models", {}), overlap=True).process(job, chunk)
 """
 
 
@@ -330,7 +332,7 @@ def test_a_chunk_of_large_records_at_prefetch_depth_n_holds_at_most_n_plus_2_sub
     big = "x" * 100_000
     chunk = one_chunk(tmp_path, {"big.jsonl": jsonl(*({"text": big} for _ in range(30 * 8)))})  # 30 sub-batches
     _Big.live = _Big.peak = 0
-    result = ChunkProcessor(BigRecords("big", "models", {})).process(
+    result = ChunkProcessor(BigRecords("big", "models", {}), overlap=True).process(
         make_job(tmp_path, "out", max_batch_size=8, prefetch_batches=depth), chunk
     )
     assert result.succeeded == 240
@@ -362,7 +364,7 @@ class Timed(InferencePipeline):
 
 def test_stage_timings_add_up_to_the_chunk_wall_and_show_the_device_busier_with_overlap(tmp_path: Path) -> None:
     chunk = one_chunk(tmp_path, {"a.jsonl": jsonl(*({"text": f"t{i}"} for i in range(30 * 8)))})  # 30 sub-batches
-    processor = ChunkProcessor(Timed("timed", "models", {}))
+    processor = ChunkProcessor(Timed("timed", "models", {}), overlap=True)
     results = {}
     for depth in (0, 2):
         results[depth] = processor.process(make_job(tmp_path, f"out{depth}", max_batch_size=8,
@@ -391,3 +393,56 @@ def test_stage_timings_add_up_to_the_chunk_wall_and_show_the_device_busier_with_
     # overlapped, the device waits for no host stage: busier, and the chunk shorter
     assert overlapped.stages.device_busy > sequential.stages.device_busy + 0.15
     assert overlapped.seconds < sequential.seconds
+
+
+# --- 7. overlap only where it pays -------------------------------------------------------------------------------
+
+
+def _spin(seconds: float) -> None:
+    """Work that holds the interpreter (pure Python), as a model computed on the CPU in Python does."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+class DeviceBound(InferencePipeline):
+    """Host work in preprocess (holding the interpreter), predict waiting on a device (the GIL released)."""
+
+    input_model = _Text
+    output_model = _Out
+
+    def preprocess(self, input_list: list[_Text]) -> dict[str, Any]:
+        _spin(0.004)
+        return {}
+
+    def predict(self, input_list: list[_Text], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.005)
+        return {}
+
+    def postprocess(self, input_list: list[_Text], raw_output: dict[str, Any]) -> list[_Out]:
+        return [_Out(upper=t.text.upper()) for t in input_list]
+
+
+class HostBound(DeviceBound):
+    """predict computed in Python on this CPU: it holds the interpreter the whole time, so nothing can overlap it."""
+
+    def preprocess(self, input_list: list[_Text]) -> dict[str, Any]:
+        return {}
+
+    def predict(self, input_list: list[_Text], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        _spin(0.008)
+        return {}
+
+
+@pytest.mark.parametrize(("pipeline", "overlaps"), [(DeviceBound, True), (HostBound, False)])
+def test_a_worker_overlaps_the_stages_only_of_a_pipeline_whose_predict_waits_on_a_device(
+    tmp_path: Path, pipeline: type[InferencePipeline], overlaps: bool
+) -> None:
+    chunk = one_chunk(tmp_path, {"a.jsonl": jsonl(*({"text": f"t{i}"} for i in range(60 * 4)))})  # 60 sub-batches
+    processor = ChunkProcessor(pipeline("p", "models", {}))  # the default: measured on the first chunk
+
+    result = processor.process(make_job(tmp_path, "out", max_batch_size=4, prefetch_batches=2), chunk)
+
+    assert processor.learned_overlap is overlaps
+    assert result.succeeded == 240
+    assert bool(processor.last_threads) is True  # it ran overlapped at least while it measured
