@@ -235,6 +235,7 @@ class _EarlyStart:
         from modalkit.cli_tools import refuse_vanishing_queues, with_queue_backend
         from modalkit.runners import open_runner
         from modalkit.runners.base import StartedJob
+        from modalkit.runners.local import LocalRunner  # imported before Prefect is, in the thread started below
         from modalkit.runners.prestart import PrestartingRunner
         from modalkit.settings import Settings
 
@@ -256,8 +257,6 @@ class _EarlyStart:
             # one worker starts and loads the model on the other core while the job is planned (20,000 small
             # files plan in about a second); the others, if the job has chunks for them, once it is planned. Not
             # for an output that holds a finished job's manifest: run again, it mostly has nothing left to run
-            from modalkit.runners.local import LocalRunner
-
             self.runner = early_workers = LocalRunner(
                 settings, model, job_config.local_workers, start=False, chunk_timeout_s=job_config.chunk_timeout_s
             )

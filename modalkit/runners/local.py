@@ -303,6 +303,7 @@ class LocalRunner:
         if executor is None:
             return
         processes = list((getattr(executor, "_processes", None) or {}).values())  # the stdlib keeps them there
+        manager = getattr(executor, "_executor_manager_thread", None)
         executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             with contextlib.suppress(Exception):
@@ -310,3 +311,7 @@ class LocalRunner:
         for process in processes:
             with contextlib.suppress(Exception):
                 process.join(timeout=5)
+        if manager is not None:
+            # the pool's manager thread closes its wake-up pipe as it ends; an exit while it still runs races it
+            # (Python 3.11: the exit hook writes to the pipe just closed, OSError EBADF and a traceback)
+            manager.join(timeout=5)
