@@ -235,7 +235,6 @@ class _EarlyStart:
         from modalkit.cli_tools import refuse_vanishing_queues, with_queue_backend
         from modalkit.runners import open_runner
         from modalkit.runners.base import StartedJob
-        from modalkit.runners.local import LocalRunner  # imported before Prefect is, in the thread started below
         from modalkit.runners.prestart import PrestartingRunner
         from modalkit.settings import Settings
 
@@ -247,6 +246,8 @@ class _EarlyStart:
         refuse_vanishing_queues(settings, job_config, self.queue_backend)
         _mark("options")
         self._check_api_from_environment()
+        if job_config.backend == "local":  # the options are good: imported now, before Prefect is (in a thread)
+            from modalkit.runners.local import LocalRunner
         self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
         self._prefect_thread.start()
         started = time.perf_counter()
