@@ -25,6 +25,16 @@ from pathlib import Path
 VENV_BIN = Path(sys.executable).parent
 
 
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a zombie counts: see test_batch_resilience's own for one that
+    does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (on 127.0.0.1)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -22,18 +22,10 @@ from typing import Any
 
 import pytest
 from batch_support import duplicates, read_failures, read_parts, write_config
-from support import free_port, stop_daemon, stop_process
+from support import alive, free_port, stop_daemon, stop_process
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")

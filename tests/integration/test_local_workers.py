@@ -18,17 +18,10 @@ import time
 from pathlib import Path
 
 from batch_support import write_config
+from support import alive
 
 from modalkit.runners.local import LocalRunner
 from modalkit.settings import Settings
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def worker_pids(runner: LocalRunner) -> list[int]:
