@@ -1,9 +1,16 @@
-"""Process helpers the benchmarks share: a free loopback port, a process tree's members and its resident memory."""
+"""Process helpers the benchmarks share: a free loopback port, a process tree's members and its resident memory,
+and a command run under the harness's ``treemem.py``."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -41,3 +48,23 @@ def descendants(root: int) -> list[int]:
             out.append(kid)
             todo.append(kid)
     return out
+
+
+def run_under_treemem(
+    name: str, cmd: list[str], env: dict[str, str], treemem: Path, mem_file: Path, timeout: float
+) -> dict[str, Any]:
+    """Run ``cmd`` under the harness's ``treemem.py`` (its figures written to ``mem_file``); returns the command's
+    last JSON stdout line, treemem's figures and the process wall.
+
+    Raises:
+        RuntimeError: the command failed, with the end of its stderr.
+    """
+    wrapped = [sys.executable, str(treemem), "--out", str(mem_file), "--interval", "0.25", "--timeout",
+               str(timeout), "--", *cmd]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(wrapped, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {"result": json.loads(lines[-1]), "mem": json.loads(mem_file.read_text()), "process_wall_s": wall}

@@ -58,7 +58,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from procs import descendants, free_port, rss_mb
+from procs import descendants, free_port, rss_mb, run_under_treemem
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -156,18 +156,9 @@ def dataset(rows: int) -> Path:
 
 def run_measured(name: str, cmd: list[str], env: dict[str, str], out_dir: Path) -> dict[str, Any]:
     """Run ``cmd`` under treemem.py; returns its last JSON stdout line, treemem's figures and the process wall."""
-    mem_file = out_dir.parent / f"{out_dir.name}.mem.json"
-    wrapped = [PY, str(SHARED / "treemem.py"), "--out", str(mem_file), "--interval", "0.25",
-               "--timeout", str(TIMEOUT), "--", *cmd]  # fmt: skip
-    started = time.perf_counter()
-    proc = subprocess.run(wrapped, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    result = json.loads(lines[-1])
-    mem = json.loads(mem_file.read_text())
-    return {"result": result, "mem": mem, "process_wall_s": wall}
+    return run_under_treemem(
+        name, cmd, env, SHARED / "treemem.py", out_dir.parent / f"{out_dir.name}.mem.json", TIMEOUT
+    )
 
 
 def check(output: Path, rows: int, reference: Path | None) -> dict[str, Any]:

@@ -32,9 +32,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from procs import run_under_treemem
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -133,16 +134,7 @@ def ray_python() -> Path | None:
 
 def measured(name: str, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run ``cmd`` under treemem.py; its last JSON stdout line, treemem's figures and the process wall."""
-    mem_file = OUT / f"{name}.mem.json"
-    wrapped = [PY, str(SHARED / "treemem.py"), "--out", str(mem_file), "--interval", "0.25",
-               "--timeout", str(TIMEOUT), "--", *cmd]  # fmt: skip
-    started = time.perf_counter()
-    proc = subprocess.run(wrapped, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"W3 {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {"result": json.loads(lines[-1]), "mem": json.loads(mem_file.read_text()), "process_wall_s": wall}
+    return run_under_treemem(f"W3 {name}", cmd, env, SHARED / "treemem.py", OUT / f"{name}.mem.json", TIMEOUT)
 
 
 def check(output: Path, reference: Path | None) -> bool:
