@@ -38,6 +38,7 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from flows.monitoring import emit_job_event, job_report, label_run, summary_rows
+from modalkit.ast_guard import install as install_ast_guard
 from modalkit.batch.job import JobPlan, dispatch_order, resolve_job_config
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.lease import JobLease
@@ -101,6 +102,7 @@ def build_batch_flow(
         on_progress: Told where the job stands after each chunk (the CLI's progress bar); its errors are logged,
             never allowed to break the job.
     """
+    install_ast_guard()  # the flow merges id hashes on threads (NumPy parses .npy headers): CPython 3.11.7's bug
 
     @flow(name="batch-inference", log_prints=False)
     @describe_run_parameters

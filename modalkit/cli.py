@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -39,6 +39,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from modalkit.settings import job_parameter, parameter_help, run_parameters
+
+if TYPE_CHECKING:
+    from modalkit.forked import Forked
 
 __all__ = ["app", "main"]
 
@@ -200,6 +203,22 @@ def _fill_partition(params: dict[str, Any]) -> None:
         params["output_uri"] = fill_partition(params["output_uri"], day, "OUTPUT_URI")
 
 
+def _plan_ahead(
+    settings: Any, input_uri: str, output_uri: str, model_name: str | None, job_config: Any
+) -> tuple[Any, dict[int, Any] | None]:
+    """The job planned (it writes nothing), and the results of the chunks its output already commits, read before
+    this run holds the job's lease (None when they could not be read: the run reads them again once it holds it,
+    and reports what is wrong then)."""
+    from modalkit.batch.job import find_committed, plan_job
+    from modalkit.exceptions import ModalkitError
+
+    plan = plan_job(settings, input_uri, output_uri, model_name, job_config)
+    try:
+        return plan, find_committed(plan)
+    except ModalkitError:
+        return plan, None
+
+
 def _finished_before(store: Any, output_uri: str) -> bool:
     """Whether ``output_uri`` holds the manifest of a job that ended (one existence check; a storage error is left
     for planning to report)."""
@@ -226,13 +245,15 @@ class _EarlyStart:
         self.managed_server = False  # the Prefect API is modalkit's local server (runs renew its lease)
         self.build_flow: Any = None  # flows.batch_inference.build_batch_flow, once Prefect is imported
         self._prefect_error: BaseException | None = None
+        self._planner: Forked[tuple[Any, Any]] | None = None  # the listing and planning, in a child process
         self._prefect_thread: threading.Thread | None = None
 
     def start(self) -> None:
-        from modalkit.batch.job import dispatch_order, find_committed, plan_job, resolve_job_config, start_job
+        from modalkit.batch.job import dispatch_order, find_committed, resolve_job_config, start_job
         from modalkit.batch.lease import take_lease
         from modalkit.batch.storage import default_store
         from modalkit.cli_tools import refuse_vanishing_queues, with_queue_backend
+        from modalkit.forked import start_forked
         from modalkit.runners import open_runner
         from modalkit.runners.base import StartedJob
         from modalkit.runners.prestart import PrestartingRunner
@@ -246,6 +267,11 @@ class _EarlyStart:
         refuse_vanishing_queues(settings, job_config, self.queue_backend)
         _mark("options")
         self._check_api_from_environment()
+        # listing and planning run in a child process (on another core) while Prefect is imported here: forked
+        # now, before the thread that imports Prefect starts (see modalkit/forked.py)
+        self._planner = start_forked(
+            "planning the job", _plan_ahead, settings, p["input_uri"], p["output_uri"], p["model_name"], job_config
+        )
         if job_config.backend == "local":  # the options are good: imported now, before Prefect is (in a thread)
             from modalkit.runners.local import LocalRunner
         self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
@@ -262,13 +288,13 @@ class _EarlyStart:
                 settings, model, job_config.local_workers, start=False, chunk_timeout_s=job_config.chunk_timeout_s
             )
             early_workers.warm(1)
-        plan = plan_job(settings, p["input_uri"], p["output_uri"], p["model_name"], job_config, store)
+        plan, committed = self._planner.result()
         start_job(plan, store)
         self.lease = take_lease(
             store, plan.job.output_uri, plan.job.job_id, job_config.lease_seconds, wait=self.wait,
             on_wait=lambda line: err.print(line, highlight=False),
         )  # fmt: skip
-        done = find_committed(plan, store)
+        done = find_committed(plan, store, known=committed)  # one listing; the markers read ahead are not read again
         pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
         _mark("planned")
         # the other local workers only now (listing reads no records), so that a job starts no more of them than
@@ -333,6 +359,8 @@ class _EarlyStart:
             raise self._prefect_error
 
     def cancel(self) -> None:
+        if self._planner is not None:
+            self._planner.cancel()
         if self.runner is not None:
             self.runner.cancel()
         self.release()
@@ -756,6 +784,9 @@ def _install_signal_handlers() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from modalkit.ast_guard import install
+
+    install()  # this process runs threads that parse (Prefect's import beside the job's start): CPython 3.11.7's bug
     _install_signal_handlers()
     try:
         _run_command()

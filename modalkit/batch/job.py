@@ -259,12 +259,15 @@ def start_job(plan: JobPlan, store: Store | None = None) -> None:
         raise _claimed_by_another(plan.job.output_uri, existing, plan.job.job_id, plan.pipeline_version)
 
 
-def find_committed(plan: JobPlan, store: Store | None = None) -> dict[int, ChunkResult]:
+def find_committed(
+    plan: JobPlan, store: Store | None = None, known: Mapping[int, ChunkResult] | None = None
+) -> dict[int, ChunkResult]:
     """The chunks of ``plan`` already committed (resume): their results, read from their markers through ``store``
     (default: the process's).
 
-    The output's ``_chunks/`` folder is listed once and every marker in it is read. A job run again sends these
-    chunks nowhere: no worker, no Modal call.
+    The output's ``_chunks/`` folder is listed once and every marker in it is read, but those of ``known``: results
+    read from these markers before (a marker, once written, does not change). A job run again sends these chunks
+    nowhere: no worker, no Modal call.
 
     Raises:
         ConfigError: a marker commits a chunk of another job, of another range, or one this plan does not have.
@@ -280,13 +283,16 @@ def find_committed(plan: JobPlan, store: Store | None = None) -> dict[int, Chunk
             f"the output {layout.root} holds results of another job or of other parameters; use another output or "
             "delete that one"
         )
-    if not found:
-        return {}
-    with concurrent.futures.ThreadPoolExecutor(min(MARKER_READERS, len(found))) as pool:
+    known = known or {}
+    done = {index: known[index] for index in found if index in known}
+    unread = [index for index in found if index not in known]
+    if not unread:
+        return done
+    with concurrent.futures.ThreadPoolExecutor(min(MARKER_READERS, len(unread))) as pool:
         results = pool.map(
-            lambda index: read_marker(layout.marker(index), plan.job.job_id, chunks[index], store), found
+            lambda index: read_marker(layout.marker(index), plan.job.job_id, chunks[index], store), unread
         )
-        return {result.index: result for result in results}
+        return {**done, **{result.index: result for result in results}}
 
 
 def dispatch_order(chunks: Sequence[ChunkSpec]) -> list[ChunkSpec]:

@@ -81,6 +81,9 @@ def _sigint_blocked() -> Iterator[None]:
 
 
 def _init_worker(settings: Settings, model_name: str, parent_pid: int) -> None:
+    from modalkit.ast_guard import install
+
+    install()  # a chunk's stages run on three threads (modalkit/batch/overlap.py)
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
     _worker_state.update(settings=settings, model_name=model_name)
