@@ -10,6 +10,7 @@ library's steps inline, as the flow does.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,19 @@ def test_a_resumed_job_still_reports_the_repeats_of_the_chunks_committed_before(
     assert_names_the_five_repeats(summary.model_dump())
     assert_names_the_five_repeats(read_manifest(out))
     assert len(backend.messages("s2")) == read_manifest(out)["queued_success"] == 10
+
+
+def test_a_finished_job_run_again_reports_its_repeats_from_the_manifest_without_merging_the_id_hashes_again(
+    tmp_path: Path,
+) -> None:
+    inp, out = two_files_sharing_ids(tmp_path, pad=8_000), str(tmp_path / "out")
+    job = Job(tmp_path, id_field="order_id")
+    job.run(inp, out)
+    shutil.rmtree(Path(out) / "_ids")  # what the merge reads: gone, so only the manifest can tell
+    _, results, again = job.run(inp, out)
+    assert all(r.skipped for r in results)
+    assert_names_the_five_repeats(again.model_dump())
+    assert_names_the_five_repeats(read_manifest(out))
 
 
 @pytest.mark.parametrize("output_format", ["jsonl", "parquet"])
