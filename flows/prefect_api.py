@@ -3,7 +3,8 @@
 Prefect finds its API in ``PREFECT_API_URL``, the active profile (``profiles.toml``), a ``.env``, ``prefect.toml``
 or ``pyproject.toml``'s ``[tool.prefect]`` in the working directory; :func:`configured_api_url` asks Prefect, so
 every place a user may have set it counts. ``modalkit batch`` calls it in a background thread (importing Prefect
-costs about a second, spent while the job plans), and points the process at its own local server with
+costs about two seconds, spent while the job is planned in a process of its own), and points the process at its
+own local server with
 :func:`use_api_url` only when nothing is configured.
 """
 
@@ -25,11 +26,14 @@ def configured_api_url() -> str | None:
 
 
 def use_api_url(api_url: str) -> None:
-    """Point this process's flow runs at ``api_url``: Prefect read its settings when it was imported, so the
-    global settings are read again with ``PREFECT_API_URL`` set (child processes inherit the variable)."""
+    """Point this process's flow runs at ``api_url``, modalkit's own local server: Prefect read its settings when
+    it was imported, so the global settings are read again with ``PREFECT_API_URL`` set (child processes inherit
+    the variable). The client does not ask that server for its version before its first call: it was started from
+    this very installation."""
     from prefect.context import refresh_global_settings_context
 
     os.environ["PREFECT_API_URL"] = api_url
+    os.environ["PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"] = "false"
     refresh_global_settings_context()
 
 
