@@ -5,8 +5,9 @@ file, a piece per small file), and in the command's own process it would share o
 import, which runs at the same time in a thread; each would wait for the other. In a child forked before that
 thread starts, the two run on two cores. What the child returns comes back pickled through a pipe.
 
-Only on Linux, and only while this process runs no other thread (forking a process with threads can copy a lock
-another thread holds); elsewhere, or when threads run, the function runs here, in :meth:`Forked.result`.
+The child is killed when this process ends. Only on Linux, and only while this process runs no other thread
+(forking a process with threads can copy a lock another thread holds); elsewhere, or when threads run, the
+function runs here, in :meth:`Forked.result`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Forked(Generic[T]):
             pid = os.fork()
             if pid == 0:  # the child: run, send, leave without running this process's exit hooks
                 os.close(read)
+                _die_with_parent()
                 _run_and_send(fn, args, write)
             os.close(write)
             self.pid, self._read = pid, read
@@ -84,6 +86,17 @@ def start_forked(what: str, fn: Callable[..., T], *args: Any) -> Forked[T]:
     """Start ``fn(*args)`` in a forked child (see the module's docstring for when it runs here instead); ``what``
     says what it does, for the message when the child dies (``"planning the job"``)."""
     return Forked(what, fn, args)
+
+
+def _die_with_parent() -> None:
+    """The child is killed when the thread that forked it ends: it was forked by the main thread, so when the
+    process ends (a SIGKILLed command leaves no planning behind)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_and_send(fn: Callable[..., Any], args: tuple[Any, ...], write: int) -> None:

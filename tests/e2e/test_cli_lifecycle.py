@@ -315,3 +315,54 @@ def test_a_job_lists_its_input_once(home: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["records"] == 20
     assert len(log.read_text().splitlines()) == 1
+
+
+SLOW_LISTING = """
+import os, time
+
+if os.environ.get("SLOW_LISTING_DIR"):
+    _scandir = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, str) and os.path.abspath(path) == os.environ["SLOW_LISTING_DIR"]:
+            with open(os.environ["SLOW_LISTING_LOG"], "a") as log:
+                log.write(f"{os.getpid()}\\n")
+            time.sleep(120)  # a listing that takes minutes (100,000 objects on a slow store)
+        return _scandir(path)
+
+    os.scandir = scandir
+"""
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_a_job_stopped_while_it_lists_its_input_leaves_no_planning_process_behind(
+    home: Path, tmp_path: Path, how: str
+) -> None:
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(SLOW_LISTING, encoding="utf-8")
+    write_reviews(tmp_path / "in", 20)
+    log = tmp_path / "listing.log"
+    env = cli_env(home, SLOW_LISTING_DIR=str(tmp_path / "in"), SLOW_LISTING_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join([str(spy), env["PYTHONPATH"]])
+    args = ["batch", "in", "out", "--config", str(write_config(tmp_path)), "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "modalkit.cli", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.read_text().strip()):  # the listing started (and hangs)
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the listing did not start in 60 s"
+        time.sleep(0.05)
+    [lister] = [int(pid) for pid in log.read_text().split()]
+
+    os.kill(proc.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)  # the command alone, not its group
+    _, stderr = proc.communicate(timeout=30)
+
+    if how == "sigterm":
+        assert proc.returncode == 143, stderr
+        assert stderr.strip().splitlines()[-1] == "interrupted; run the same command to resume"
+    deadline = time.monotonic() + 10
+    while alive(lister) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(lister)
+    assert not (tmp_path / "out" / "_job.json").exists()  # planning writes nothing
