@@ -49,6 +49,9 @@ class Rate:
     cpu: float
     memory_gib: float
     source: str
+    #: seconds a container is billed idle after its last input (Modal: ``deployment_config.scaledown_window``);
+    #: 0 for a local worker, whose idle time until the job ends is measured instead
+    billed_idle_seconds: float = 0.0
 
     @property
     def usd_per_hour(self) -> float:
@@ -89,17 +92,13 @@ def rate_for(settings: Settings, backend: str, gpu: str | None = None) -> Rate:
     key = "gpu" if gpu is not None else "app_settings.deployment_config.gpu"
     cpu = deploy.cpu if deploy.cpu is not None else MODAL_DEFAULT_CPU
     memory_gib = (deploy.memory if deploy.memory is not None else MODAL_DEFAULT_MEMORY_MIB) / 1024
+    idle = float(deploy.scaledown_window)
     if deploy.usd_per_hour is not None and (gpu is None or _same_gpu(gpu, configured)):
-        return Rate(
-            deploy.usd_per_hour / 3600.0,
-            chosen,
-            cpu,
-            memory_gib,
-            f"app_settings.deployment_config.usd_per_hour ({deploy.usd_per_hour:g} $/h)",
-        )
+        source = f"app_settings.deployment_config.usd_per_hour ({deploy.usd_per_hour:g} $/h)"
+        return Rate(deploy.usd_per_hour / 3600.0, chosen, cpu, memory_gib, source, idle)
     gpu_per_hour = gpu_usd_per_hour(settings, chosen, key=key) if chosen else 0.0
     per_hour = gpu_per_hour + cpu * pricing.cpu_core_usd_per_hour + memory_gib * pricing.memory_gib_usd_per_hour
-    return Rate(per_hour / 3600.0, chosen, cpu, memory_gib, pricing.source)
+    return Rate(per_hour / 3600.0, chosen, cpu, memory_gib, pricing.source, idle)
 
 
 def gpu_usd_per_hour(settings: Settings, gpu: str, *, key: str = "gpu") -> float:

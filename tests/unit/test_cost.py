@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from modalkit.batch.cost import rate_for
+from modalkit.batch.cost import Rate, rate_for
+from modalkit.batch.efficiency import job_cost
 from modalkit.exceptions import ConfigError
+from modalkit.iomodel import ChunkResult, StageSeconds
 from modalkit.settings import Settings
 
 
@@ -93,3 +97,59 @@ def test_local_workers_cost_nothing_unless_the_machine_is_priced_and_then_each_i
 def test_a_negative_price_is_refused_naming_its_key() -> None:
     with pytest.raises(ConfigError, match=r"app_settings\.pricing\.gpu_usd_per_hour\.T4"):
         settings(pricing={"gpu_usd_per_hour": {"T4": -1}})
+
+
+# --- a job's cost, from its chunks --------------------------------------------------------------------------------
+
+
+def chunk(index: int, worker: str, started_at: float, seconds: float, predict: float, **extra: Any) -> ChunkResult:
+    return ChunkResult(index=index, records=100, succeeded=90, failed=10, worker=worker, started_at=started_at,
+                       seconds=seconds, stages=StageSeconds(predict=predict), **extra)  # fmt: skip
+
+
+def test_container_seconds_are_the_chunk_walls_plus_start_up_gaps_and_the_tail_until_the_job_ended() -> None:
+    results = [
+        chunk(0, "a", 110.0, 10.0, 6.0, cold_start_seconds=2.0, model_load_seconds=5.0, ready_at=107.0,
+              batches=4, batched_records=100),
+        chunk(1, "a", 121.0, 10.0, 7.0, batches=4, batched_records=100),  # 1 s after chunk 0 ended
+        chunk(2, "b", 111.0, 5.0, 5.0, model_load_seconds=1.0, ready_at=111.0, batches=2, batched_records=100),
+    ]  # fmt: skip
+    rate = Rate(0.01, None, 1, 1, "test")
+
+    bill = job_cost(results, rate, ended_at=135.0, max_batch_size=64)
+
+    assert bill.idle == {
+        "cold_start": 2.0, "model_load": 6.0, "host_wait": 7.0,  # (10 - 6) + (10 - 7) + (5 - 5)
+        "between_chunks": 4.0,  # a: ready at 107, first chunk at 110; then 1 s between its chunks
+        "after_last": 4.0 + 19.0,  # a ended 131, b ended 116; the job at 135
+    }  # fmt: skip
+    assert bill.device_seconds == pytest.approx(18.0)
+    assert bill.container_seconds == pytest.approx(25.0 + 2.0 + 6.0 + 4.0 + 23.0)  # walls + what it states
+    fields = bill.summary_fields()
+    assert fields["cost_usd"] == pytest.approx(60.0 * 0.01)
+    assert fields["cost_per_1000"] == pytest.approx(0.6 / 300 * 1000)
+    assert fields["cost_per_1000_succeeded"] == pytest.approx(0.6 / 270 * 1000)
+    assert fields["cost_failed_usd"] == pytest.approx(0.6 * 30 / 300)
+    assert fields["mean_batch_size"] == pytest.approx(300 / 10)
+    assert fields["records_per_device_second"] == pytest.approx(300 / 18.0, abs=0.1)
+    assert "the largest idle share, 38% of them, was idle after each worker's last chunk" in fields["cost_note"]
+    assert "batches averaged 30 records of max_batch_size 64" in fields["cost_note"]
+
+
+def test_a_modal_container_is_billed_its_scaledown_window_after_its_last_chunk_not_until_the_job_ends() -> None:
+    s = settings(deployment_config={"gpu": "L4", "scaledown_window": 60})
+    rate = rate_for(s, "modal")
+    bill = job_cost([chunk(0, "ta-1", 10.0, 5.0, 4.0), chunk(1, "ta-2", 10.0, 5.0, 4.0)], rate, ended_at=1000.0,
+                    max_batch_size=8)  # fmt: skip
+    assert bill.idle["after_last"] == 120.0
+    assert bill.cost_usd == pytest.approx(130.0 * rate.usd_per_second)
+
+
+def test_an_earlier_runs_chunks_count_their_walls_and_start_up_and_untimed_chunks_their_walls_only() -> None:
+    earlier = chunk(0, "old", 10.0, 4.0, 3.0, skipped=True, model_load_seconds=2.0, ready_at=5.0)
+    untimed = ChunkResult(index=1, records=10, succeeded=10, worker="new", started_at=100.0, seconds=6.0)
+    bill = job_cost([earlier, untimed], Rate(1.0, None, 1, 1, "t"), ended_at=106.0, max_batch_size=8)
+    assert bill.idle == {"cold_start": 0.0, "model_load": 2.0, "host_wait": 1.0, "between_chunks": 0.0,
+                         "after_last": 0.0}  # fmt: skip
+    assert bill.device_seconds == 3.0
+    assert bill.container_seconds == pytest.approx(4.0 + 2.0 + 6.0)
