@@ -49,17 +49,18 @@ COST_FIELDS: tuple[str, ...] = (
     "price_source", "cost_note",
 )  # fmt: skip
 
-# What to do about each cause of idle time, when it is the largest.
-_ADVICE = {
-    "cold_start": "containers starting; keep some warm (deployment_config.min_containers) or run fewer, longer ones",
-    "model_load": "loading the model; fewer, longer-lived containers (larger chunks), or a faster load",
-    "host_wait": "waited on the host inside chunks; raise host workers (job_config.prefetch_batches, more cores "
-    "per container) or make the host stages cheaper",
-    "between_chunks": "waited between chunks for the flow to plan or send the next; larger chunks "
-    "(job_config.chunk_size) or more chunks in flight (job_config.concurrency)",
-    "after_last": "idle after each worker's last chunk; smaller chunks even out the tail, and on Modal a shorter "
-    "deployment_config.scaledown_window",
-}
+# Each cause of idle time, and what to do about it when it is the largest.
+_IDLE_WHAT = {
+    "cold_start": ("containers starting", "keep some warm (deployment_config.min_containers) or run fewer, longer "
+                   "ones"),
+    "model_load": ("loading the model", "fewer, longer-lived containers (larger chunks), or a faster load"),
+    "host_wait": ("the device waiting on the host inside chunks", "raise host workers (job_config.prefetch_batches, "
+                  "more cores per container) or make the host stages cheaper"),
+    "between_chunks": ("workers waiting between chunks for the flow to plan or send the next", "larger chunks "
+                       "(job_config.chunk_size) or more chunks in flight (job_config.concurrency)"),
+    "after_last": ("workers idle after their last chunk", "smaller chunks even out the tail; on Modal, a shorter "
+                   "deployment_config.scaledown_window"),
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +104,8 @@ class JobCost:
         share = self.idle[cause] / total
         text = f"the device was busy {busy:.0%} of the {total:,.1f} container-seconds"
         if share > 0:
-            text += f"; the largest idle share, {share:.0%} of them, was {_ADVICE[cause]}"
+            what, advice = _IDLE_WHAT[cause]
+            text += f"; {share:.0%} went to {what}: {advice}"
         if self.batches and self.mean_batch_size < 0.5 * self.max_batch_size:
             text += (f"; batches averaged {self.mean_batch_size:,.0f} records of max_batch_size "
                      f"{self.max_batch_size:,} (small chunks or files leave short batches)")  # fmt: skip

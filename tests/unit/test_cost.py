@@ -132,7 +132,7 @@ def test_container_seconds_are_the_chunk_walls_plus_start_up_gaps_and_the_tail_u
     assert fields["cost_failed_usd"] == pytest.approx(0.6 * 30 / 300)
     assert fields["mean_batch_size"] == pytest.approx(300 / 10)
     assert fields["records_per_device_second"] == pytest.approx(300 / 18.0, abs=0.1)
-    assert "the largest idle share, 38% of them, was idle after each worker's last chunk" in fields["cost_note"]
+    assert "; 38% went to workers idle after their last chunk: smaller chunks" in fields["cost_note"]
     assert "batches averaged 30 records of max_batch_size 64" in fields["cost_note"]
 
 
