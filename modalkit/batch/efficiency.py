@@ -38,7 +38,7 @@ from typing import Any
 from modalkit.batch.cost import Rate
 from modalkit.iomodel import ChunkResult
 
-__all__ = ["COST_FIELDS", "IDLE_CAUSES", "JobCost", "cost_rows", "job_cost"]
+__all__ = ["COST_FIELDS", "IDLE_CAUSES", "JobCost", "cost_rows", "job_cost", "usd"]
 
 #: Why a device was idle, in the order of a container's life.
 IDLE_CAUSES: tuple[str, ...] = ("cold_start", "model_load", "host_wait", "between_chunks", "after_last")
@@ -61,6 +61,12 @@ _IDLE_WHAT = {
     "after_last": ("workers idle after their last chunk", "smaller chunks even out the tail; on Modal, a shorter "
                    "deployment_config.scaledown_window"),
 }  # fmt: skip
+#: What differs for local workers: they start while the job plans, and live until it ends.
+_LOCAL_IDLE_WHAT = {
+    "cold_start": ("local workers starting (a process each, its imports)", "fewer local workers "
+                   "(job_config.local_workers), or more work per run to spread it"),
+    "after_last": ("workers idle after their last chunk, until the job ended", "smaller chunks even out the tail"),
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,8 @@ class JobCost:
     rate: Rate | None
     #: chunks whose workers timed their stages (none: the device's busy seconds are unknown)
     timed: int = 0
+    #: where the chunks ran: ``local`` or ``modal`` (what the note advises)
+    backend: str = "local"
 
     @property
     def cost_usd(self) -> float:
@@ -104,7 +112,7 @@ class JobCost:
         share = self.idle[cause] / total
         text = f"the device was busy {busy:.0%} of the {total:,.1f} container-seconds"
         if share > 0:
-            what, advice = _IDLE_WHAT[cause]
+            what, advice = (_LOCAL_IDLE_WHAT if self.backend == "local" else {}).get(cause, _IDLE_WHAT[cause])
             text += f"; {share:.0%} went to {what}: {advice}"
         if self.batches and self.mean_batch_size < 0.5 * self.max_batch_size:
             text += (f"; batches averaged {self.mean_batch_size:,.0f} records of max_batch_size "
@@ -129,7 +137,9 @@ class JobCost:
         }
 
 
-def job_cost(results: Iterable[ChunkResult], rate: Rate | None, *, ended_at: float, max_batch_size: int) -> JobCost:
+def job_cost(
+    results: Iterable[ChunkResult], rate: Rate | None, *, ended_at: float, max_batch_size: int, backend: str = "local"
+) -> JobCost:
     """The cost of the chunks in ``results`` at ``rate`` (None: no price, 0 dollars), the job having ended at
     ``ended_at`` (seconds since the epoch: a local worker's idle tail runs until then)."""
     results = list(results)
@@ -169,7 +179,13 @@ def job_cost(results: Iterable[ChunkResult], rate: Rate | None, *, ended_at: flo
         failed=sum(r.failed for r in results),
         rate=rate,
         timed=sum(1 for r in results if r.stages is not None),
+        backend=backend,
     )
+
+
+def usd(amount: float) -> str:
+    """Dollars as people read them: cents from a dollar up, three significant digits below (``$0.00123``)."""
+    return f"${amount:,.2f}" if amount >= 1 or amount == 0 else f"${amount:.3g}"
 
 
 def cost_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -185,10 +201,10 @@ def cost_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     timed = summary.get("stage_seconds") is not None
     busy = f": device busy {device:,.1f} s ({device / container:.0%})" if timed else " (no chunk was timed)"
     rows = [
-        ("cost", f"${summary.get('cost_usd', 0.0):,.4f} (${summary.get('cost_per_1000', 0.0):,.4f} per 1,000 records, "
-                 f"${summary.get('cost_per_1000_succeeded', 0.0):,.4f} per 1,000 succeeded; failed records "
-                 f"${summary.get('cost_failed_usd', 0.0):,.4f})"),
-        ("price", f"${price:,.4f} per container-hour ({summary.get('price_source') or 'no price'})"),
+        ("cost", f"{usd(summary.get('cost_usd', 0.0))} ({usd(summary.get('cost_per_1000', 0.0))} per 1,000 records, "
+                 f"{usd(summary.get('cost_per_1000_succeeded', 0.0))} per 1,000 succeeded; failed records "
+                 f"{usd(summary.get('cost_failed_usd', 0.0))})"),
+        ("price", f"{usd(price)} per container-hour ({summary.get('price_source') or 'no price'})"),
         ("container-seconds", f"{container:,.1f} s{busy}" + (f", idle: {parts}" if parts else "")),
     ]  # fmt: skip
     if timed:

@@ -329,7 +329,7 @@ def finalize_job(
     failed_count = failed_chunks if isinstance(failed_chunks, int) else len(chunk_errors)
     status = "failed" if failed_count or rate > job.max_failure_rate else "completed"
     timings = sum_stages(results)  # the chunks' stage seconds, those committed by an earlier run included
-    bill = job_cost(results, plan.rate, ended_at=time.time(), max_batch_size=job.max_batch_size) if results else None
+    bill = job_cost(results, plan.rate, ended_at=time.time(), max_batch_size=job.max_batch_size, backend=job.backend)
     summary = JobSummary(
         job_id=job.job_id,
         records=records,
@@ -348,7 +348,7 @@ def finalize_job(
         queues=plan.queues,
         **(timings.summary_fields() if timings is not None else {}),
         max_batch_size=job.max_batch_size,
-        **(bill.summary_fields() if bill is not None else {}),
+        **(bill.summary_fields() if results else {}),
     )
     if job.id_field is not None:
         summary.duplicate_ids, summary.duplicate_examples = _repeated_ids(job, results, store)

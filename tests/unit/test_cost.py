@@ -132,7 +132,8 @@ def test_container_seconds_are_the_chunk_walls_plus_start_up_gaps_and_the_tail_u
     assert fields["cost_failed_usd"] == pytest.approx(0.6 * 30 / 300)
     assert fields["mean_batch_size"] == pytest.approx(300 / 10)
     assert fields["records_per_device_second"] == pytest.approx(300 / 18.0, abs=0.1)
-    assert "; 38% went to workers idle after their last chunk: smaller chunks" in fields["cost_note"]
+    note = fields["cost_note"]
+    assert "; 38% went to workers idle after their last chunk, until the job ended: smaller chunks" in note
     assert "batches averaged 30 records of max_batch_size 64" in fields["cost_note"]
 
 
@@ -153,3 +154,12 @@ def test_an_earlier_runs_chunks_count_their_walls_and_start_up_and_untimed_chunk
                          "after_last": 0.0}  # fmt: skip
     assert bill.device_seconds == 3.0
     assert bill.container_seconds == pytest.approx(4.0 + 2.0 + 6.0)
+
+
+def test_the_note_advises_modal_settings_for_modal_containers_and_local_ones_for_local_workers() -> None:
+    started = chunk(0, "w", 10.0, 1.0, 0.5, cold_start_seconds=30.0, ready_at=10.0)
+    local = job_cost([started], Rate(1.0, None, 1, 1, "t"), ended_at=11.0, max_batch_size=8).note()
+    modal = job_cost([started], Rate(1.0, None, 1, 1, "t"), ended_at=11.0, max_batch_size=8, backend="modal").note()
+    assert "job_config.local_workers" in str(local)
+    assert "min_containers" not in str(local)
+    assert "deployment_config.min_containers" in str(modal)
