@@ -119,11 +119,11 @@ def plan_job(
     pipeline_cls = import_pipeline(entry.pipeline, where=f"model_settings.model_entries.{name}.pipeline")
     pipeline_cls.require_schemas()
     pipeline_cls.validate_parameters(entry.kwargs, f"model_settings.model_entries.{name}")  # a typo fails here
+    rate = rate_for(settings, config.backend)  # a GPU type the price table does not know fails here
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
     store = store or default_store()
     _check_uris(store, input_uri, output_uri, config.backend)
     queues = check_job_queues(settings, config)
-    rate = rate_for(settings, config.backend)  # a GPU type the price table does not know fails here
     skipped: list[str] = []
     files = list_dataset(input_uri, skipped, store=store)
     version = entry.version or (None if pipeline_cls.version is None else str(pipeline_cls.version))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+from batch_support import write_config
 
 from modalkit.batch.cost import Rate, rate_for
 from modalkit.batch.efficiency import job_cost
+from modalkit.batch.job import plan_job, resolve_job_config
 from modalkit.exceptions import ConfigError
 from modalkit.iomodel import ChunkResult, StageSeconds
 from modalkit.settings import Settings
@@ -163,3 +166,12 @@ def test_the_note_advises_modal_settings_for_modal_containers_and_local_ones_for
     assert "job_config.local_workers" in str(local)
     assert "min_containers" not in str(local)
     assert "deployment_config.min_containers" in str(modal)
+
+
+def test_a_modal_job_on_a_gpu_type_the_price_table_does_not_know_fails_at_planning_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    settings = Settings.load(str(write_config(tmp_path, deployment_config={"gpu": "H1000"})))
+    config = resolve_job_config(settings, backend="modal")
+    with pytest.raises(ConfigError, match=r"^app_settings\.deployment_config\.gpu: unknown GPU type 'H1000'"):
+        plan_job(settings, "s3://in/x", "s3://out/y", None, config)
