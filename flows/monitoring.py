@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+from modalkit.batch.efficiency import cost_rows
 from modalkit.batch.job import errors_by_type
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.timings import TIMING_FIELDS, busy_text, stage_shares
@@ -60,7 +61,7 @@ def job_report(
 ) -> str:
     """The markdown report of a finished job: counts, failure rate, throughput, wall time, where the output and
     the failures are, the ids that occur more than once (the first few, with their places), where the time went
-    (when the chunks were timed) and the first failure reasons grouped by ``error_type``."""
+    (when the chunks were timed), where the money went, and the first failure reasons grouped by ``error_type``."""
     layout = OutputLayout(summary.output_uri)
     state = "failed" if errors or summary.status == "failed" else "completed"
     lines = [
@@ -94,6 +95,7 @@ def job_report(
         lines += ["", f"## {len(errors)} chunk(s) failed after their retries", ""]
         lines += [f"- chunk {index:05d}: `{_one_line(exc)}`" for index, exc in errors[:REPORT_ERROR_TYPES]]
     lines += _timing_section(summary)
+    lines += _cost_section(summary)
     by_type, examples = errors_by_type(results)
     if by_type:
         lines += ["", "## Failures by error type", "", "| error_type | records | first failure |", "|---|---|---|"]
@@ -129,6 +131,19 @@ def _timing_section(summary: JobSummary) -> list[str]:
         lines.append(f"| {name} | {seconds:,.2f} | {share:.0%} |")
     if summary.bottleneck_note:
         lines += ["", f"**Bottleneck:** {summary.bottleneck_note}"]
+    return lines
+
+
+def _cost_section(summary: JobSummary) -> list[str]:
+    """Where the money went: dollars in total and per 1,000 records, the price, the container-seconds busy and idle
+    by cause, the batch size achieved, and what to do about the largest idle share; nothing before any chunk ran."""
+    rows = cost_rows(summary.model_dump())
+    if not rows:
+        return []
+    lines = ["", "## Where the money went", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {_cell(value)} |" for name, value in rows if name != "where the money went"]
+    if summary.cost_note:
+        lines += ["", f"**Where the money went:** {summary.cost_note}"]
     return lines
 
 

@@ -503,6 +503,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
     for name, value in timing_rows(summary):  # none when the workers did not time their stages
         table.add_row(name, escape(value))
+    from modalkit.batch.efficiency import cost_rows
+
+    for name, value in cost_rows(summary):  # none before any chunk ran
+        table.add_row(name, escape(value))
     Console().print(table)
 
 

@@ -73,7 +73,7 @@ AsyncFn = Callable[[str, Any], Awaitable[AsyncOutputModel]]
 
 class HttpMetrics:
     """Prometheus metrics of one app, in a registry of its own: requests by route and status, latency, batch
-    sizes, queue depth."""
+    sizes, queue depth, and what it costs (device busy seconds, container seconds, model load, price, dollars)."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -92,6 +92,28 @@ class HttpMetrics:
         )  # fmt: skip
         #: ``queue_depth.set_function(f)``: what the gauge reads at each scrape (0 until set)
         self.queue_depth = Gauge("modalkit_queue_depth", "Requests waiting for the pipeline.", registry=self.registry)
+        # what the server costs, as a batch job's summary counts it: modalkit_device_busy_seconds_total over
+        # modalkit_container_seconds is the device's busy share; modalkit_batch_size_sum over its _count the mean batch
+        self.device_seconds = Counter(
+            "modalkit_device_busy_seconds", "Seconds the device was busy (the pipeline's predict).",
+            registry=self.registry,
+        )  # fmt: skip
+        #: the gauges below read a function at each scrape, once the server sets them (0 until then)
+        self.container_seconds = Gauge(
+            "modalkit_container_seconds",
+            "Seconds this server process has been up (and billed).",
+            registry=self.registry,
+        )
+        self.model_load_seconds = Gauge(
+            "modalkit_model_load_seconds", "Seconds spent loading the models loaded so far.", registry=self.registry
+        )
+        self.price = Gauge(
+            "modalkit_price_usd_per_hour", "Dollars per hour of this process (app_settings.pricing).",
+            registry=self.registry,
+        )  # fmt: skip
+        self.cost = Gauge(
+            "modalkit_cost_usd", "Dollars this process has cost: container seconds x the price.", registry=self.registry
+        )
 
     def render(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

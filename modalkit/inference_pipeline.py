@@ -358,14 +358,20 @@ class StageClock:
         locks: One lock per stage, shared by the clocks of every thread running one pipeline; None: no locking.
     """
 
-    __slots__ = ("locks", "seconds")
+    __slots__ = ("batched", "batches", "locks", "seconds")
 
     def __init__(self, locks: Mapping[str, threading.Lock] | None = None) -> None:
         self.locks = locks
         self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        #: calls of ``predict`` (the device's batches, a failed batch's halves included) and the records in them
+        self.batches = 0
+        self.batched = 0
 
     def call(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` timed (and locked) as ``stage``."""
+        """``fn(*args)`` timed (and locked) as ``stage``; a ``predict`` call is counted, with its batch's length."""
+        if stage == "predict":
+            self.batches += 1
+            self.batched += len(args[0])
         start = time.perf_counter()
         try:
             if self.locks is None:

@@ -438,6 +438,14 @@ class ChunkResult(BaseModel):
     stages: StageSeconds | None = Field(
         None, description="Seconds in each stage and the device's busy share; None from a worker that does not time."
     )
+    batches: int = Field(0, description="Calls of the pipeline's predict: the device's batches (halves included).")
+    batched_records: int = Field(0, description="Records in those calls: over batches, the mean batch size.")
+    worker: str = Field("", description="The worker that ran it: host:pid of a local worker, a Modal task's id.")
+    cold_start_seconds: float = Field(
+        0.0, description="On a worker's first chunk: seconds from its process start to loading the pipeline; else 0."
+    )
+    model_load_seconds: float = Field(0.0, description="On a worker's first chunk: seconds loading the pipeline.")
+    ready_at: float = Field(0.0, description="On a worker's first chunk: when its pipeline was loaded (epoch s).")
 
 
 class IdOccurrence(BaseModel):
@@ -505,6 +513,27 @@ class JobSummary(BaseModel):
     )
     bottleneck_note: str | None = Field(
         None, description="The bottleneck in a sentence: the busy share, the slowest host stage, what to do."
+    )
+    device_seconds: float = Field(0.0, description="Seconds the devices were busy: the chunks' predict, summed.")
+    container_seconds: float = Field(
+        0.0, description="Seconds the containers (local workers) were up and billed: busy plus every idle second."
+    )
+    device_idle_seconds: dict[str, float] | None = Field(
+        None,
+        description="Seconds the devices were idle, by cause: cold_start, model_load, host_wait (inside chunks), "
+        "between_chunks, after_last; None before any chunk ran.",
+    )
+    mean_batch_size: float = Field(0.0, description="Records per call of predict (against max_batch_size).")
+    max_batch_size: int = Field(0, description="The job's max_batch_size: the most records per call of predict.")
+    records_per_device_second: float = Field(0.0, description="Records over device_seconds.")
+    cost_usd: float = Field(0.0, description="container_seconds x price_usd_per_hour / 3600; 0 with no price.")
+    cost_per_1000: float = Field(0.0, description="Dollars per 1,000 records: cost_usd / records x 1000.")
+    cost_per_1000_succeeded: float = Field(0.0, description="Dollars per 1,000 succeeded records (all the cost).")
+    cost_failed_usd: float = Field(0.0, description="The failed records' share of cost_usd.")
+    price_usd_per_hour: float = Field(0.0, description="The price of one container (local worker) per hour.")
+    price_source: str = Field("", description="Where that price came from (app_settings.pricing).")
+    cost_note: str | None = Field(
+        None, description="Where the money went, and what to do about its largest idle share."
     )
 
 

@@ -291,10 +291,14 @@ class BatchWorker:
     def load_worker(self) -> None:
         """Build the pipeline and the queue backend, once per container."""
         from modalkit.batch.chunk import ChunkProcessor
+        from modalkit.batch.worker_start import WorkerStart
 
         settings = self.modal_utils.settings
-        pipeline = load_pipeline(settings, self.model_name, type(self).inference_implementation)
-        self._processor = ChunkProcessor(pipeline, create_backend(settings.app_settings.queue_config))
+        start = WorkerStart.measure(
+            lambda: load_pipeline(settings, self.model_name, type(self).inference_implementation)
+        )
+        self._processor = ChunkProcessor(start.value, create_backend(settings.app_settings.queue_config))
+        self._processor.started(start)
 
     @modal.method()
     def process_chunk(self, job: dict[str, Any], chunk: dict[str, Any]) -> dict[str, Any]:

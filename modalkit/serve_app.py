@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,8 +33,11 @@ def serve_app(settings: Settings, model_name: str | None = None) -> FastAPI:
     async jobs accepted before a crash run again; on shutdown (SIGTERM) requests and jobs in flight finish first.
     """
     metrics = HttpMetrics()
-    service = LocalService(settings, model_name, on_batch=metrics.batch_size.observe)
+    service = LocalService(
+        settings, model_name, on_batch=metrics.batch_size.observe, on_predict=metrics.device_seconds.inc
+    )
     metrics.queue_depth.set_function(lambda: float(service.pending()))
+    _count_cost(metrics, service, settings)
     app_settings = settings.app_settings
     app = create_app(
         service.input_model(),
@@ -55,6 +59,21 @@ def serve_app(settings: Settings, model_name: str | None = None) -> FastAPI:
     app.router.lifespan_context = _lifespan(service, app_settings.batch_config.request_timeout_s)
     app.state.service = service
     return app
+
+
+def _count_cost(metrics: HttpMetrics, service: LocalService, settings: Settings) -> None:
+    """The cost gauges: this process's seconds up (from its start), its models' load, its price (a local worker's,
+    as batch jobs price one: ``app_settings.pricing.local_usd_per_hour`` shared among the local workers) and the
+    dollars so far."""
+    from modalkit.batch.cost import rate_for
+    from modalkit.batch.worker_start import process_started_at
+
+    started = process_started_at() or time.time()
+    rate = rate_for(settings, "local")
+    metrics.container_seconds.set_function(lambda: time.time() - started)
+    metrics.model_load_seconds.set_function(lambda: service.model_load_seconds)
+    metrics.price.set(rate.usd_per_hour)
+    metrics.cost.set_function(lambda: (time.time() - started) * rate.usd_per_second)
 
 
 def _lifespan(service: LocalService, drain_timeout: float) -> Any:

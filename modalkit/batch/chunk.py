@@ -39,6 +39,7 @@ from modalkit.batch.readahead import read_ahead
 from modalkit.batch.record_ids import REPLAY_ID_KEY, IdPolicy, Parsed, Rejected
 from modalkit.batch.repeats import IdHashes
 from modalkit.batch.storage import Store, default_store
+from modalkit.batch.worker_start import WorkerStart, worker_id
 from modalkit.batch.writers import FailureWriter, PartWriter, Success, open_part_writer, record_id_type
 from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import InferencePipeline, RecordError, StageClock, run_isolated
@@ -107,6 +108,15 @@ class ChunkProcessor:
         #: the last chunk's threads ("feeder", "device", "finisher"): busy, waiting and alive seconds of each; empty
         #: when its steps ran one after another
         self.last_threads: dict[str, ThreadSeconds] = {}
+        #: who runs the chunks (their results say, for the job's accounting of each worker's time)
+        self.worker = worker_id()
+        #: the worker's start (cold start and model load seconds, when it was ready), reported with the first chunk
+        #: it commits
+        self.unreported_start = (0.0, 0.0, 0.0)
+
+    def started(self, start: WorkerStart[Any]) -> None:
+        """Note what this worker's start took, for its first chunk's result."""
+        self.unreported_start = (start.cold_start_seconds, start.model_load_seconds, start.ready_at)
 
     @property
     def overlap(self) -> bool | None:
@@ -181,7 +191,14 @@ class ChunkProcessor:
             errors_by_type=run.failures.errors_by_type,
             error_examples=run.failures.error_examples,
             stages=_stage_seconds(run.clocks, sending - uploading, sent - sending, seconds),
+            batches=sum(clock.batches for clock in run.clocks),
+            batched_records=sum(clock.batched for clock in run.clocks),
+            worker=self.worker,
+            cold_start_seconds=self.unreported_start[0],
+            model_load_seconds=self.unreported_start[1],
+            ready_at=self.unreported_start[2],
         )
+        self.unreported_start = (0.0, 0.0, 0.0)
         marker = {**marker_identity(job.job_id, chunk), **result.model_dump()}
         store.write_bytes(marker_uri, orjson.dumps(marker, option=orjson.OPT_INDENT_2))
         if sender is not None:  # committed: the journal (of this attempt or of an interrupted one) is not needed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,6 +20,8 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from modalkit.batch.chunk import read_marker
+from modalkit.batch.cost import Rate, rate_for
+from modalkit.batch.efficiency import job_cost
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.planning import job_id_for, list_dataset, plan_chunks
 from modalkit.batch.repeats import find_repeats, resolve_examples
@@ -65,6 +68,8 @@ class JobPlan(BaseModel):
     pipeline_version: str | None = None
     #: where the job's queue records go (None: it names no queue)
     queues: QueueTarget | None = None
+    #: the price of one of its containers (local workers), from app_settings.pricing (None: no price)
+    rate: Rate | None = None
 
 
 def resolve_job_config(settings: Settings, names: Mapping[str, str] | None = None, **overrides: Any) -> JobConfig:
@@ -114,6 +119,7 @@ def plan_job(
     pipeline_cls = import_pipeline(entry.pipeline, where=f"model_settings.model_entries.{name}.pipeline")
     pipeline_cls.require_schemas()
     pipeline_cls.validate_parameters(entry.kwargs, f"model_settings.model_entries.{name}")  # a typo fails here
+    rate = rate_for(settings, config.backend)  # a GPU type the price table does not know fails here
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
     store = store or default_store()
     _check_uris(store, input_uri, output_uri, config.backend)
@@ -138,7 +144,7 @@ def plan_job(
     chunks = plan_chunks(files, int(config.chunk_size), job_id, split_csv=config.split_csv, store=store)
     check_id_field(chunks, config.id_field, store)  # a typo in id_field fails here, not in every record
     return JobPlan(job=job, chunks=chunks, total_bytes=sum(f.size for f in files), skipped_files=skipped,
-                   queues=queues, pipeline_version=version)  # fmt: skip
+                   queues=queues, pipeline_version=version, rate=rate)  # fmt: skip
 
 
 def _check_uris(store: Store, input_uri: str, output_uri: str, backend: str) -> None:
@@ -329,6 +335,7 @@ def finalize_job(
     failed_count = failed_chunks if isinstance(failed_chunks, int) else len(chunk_errors)
     status = "failed" if failed_count or rate > job.max_failure_rate else "completed"
     timings = sum_stages(results)  # the chunks' stage seconds, those committed by an earlier run included
+    bill = job_cost(results, plan.rate, ended_at=time.time(), max_batch_size=job.max_batch_size, backend=job.backend)
     summary = JobSummary(
         job_id=job.job_id,
         records=records,
@@ -346,6 +353,8 @@ def finalize_job(
         files_skipped=len(plan.skipped_files),
         queues=plan.queues,
         **(timings.summary_fields() if timings is not None else {}),
+        max_batch_size=job.max_batch_size,
+        **(bill.summary_fields() if results else {}),
     )
     if job.id_field is not None:
         earlier = _earlier_repeats(job, summary, results, store)

@@ -93,12 +93,14 @@ def _processor() -> Any:
     processor = _worker_state.get("processor")
     if processor is None:
         from modalkit.batch.chunk import ChunkProcessor
+        from modalkit.batch.worker_start import WorkerStart
         from modalkit.inference_pipeline import load_pipeline
         from modalkit.queues import create_backend
 
         settings: Settings = _worker_state["settings"]
-        pipeline = load_pipeline(settings, _worker_state["model_name"])
-        processor = ChunkProcessor(pipeline, create_backend(settings.app_settings.queue_config))
+        start = WorkerStart.measure(lambda: load_pipeline(settings, _worker_state["model_name"]))
+        processor = ChunkProcessor(start.value, create_backend(settings.app_settings.queue_config))
+        processor.started(start)
         _worker_state["processor"] = processor
     return processor
 

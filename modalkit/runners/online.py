@@ -27,6 +27,7 @@ from modalkit.inference_pipeline import (
     FailedOutput,
     InferencePipeline,
     RecordError,
+    StageClock,
     as_output,
     async_result,
     run_isolated,
@@ -86,14 +87,16 @@ def run_requests(
     pipeline: InferencePipeline,
     records: Sequence[Any],
     on_broken_device: Callable[[DeviceError], None] | None = None,
+    clock: StageClock | None = None,
 ) -> list[InferenceOutputModel]:
     """One output per record, in order: its result, or an error output saying whose fault it was.
 
     Never raises for what the pipeline does: a broken device calls ``on_broken_device`` and fails every record with
-    a 503 output; another error no record caused fails every record with a 503 (retryable) or 500 output.
+    a 503 output; another error no record caused fails every record with a 503 (retryable) or 500 output. With a
+    ``clock``, the pipeline's stages are timed by it (the device's busy seconds, for ``/metrics``).
     """
     try:
-        outcomes = run_isolated(pipeline, records)
+        outcomes = run_isolated(pipeline, records, clock)
     except DeviceError as exc:
         log.error("the device is broken; failing %d requests: %s", len(records), exc)
         cause = exc.__cause__ or exc

@@ -27,7 +27,7 @@ import orjson
 from pydantic import BaseModel
 
 from modalkit.exceptions import DeviceError, QueueError
-from modalkit.inference_pipeline import InferencePipeline, load_pipeline
+from modalkit.inference_pipeline import InferencePipeline, StageClock, load_pipeline
 from modalkit.iomodel import AsyncInputModel, AsyncOutputModel, InferenceOutputModel, JobStatus
 from modalkit.queues import QueueBackend, QueueMessage, create_backend, deliver
 from modalkit.runners.batcher import DynamicBatcher
@@ -118,6 +118,7 @@ class LocalService:
         model_name: The default model (``?model_name=`` selects another entry); None = the settings' default.
         on_batch: Called with each batch's size (metrics).
         job_store: Where async jobs are kept; default ``<queue_config.local_path>/jobs.sqlite``.
+        on_predict: Called after each batch with the seconds its ``predict`` took: the device busy (metrics).
     """
 
     def __init__(
@@ -126,10 +127,14 @@ class LocalService:
         model_name: str | None = None,
         on_batch: Callable[[int], None] | None = None,
         job_store: Path | None = None,
+        on_predict: Callable[[float], None] | None = None,
     ) -> None:
         self.settings = settings
         self.default_model = settings.model_settings.entry(model_name)[0]
         self.on_batch = on_batch
+        self.on_predict = on_predict
+        #: seconds spent loading the models loaded so far
+        self.model_load_seconds = 0.0
         self._models: dict[str, tuple[InferencePipeline, DynamicBatcher]] = {}
         self._lock = threading.Lock()
         queue_config = settings.app_settings.queue_config
@@ -151,7 +156,9 @@ class LocalService:
         with self._lock:
             found = self._models.get(name)
             if found is None:
+                began = time.perf_counter()
                 pipeline = load_pipeline(self.settings, name)
+                self.model_load_seconds += time.perf_counter() - began
                 batch = self.settings.app_settings.batch_config
                 batcher = DynamicBatcher(
                     self._runner(pipeline), batch.max_batch_size, batch.wait_ms, batch.max_pending,
@@ -196,8 +203,14 @@ class LocalService:
     def _runner(self, pipeline: InferencePipeline) -> Callable[[list[Any]], list[InferenceOutputModel]]:
         """A batch of records -> one output each, through the online core (errors as values)."""
 
+        clock = StageClock()  # one batch at a time per model: no lock needed
+
         def run(records: list[Any]) -> list[InferenceOutputModel]:
-            return run_requests(pipeline, records, self._device_broke)
+            before = clock.seconds["predict"]
+            outputs = run_requests(pipeline, records, self._device_broke, clock)
+            if self.on_predict is not None:
+                self.on_predict(clock.seconds["predict"] - before)
+            return outputs
 
         return run
 

@@ -182,6 +182,33 @@ def test_bad_bodies_get_422_with_the_field_errors_and_oversized_ones_413_before_
     assert chunked.status_code == 413
 
 
+def metric(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_metrics_count_what_the_server_costs_device_busy_seconds_container_seconds_load_price_and_dollars(
+    tmp_path: Path,
+) -> None:
+    config = config_for(tmp_path, pricing={"local_usd_per_hour": 36.0}, job_config={"local_workers": 2})
+    srv = Server(tmp_path, config).start()
+    try:
+        before = metric(httpx.get(f"{srv.url}/metrics").text, "modalkit_device_busy_seconds_total")
+        httpx.post(f"{srv.url}/predict_batch", json=[{"text": f"great {i}"} for i in range(20)])
+        text = httpx.get(f"{srv.url}/metrics").text
+    finally:
+        srv.stop()
+    busy = metric(text, "modalkit_device_busy_seconds_total")
+    up = metric(text, "modalkit_container_seconds")
+    assert busy > before
+    assert 0 < busy < up
+    assert metric(text, "modalkit_model_load_seconds") > 0
+    assert metric(text, "modalkit_price_usd_per_hour") == 18.0  # the machine's $36 an hour over two local workers
+    # the dollars at the scrape: the seconds up then at $0.005 a second (read a moment after the seconds gauge)
+    assert metric(text, "modalkit_cost_usd") == pytest.approx(up * 0.005, abs=0.005)
+    assert metric(text, "modalkit_batch_size_sum") >= 20
+
+
 def test_an_async_request_naming_a_queue_off_the_allowlist_gets_403(server: Server) -> None:
     reply = httpx.post(f"{server.url}/predict_async", json={"message": {"text": "x"}, "success_queue": "elsewhere"})
     assert reply.status_code == 403
