@@ -12,6 +12,7 @@ function runs here, in :meth:`Forked.result`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -93,10 +94,8 @@ def _die_with_parent() -> None:
     process ends (a SIGKILLed command leaves no planning behind)."""
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc's prctl: the child outlives a killed parent
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _run_and_send(fn: Callable[..., Any], args: tuple[Any, ...], write: int) -> None:
