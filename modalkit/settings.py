@@ -62,6 +62,7 @@ __all__ = [
     "ModelSettings",
     "Mount",
     "MountType",
+    "PricingConfig",
     "QueueConfig",
     "RetryConfig",
     "Settings",
@@ -194,6 +195,13 @@ class DeploymentConfig(_Strict):
         100, ge=1, le=1000, description="Requests one web-handler container serves at once."
     )
     secure: bool = Field(False, description="Require Modal proxy auth (Modal-Key/Modal-Secret headers) on the web app.")
+    usd_per_hour: float | None = Field(
+        None,
+        ge=0,
+        le=10_000,
+        description="This deployment's price of one container per hour, all its resources together (a negotiated "
+        "rate); empty = app_settings.pricing's rates for its gpu, cpu and memory.",
+    )
 
     #: The original modalkit's key names, accepted in every source and readable as properties.
     legacy_names: ClassVar[dict[str, str]] = {
@@ -329,6 +337,59 @@ class AuthConfig(_Strict):
         if self.api_key is not None and self.ssm_key is not None:
             raise ValueError("set either api_key or ssm_key, not both")
         return self
+
+
+#: Modal's published rates (modal.com/pricing, per second there, times 3600 here), as listed in May 2026.
+MODAL_GPU_USD_PER_HOUR: dict[str, float] = {
+    "B200": 6.2496,
+    "H200": 4.5396,
+    "H100": 3.9492,
+    "A100-80GB": 2.4984,
+    "A100-40GB": 2.0988,
+    "L40S": 1.9512,
+    "A10G": 1.1016,
+    "L4": 0.7992,
+    "T4": 0.5904,
+}
+MODAL_RATES_SOURCE = "Modal's published rates (modal.com/pricing), as listed in May 2026"
+
+
+class PricingConfig(_Strict):
+    """What a second of each resource costs: the price table of a job's cost (``modalkit.batch.cost``).
+
+    The defaults are Modal's published rates; a deployment with other prices (a discount, another provider) sets
+    its own here, in the layer that describes it. Local runs cost ``local_usd_per_hour`` (0: nothing invents a cost).
+    """
+
+    gpu_usd_per_hour: dict[str, Annotated[float, Field(ge=0, le=1000)]] = Field(
+        default_factory=lambda: dict(MODAL_GPU_USD_PER_HOUR),
+        description="Dollars per hour of one GPU, by Modal GPU type (`L4:2` costs twice `L4`); entries given here "
+        "are added to Modal's published rates or replace them.",
+    )
+    cpu_core_usd_per_hour: float = Field(
+        0.04716, ge=0, le=100, description="Dollars per hour of one CPU core reserved by a container."
+    )
+    memory_gib_usd_per_hour: float = Field(
+        0.007992, ge=0, le=100, description="Dollars per hour of one GiB of memory reserved by a container."
+    )
+    local_usd_per_hour: float = Field(
+        0.0,
+        ge=0,
+        le=10_000,
+        description="Dollars per hour of the machine that runs local jobs, all of it (each local worker costs its "
+        "share); 0 = local runs cost nothing.",
+    )
+    source: str = Field(
+        MODAL_RATES_SOURCE, min_length=1, description="Where these figures came from, shown beside every cost."
+    )
+
+    @field_validator("gpu_usd_per_hour", mode="before")
+    @classmethod
+    def _over_modal_rates(cls, value: Any) -> Any:
+        # a layer that prices one GPU type keeps the others' published rates
+        if isinstance(value, Mapping):
+            return {**MODAL_GPU_USD_PER_HOUR, **{str(k).upper(): v for k, v in value.items()}}
+        return value
 
 
 @dataclass(frozen=True)
@@ -477,6 +538,7 @@ class AppSettings(_Strict):
     queue_config: QueueConfig = Field(default_factory=QueueConfig, description="Success/failure records.")
     auth_config: AuthConfig = Field(default_factory=AuthConfig, description="HTTP auth.")
     job_config: JobConfig = Field(default_factory=JobConfig, description="Batch job defaults.")
+    pricing: PricingConfig = Field(default_factory=PricingConfig, description="The price of each resource.")
 
 
 class ModelEntry(BaseModel):
