@@ -68,6 +68,8 @@ __all__ = [
     "EmptyInput",
     "Estimate",
     "JobModel",
+    "ModeRun",
+    "Sample",
     "calibrate",
     "estimate_job",
     "model_job",
@@ -124,23 +126,21 @@ class Calibration:
     """What the sample measured here.
 
     Attributes:
-        windows: The sample's chunks (``size`` is their planned bytes).
+        sample: The windows run, and the bytes of the input each stands for.
         sequential, overlapped: The windows run each way (``overlapped`` None when ``prefetch_batches`` is 0).
         overlap: The way the job would run its chunks (the faster by ``OVERLAP_GAIN``).
         load_seconds: The pipeline's constructor, in a calibration process.
         start_seconds: A calibration process's spawn to its pipeline loaded (a local worker's start).
-        whole_input: The sample was the whole input (its records are a count, not an estimate).
         batch_size: The job's ``max_batch_size`` (a worker's first chunk probes in sub-batches of it).
         processes: How many processes ran the sample side by side (each ran all of it).
     """
 
-    windows: list[ChunkSpec]
+    sample: Sample
     sequential: ModeRun
     overlapped: ModeRun | None
     overlap: bool
     load_seconds: float
     start_seconds: float
-    whole_input: bool
     batch_size: int
     processes: int = 1
 
@@ -154,8 +154,29 @@ class Calibration:
         return self.sequential.records // self.processes
 
     @property
+    def windows(self) -> list[ChunkSpec]:
+        return self.sample.windows
+
+    @property
+    def whole_input(self) -> bool:
+        """The sample was the whole input: its records are a count, not an estimate."""
+        return self.sample.whole
+
+    @property
     def bytes(self) -> int:
         return sum(w.size for w in self.windows)
+
+    def input_records(self) -> int:
+        """The input's records: counted when the sample was the whole input, else each window's records per byte
+        times the bytes it stands for."""
+        if self.whole_input:
+            return self.records
+        per_window = [0] * len(self.windows)
+        for result in self.sequential.results:
+            per_window[result.index] += result.records
+        return round(sum(share * records / self.processes / window.size
+                         for share, records, window in zip(self.sample.shares, per_window, self.windows, strict=True)
+                         if window.size))  # fmt: skip
 
     def record_seconds(self, overlap: bool) -> float:
         """Seconds a record adds to its chunk's wall, one way or the other (the per-chunk cost apart)."""
@@ -241,33 +262,52 @@ class Estimate:
 # --- the sample ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Sample:
+    """The calibration sample: its windows (chunks; ``size`` is their planned bytes), the bytes of the input each
+    one stands for (the input cut into equal stretches, one around each window), and whether they are the whole
+    input."""
+
+    windows: list[ChunkSpec]
+    shares: list[float]
+    whole: bool
+
+
 def sample_windows(
     files: Sequence[InputFile], chunks: Sequence[ChunkSpec], sample: int, split_csv: bool, store: Store
-) -> tuple[list[ChunkSpec], bool]:
-    """About ``sample`` records of the input in up to :data:`SAMPLE_WINDOWS` chunks spread over it by bytes, and
-    whether they are the whole input (the planned chunks themselves, when it is no larger than the sample).
+) -> Sample:
+    """About ``sample`` records of the input in up to :data:`SAMPLE_WINDOWS` windows spread over it by bytes, or
+    the whole input (its planned chunks) when it is no larger than the sample.
 
     Each window is planned by the input's formats at the window's size: a byte range of a file larger than the
-    window (the one holding the window's target byte), or the files from the target's on packed up to it."""
+    window (the one holding the window's target byte), or the files from the target's on packed up to it. Each
+    stands for an equal stretch of the input's bytes, however many bytes it holds itself (a whole CSV file may
+    hold more than its share), so that records are estimated stretch by stretch."""
     total = sum(c.size for c in chunks)
     record_bytes = _head_record_bytes(chunks, store)
     wanted = sample * record_bytes
     if wanted >= total:
-        return list(chunks), True
-    count = max(1, min(SAMPLE_WINDOWS, sample // 256 or 1))  # a window of at least a sub-batch or so
+        return Sample(list(chunks), [float(c.size) for c in chunks], True)
+    count = max(1, min(SAMPLE_WINDOWS, sample))
     window = max(1, wanted // count)
     starts = list(_cumulative(f.size for f in files))
     windows: list[ChunkSpec] = []
-    seen: set[tuple[str, str]] = set()
+    shares: list[float] = []
+    seen: dict[tuple[str, str], int] = {}
     for n in range(count):
         target = int(total * (n + 0.5) / count)
         at = min(len(files) - 1, bisect.bisect_right(starts, target) - 1)
         chunk = _window_at(files, at, target - starts[at], window, split_csv, store)
-        if chunk is None or (chunk.key, chunk.extent.model_dump_json()) in seen:
+        if chunk is None:
             continue
-        seen.add((chunk.key, chunk.extent.model_dump_json()))
+        identity = (chunk.key, chunk.extent.model_dump_json())
+        if identity in seen:  # two stretches met the same window: it stands for both
+            shares[seen[identity]] += total / count
+            continue
+        seen[identity] = len(windows)
         windows.append(chunk.model_copy(update={"index": len(windows)}))
-    return windows, False
+        shares.append(total / count)
+    return Sample(windows, shares, False)
 
 
 def _window_at(
@@ -314,12 +354,11 @@ def _head_record_bytes(chunks: Sequence[ChunkSpec], store: Store) -> int:
 # --- the calibration ----------------------------------------------------------------------------------------------
 
 
-def calibrate(
-    settings: Settings, job: JobSpec, windows: list[ChunkSpec], whole_input: bool, processes: int = 1
-) -> Calibration:
-    """Run ``windows`` through the chunk engine in ``processes`` fresh worker processes at once (as many as the job
-    runs side by side here: they share the cores as its workers will), each loading the pipeline and running every
-    window one way and the other into a temporary output (removed), sending nothing; see the module's docstring.
+def calibrate(settings: Settings, job: JobSpec, sample: Sample, processes: int = 1) -> Calibration:
+    """Run ``sample``'s windows through the chunk engine in ``processes`` fresh worker processes at once (as many
+    as the job runs side by side here: they share the cores as its workers will), each loading the pipeline and
+    running every window one way and the other into a temporary output (removed), sending nothing; see the
+    module's docstring.
 
     Raises:
         ConfigError: the pipeline failed to load, or a worker failed (its error, in one line).
@@ -328,7 +367,7 @@ def calibrate(
     try:
         job = job.model_copy(update={"output_uri": scratch, "success_queue": None, "failure_queue": None,
                                      "job_id": "estimate"})  # fmt: skip
-        found = _in_workers(settings, job, windows, max(1, processes))
+        found = _in_workers(settings, job, sample.windows, max(1, processes))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     runs: dict[bool, list[tuple[ChunkResult, float, float]]] = {}
@@ -339,8 +378,8 @@ def calibrate(
     overlapped = _mode_run(runs[True]) if True in runs else None
     overlap = overlapped is not None and overlapped.rate() > sequential.rate() * OVERLAP_GAIN
     return Calibration(
-        windows, sequential, overlapped, overlap, max(c.load_seconds for c in found),
-        max(c.started_seconds for c in found), whole_input, job.max_batch_size, len(found),
+        sample, sequential, overlapped, overlap, max(c.load_seconds for c in found),
+        max(c.started_seconds for c in found), job.max_batch_size, len(found),
     )  # fmt: skip
 
 
@@ -446,10 +485,7 @@ def model_job(
     """The whole job's records, wall seconds and cost from the calibration (see the module's docstring)."""
     chunks = plan.chunks
     total = sum(c.size for c in chunks)
-    if calibration.whole_input:
-        records = calibration.records
-    else:
-        records = round(total * calibration.records / calibration.bytes) if calibration.bytes else 0
+    records = calibration.input_records()
     per_byte = records / total if total else 0.0
     lanes = max(1, min(model.workers, len(chunks)))
     finish = _schedule(chunks, per_byte, calibration, lanes)
@@ -531,13 +567,13 @@ def estimate_job(
     plan_seconds = time.perf_counter() - began
     if not plan.chunks or not sum(c.size for c in plan.chunks):
         raise EmptyInput(f"input {input_uri} holds no records (its files are empty): there is nothing to estimate")
-    windows, whole = sample_windows(files, plan.chunks, sample, config.split_csv, store)
+    windows = sample_windows(files, plan.chunks, sample, config.split_csv, store)
     model = _job_model(settings, config, gpu, max_containers)
     rate = rate_for(settings, model.backend, gpu)  # an unknown GPU type fails before the sample runs
     side_by_side = min(model.workers, model.cores, len(plan.chunks)) if model.backend == "local" else 1
     if model.backend == "local" and side_by_side >= model.cores and orchestrator_cpu is not None:
         model = dataclasses.replace(model, orchestrator_cpu_s=orchestrator_cpu())
-    calibration = calibrate(settings, plan.job, windows, whole, side_by_side)
+    calibration = calibrate(settings, plan.job, windows, side_by_side)
     if calibration.records == 0:
         raise EmptyInput(f"input {input_uri} holds no records in its sample: there is nothing to estimate")
     found = model_job(plan, calibration, model, rate.usd_per_second, plan_seconds)
@@ -571,8 +607,9 @@ def _with_assumptions(found: Estimate, source: str, plan: JobPlan) -> Estimate:
         lines.append(f"records: counted (the sample was the whole input, {cal.records:,} records)")
     else:
         per = cal.bytes / cal.records
-        lines.append(f"records: estimated from {per:,.0f} bytes per record in the sample ({cal.records:,} records "
-                     f"from {len(cal.windows)} window(s) spread over the input), not counted")  # fmt: skip
+        lines.append(f"records: estimated from the bytes per record of the sample's windows ({per:,.0f} on "
+                     f"average; {cal.records:,} records in {len(cal.windows)} window(s) spread over the input), "
+                     "each for its stretch of the input: not counted")  # fmt: skip
     if cal.overlapped is None:
         lines.append("stages: one after another (prefetch_batches: 0)")
     else:
@@ -580,8 +617,10 @@ def _with_assumptions(found: Estimate, source: str, plan: JobPlan) -> Estimate:
         lines.append(f"stages: {way} (the sample ran both ways; a worker runs the faster, overlap when it is "
                      f"{OVERLAP_GAIN:.1f}x or more)")  # fmt: skip
     if model.backend == "local":
-        lines.append(f"{model.workers} local worker(s) on {model.cores} core(s), the sample run by {cal.processes} "
-                     f"side by side; a worker's start measured here: {cal.start_seconds:.1f} s (the model load "
+        at_once = min(model.workers, found.chunks)
+        lines.append(f"{model.workers} local worker(s) on {model.cores} core(s) ({at_once} at once for "
+                     f"{found.chunks:,} chunk(s)), the sample run by {cal.processes} side by side as they would share "
+                     f"the cores; a worker's start measured here: {cal.start_seconds:.1f} s (the model load "
                      f"{cal.load_seconds:.1f} s of it), while the job is planned")  # fmt: skip
         if model.orchestrator_cpu_s:
             lines.append(f"the job's own process: {model.orchestrator_cpu_s:.1f} s of CPU beside the workers "

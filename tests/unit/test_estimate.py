@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from modalkit.batch.estimate import Calibration, JobModel, ModeRun, model_job, sample_windows
+from modalkit.batch.estimate import Calibration, JobModel, ModeRun, Sample, model_job, sample_windows
 from modalkit.batch.job import JobPlan
 from modalkit.batch.planning import list_dataset, plan_chunks
 from modalkit.batch.storage import default_store
@@ -25,18 +25,17 @@ def chunk(index: int, size: int) -> ChunkSpec:
 
 
 def calibration(start_seconds: float = 1.5, load_seconds: float = 1.0) -> Calibration:
-    """Two windows of 50 records (100 bytes each), 0.01 s a record run one after another, 80% of it in predict,
-    one core busy while they ran."""
+    """Two windows of 50 records (100 bytes each), each standing for half of a 400,000-byte input, 0.01 s a record
+    run one after another, 80% of it in predict, one core busy while they ran."""
     results = [ChunkResult(index=i, records=50, succeeded=50, seconds=0.5,
                            stages=StageSeconds(parse=0.1, predict=0.4, device_busy=0.8)) for i in range(2)]  # fmt: skip
     return Calibration(
-        windows=[chunk(0, 50 * RECORD_BYTES), chunk(1, 50 * RECORD_BYTES)],
+        sample=Sample([chunk(0, 50 * RECORD_BYTES), chunk(1, 50 * RECORD_BYTES)], [200_000.0, 200_000.0], False),
         sequential=ModeRun(results, cpu_seconds=1.0),
         overlapped=None,
         overlap=False,
         load_seconds=load_seconds,
         start_seconds=start_seconds,
-        whole_input=False,
         batch_size=64,
     )
 
@@ -95,9 +94,11 @@ def test_the_sample_is_spread_over_the_inputs_files_in_windows_of_about_its_shar
     files = list_dataset(str(tmp_path / "in"))
     chunks = plan_chunks(files, 1 << 20)
 
-    windows, whole = sample_windows(files, chunks, 2000, split_csv=False, store=default_store())
+    sample = sample_windows(files, chunks, 2000, split_csv=False, store=default_store())
+    windows = sample.windows
 
-    assert not whole
+    assert not sample.whole
+    assert sample.shares == [sum(c.size for c in chunks) / 4] * 4  # each stands for a quarter of the input
     assert [w.key for w in windows] == [f"part-{f}.jsonl" for f in range(4)]  # one window in each quarter
     record_bytes = sum(f.size for f in files) / 8000
     assert sum(w.size for w in windows) == pytest.approx(2000 * record_bytes, rel=0.1)
@@ -109,7 +110,7 @@ def test_an_input_no_larger_than_the_sample_is_sampled_whole(tmp_path: Path) -> 
     files = list_dataset(str(tmp_path / "in"))
     chunks = plan_chunks(files, 1 << 20)
 
-    windows, whole = sample_windows(files, chunks, 1000, split_csv=False, store=default_store())
+    sample = sample_windows(files, chunks, 1000, split_csv=False, store=default_store())
 
-    assert whole
-    assert windows == chunks
+    assert sample.whole
+    assert sample.windows == chunks
