@@ -3,7 +3,9 @@
 
 For each workload, one after the other on the same machine: ``modalkit estimate DATA --config CFG --sample 5000
 --json`` (its ``seconds``: the predicted job clock), then ``modalkit batch DATA OUT --config CFG --json`` with the
-same settings (its summary's ``seconds``: the job clock measured), against a Prefect server of the benchmark's own,
+same settings (its summary's ``seconds``: the job clock measured), the machine's load average noted before and
+after each (an estimate measures the machine as it is while it runs: other work that starts or stops between the
+estimate and the job moves the job's clock, not the prediction), against a Prefect server of the benchmark's own,
 warmed by a 10-record job first (its first start creates a database, which no job clock should carry). W1: the
 toy model on 2 local workers (``bench/run.py``'s settings); W3: its pipeline on 1 worker, the device simulated
 (``bench/w3.py``'s settings).
@@ -41,15 +43,18 @@ def modalkit(args: list[str], env: dict[str, str]) -> dict[str, Any]:
 def check(name: str, config_text: str, data: Path, env: dict[str, str]) -> dict[str, Any]:
     config = OUT / f"{name}.yaml"
     config.write_text(config_text, encoding="utf-8")
+    loads = [os.getloadavg()[0]]
     predicted = modalkit(["estimate", str(data), "--config", str(config), "--sample", SAMPLE, "--json"], env)
     out = OUT / f"{name}-out"
     shutil.rmtree(out, ignore_errors=True)
+    loads.append(os.getloadavg()[0])
     measured = modalkit(["batch", str(data), str(out), "--config", str(config), "--json"], env)
+    loads.append(os.getloadavg()[0])
     shutil.rmtree(out, ignore_errors=True)
     ratio = predicted["seconds"] / measured["seconds"]
     run.log(f"{name}: predicted {predicted['seconds']:.1f} s, measured {measured['seconds']:.1f} s ({ratio:.2f}x); "
             f"records {predicted['records']:,} estimated, {measured['records']:,} run")  # fmt: skip
-    return {"name": name, "predicted": predicted, "measured": measured, "ratio": ratio}
+    return {"name": name, "predicted": predicted, "measured": measured, "ratio": ratio, "loads": loads}
 
 
 def main() -> int:
@@ -70,13 +75,15 @@ def main() -> int:
         server.stop()
     print(
         f"| workload ({ROWS:,} records, sample {int(SAMPLE):,}) | predicted job clock | measured job clock | "
-        "predicted / measured | records estimated | bottleneck predicted / measured |"
+        "predicted / measured | records estimated | bottleneck predicted / measured | load average (1 min) "
+        "before the estimate, before and after the job |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for f in found:
         p, m = f["predicted"], f["measured"]
         print(f"| {f['name']} | {p['seconds']:.1f} s | {m['seconds']:.1f} s | {f['ratio']:.2f} | "
-              f"{p['records']:,} of {m['records']:,} | {p['bottleneck']} / {m.get('bottleneck')} |")  # fmt: skip
+              f"{p['records']:,} of {m['records']:,} | {p['bottleneck']} / {m.get('bottleneck')} | "
+              f"{' / '.join(f'{load:.1f}' for load in f['loads'])} |")  # fmt: skip
     return 0
 
 
