@@ -54,6 +54,7 @@ def run_estimate(params: dict[str, Any], err: Console) -> int:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return EXIT_CANNOT_ESTIMATE
     from modalkit.batch.estimate import DEFAULT_SAMPLE, estimate_job
+    from modalkit.batch.sampling import MissingIdField
 
     try:
         found = estimate_job(
@@ -61,6 +62,9 @@ def run_estimate(params: dict[str, Any], err: Console) -> int:
             gpu=params["gpu"], max_containers=containers,
             orchestrator_cpu=_orchestrator_cpu_seconds,
         )  # fmt: skip
+    except MissingIdField as exc:  # named as the option is typed, as `modalkit batch` names it
+        err.print(f"[red]error:[/red] {escape(exc.describe(params['names']['id_field']))}", highlight=False)
+        return EXIT_CANNOT_ESTIMATE
     except ModalkitError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return EXIT_CANNOT_ESTIMATE

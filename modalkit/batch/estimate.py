@@ -577,7 +577,7 @@ def estimate_job(
     if calibration.records == 0:
         raise EmptyInput(f"input {input_uri} holds no records in its sample: there is nothing to estimate")
     found = model_job(plan, calibration, model, rate.usd_per_second, plan_seconds)
-    return _with_assumptions(found, rate.source, plan)
+    return _with_assumptions(found, rate.source, plan, sample)
 
 
 def _job_model(settings: Settings, config: JobConfig, gpu: str | None, max_containers: int | None) -> JobModel:
@@ -600,9 +600,13 @@ def _cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _with_assumptions(found: Estimate, source: str, plan: JobPlan) -> Estimate:
+def _with_assumptions(found: Estimate, source: str, plan: JobPlan, sample: int) -> Estimate:
     cal, model = found.calibration, found.model
     lines = []
+    if not cal.whole_input and cal.records > 2 * sample:
+        lines.append(f"sample: {cal.records:,} records, more than the {sample:,} asked: a window cannot be "
+                     "cut smaller than a compressed file, a CSV file (without split_csv) or a Parquet row "
+                     "group")  # fmt: skip
     if cal.whole_input:
         lines.append(f"records: counted (the sample was the whole input, {cal.records:,} records)")
     else:

@@ -125,3 +125,15 @@ def test_estimate_of_an_empty_input_says_there_is_nothing_to_estimate_in_one_lin
     assert empty.stderr.strip() == nothing
     assert (no_files.returncode, no_files.stdout) == (2, "")
     assert no_files.stderr.strip() == "error: input none holds no files"
+
+
+def test_estimate_with_a_misspelt_id_field_fails_in_one_line_naming_the_option_and_the_fields(tmp_path: Path) -> None:
+    write_reviews(tmp_path / "in", files=1, per_file=10)
+
+    proc = modalkit("estimate", "in", "--config", str(config(tmp_path)), "--id-field", "idd", "--json", cwd=tmp_path)
+
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.strip() == (
+        "error: --id-field 'idd' is in none of the first records of part-0.jsonl (the first has: id, text); "
+        "did you mean 'id'?"
+    )
