@@ -694,7 +694,11 @@ def estimate(
     ] = None,
     max_containers: Annotated[
         str | None,
-        typer.Option(metavar="N", help="Modal containers side by side. Default: deployment_config.max_containers."),
+        typer.Option(
+            metavar="N",
+            help="Modal containers side by side (modal). Default: job_config.concurrency, else "
+            "deployment_config.max_containers, else 10.",
+        ),
     ] = None,
     backend: Annotated[str | None, _job_option("backend")] = None,
     chunk_size: Annotated[str | None, _job_option("chunk_size")] = None,
