@@ -6,6 +6,8 @@
                    [--queue-backend local|sqs|memory] [--wait] [--json]
     modalkit validate INPUT_URI [OUTPUT_URI] [the options of batch] [--sample N]
     modalkit replay JOB_OUTPUT_URI NEW_OUTPUT_URI [--stage STAGE] [--model NAME] [--config PATH] [batch's options]
+    modalkit estimate INPUT_URI [--model NAME] [--config PATH] [--sample N] [--gpu TYPE] [--max-containers N]
+                      [--backend local|modal] [--chunk-size 64MiB] [--id-field FIELD] [--json]
     modalkit queue [NAME] [--drain]
     modalkit init [DIR]
     modalkit demo
@@ -713,6 +715,44 @@ def validate(
     params = {"input_uri": input_uri, "output_uri": output_uri, "model_name": model, "config": config, "date": date,
               "names": OPTION_NAMES, "overrides": options}  # fmt: skip
     raise typer.Exit(run_validate(params, queue_backend, sample))
+
+
+@app.command()
+def estimate(
+    input_uri: Annotated[str, typer.Argument(metavar="INPUT_URI", help="Dataset, as `modalkit batch` takes it.")],
+    model: Annotated[str | None, typer.Option(metavar="NAME", help="Model in model_settings.model_entries.")] = None,
+    config: Annotated[str | None, typer.Option(metavar="PATH", help="YAML settings file(s), comma-separated.")] = None,
+    sample: Annotated[
+        str | None, typer.Option(metavar="N", help="Records in the calibration sample run here. Default: 5000.")
+    ] = None,
+    gpu: Annotated[
+        str | None, typer.Option(metavar="TYPE", help="GPU type priced (modal). Default: deployment_config.gpu.")
+    ] = None,
+    max_containers: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N",
+            help="Modal containers side by side (modal). Default: job_config.concurrency, else "
+            "deployment_config.max_containers, else 10.",
+        ),
+    ] = None,
+    backend: Annotated[str | None, _job_option("backend")] = None,
+    chunk_size: Annotated[str | None, _job_option("chunk_size")] = None,
+    id_field: Annotated[str | None, _job_option("id_field")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print only the estimate, as one JSON line.")] = False,
+) -> None:
+    """Expected wall time and cost of `modalkit batch INPUT_URI ...` with the same settings: a calibration sample
+    of the input runs through the pipeline here, and the whole job is modelled from it (the assumptions are
+    printed). Writes nothing.
+
+    Exit status: 0, or 2 when the job could not be estimated (a bad option, configuration or input; an empty input).
+    """
+    from modalkit.cli_estimate import run_estimate
+
+    params = {"input_uri": input_uri, "model_name": model, "config": config, "sample": sample, "gpu": gpu,
+              "max_containers": max_containers, "json": json_out, "names": OPTION_NAMES,
+              "overrides": {"backend": backend, "chunk_size": chunk_size, "id_field": id_field}}  # fmt: skip
+    raise typer.Exit(run_estimate(params, err))
 
 
 @app.command()
