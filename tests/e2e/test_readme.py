@@ -49,7 +49,7 @@ def test_readme_block_runs_and_prints_what_it_says(index: int, tmp_path: Path) -
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,  # a block that runs a job starts a local Prefect server first (70 s seen on a loaded 2-core box)
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == expected_output(block)
