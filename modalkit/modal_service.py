@@ -289,12 +289,15 @@ class BatchWorker:
 
     @modal.enter()
     def load_worker(self) -> None:
-        """Build the pipeline and the queue backend, once per container."""
+        """Build the pipeline and the queue backend, once per container, and start its host processes
+        (``job_config.host_workers``; empty = the container's ``deployment_config.cpu``)."""
         from modalkit.batch.chunk import ChunkProcessor
 
         settings = self.modal_utils.settings
         pipeline = load_pipeline(settings, self.model_name, type(self).inference_implementation)
-        self._processor = ChunkProcessor(pipeline, create_backend(settings.app_settings.queue_config))
+        app = settings.app_settings
+        host_workers = app.job_config.host_workers or max(1, int(app.deployment_config.cpu or 1))
+        self._processor = ChunkProcessor(pipeline, create_backend(app.queue_config), host_workers=host_workers)
 
     @modal.method()
     def process_chunk(self, job: dict[str, Any], chunk: dict[str, Any]) -> dict[str, Any]:

@@ -375,6 +375,15 @@ class JobConfig(_Strict):
         "(a record found running across a cut fails the job). False: each CSV file is one chunk.",
     )
     local_workers: int | None = Field(None, ge=1, le=512, description="Local worker processes; empty = CPU count.")
+    host_workers: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="CPUs that feed one worker's device: above 1, that many host processes per worker validate and "
+        "preprocess its sub-batches (for a pipeline that gives its host_stages()) while predict runs in the worker; "
+        "1: they run in the worker's own process. Empty = fill the machine: locally the CPU count over "
+        "local_workers (1 with the default local_workers), on Modal the container's deployment_config.cpu.",
+    )
     id_field: Annotated[str | None, JobParameter(per_run=True, identity=True, metavar="FIELD")] = Field(
         None, min_length=1, description="Record field holding the record id; empty = <file key>:<position>."
     )

@@ -19,6 +19,7 @@ import contextlib
 import gc
 import itertools
 import json
+import logging
 import os
 import shutil
 import threading
@@ -32,6 +33,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from modalkit.batch.crashes import CrashLog, CrashPlan, run_guarded
 from modalkit.batch.failure_log import FailureLog, FailureRows
 from modalkit.batch.formats import Unreadable, format_named
+from modalkit.batch.host_pool import HostPool, HostProcessLost
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.overlap import Overlap, SubBatch, ThreadSeconds
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
@@ -58,6 +60,8 @@ from modalkit.queues import QueueBackend
 
 __all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "marker_identity", "process_chunk", "read_marker"]
 
+log = logging.getLogger(__name__)
+
 #: Success records are built as bytes in the loop, from the record model's field names.
 SUCCESS_BODY = json_template(SuccessRecord, ("job_id", "record_id", "output", "meta"))
 
@@ -82,6 +86,12 @@ class ChunkProcessor:
         pipeline: The loaded pipeline; it must declare ``input_model`` and ``output_model``.
         queue_backend: Where success/failure records go (needed when a job names queues).
         store: Where chunks are read and results written; default: the process's store.
+        overlap: True: overlap the stages of every chunk (with ``prefetch_batches`` above 0); False: never; None
+            (default): measure it on the first chunks.
+        host_workers: CPUs that feed this worker's device (``job_config.host_workers``). Above 1, and when the
+            pipeline's ``host_stages()`` gives its host stages, that many host processes validate and preprocess
+            the sub-batches of overlapped chunks (:mod:`~modalkit.batch.host_pool`), started now, once; 1: the
+            host stages run on this process's helper threads.
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class ChunkProcessor:
         queue_backend: QueueBackend | None = None,
         store: Store | None = None,
         overlap: bool | None = None,
+        host_workers: int = 1,
     ) -> None:
         self.pipeline = pipeline
         #: True: overlap the stages of every chunk (with ``prefetch_batches`` above 0); False: never; None: measure
@@ -107,6 +118,42 @@ class ChunkProcessor:
         #: the last chunk's threads ("feeder", "device", "finisher"): busy, waiting and alive seconds of each; empty
         #: when its steps ran one after another
         self.last_threads: dict[str, ThreadSeconds] = {}
+        self.host_workers = host_workers
+        #: the host processes, when this worker has them
+        self.host: HostPool | None = None
+        self._host_stages = self._host_stages_of(pipeline) if host_workers > 1 else None
+        if self._host_stages is not None:
+            self.host = HostPool(self._host_stages, self.input_model, host_workers)
+
+    @staticmethod
+    def _host_stages_of(pipeline: InferencePipeline) -> Any:
+        """What the pipeline runs in host processes; None when it runs its host stages in its own process."""
+        if "preprocess" in type(pipeline).device_stages:
+            return None
+        return pipeline.host_stages()
+
+    def live_host(self) -> HostPool | None:
+        """The host processes, ready; started again when one of them is gone (a chunk that stopped early closes
+        them). None when this worker has none, or they could not start (then the host stages run here)."""
+        if self._host_stages is None:
+            return None
+        if self.host is None or not self.host.alive():
+            if self.host is not None:
+                self.host.close()
+            self.host = HostPool(self._host_stages, self.input_model, self.host_workers)
+        try:
+            self.host.wait_ready(timeout=120.0)
+        except HostProcessLost as exc:
+            log.warning("%s; the host stages run in the worker's own process from now on", exc)
+            self.host.close()
+            self.host = self._host_stages = None
+        return self.host
+
+    def close(self) -> None:
+        """Stop the host processes (a worker's process ending stops them too)."""
+        if self.host is not None:
+            self.host.close()
+            self.host = None
 
     @property
     def overlap(self) -> bool | None:
@@ -516,6 +563,7 @@ class _ChunkRun:
         or a CPU library that keeps the GIL) gains nothing from overlap and loses to the threads' hand-offs (W1's
         model on one worker: 28% slower); one that waits on a device gains up to the host's whole time (W3: 0.45
         to 0.76 of the device's bound). The choice is kept by the worker for its later chunks."""
+        self.proc.live_host()  # started and ready before anything is timed
         rates = []
         for overlap in (False, True):
             began, records = time.perf_counter(), self.ordinal
@@ -532,8 +580,10 @@ class _ChunkRun:
         if not overlap:
             self._one_after_another(source)
             return
-        run = Overlap(self.proc.pipeline, self, self.job.prefetch_batches, *self._crash_hooks(), source=source)
-        self.clocks += run.clocks.values()
+        host = self.proc.live_host()
+        depth = self.job.prefetch_batches if host is None else max(self.job.prefetch_batches, host.size + 1)
+        run = Overlap(self.proc.pipeline, self, depth, *self._crash_hooks(), source=source, host=host)
+        self.clocks += [*run.clocks.values(), run.host_clock]
         run.run()
         for name, spent in run.threads.items():  # summed over the runs of a chunk
             before = self.threads.get(name, ThreadSeconds(0.0, 0.0, 0.0))
@@ -653,6 +703,11 @@ class _ChunkRun:
         self.succeeded += len(batch.successes)
         self.failures.take(batch.rows)
         self._failure_writer.write(batch.rows.lines)
+
+    def records(self, batch: SubBatch) -> list[Any]:
+        """A sub-batch's records as parsed and fitted, one per input model, in order."""
+        assert isinstance(batch, _SubBatch)
+        return [data for _, _, kept in batch.prepared for _, _, data in kept]
 
     def queue(self, batch: SubBatch) -> None:
         """A sub-batch's queue records spooled, as one window."""
