@@ -90,9 +90,10 @@ class InferencePipeline(ABC):
     ``device_stages`` (optional) names the stages that must run on the thread that loaded the model: by default
     only ``predict``. A batch worker runs the other stages on helper threads of the same process, so that the next
     sub-batch is read, validated and preprocessed, and the previous one postprocessed and written, while the device
-    runs ``predict`` (CUDA contexts and streams expect one thread). A pipeline whose ``preprocess`` touches the GPU
-    (moves tensors to the device, runs a GPU tokenizer) declares it; one whose stages share state that is not
-    thread-safe declares all three, and only reading and writing overlap its stages::
+    runs ``predict`` (CUDA contexts and streams expect one thread); ``preprocess`` also in host processes of its
+    own when the pipeline gives :meth:`host_stages` and ``job_config.host_workers`` is above 1. A pipeline whose
+    ``preprocess`` touches the GPU (moves tensors to the device, runs a GPU tokenizer) declares it; one whose stages
+    share state that is not thread-safe declares all three, and only reading and writing overlap its stages::
 
         class OnGpuTokens(InferencePipeline):
             device_stages = ("preprocess", "predict")
@@ -239,7 +240,9 @@ class InferencePipeline(ABC):
                     return Tokens(self.vocabulary_size)   # a class of its own module, with preprocess()
 
         Whatever runs it, ``preprocess`` must give the same result for the same records: a sub-batch whose host
-        stages raise is run again whole in the worker's process, the way any batch is, and split there.
+        stages raise is run again whole in the worker's process, the way any batch is, and split there. Its large
+        arrays reach ``predict`` as views of shared memory that is reused once the sub-batch is written: keep
+        nothing of them past ``postprocess``.
         """
         return None
 

@@ -72,7 +72,8 @@ class ChunkProcessor:
     :meth:`process` runs ``predict`` (and the pipeline's other ``device_stages``) on the thread that calls it, the
     thread that loaded the model; with ``job.prefetch_batches`` above 0 (``job_config.prefetch_batches``, default
     2) it runs the host steps of the sub-batches before and after the one the device runs on two helper threads
-    (:mod:`~modalkit.batch.overlap`). Either way the chunk writes the same bytes in the same order.
+    (:mod:`~modalkit.batch.overlap`), and with ``host_workers`` above 1 their ``preprocess`` in host processes
+    (:mod:`~modalkit.batch.host_pool`). Either way the chunk writes the same bytes in the same order.
 
     Each result's ``stages`` (:class:`~modalkit.iomodel.StageSeconds`) says where the chunk's time went, timed once
     a sub-batch (never per record) on the thread that did the work. With ``prefetch_batches: 0`` every step runs on

@@ -9,12 +9,15 @@ them too: it needs their ids and models for ``predict`` and the output rows), wh
 the input model and preprocesses. Each process answers in the order it was asked, so the worker reads the answers
 in input order.
 
-What comes back is pickled with protocol 5 and its large buffers (numpy arrays) out of band in an anonymous
-shared memory file (``memfd``) whose descriptor travels over the process's socket: the worker maps it and unpickles
-without copying. Measured (2-core machine, a W3 sub-batch: 256 x 4096 float32, 4 MiB): the worker's thread spent
-7.3 ms a sub-batch receiving it pickled through the pipe, 1.0 ms mapping it (and 0.6 ms of the device's own time
-to read it, either way). Nothing is left behind when a process dies: the file has no name and goes with its last
-mapping.
+What comes back is pickled with protocol 5, its large buffers (numpy arrays) out of band in a slot: an anonymous
+shared memory file (``memfd``) of the host process, whose descriptor travels over the process's socket the first
+time, mapped once on both sides and reused once the worker gives it back (its sub-batch written), so the worker
+unpickles without copying and no page is faulted in twice. Measured (2-core machine, a W3 sub-batch: 256 x 4096
+float32, 4 MiB): the worker's thread spent 7.3 ms a sub-batch receiving it pickled through the pipe and 1.0 ms
+mapping a fresh file; a fresh file also cost the host process 6-15 ms to fill (page faults), which reused slots
+do not pay (W3 with two host processes: 0.57 of the device's bound with a file per sub-batch, 0.66 with slots, on
+the same loaded machine). Nothing is left behind when a process dies: the files have no name and go with their
+last mapping. A pipeline must therefore not keep its preprocessed arrays past the sub-batch's ``postprocess``.
 
 A sub-batch whose host stages raise comes back as failed; the worker then runs it whole in its own process the way
 it runs any batch (:func:`~modalkit.inference_pipeline.run_isolated`), so what its records get does not depend on
@@ -61,12 +64,14 @@ class HostReply:
     """A sub-batch's answer from a host process: its preprocessed data, or that its host stages raised; and the
     process's seconds on it (``preprocess``: validating again, preprocessing and shipping the result)."""
 
-    __slots__ = ("failed", "pre", "seconds")
+    __slots__ = ("failed", "pre", "seconds", "slot")
 
-    def __init__(self, pre: Any, failed: bool, seconds: dict[str, float]) -> None:
+    def __init__(self, pre: Any, failed: bool, seconds: dict[str, float], slot: tuple[int, int] | None) -> None:
         self.pre = pre
         self.failed = failed
         self.seconds = seconds
+        #: the shared memory slot ``pre``'s buffers live in, to :meth:`HostPool.release` once the sub-batch is written
+        self.slot = slot
 
 
 class HostPool:
@@ -85,6 +90,8 @@ class HostPool:
         self._conns: list[Connection] = []
         self._send_locks = [threading.Lock() for _ in range(self.size)]
         self._ready = [False] * self.size
+        #: each process's slots, as mapped here: reused, so that each page is faulted in once
+        self._maps: list[dict[int, memoryview]] = [{} for _ in range(self.size)]
         self._sent = 0  # sub-batches sent, ever: the next one goes to process _sent % size
         self._taken = 0  # answers taken, ever
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited: no start-up traceback
@@ -164,29 +171,32 @@ class HostPool:
             if not self._procs[n].is_alive():
                 raise self._lost(n)
         try:
-            head = pickle.loads(conn.recv_bytes())
-            status, spans, seconds = head[0], head[1], head[2]
-            if status == "file":
-                fd = recv_handle(conn)
-                pre = _unpack(fd, head[3], spans)
+            status, spans, seconds, payload = pickle.loads(conn.recv_bytes())
+            slot = None
+            if status == "slot":
+                index, size, fresh = payload
+                if fresh:  # a new (or larger) shared memory file for this slot: map it once
+                    fd = recv_handle(conn)
+                    try:
+                        self._maps[n][index] = memoryview(mmap.mmap(fd, size))
+                    finally:
+                        os.close(fd)
+                view = self._maps[n][index]
+                (start, length), *rest = spans
+                pre = pickle.loads(view[start : start + length], buffers=[view[a : a + b] for a, b in rest])
+                slot = (n, index)
             else:
-                pre = head[3]
+                pre = payload
         except (OSError, EOFError) as exc:
             raise self._lost(n) from exc
         self._taken += 1
-        return HostReply(pre, status == "failed", seconds)
+        return HostReply(pre, status == "failed", seconds, slot)
 
-    def drain(self, timeout: float) -> bool:
-        """Forget the answers still owed (a chunk that stopped early): read and drop them, so that the next chunk's
-        first answer is its own. False when they did not all come within ``timeout`` seconds (or a process died):
-        the pool is then of no further use."""
-        deadline = time.monotonic() + timeout
-        try:
-            while self.in_flight():
-                self.take(lambda: time.monotonic() > deadline, 0.05)
-        except (InterruptedError, HostProcessLost):
-            return False
-        return True
+    def release(self, slot: tuple[int, int]) -> None:
+        """Give a slot back to its process once its sub-batch is written: its buffers are then written over."""
+        n, index = slot
+        with self._send_locks[n], contextlib.suppress(OSError, ValueError):
+            self._conns[n].send(index)
 
     def close(self) -> None:
         """Stop the processes: ask, then wait ``_STOP_S``, then kill."""
@@ -219,61 +229,90 @@ def _serve(conn: Connection, stages: Any, input_model: type[BaseModel], parent_p
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent(parent_pid)
     validate = TypeAdapter(list[input_model]).validate_python  # type: ignore[valid-type]
+    slots = _Slots(conn, parent_pid)
     perf = time.perf_counter
     conn.send_bytes(b"ready")
     while True:
         try:
-            records = conn.recv()
+            message = conn.recv()
         except EOFError:
             return
-        if records is None:
+        if message is None:
             return
+        if type(message) is int:  # a slot given back
+            slots.free.append(message)
+            continue
         began = perf()
         try:
-            pre = stages.preprocess(validate(records))
+            pre = stages.preprocess(validate(message))
         except Exception:  # the worker runs this sub-batch again itself, and splits it
-            seconds = {"preprocess": perf() - began}
-            conn.send_bytes(pickle.dumps(("failed", None, seconds, None)))
+            conn.send_bytes(pickle.dumps(("failed", None, {"preprocess": perf() - began}, None)))
             continue
-        records = None
-        _reply(conn, pre, parent_pid, began)
+        message = None
+        slots.reply(pre, began)
 
 
-def _reply(conn: Connection, pre: Any, parent_pid: int, began: float) -> None:
-    """Send ``pre`` back: pickled, its large buffers in a shared memory file whose descriptor follows."""
-    buffers: list[memoryview] = []
+class _Slots:
+    """A host process's shared memory files, reused: a slot is written again only once the worker gave it back
+    (its sub-batch written). A reply that needs one when none is free takes a new one: the worker holds at most
+    ``prefetch depth + 2`` sub-batches, so the slots stop growing at about that many."""
 
-    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: pickled in band
-            return True
-        if raw.nbytes < _INLINE_BYTES:
-            return True
-        buffers.append(raw)
-        return False
+    def __init__(self, conn: Connection, parent_pid: int) -> None:
+        self.conn = conn
+        self.parent_pid = parent_pid
+        self.free: list[int] = []
+        self.files: list[tuple[int, mmap.mmap]] = []  # (size, mapping) per slot
 
-    head = pickle.dumps(pre, protocol=5, buffer_callback=out_of_band)
-    if not buffers:
-        conn.send_bytes(pickle.dumps(("inline", None, _seconds(began), pre), protocol=5))
-        return
-    spans, offset = [], _aligned(len(head))
-    for raw in buffers:
-        spans.append((offset, raw.nbytes))
-        offset = _aligned(offset + raw.nbytes)
-    fd = os.memfd_create("modalkit-host", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, offset)
-        with mmap.mmap(fd, offset) as mapped:
-            mapped[: len(head)] = head
-            for (start, size), raw in zip(spans, buffers, strict=True):
-                mapped[start : start + size] = raw.cast("B")
+    def reply(self, pre: Any, began: float) -> None:
+        """Send ``pre`` back: pickled, its large buffers in a slot whose descriptor follows when it is new."""
+        buffers: list[memoryview] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:  # not contiguous: pickled in band
+                return True
+            if raw.nbytes < _INLINE_BYTES:
+                return True
+            buffers.append(raw)
+            return False
+
+        head = pickle.dumps(pre, protocol=5, buffer_callback=out_of_band)
+        if not buffers:
+            self.conn.send_bytes(pickle.dumps(("inline", None, _seconds(began), pre), protocol=5))
+            return
+        spans, end = [(0, len(head))], _aligned(len(head))
+        for raw in buffers:
+            spans.append((end, raw.nbytes))
+            end = _aligned(end + raw.nbytes)
+        index, fd = self._slot(end)
+        size, mapped = self.files[index]
+        mapped[: len(head)] = head
+        for (start, length), raw in zip(spans[1:], buffers, strict=True):
+            mapped[start : start + length] = raw.cast("B")
         buffers.clear()
-        spans.insert(0, (0, len(head)))
-        conn.send_bytes(pickle.dumps(("file", spans, _seconds(began), offset)))
-        send_handle(conn, fd, parent_pid)
-    finally:
-        os.close(fd)
+        self.conn.send_bytes(pickle.dumps(("slot", spans, _seconds(began), (index, size, fd is not None))))
+        if fd is not None:
+            try:
+                send_handle(self.conn, fd, self.parent_pid)
+            finally:
+                os.close(fd)
+
+    def _slot(self, size: int) -> tuple[int, int | None]:
+        """A free slot of at least ``size`` bytes, and the descriptor of its file when it is new (or grown)."""
+        index = self.free.pop() if self.free else len(self.files)
+        if index < len(self.files) and self.files[index][0] >= size:
+            return index, None
+        size = max(size, 1 << 20)
+        fd = os.memfd_create("modalkit-host", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        mapped = mmap.mmap(fd, size)
+        if index < len(self.files):
+            self.files[index][1].close()
+            self.files[index] = (size, mapped)
+        else:
+            self.files.append((size, mapped))
+        return index, fd
 
 
 def _seconds(began: float) -> dict[str, float]:
@@ -283,18 +322,6 @@ def _seconds(began: float) -> dict[str, float]:
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _unpack(fd: int, size: int, spans: list[tuple[int, int]]) -> Any:
-    """The object a host process put in the shared memory file ``fd``: its buffers are views of a private
-    (copy-on-write) mapping, which lives as long as they do."""
-    try:
-        mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
-    view = memoryview(mapped)
-    (start, length), *rest = spans
-    return pickle.loads(view[start : start + length], buffers=[view[s : s + n] for s, n in rest])
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -59,12 +59,14 @@ class SubBatch:
     """One sub-batch on its way through the stages: the inputs the pipeline gets, what its stages made of them,
     and the first stage that raised on it. The chunk's own bookkeeping lives in a subclass."""
 
-    __slots__ = ("done", "failed", "hosted", "models", "outcomes", "pre", "raw")
+    __slots__ = ("done", "failed", "hosted", "models", "outcomes", "pre", "raw", "slot")
 
     def __init__(self, models: list[Any]) -> None:
         self.models = models
         #: sent to a host process, which preprocesses it
         self.hosted = False
+        #: the host process's shared memory slot holding ``pre``'s buffers, given back once the sub-batch is written
+        self.slot: tuple[int, int] | None = None
         self.pre: Any = None
         self.raw: Any = None
         #: one outcome per input (an output model or a RecordError), once the pipeline is through with it
@@ -169,8 +171,8 @@ class Overlap:
             self._stop.set()
             for thread in helpers:
                 thread.join(STOP_JOIN_S)
-            if self.host is not None and self.host.in_flight() and not self.host.drain(STOP_JOIN_S):
-                self.host.close()  # answers owed that never came: the worker starts others for its next chunk
+            if self.host is not None:  # answers owed, slots not given back: the worker starts others for its next chunk
+                self.host.close()
             raise
         for thread in helpers:
             thread.join()
@@ -257,6 +259,9 @@ class Overlap:
             self.work.queue(batch)
             clock.seconds["write"] = clock.seconds.get("write", 0.0) + written - began
             clock.seconds["queue"] = clock.seconds.get("queue", 0.0) + perf() - written
+            if batch.slot is not None:  # written: whatever came of its preprocessed data is out of memory's way
+                assert self.host is not None
+                self.host.release(batch.slot)
             batch = None
             self._slots.release()
 
@@ -315,7 +320,7 @@ class Overlap:
         if reply.failed:
             batch.outcomes = run_isolated(self.pipeline, batch.models, clock)
         else:
-            batch.pre = reply.pre
+            batch.pre, batch.slot = reply.pre, reply.slot
 
     def _isolate(self, clock: StageClock, batch: SubBatch) -> None:
         assert batch.failed is not None

@@ -277,3 +277,19 @@ def test_host_tokens_are_picklable_and_small() -> None:
     import pickle
 
     assert len(pickle.dumps(HostTokens())) < 200
+
+
+def test_the_example_pipelines_give_host_stages_that_preprocess_as_they_do_and_pickle_small(tmp_path: Path) -> None:
+    import pickle
+
+    import numpy as np
+
+    from modalkit.examples.sentiment import Review, SentimentPipeline
+
+    pipeline = SentimentPipeline("sentiment", str(tmp_path), {})
+    reviews = [Review(text="great value, works well"), Review(text="broke in a day")]
+    stages = pickle.loads(pickle.dumps(pipeline.host_stages()))
+    assert len(pickle.dumps(stages)) < 200  # the bucket count, not the weights
+    mine, theirs = pipeline.preprocess(reviews), stages.preprocess(reviews)
+    assert mine.keys() == theirs.keys()
+    assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
