@@ -405,7 +405,8 @@ class JobConfig(_Strict):
         le=64,
         description="Sub-batches a worker reads, validates and preprocesses ahead of the one its device runs, on "
         "helper threads, while another one is postprocessed and written; at most this many plus 2 are in memory at "
-        "once; a worker overlaps only when it measured that it pays. 0: each sub-batch goes through every step before "
+        "once; a worker overlaps only when it measured that it pays, or always with host processes (host_workers). 0: "
+        "each sub-batch goes through every step before "
         "the next is read, on one thread.",
     )
     chunk_retries: int = Field(3, ge=0, le=20, description="Retries of a chunk after a transient error.")

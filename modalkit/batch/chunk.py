@@ -158,8 +158,12 @@ class ChunkProcessor:
 
     @property
     def overlap(self) -> bool | None:
-        """Whether this processor's chunks overlap their stages: forced, learned, or None (not known yet)."""
-        return self.forced_overlap if self.forced_overlap is not None else self.learned_overlap
+        """Whether this processor's chunks overlap their stages: forced, learned, or None (not known yet). With host
+        processes, always (unless forced off): ``preprocess`` then runs on other cores, whatever ``predict`` holds,
+        and a probe would time the host processes' first calls (their imports) against warm in-process ones."""
+        if self.forced_overlap is not None:
+            return self.forced_overlap
+        return True if self._host_stages is not None else self.learned_overlap
 
     def process(self, job: JobSpec, chunk: ChunkSpec, crash: CrashPlan | None = None) -> ChunkResult:
         """Run one chunk; returns its counts (``skipped`` when it was committed before).
