@@ -568,7 +568,6 @@ class _ChunkRun:
         or a CPU library that keeps the GIL) gains nothing from overlap and loses to the threads' hand-offs (W1's
         model on one worker: 28% slower); one that waits on a device gains up to the host's whole time (W3: 0.45
         to 0.76 of the device's bound). The choice is kept by the worker for its later chunks."""
-        self.proc.live_host()  # started and ready before anything is timed
         rates = []
         for overlap in (False, True):
             began, records = time.perf_counter(), self.ordinal

@@ -9,7 +9,9 @@ spools its queue records::
     finisher (helper)  postprocess -> rows, failure rows -> spool        n-1
 
 ``predict``, and every stage a pipeline names in ``device_stages``, runs on the thread that called :meth:`run`
-(the worker's main thread, which loaded the model); the others on the two helpers. A sub-batch any stage of which
+(the worker's main thread, which loaded the model); the others on the two helpers. With host processes
+(:mod:`~modalkit.batch.host_pool`) the feeder sends each sub-batch's records to them instead of preprocessing it,
+and the device thread takes their answers in input order. A sub-batch any stage of which
 raises is run again on the device thread the way :func:`~modalkit.inference_pipeline.run_isolated` runs a batch
 (split in halves down to the records that fail alone; what no record causes is raised), while the others keep
 flowing. Sub-batches are written in input order. At most ``depth + 2`` sub-batches are alive at once (``depth``
