@@ -20,7 +20,9 @@ markers' ``stages``) when the engine reports them.
 
     python bench/w3.py     # alone, against a Prefect server of its own choosing (PREFECT_API_URL, or modalkit's)
 
-``bench/run.py`` calls it (``BENCH_W3=0`` skips it); ``BENCH_W3_ROWS`` changes the size (default 200000).
+``bench/run.py`` calls it (``BENCH_W3=0`` skips it); ``BENCH_W3_ROWS`` changes the size (default 200000);
+``BENCH_W3_HOST_WORKERS`` sets modalkit's ``job_config.host_workers`` (default: empty, the setting's own default:
+the CPU count over one worker, so every CPU feeds the one device).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ FILES = 4
 TIMEOUT = 900
 RAY = os.environ.get("BENCH_RAY", "1") != "0"
 RAY_VENV = HERE / ".venv-ray"
+HOST_WORKERS = os.environ.get("BENCH_W3_HOST_WORKERS", "")
 RAY_TASK_CPUS = "0.5"  # ANCHORS.md's setting: featurize tasks take half a CPU each
 HARNESS_MODES = ["cpu", "seq", "threads", "procs", "ray"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -78,7 +81,7 @@ DESCRIPTIONS = {
     "threads": "three threads, bounded queues (`threads`)",
     "procs": "featurizing processes + device thread (`procs`)",
     "ray": f"Ray Data, featurize tasks + one device actor (`ray`, task CPUs {RAY_TASK_CPUS})",
-    "modalkit": "modalkit, `--backend local`, 1 worker",
+    "modalkit": f"modalkit, `--backend local`, 1 worker, host_workers {HOST_WORKERS or 'empty (CPU count)'}",
 }
 
 
@@ -186,7 +189,8 @@ def modalkit_stages(summary: dict[str, Any], out: Path) -> dict[str, float] | No
 def modalkit_runner(data: Path, api_url: str | None) -> dict[str, Any]:
     out = OUT / "modalkit"
     config = OUT / "w3.yaml"
-    config.write_text(CONFIG, encoding="utf-8")
+    text = CONFIG.replace("    local_workers: 1\n", f"    local_workers: 1\n    host_workers: {HOST_WORKERS}\n")
+    config.write_text(text if HOST_WORKERS else CONFIG, encoding="utf-8")
     stats = Path(tempfile.mkdtemp(prefix="w3-stats-modalkit-"))
     env = {**ENV, "W3_STATS_DIR": str(stats), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), str(SHARED)])}  # fmt: skip

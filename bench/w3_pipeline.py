@@ -1,9 +1,10 @@
 """W3's model of ../shared/bench as an InferencePipeline: W1's toy model with its linear layer on the simulated device.
 
-``preprocess`` is the harness's ``toy_model.featurize`` (host work: hashing word n-grams); ``predict`` runs the
-features through ``sim_device.device().run``, the simulated accelerator that holds a device lock and waits with the
-GIL released, as a host thread waits on a kernel. The device lives in the process that runs ``predict`` (the local
-worker); it writes its busy seconds to ``$W3_STATS_DIR`` after every batch, which ``bench/w3.py`` reads back.
+``preprocess`` is the harness's ``toy_model.featurize`` (host work: hashing word n-grams, given as the pipeline's
+``host_stages()``, so that a worker with ``job_config.host_workers`` above 1 runs it in host processes); ``predict``
+runs the features through ``sim_device.device().run``, the simulated accelerator that holds a device lock and waits
+with the GIL released, as a host thread waits on a kernel. The device lives in the process that runs ``predict`` (the
+local worker); it writes its busy seconds to ``$W3_STATS_DIR`` after every batch, which ``bench/w3.py`` reads back.
 
 Both harness modules are loaded from MODALKIT_SHARED_BENCH (default: ../shared/bench beside the repo), unchanged.
 """
@@ -32,6 +33,14 @@ def _harness() -> tuple[Any, Any]:
     return toy_model, sim_device
 
 
+class Featurize:
+    """W3's host stages: the harness's featurize, with nothing of the device (a worker's host processes run it)."""
+
+    def preprocess(self, input_list: list[Row]) -> dict[str, Any]:
+        toy, _ = _harness()  # sim_device's module only; its device is made on first use, in predict
+        return {"x": toy.featurize([r.text for r in input_list])}
+
+
 class W3Pipeline(InferencePipeline):
     """W3: featurize on the host, the linear layer and softmax on one simulated device."""
 
@@ -49,6 +58,9 @@ class W3Pipeline(InferencePipeline):
 
     def preprocess(self, input_list: list[Row]) -> dict[str, Any]:
         return {"x": self._toy.featurize([r.text for r in input_list])}
+
+    def host_stages(self) -> Featurize:
+        return Featurize()
 
     def predict(self, input_list: list[Row], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
         labels, scores = self._sim.device().run(preprocessed_data["x"])

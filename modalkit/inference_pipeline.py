@@ -32,7 +32,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Protocol
 
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STAGES",
     "FailedOutput",
+    "HostStages",
     "InferencePipeline",
     "RecordError",
     "StageClock",
@@ -89,9 +90,10 @@ class InferencePipeline(ABC):
     ``device_stages`` (optional) names the stages that must run on the thread that loaded the model: by default
     only ``predict``. A batch worker runs the other stages on helper threads of the same process, so that the next
     sub-batch is read, validated and preprocessed, and the previous one postprocessed and written, while the device
-    runs ``predict`` (CUDA contexts and streams expect one thread). A pipeline whose ``preprocess`` touches the GPU
-    (moves tensors to the device, runs a GPU tokenizer) declares it; one whose stages share state that is not
-    thread-safe declares all three, and only reading and writing overlap its stages::
+    runs ``predict`` (CUDA contexts and streams expect one thread); ``preprocess`` also in host processes of its
+    own when the pipeline gives :meth:`host_stages` and ``job_config.host_workers`` is above 1. A pipeline whose
+    ``preprocess`` touches the GPU (moves tensors to the device, runs a GPU tokenizer) declares it; one whose stages
+    share state that is not thread-safe declares all three, and only reading and writing overlap its stages::
 
         class OnGpuTokens(InferencePipeline):
             device_stages = ("preprocess", "predict")
@@ -222,6 +224,28 @@ class InferencePipeline(ABC):
             )
         return cls.input_model, cls.output_model  # type: ignore[return-value]
 
+    def host_stages(self) -> HostStages | None:
+        """What a batch worker's host processes run of this pipeline: an object with this pipeline's
+        ``preprocess(input_list)``, or None (the default) to keep ``preprocess`` in the worker's own process.
+
+        With ``job_config.host_workers`` above 1 a batch worker (one per device) starts that many host processes
+        once, sends each this object (pickled: keep it small, and free of the model and the device: a host process
+        must never load one or touch the other), and has them validate and preprocess the sub-batches while
+        ``predict`` runs on the thread that loaded the model. Called once per worker, on the loaded pipeline, so it
+        may hand over what it learned loading (a vocabulary size, a tokenizer's files). A pipeline whose
+        ``preprocess`` needs the device lists it in ``device_stages`` instead, and this is not called::
+
+            class Classifier(InferencePipeline):
+                def host_stages(self):
+                    return Tokens(self.vocabulary_size)   # a class of its own module, with preprocess()
+
+        Whatever runs it, ``preprocess`` must give the same result for the same records: a sub-batch whose host
+        stages raise is run again whole in the worker's process, the way any batch is, and split there. Its large
+        arrays reach ``predict`` as views of shared memory that is reused once the sub-batch is written: keep
+        nothing of them past ``postprocess``.
+        """
+        return None
+
     def on_volume_reload(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Called every ``volume_reload_interval_seconds``, after modalkit reloads the Modal volumes (if any);
         override to reload weights. Does nothing by default."""
@@ -247,6 +271,13 @@ class InferencePipeline(ABC):
         outputs = self.postprocess(input_list, self.predict(input_list, self.preprocess(input_list)))
         _check_count(type(self), len(input_list), outputs)
         return outputs
+
+
+class HostStages(Protocol):
+    """What :meth:`InferencePipeline.host_stages` returns: a pipeline's ``preprocess`` without its model."""
+
+    def preprocess(self, input_list: list[Any]) -> Any:
+        """The same as the pipeline's ``preprocess``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -261,7 +261,9 @@ class ModalConfig:
     def get_batch_worker_cls_settings(self) -> dict[str, Any]:
         """Keyword arguments for ``@app.cls(...)`` of the batch worker: like the model class, one chunk per call.
 
-        The flow retries chunks itself (a chunk is idempotent), so Modal's own retries are left off here.
+        The flow retries chunks itself (a chunk is idempotent), so Modal's own retries are left off here. No
+        ``@modal.concurrent``: one chunk at a time per container keeps ``predict`` on one thread (see
+        :class:`~modalkit.modal_service.BatchWorker`).
         """
         settings = self.get_app_cls_settings()
         settings.pop("retries", None)

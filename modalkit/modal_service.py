@@ -281,6 +281,16 @@ class BatchWorker:
     Subclass it under ``@app.cls(**modal_config.get_batch_worker_cls_settings())`` with ``model_name`` (a
     ``modal.parameter``) and ``modal_utils``; ``modalkit/modal_app.py`` does exactly that. The container loads the
     pipeline once (``@modal.enter``) and reads and writes S3 itself: the data never travels through the caller.
+
+    A container runs the same executor as a local worker (stages overlapped, ``preprocess`` in host processes
+    sized by ``deployment_config.cpu``) and takes one chunk at a time: it is not ``@modal.concurrent``. Modal runs
+    the concurrent inputs of a class on threads of their own, so two chunks would call ``predict`` from two
+    threads at once (the executor keeps it on the one thread that loaded the model, as CUDA contexts and streams
+    expect, and one batch at a time on the device), and would share the container's host processes, which answer
+    one chunk's sub-batches in order. What concurrency could buy is the device's idle time at a chunk boundary
+    (the part file's upload, the queue records and the marker, then the next chunk's first sub-batches): a
+    fraction of a second against a chunk of ``chunk_size`` (32 MiB by default: seconds to minutes of device
+    time). Larger chunks shrink it further without a second thread on the device.
     """
 
     model_name: str
@@ -289,15 +299,18 @@ class BatchWorker:
 
     @modal.enter()
     def load_worker(self) -> None:
-        """Build the pipeline and the queue backend, once per container."""
+        """Build the pipeline and the queue backend, once per container, and start its host processes
+        (``job_config.host_workers``; empty = the container's ``deployment_config.cpu``)."""
         from modalkit.batch.chunk import ChunkProcessor
         from modalkit.batch.worker_start import WorkerStart
 
         settings = self.modal_utils.settings
+        app = settings.app_settings
+        host_workers = app.job_config.host_workers or max(1, int(app.deployment_config.cpu or 1))
         start = WorkerStart.measure(
             lambda: load_pipeline(settings, self.model_name, type(self).inference_implementation)
         )
-        self._processor = ChunkProcessor(start.value, create_backend(settings.app_settings.queue_config))
+        self._processor = ChunkProcessor(start.value, create_backend(app.queue_config), host_workers=host_workers)
         self._processor.started(start)
 
     @modal.method()

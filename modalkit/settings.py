@@ -436,6 +436,15 @@ class JobConfig(_Strict):
         "(a record found running across a cut fails the job). False: each CSV file is one chunk.",
     )
     local_workers: int | None = Field(None, ge=1, le=512, description="Local worker processes; empty = CPU count.")
+    host_workers: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="CPUs that feed one worker's device: above 1, that many host processes per worker validate and "
+        "preprocess its sub-batches (for a pipeline that gives its host_stages()) while predict runs in the worker; "
+        "1: they run in the worker's own process. Empty = fill the machine: locally the CPU count over "
+        "local_workers (1 with the default local_workers), on Modal the container's deployment_config.cpu.",
+    )
     id_field: Annotated[str | None, JobParameter(per_run=True, identity=True, metavar="FIELD")] = Field(
         None, min_length=1, description="Record field holding the record id; empty = <file key>:<position>."
     )
@@ -457,7 +466,8 @@ class JobConfig(_Strict):
         le=64,
         description="Sub-batches a worker reads, validates and preprocesses ahead of the one its device runs, on "
         "helper threads, while another one is postprocessed and written; at most this many plus 2 are in memory at "
-        "once; a worker overlaps only when it measured that it pays. 0: each sub-batch goes through every step before "
+        "once; a worker overlaps only when it measured that it pays, or always with host processes (host_workers). 0: "
+        "each sub-batch goes through every step before "
         "the next is read, on one thread.",
     )
     chunk_retries: int = Field(3, ge=0, le=20, description="Retries of a chunk after a transient error.")

@@ -11,7 +11,8 @@ import os
 import time
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, computed_field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from modalkit.examples.sentiment import Review, SentimentPipeline
 from modalkit.inference_pipeline import InferencePipeline
@@ -248,3 +249,84 @@ class HangsAlways(PoisonAwareSentiment):
             while True:
                 time.sleep(3600)
         return super().predict(input_list, preprocessed_data)
+
+
+class _HostIn(BaseModel):
+    id: str | None = None
+    text: str = Field(min_length=1)
+
+
+class _HostOut(InferenceOutputModel):
+    length: int
+    preprocessed_by: int
+
+
+class HostTokens:
+    """The host stages of :class:`HostFed`: a wide array per record (so that it travels as shared memory), and the
+    id of the process that made it. ``POISON-PRE`` raises; ``KILL-HOST`` kills a host process running it (and
+    raises anywhere else)."""
+
+    seconds: ClassVar[float] = 0.0  # how long preprocess takes (a sleep: the same on a busy machine)
+
+    def __init__(self, folder: str | None = None) -> None:
+        self.folder = folder
+
+    def preprocess(self, input_list: list[_HostIn]) -> dict[str, Any]:
+        time.sleep(self.seconds)
+        if any("POISON-PRE" in r.text for r in input_list):
+            raise ValueError("poison in preprocess")
+        if any("KILL-HOST" in r.text for r in input_list):
+            import multiprocessing
+
+            if multiprocessing.current_process().name.startswith("modalkit-host"):
+                if self.folder is not None:  # say so, for the test
+                    with open(os.path.join(self.folder, f"host-killed-{os.getpid()}"), "w"):
+                        pass
+                os._exit(139)  # as a crash in a tokenizer's native code would, in a host process only
+            raise ValueError("KILL-HOST preprocessed outside a host process")
+        x = np.zeros((len(input_list), 8192), dtype=np.float32)
+        x[:, 0] = [len(r.text) for r in input_list]
+        return {"x": x, "pid": os.getpid()}
+
+
+class HostFed(InferencePipeline):
+    """A pipeline that runs its preprocess in host processes (``host_stages``) and waits on a 'device' in predict
+    (a sleep, the interpreter free), so that a worker overlaps its stages. ``POISON-PREDICT`` raises in predict."""
+
+    input_model = _HostIn
+    output_model = _HostOut
+    device_seconds: ClassVar[float] = 0.005
+
+    def preprocess(self, input_list: list[_HostIn]) -> dict[str, Any]:
+        return HostTokens().preprocess(input_list)
+
+    def predict(self, input_list: list[_HostIn], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(self.device_seconds)
+        if any("POISON-PREDICT" in r.text for r in input_list):
+            raise ValueError("poison in predict")
+        x = preprocessed_data["x"]
+        return {"length": x[:, 0].astype(int).tolist(), "pid": preprocessed_data["pid"]}
+
+    def postprocess(self, input_list: list[_HostIn], raw_output: dict[str, Any]) -> list[_HostOut]:
+        return [_HostOut(length=n, preprocessed_by=raw_output["pid"]) for n in raw_output["length"]]
+
+    def host_stages(self) -> HostTokens:
+        return HostTokens()
+
+
+class SlowHostTokens(HostTokens):
+    seconds = 0.02
+
+
+class HostBound(HostFed):
+    """:class:`HostFed` whose preprocess costs as much as its predict: a worker gains from host processes (twice as
+    fast with two), so its probe always chooses to overlap."""
+
+    device_seconds = 0.02
+
+    def preprocess(self, input_list: list[_HostIn]) -> dict[str, Any]:
+        return SlowHostTokens().preprocess(input_list)
+
+    def host_stages(self) -> HostTokens:
+        os.makedirs(self.all_model_data_folder, exist_ok=True)
+        return SlowHostTokens(self.all_model_data_folder)

@@ -19,6 +19,7 @@ import contextlib
 import gc
 import itertools
 import json
+import logging
 import os
 import shutil
 import threading
@@ -32,6 +33,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from modalkit.batch.crashes import CrashLog, CrashPlan, run_guarded
 from modalkit.batch.failure_log import FailureLog, FailureRows
 from modalkit.batch.formats import Unreadable, format_named
+from modalkit.batch.host_pool import HostPool, HostProcessLost
 from modalkit.batch.layout import OutputLayout
 from modalkit.batch.overlap import Overlap, SubBatch, ThreadSeconds
 from modalkit.batch.queueing import RecordSender, dedup_id, read_journal
@@ -59,6 +61,8 @@ from modalkit.queues import QueueBackend
 
 __all__ = ["REPLAY_ID_KEY", "ChunkProcessor", "marker_identity", "process_chunk", "read_marker"]
 
+log = logging.getLogger(__name__)
+
 #: Success records are built as bytes in the loop, from the record model's field names.
 SUCCESS_BODY = json_template(SuccessRecord, ("job_id", "record_id", "output", "meta"))
 
@@ -69,7 +73,8 @@ class ChunkProcessor:
     :meth:`process` runs ``predict`` (and the pipeline's other ``device_stages``) on the thread that calls it, the
     thread that loaded the model; with ``job.prefetch_batches`` above 0 (``job_config.prefetch_batches``, default
     2) it runs the host steps of the sub-batches before and after the one the device runs on two helper threads
-    (:mod:`~modalkit.batch.overlap`). Either way the chunk writes the same bytes in the same order.
+    (:mod:`~modalkit.batch.overlap`), and with ``host_workers`` above 1 their ``preprocess`` in host processes
+    (:mod:`~modalkit.batch.host_pool`). Either way the chunk writes the same bytes in the same order.
 
     Each result's ``stages`` (:class:`~modalkit.iomodel.StageSeconds`) says where the chunk's time went, timed once
     a sub-batch (never per record) on the thread that did the work. With ``prefetch_batches: 0`` every step runs on
@@ -83,6 +88,12 @@ class ChunkProcessor:
         pipeline: The loaded pipeline; it must declare ``input_model`` and ``output_model``.
         queue_backend: Where success/failure records go (needed when a job names queues).
         store: Where chunks are read and results written; default: the process's store.
+        overlap: True: overlap the stages of every chunk (with ``prefetch_batches`` above 0); False: never; None
+            (default): measure it on the first chunks.
+        host_workers: CPUs that feed this worker's device (``job_config.host_workers``). Above 1, and when the
+            pipeline's ``host_stages()`` gives its host stages, that many host processes validate and preprocess
+            the sub-batches of overlapped chunks (:mod:`~modalkit.batch.host_pool`), started now, once; 1: the
+            host stages run on this process's helper threads.
     """
 
     def __init__(
@@ -91,6 +102,7 @@ class ChunkProcessor:
         queue_backend: QueueBackend | None = None,
         store: Store | None = None,
         overlap: bool | None = None,
+        host_workers: int = 1,
     ) -> None:
         self.pipeline = pipeline
         #: True: overlap the stages of every chunk (with ``prefetch_batches`` above 0); False: never; None: measure
@@ -114,14 +126,55 @@ class ChunkProcessor:
         #: it commits
         self.unreported_start = (0.0, 0.0, 0.0)
 
+        self.host_workers = host_workers
+        #: the host processes, when this worker has them
+        self.host: HostPool | None = None
+        self._host_stages = self._host_stages_of(pipeline) if host_workers > 1 else None
+        if self._host_stages is not None:
+            self.host = HostPool(self._host_stages, self.input_model, host_workers)
+
     def started(self, start: WorkerStart[Any]) -> None:
         """Note what this worker's start took, for its first chunk's result."""
         self.unreported_start = (start.cold_start_seconds, start.model_load_seconds, start.ready_at)
 
+    @staticmethod
+    def _host_stages_of(pipeline: InferencePipeline) -> Any:
+        """What the pipeline runs in host processes; None when it runs its host stages in its own process."""
+        if "preprocess" in type(pipeline).device_stages:
+            return None
+        return pipeline.host_stages()
+
+    def live_host(self) -> HostPool | None:
+        """The host processes, ready; started again when one of them is gone (a chunk that stopped early closes
+        them). None when this worker has none, or they could not start (then the host stages run here)."""
+        if self._host_stages is None:
+            return None
+        if self.host is None or not self.host.alive():
+            if self.host is not None:
+                self.host.close()
+            self.host = HostPool(self._host_stages, self.input_model, self.host_workers)
+        try:
+            self.host.wait_ready(timeout=120.0)
+        except HostProcessLost as exc:
+            log.warning("%s; the host stages run in the worker's own process from now on", exc)
+            self.host.close()
+            self.host = self._host_stages = None
+        return self.host
+
+    def close(self) -> None:
+        """Stop the host processes (a worker's process ending stops them too)."""
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+
     @property
     def overlap(self) -> bool | None:
-        """Whether this processor's chunks overlap their stages: forced, learned, or None (not known yet)."""
-        return self.forced_overlap if self.forced_overlap is not None else self.learned_overlap
+        """Whether this processor's chunks overlap their stages: forced, learned, or None (not known yet). With host
+        processes, always (unless forced off): ``preprocess`` then runs on other cores, whatever ``predict`` holds,
+        and a probe would time the host processes' first calls (their imports) against warm in-process ones."""
+        if self.forced_overlap is not None:
+            return self.forced_overlap
+        return True if self._host_stages is not None else self.learned_overlap
 
     def process(self, job: JobSpec, chunk: ChunkSpec, crash: CrashPlan | None = None) -> ChunkResult:
         """Run one chunk; returns its counts (``skipped`` when it was committed before).
@@ -549,8 +602,10 @@ class _ChunkRun:
         if not overlap:
             self._one_after_another(source)
             return
-        run = Overlap(self.proc.pipeline, self, self.job.prefetch_batches, *self._crash_hooks(), source=source)
-        self.clocks += run.clocks.values()
+        host = self.proc.live_host()
+        depth = self.job.prefetch_batches if host is None else max(self.job.prefetch_batches, host.size + 1)
+        run = Overlap(self.proc.pipeline, self, depth, *self._crash_hooks(), source=source, host=host)
+        self.clocks += [*run.clocks.values(), run.host_clock]
         run.run()
         for name, spent in run.threads.items():  # summed over the runs of a chunk
             before = self.threads.get(name, ThreadSeconds(0.0, 0.0, 0.0))
@@ -670,6 +725,11 @@ class _ChunkRun:
         self.succeeded += len(batch.successes)
         self.failures.take(batch.rows)
         self._failure_writer.write(batch.rows.lines)
+
+    def records(self, batch: SubBatch) -> list[Any]:
+        """A sub-batch's records as parsed and fitted, one per input model, in order."""
+        assert isinstance(batch, _SubBatch)
+        return [data for _, _, kept in batch.prepared for _, _, data in kept]
 
     def queue(self, batch: SubBatch) -> None:
         """A sub-batch's queue records spooled, as one window."""

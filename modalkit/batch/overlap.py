@@ -9,7 +9,9 @@ spools its queue records::
     finisher (helper)  postprocess -> rows, failure rows -> spool        n-1
 
 ``predict``, and every stage a pipeline names in ``device_stages``, runs on the thread that called :meth:`run`
-(the worker's main thread, which loaded the model); the others on the two helpers. A sub-batch any stage of which
+(the worker's main thread, which loaded the model); the others on the two helpers. With host processes
+(:mod:`~modalkit.batch.host_pool`) the feeder sends each sub-batch's records to them instead of preprocessing it,
+and the device thread takes their answers in input order. A sub-batch any stage of which
 raises is run again on the device thread the way :func:`~modalkit.inference_pipeline.run_isolated` runs a batch
 (split in halves down to the records that fail alone; what no record causes is raised), while the others keep
 flowing. Sub-batches are written in input order. At most ``depth + 2`` sub-batches are alive at once (``depth``
@@ -34,7 +36,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
-from modalkit.inference_pipeline import STAGES, InferencePipeline, StageClock, isolate_failed, outcomes_of
+from modalkit.batch.host_pool import HostPool
+from modalkit.inference_pipeline import (
+    STAGES,
+    InferencePipeline,
+    StageClock,
+    isolate_failed,
+    outcomes_of,
+    run_isolated,
+)
 
 __all__ = ["POLL_S", "STOP_JOIN_S", "Overlap", "SubBatch", "ThreadSeconds", "Work"]
 
@@ -51,10 +61,14 @@ class SubBatch:
     """One sub-batch on its way through the stages: the inputs the pipeline gets, what its stages made of them,
     and the first stage that raised on it. The chunk's own bookkeeping lives in a subclass."""
 
-    __slots__ = ("done", "failed", "models", "outcomes", "pre", "raw")
+    __slots__ = ("done", "failed", "hosted", "models", "outcomes", "pre", "raw", "slot")
 
     def __init__(self, models: list[Any]) -> None:
         self.models = models
+        #: sent to a host process, which preprocesses it
+        self.hosted = False
+        #: the host process's shared memory slot holding ``pre``'s buffers, given back once the sub-batch is written
+        self.slot: tuple[int, int] | None = None
         self.pre: Any = None
         self.raw: Any = None
         #: one outcome per input (an output model or a RecordError), once the pipeline is through with it
@@ -80,6 +94,9 @@ class Work(Protocol):
     def queue(self, batch: SubBatch) -> None:
         """A sub-batch's queue records spooled (timed as ``queue``); called in input order, after ``write``."""
 
+    def records(self, batch: SubBatch) -> list[Any]:
+        """A sub-batch's records as parsed, one per input model (what a host process validates again)."""
+
 
 class ThreadSeconds(NamedTuple):
     """One thread's time in a chunk: working, waiting for the other threads, and alive."""
@@ -103,6 +120,8 @@ class Overlap:
         depth: Sub-batches read and preprocessed ahead of the one the device runs (at least 1).
         on_enter: Called (feeder thread) when a sub-batch with inputs enters the pipeline, before preprocess.
         on_leave: Called (finisher thread) when the pipeline is through with it.
+        host: Host processes that preprocess the sub-batches instead of the feeder thread
+            (:mod:`~modalkit.batch.host_pool`); ``depth`` should be at least their number.
     """
 
     def __init__(
@@ -113,8 +132,10 @@ class Overlap:
         on_enter: Callable[[SubBatch], None] | None = None,
         on_leave: Callable[[SubBatch], None] | None = None,
         source: Iterator[Any] | None = None,
+        host: HostPool | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.host = host
         self.work = work
         self.source = source
         self.device_stages = tuple(s for s in STAGES if s in type(pipeline).device_stages)
@@ -123,6 +144,8 @@ class Overlap:
         locks = {stage: threading.Lock() for stage in STAGES}  # a stage never runs twice at once
         #: each thread's stage seconds (also ``read``, ``parse``, ``write``, ``queue``)
         self.clocks = {name: StageClock(locks) for name in ("feeder", "device", "finisher")}
+        #: the host processes' stage seconds, as they reported them (not a thread of this process)
+        self.host_clock = StageClock()
         #: each thread's busy, waiting and alive seconds, once :meth:`run` returned
         self.threads: dict[str, ThreadSeconds] = {}
         self._waits = dict.fromkeys(self.clocks, 0.0)
@@ -150,6 +173,8 @@ class Overlap:
             self._stop.set()
             for thread in helpers:
                 thread.join(STOP_JOIN_S)
+            if self.host is not None:  # answers owed, slots not given back: the worker starts others for its next chunk
+                self.host.close()
             raise
         for thread in helpers:
             thread.join()
@@ -166,6 +191,8 @@ class Overlap:
             self._waits["device"] += perf() - began
             if kind == _BATCH:
                 if item.models:
+                    if item.hosted:
+                        self._from_host(clock, item)
                     for stage in self.device_stages:
                         self._stage(clock, item, stage)
                     if item.failed is not None:
@@ -205,7 +232,10 @@ class Overlap:
                     self.on_enter(batch)
                 if host_preprocess:
                     self._check_stop()
-                    self._stage(clock, batch, "preprocess")
+                    if self.host is not None:
+                        self._to_host(clock, batch)
+                    else:
+                        self._stage(clock, batch, "preprocess")
             self._inbox.put((_BATCH, batch))
             batch = None
 
@@ -231,6 +261,9 @@ class Overlap:
             self.work.queue(batch)
             clock.seconds["write"] = clock.seconds.get("write", 0.0) + written - began
             clock.seconds["queue"] = clock.seconds.get("queue", 0.0) + perf() - written
+            if batch.slot is not None:  # written: whatever came of its preprocessed data is out of memory's way
+                assert self.host is not None
+                self.host.release(batch.slot)
             batch = None
             self._slots.release()
 
@@ -265,11 +298,47 @@ class Overlap:
         except Exception as exc:
             batch.failed = (stage, exc)
 
+    def _to_host(self, clock: StageClock, batch: SubBatch) -> None:
+        """Send a sub-batch's records to the next host process (the time it takes counted as ``preprocess``)."""
+        assert self.host is not None
+        began = time.perf_counter()
+        self.host.send(self.work.records(batch))
+        batch.hosted = True
+        clock.seconds["preprocess"] += time.perf_counter() - began
+
+    def _from_host(self, clock: StageClock, batch: SubBatch) -> None:
+        """A hosted sub-batch's preprocessed data, once its host process sent it (the wait counted as the device
+        thread's waiting); one whose host stages raised is run whole here, the way any batch is run."""
+        assert self.host is not None
+        began = time.perf_counter()
+        try:
+            reply = self.host.take(self._stop.is_set, POLL_S)
+        except InterruptedError:  # a helper failed: its error is on its way to this thread
+            raise self._helper_error() from None
+        finally:
+            self._waits["device"] += time.perf_counter() - began
+        for stage, spent in reply.seconds.items():
+            self.host_clock.seconds[stage] = self.host_clock.seconds.get(stage, 0.0) + spent
+        if reply.failed:
+            batch.outcomes = run_isolated(self.pipeline, batch.models, clock)
+        else:
+            batch.pre, batch.slot = reply.pre, reply.slot
+
     def _isolate(self, clock: StageClock, batch: SubBatch) -> None:
         assert batch.failed is not None
         stage, exc = batch.failed
         batch.failed = batch.pre = batch.raw = None
         batch.outcomes = isolate_failed(self.pipeline, batch.models, stage, exc, clock)
+
+    def _helper_error(self) -> BaseException:
+        """The error a helper that failed sent to the device thread."""
+        deadline = time.perf_counter() + STOP_JOIN_S
+        while time.perf_counter() < deadline:
+            got = self._get(self._inbox, POLL_S)
+            if got is not None and got[0] == _ERROR:
+                error: BaseException = got[1]
+                return error
+        return InterruptedError("the chunk stopped")
 
     # --- waiting -------------------------------------------------------------------------------------------------
 

@@ -7,8 +7,10 @@ Copy this file to put a model exported to ONNX behind modalkit. What it shows be
   build on a GPU), else ``CPUExecutionProvider``; the choice is logged and kept in ``pipeline.provider``;
 * which stages are host stages: ``device_stages = ("predict",)`` says only ``predict`` (the session) must run on
   the thread that loaded the model; ``preprocess`` (tokenizing, hashing, padding) and ``postprocess`` are plain
-  CPU work that the engine may run on other threads or processes, so the device is fed while it works. A pipeline
-  whose ``preprocess`` also touches the GPU declares ``("preprocess", "predict")``;
+  CPU work that the engine may run on other threads or processes, so the device is fed while it works;
+  ``host_stages()`` gives the tokenizing (:class:`OnnxTokens`: the bucket count, nothing of the session) to a
+  worker's host processes (``job_config.host_workers``). A pipeline whose ``preprocess`` also touches the GPU
+  declares ``("preprocess", "predict")``;
 * the model file is built here on first load, without downloads: the sentiment example's naive Bayes weights
   (fitted from its generated corpus) written as an ONNX graph with the ``onnx`` helper API, saved as
   ``<all_model_data_folder>/<model_name>/model.onnx`` and loaded from there afterwards. A real model would ship
@@ -153,6 +155,25 @@ class OnnxSentimentParameters(BaseModel):
     )  # fmt: skip
 
 
+class OnnxTokens:
+    """The ONNX example's host stages: each review's hashed tokens, padded, and their mask."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n_features = n_features
+
+    def preprocess(self, input_list: list[Review]) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        buckets = self.n_features
+        hashed = [[zlib.crc32(t.encode()) % buckets for t in tokens(item.text)] for item in input_list]
+        lengths = np.fromiter((len(h) for h in hashed), dtype=np.int64, count=len(hashed))
+        width = max(int(lengths.max(initial=0)), 1)
+        mask = (np.arange(width) < lengths[:, None]).astype(np.float32)
+        ids = np.zeros((len(hashed), width), dtype=np.int64)
+        ids[mask.astype(bool)] = np.fromiter((t for h in hashed for t in h), dtype=np.int64, count=int(lengths.sum()))
+        return {"ids": ids, "mask": mask}
+
+
 class OnnxSentimentPipeline(InferencePipeline):
     """Sentiment of product reviews, run by ONNX Runtime. Its model entry keys are :class:`OnnxSentimentParameters`."""
 
@@ -160,7 +181,8 @@ class OnnxSentimentPipeline(InferencePipeline):
     output_model = Sentiment
     parameters = OnnxSentimentParameters
     # only predict (the session) must run on the thread that loaded the model; preprocess and postprocess are host
-    # stages (tokenizing and building output rows), free to run on other threads or processes
+    # stages (tokenizing and building output rows), free to run on other threads, and tokenizing in host processes
+    # (host_stages)
     device_stages: ClassVar[tuple[str, ...]] = ("predict",)
 
     def __init__(
@@ -213,15 +235,12 @@ class OnnxSentimentPipeline(InferencePipeline):
                 tmp.unlink(missing_ok=True)
 
     def preprocess(self, input_list: list[Review]) -> dict[str, np.ndarray]:
-        np = self._np
-        buckets = self.n_features
-        hashed = [[zlib.crc32(t.encode()) % buckets for t in tokens(item.text)] for item in input_list]
-        lengths = np.fromiter((len(h) for h in hashed), dtype=np.int64, count=len(hashed))
-        width = max(int(lengths.max(initial=0)), 1)
-        mask = (np.arange(width) < lengths[:, None]).astype(np.float32)
-        ids = np.zeros((len(hashed), width), dtype=np.int64)
-        ids[mask.astype(bool)] = np.fromiter((t for h in hashed for t in h), dtype=np.int64, count=int(lengths.sum()))
-        return {"ids": ids, "mask": mask}
+        return OnnxTokens(self.n_features).preprocess(input_list)
+
+    def host_stages(self) -> OnnxTokens:
+        """The tokenizing, for a worker's host processes (``job_config.host_workers``): the bucket count the model
+        was built with, nothing of the session or the device."""
+        return OnnxTokens(self.n_features)
 
     def predict(self, input_list: list[Review], preprocessed_data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         label, score = self.session.run(["label", "score"], preprocessed_data)

@@ -224,6 +224,24 @@ class SentimentParameters(BaseModel):
     )
 
 
+class SentimentTokens:
+    """The sentiment model's host stages: hashed word n-grams of each review, as (row, column) index arrays."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n_features = n_features
+
+    def preprocess(self, input_list: list[Review]) -> dict[str, Any]:
+        import numpy as np
+
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, item in enumerate(input_list):
+            hashed = _hashes(item.text, self.n_features)
+            cols.extend(hashed)
+            rows.extend([i] * len(hashed))
+        return {"rows": np.asarray(rows, dtype=np.int64), "cols": np.asarray(cols, dtype=np.int64)}
+
+
 class SentimentPipeline(InferencePipeline):
     """Sentiment of product reviews. Its model entry keys are :class:`SentimentParameters`."""
 
@@ -269,14 +287,11 @@ class SentimentPipeline(InferencePipeline):
                 tmp.unlink(missing_ok=True)
 
     def preprocess(self, input_list: list[Review]) -> dict[str, Any]:
-        np = self._np
-        rows: list[int] = []
-        cols: list[int] = []
-        for i, item in enumerate(input_list):
-            hashed = _hashes(item.text, self.n_features)
-            cols.extend(hashed)
-            rows.extend([i] * len(hashed))
-        return {"rows": np.asarray(rows, dtype=np.int64), "cols": np.asarray(cols, dtype=np.int64)}
+        return SentimentTokens(self.n_features).preprocess(input_list)
+
+    def host_stages(self) -> SentimentTokens:
+        """The hashing, for a worker's host processes (``job_config.host_workers``): it needs only the bucket count."""
+        return SentimentTokens(self.n_features)
 
     def predict(self, input_list: list[Review], preprocessed_data: dict[str, Any]) -> dict[str, Any]:
         np = self._np

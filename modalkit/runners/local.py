@@ -28,6 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from modalkit.batch.crashes import CrashPlan, CrashTracker
+from modalkit.batch.host_pool import HostProcessLost
 from modalkit.exceptions import DeviceError, RemoteError
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.runners.deadline import ChunkDeadline, ChunkTimedOut
@@ -80,13 +81,13 @@ def _sigint_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _init_worker(settings: Settings, model_name: str, parent_pid: int) -> None:
+def _init_worker(settings: Settings, model_name: str, parent_pid: int, host_workers: int) -> None:
     from modalkit.ast_guard import install
 
     install()  # a chunk's stages run on three threads (modalkit/batch/overlap.py)
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
-    _worker_state.update(settings=settings, model_name=model_name)
+    _worker_state.update(settings=settings, model_name=model_name, host_workers=host_workers)
 
 
 def _processor() -> Any:
@@ -99,7 +100,9 @@ def _processor() -> Any:
 
         settings: Settings = _worker_state["settings"]
         start = WorkerStart.measure(lambda: load_pipeline(settings, _worker_state["model_name"]))
-        processor = ChunkProcessor(start.value, create_backend(settings.app_settings.queue_config))
+        processor = ChunkProcessor(
+            start.value, create_backend(settings.app_settings.queue_config), host_workers=_worker_state["host_workers"]
+        )
         processor.started(start)
         _worker_state["processor"] = processor
     return processor
@@ -114,7 +117,12 @@ def _run_chunk(job: JobSpec, chunk: ChunkSpec, crash: CrashPlan) -> ChunkResult:
     processor = _processor()
     with open(_started_file(crash), "w", encoding="utf-8") as fh:  # for the runner: who runs it, since when
         fh.write(f"{os.getpid()} {time.time()!r}")
-    result: ChunkResult = processor.process(job, chunk, crash)
+    try:
+        result: ChunkResult = processor.process(job, chunk, crash)
+    except HostProcessLost:
+        # as if this worker had died where its host process did (a record that crashes a tokenizer's native code):
+        # the runner's crash finder runs the chunk again, narrowed down, in a fresh worker
+        os._exit(70)
     return result
 
 
@@ -148,6 +156,9 @@ class LocalRunner:
         settings: Settings the workers use (pickled to them once).
         model_name: The model every worker loads.
         workers: How many processes; default one per CPU. This is also ``slots``, the chunks it runs at once.
+        host_workers: Host processes per worker (``job_config.host_workers``, see
+            :class:`~modalkit.batch.chunk.ChunkProcessor`); default: the settings' value, else the CPUs per worker
+            (CPU count // ``workers``; 1, none, with one worker per CPU).
         start: Start the workers now, so that they load the model while the caller plans the job.
         chunk_timeout_s: How long an attempt may run once a worker has begun it (``job_config.chunk_timeout_s``;
             None: the adaptive limit of :class:`~modalkit.runners.deadline.ChunkDeadline`). Past it, the worker
@@ -161,10 +172,14 @@ class LocalRunner:
         workers: int | None = None,
         start: bool = True,
         chunk_timeout_s: float | None = None,
+        host_workers: int | None = None,
     ) -> None:
         self.settings = settings
         self.model_name = model_name
         self.workers = workers or default_workers()
+        self.host_workers = (
+            host_workers or settings.app_settings.job_config.host_workers or max(1, default_workers() // self.workers)
+        )
         self.slots = self.workers
         self.deadline = ChunkDeadline(chunk_timeout_s)
         self._lock = threading.Lock()
@@ -211,7 +226,7 @@ class LocalRunner:
                         max_workers=self.workers,
                         mp_context=multiprocessing.get_context("spawn"),
                         initializer=_init_worker,
-                        initargs=(self.settings, self.model_name, os.getpid()),
+                        initargs=(self.settings, self.model_name, os.getpid(), self.host_workers),
                     )
             return self._executor
 
