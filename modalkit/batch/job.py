@@ -294,6 +294,8 @@ def find_committed(
     unread = [index for index in found if index not in known]
     if not unread:
         return done
+    if not is_remote(plan.job.output_uri):  # local markers: threads would only take turns holding the interpreter
+        return {**done, **{i: read_marker(layout.marker(i), plan.job.job_id, chunks[i], store) for i in unread}}
     with concurrent.futures.ThreadPoolExecutor(min(MARKER_READERS, len(unread))) as pool:
         results = pool.map(
             lambda index: read_marker(layout.marker(index), plan.job.job_id, chunks[index], store), unread

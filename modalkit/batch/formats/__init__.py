@@ -51,15 +51,27 @@ def _suffix_table() -> dict[str, tuple[str, str | None]]:
 
 
 _SUFFIXES = _suffix_table()
-_BY_LENGTH = sorted(_SUFFIXES, key=len, reverse=True)
+assert all(suffix.startswith(".") for suffix in _SUFFIXES)
+#: the most dots a suffix holds (``.jsonl.gz``: 2)
+_MAX_DOTS = max(suffix.count(".") for suffix in _SUFFIXES)
 
 
 def detect(key: str) -> tuple[str, str | None] | None:
-    """``(format, codec)`` that a file name declares (case-insensitive), or None when no format reads it."""
+    """``(format, codec)`` that a file name declares (case-insensitive), or None when no format reads it: the
+    longest suffix it ends with, found by looking up what follows each of its last dots (not by trying every
+    suffix: planning detects every listed file)."""
     lower = key.lower()
-    for suffix in _BY_LENGTH:
-        if lower.endswith(suffix):
-            return _SUFFIXES[suffix]
+    starts: list[int] = []
+    pos = len(lower)
+    for _ in range(_MAX_DOTS):
+        pos = lower.rfind(".", 0, pos)
+        if pos < 0:
+            break
+        starts.append(pos)
+    for start in reversed(starts):  # the longest first
+        found = _SUFFIXES.get(lower[start:])
+        if found is not None:
+            return found
     return None
 
 
