@@ -300,13 +300,14 @@ class BatchWorker:
     @modal.enter()
     def load_worker(self) -> None:
         """Build the pipeline and the queue backend, once per container, and start its host processes
-        (``job_config.host_workers``; empty = the container's ``deployment_config.cpu``)."""
+        (``job_config.host_workers``; empty = the container's ``deployment_config.cpu`` less one)."""
         from modalkit.batch.chunk import ChunkProcessor
+        from modalkit.batch.host_pool import default_host_workers
         from modalkit.batch.worker_start import WorkerStart
 
         settings = self.modal_utils.settings
         app = settings.app_settings
-        host_workers = app.job_config.host_workers or max(1, int(app.deployment_config.cpu or 1))
+        host_workers = app.job_config.host_workers or default_host_workers(app.deployment_config.cpu or 1)
         start = WorkerStart.measure(
             lambda: load_pipeline(settings, self.model_name, type(self).inference_implementation)
         )

@@ -442,8 +442,9 @@ class JobConfig(_Strict):
         le=512,
         description="CPUs that feed one worker's device: above 1, that many host processes per worker validate and "
         "preprocess its sub-batches (for a pipeline that gives its host_stages()) while predict runs in the worker; "
-        "1: they run in the worker's own process. Empty = fill the machine: locally the CPU count over "
-        "local_workers (1 with the default local_workers), on Modal the container's deployment_config.cpu.",
+        "1: they run in the worker's own process. Empty = fill the machine, one CPU kept for the worker's own "
+        "process: locally the CPU count over local_workers, less one (1 with the default local_workers); on Modal "
+        "the container's deployment_config.cpu, less one.",
     )
     id_field: Annotated[str | None, JobParameter(per_run=True, identity=True, metavar="FIELD")] = Field(
         None, min_length=1, description="Record field holding the record id; empty = <file key>:<position>."

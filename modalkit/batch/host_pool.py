@@ -45,7 +45,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from modalkit.exceptions import ModalkitError
 
-__all__ = ["HostPool", "HostProcessLost", "HostReply"]
+__all__ = ["HostPool", "HostProcessLost", "HostReply", "default_host_workers"]
 
 _ALIGN = 64  # numpy wants its buffers aligned; 64 bytes suits every dtype and SIMD width
 #: Buffers smaller than this travel inside the pickle (a shared memory file costs a few syscalls).
@@ -54,6 +54,14 @@ _INLINE_BYTES = 64 * 1024
 _READY_S = 120.0
 #: How long :meth:`HostPool.close` waits for a process to leave before it is killed.
 _STOP_S = 1.0
+
+
+def default_host_workers(cpus_per_worker: float) -> int:
+    """``job_config.host_workers`` when it is empty: the CPUs a worker has, less the one its own process keeps (its
+    device thread, and parse, validate, postprocess and write); 1 (no host processes) below 3 CPUs. Measured on W3
+    with one worker on 2 CPUs: 2 host processes reached 0.65 of the device's bound, the worker's own threads 0.76
+    (bench/RESULTS.md, "W3")."""
+    return max(1, int(cpus_per_worker) - 1)
 
 
 class HostProcessLost(ModalkitError):

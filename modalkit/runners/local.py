@@ -28,7 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from modalkit.batch.crashes import CrashPlan, CrashTracker
-from modalkit.batch.host_pool import HostProcessLost
+from modalkit.batch.host_pool import HostProcessLost, default_host_workers
 from modalkit.exceptions import DeviceError, RemoteError
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.runners.deadline import ChunkDeadline, ChunkTimedOut
@@ -158,7 +158,7 @@ class LocalRunner:
         workers: How many processes; default one per CPU. This is also ``slots``, the chunks it runs at once.
         host_workers: Host processes per worker (``job_config.host_workers``, see
             :class:`~modalkit.batch.chunk.ChunkProcessor`); default: the settings' value, else the CPUs per worker
-            (CPU count // ``workers``; 1, none, with one worker per CPU).
+            less one (:func:`~modalkit.batch.host_pool.default_host_workers`; 1, none, below 3 CPUs a worker).
         start: Start the workers now, so that they load the model while the caller plans the job.
         chunk_timeout_s: How long an attempt may run once a worker has begun it (``job_config.chunk_timeout_s``;
             None: the adaptive limit of :class:`~modalkit.runners.deadline.ChunkDeadline`). Past it, the worker
@@ -178,7 +178,9 @@ class LocalRunner:
         self.model_name = model_name
         self.workers = workers or default_workers()
         self.host_workers = (
-            host_workers or settings.app_settings.job_config.host_workers or max(1, default_workers() // self.workers)
+            host_workers
+            or settings.app_settings.job_config.host_workers
+            or default_host_workers(default_workers() / self.workers)
         )
         self.slots = self.workers
         self.deadline = ChunkDeadline(chunk_timeout_s)

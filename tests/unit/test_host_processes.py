@@ -293,3 +293,9 @@ def test_the_example_pipelines_give_host_stages_that_preprocess_as_they_do_and_p
     mine, theirs = pipeline.preprocess(reviews), stages.preprocess(reviews)
     assert mine.keys() == theirs.keys()
     assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_by_default_a_worker_keeps_one_cpu_for_itself_and_starts_host_processes_only_from_3_cpus() -> None:
+    from modalkit.batch.host_pool import default_host_workers
+
+    assert [default_host_workers(cpus) for cpus in (0.125, 1, 2, 2.5, 3, 8, 16)] == [1, 1, 1, 1, 2, 7, 15]
