@@ -30,20 +30,21 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import multiprocessing
 import os
 import pickle
 import signal
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle, send_handle
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, TypeAdapter
 
 from modalkit.exceptions import ModalkitError
+
+if TYPE_CHECKING:  # multiprocessing is imported when host processes start, not with the chunk engine: a command
+    # that fails on a bad option must not have loaded it
+    from multiprocessing.connection import Connection
 
 __all__ = ["HostPool", "HostProcessLost", "HostReply", "default_host_workers"]
 
@@ -93,6 +94,8 @@ class HostPool:
 
     def __init__(self, stages: Any, input_model: type[BaseModel], processes: int) -> None:
         self.size = max(1, processes)
+        import multiprocessing
+
         ctx = multiprocessing.get_context("spawn")
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
@@ -184,7 +187,7 @@ class HostPool:
             if status == "slot":
                 index, size, fresh = payload
                 if fresh:  # a new (or larger) shared memory file for this slot: map it once
-                    fd = recv_handle(conn)
+                    fd = _recv_handle(conn)
                     try:
                         self._maps[n][index] = memoryview(mmap.mmap(fd, size))
                     finally:
@@ -302,7 +305,7 @@ class _Slots:
         self.conn.send_bytes(pickle.dumps(("slot", spans, _seconds(began), (index, size, fd is not None))))
         if fd is not None:
             try:
-                send_handle(self.conn, fd, self.parent_pid)
+                _send_handle(self.conn, fd, self.parent_pid)
             finally:
                 os.close(fd)
 
@@ -334,6 +337,8 @@ def _aligned(n: int) -> int:
 
 def _die_with_parent(parent_pid: int) -> None:
     """End this process as soon as the worker is gone, however it ended (SIGKILL included)."""
+    import multiprocessing
+
     parent = multiprocessing.parent_process()
     if parent is None or os.getppid() != parent_pid:
         os._exit(1)
@@ -343,3 +348,15 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="modalkit-worker-watch", daemon=True).start()
+
+
+def _recv_handle(conn: Connection) -> int:
+    from multiprocessing.reduction import recv_handle
+
+    return int(recv_handle(conn))
+
+
+def _send_handle(conn: Connection, fd: int, pid: int) -> None:
+    from multiprocessing.reduction import send_handle
+
+    send_handle(conn, fd, pid)
