@@ -29,12 +29,12 @@ T = TypeVar("T")
 class Forked(Generic[T]):
     """A call started by :func:`start_forked`: :meth:`result` waits for it, :meth:`cancel` stops it."""
 
-    def __init__(self, what: str, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
+    def __init__(self, what: str, fn: Callable[..., T], args: tuple[Any, ...], threads_ok: bool = False) -> None:
         self.what = what
         self._fn, self._args = fn, args
         self.pid: int | None = None
         self._read = -1
-        if sys.platform == "linux" and threading.active_count() == 1:
+        if sys.platform == "linux" and (threading.active_count() == 1 or threads_ok):
             read, write = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child: run, send, leave without running this process's exit hooks
@@ -83,10 +83,11 @@ class Forked(Generic[T]):
             self.pid = None
 
 
-def start_forked(what: str, fn: Callable[..., T], *args: Any) -> Forked[T]:
+def start_forked(what: str, fn: Callable[..., T], *args: Any, threads_ok: bool = False) -> Forked[T]:
     """Start ``fn(*args)`` in a forked child (see the module's docstring for when it runs here instead); ``what``
-    says what it does, for the message when the child dies (``"planning the job"``)."""
-    return Forked(what, fn, args)
+    says what it does, for the message when the child dies (``"planning the job"``). ``threads_ok``: fork even
+    while other threads run, for a function that takes no lock another thread may hold."""
+    return Forked(what, fn, args, threads_ok)
 
 
 def _die_with_parent() -> None:
