@@ -56,11 +56,16 @@ def run_estimate(params: dict[str, Any], err: Console) -> int:
     from modalkit.batch.estimate import DEFAULT_SAMPLE, estimate_job
     from modalkit.batch.sampling import MissingIdField
 
+    slots = None
+    if config.backend == "modal":  # the Modal runner's default containers (the engine imports no runner)
+        from modalkit.runners.modal_client import DEFAULT_MODAL_SLOTS
+
+        slots = DEFAULT_MODAL_SLOTS
     try:
         found = estimate_job(
             settings, params["input_uri"], params["model_name"], config, sample=sample or DEFAULT_SAMPLE,
             gpu=params["gpu"], max_containers=containers,
-            orchestrator_cpu=_orchestrator_cpu_seconds,
+            orchestrator_cpu=_orchestrator_cpu_seconds, modal_slots=slots,
         )  # fmt: skip
     except MissingIdField as exc:  # named as the option is typed, as `modalkit batch` names it
         err.print(f"[red]error:[/red] {escape(exc.describe(params['names']['id_field']))}", highlight=False)

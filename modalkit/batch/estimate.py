@@ -545,11 +545,14 @@ def estimate_job(
     max_containers: int | None = None,
     orchestrator_cpu: Callable[[], float] | None = None,
     store: Store | None = None,
+    modal_slots: int | None = None,
 ) -> Estimate:
     """Plan ``input_uri`` as a job would, run a calibration sample of about ``sample`` records here, and model the
     whole job on ``config.backend`` (``gpu`` and ``max_containers`` for ``modal``). ``orchestrator_cpu`` measures
     the CPU seconds the job's own process spends beside local workers (the caller's: the library never imports
-    Prefect); it is called only when the job's workers fill this machine's cores.
+    Prefect); it is called only when the job's workers fill this machine's cores. ``modal_slots``: the containers
+    of a Modal job when neither ``max_containers``, ``job_config.concurrency`` nor ``deployment_config.max_containers``
+    says (the caller passes the Modal runner's default: the engine imports no runner; None: one).
 
     Raises:
         EmptyInput: the input holds no records.
@@ -568,7 +571,7 @@ def estimate_job(
     if not plan.chunks or not sum(c.size for c in plan.chunks):
         raise EmptyInput(f"input {input_uri} holds no records (its files are empty): there is nothing to estimate")
     windows = sample_windows(files, plan.chunks, sample, config.split_csv, store)
-    model = _job_model(settings, config, gpu, max_containers)
+    model = _job_model(settings, config, gpu, max_containers, modal_slots)
     rate = rate_for(settings, model.backend, gpu)  # an unknown GPU type fails before the sample runs
     side_by_side = min(model.workers, model.cores, len(plan.chunks)) if model.backend == "local" else 1
     if model.backend == "local" and side_by_side >= model.cores and orchestrator_cpu is not None:
@@ -580,13 +583,13 @@ def estimate_job(
     return _with_assumptions(found, rate.source, plan, sample)
 
 
-def _job_model(settings: Settings, config: JobConfig, gpu: str | None, max_containers: int | None) -> JobModel:
+def _job_model(
+    settings: Settings, config: JobConfig, gpu: str | None, max_containers: int | None, modal_slots: int | None
+) -> JobModel:
     cores = _cores()
     if config.backend == "modal":
-        from modalkit.runners.modal_client import DEFAULT_MODAL_SLOTS
-
         deployment = settings.app_settings.deployment_config
-        containers = max_containers or config.concurrency or deployment.max_containers or DEFAULT_MODAL_SLOTS
+        containers = max_containers or config.concurrency or deployment.max_containers or modal_slots or 1
         configured = deployment.gpu if isinstance(deployment.gpu, str) or deployment.gpu is None else deployment.gpu[0]
         return JobModel("modal", containers, cores, gpu or configured, MODAL_COLD_START_S)
     workers = config.local_workers or cores
