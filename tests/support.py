@@ -35,6 +35,16 @@ def alive(pid: int) -> bool:
     return True
 
 
+def running(pid: int) -> bool:
+    """Whether a process with this pid exists and has not ended (a zombie, dead but not yet reaped, does not run)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            text = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return text.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (on 127.0.0.1)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

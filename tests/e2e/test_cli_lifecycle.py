@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from batch_support import duplicates, read_failures, read_parts, write_config
-from support import alive, free_port, stop_daemon, stop_process
+from support import alive, free_port, running, stop_daemon, stop_process
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -271,6 +271,16 @@ def test_a_signal_to_the_job_s_process_group_stops_it_in_seconds_with_one_line_a
     assert len(ids) == summary["records"] == 100_000
 
 
+def env_with_sitecustomize(home: Path, tmp_path: Path, code: str, **extra: str) -> dict[str, str]:
+    """The command's environment with ``code`` run as ``sitecustomize`` at the start of every Python process."""
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(code, encoding="utf-8")
+    env = cli_env(home, **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(spy), env["PYTHONPATH"]])
+    return env
+
+
 LISTING_SPY = """
 import os
 
@@ -302,13 +312,10 @@ if os.environ.get("LISTING_SPY_DIR"):
 def test_a_job_lists_its_input_once(home: Path, tmp_path: Path) -> None:
     # every listing of the input folder (fsspec's find, walk and glob, and os.scandir) is written down, in any
     # process
-    spy = tmp_path / "spy"
-    spy.mkdir()
-    (spy / "sitecustomize.py").write_text(LISTING_SPY, encoding="utf-8")
     write_reviews(tmp_path / "in", 20)
     log = tmp_path / "listings.log"
-    env = cli_env(home, LISTING_SPY_DIR=str(tmp_path / "in"), LISTING_SPY_LOG=str(log))
-    env["PYTHONPATH"] = os.pathsep.join([str(spy), env["PYTHONPATH"]])
+    env = env_with_sitecustomize(home, tmp_path, LISTING_SPY, LISTING_SPY_DIR=str(tmp_path / "in"),
+                                 LISTING_SPY_LOG=str(log))  # fmt: skip
 
     proc = run(tmp_path, env, "batch", "in", "out", "--config", str(write_config(tmp_path)), "--json")
 
@@ -338,13 +345,10 @@ if os.environ.get("SLOW_LISTING_DIR"):
 def test_a_job_stopped_while_it_lists_its_input_leaves_no_planning_process_behind(
     home: Path, tmp_path: Path, how: str
 ) -> None:
-    spy = tmp_path / "spy"
-    spy.mkdir()
-    (spy / "sitecustomize.py").write_text(SLOW_LISTING, encoding="utf-8")
     write_reviews(tmp_path / "in", 20)
     log = tmp_path / "listing.log"
-    env = cli_env(home, SLOW_LISTING_DIR=str(tmp_path / "in"), SLOW_LISTING_LOG=str(log))
-    env["PYTHONPATH"] = os.pathsep.join([str(spy), env["PYTHONPATH"]])
+    env = env_with_sitecustomize(home, tmp_path, SLOW_LISTING, SLOW_LISTING_DIR=str(tmp_path / "in"),
+                                 SLOW_LISTING_LOG=str(log))  # fmt: skip
     args = ["batch", "in", "out", "--config", str(write_config(tmp_path)), "--json"]
     proc = subprocess.Popen([sys.executable, "-m", "modalkit.cli", *args], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)  # fmt: skip
@@ -362,7 +366,7 @@ def test_a_job_stopped_while_it_lists_its_input_leaves_no_planning_process_behin
         assert proc.returncode == 143, stderr
         assert stderr.strip().splitlines()[-1] == "interrupted; run the same command to resume"
     deadline = time.monotonic() + 10
-    while alive(lister) and time.monotonic() < deadline:
+    while running(lister) and time.monotonic() < deadline:  # ended (a zombie until its new parent reaps it)
         time.sleep(0.05)
-    assert not alive(lister)
+    assert not running(lister)
     assert not (tmp_path / "out" / "_job.json").exists()  # planning writes nothing
