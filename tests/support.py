@@ -45,6 +45,19 @@ def running(pid: int) -> bool:
     return text.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def interrupt(proc: subprocess.Popen[bytes]) -> tuple[bytes, float]:
+    """Ctrl-C to ``proc``: its stderr and the seconds it took to exit (killed if it does not within 10 s)."""
+    try:
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)
+        return stderr, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (on 127.0.0.1)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

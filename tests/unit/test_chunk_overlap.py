@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from typing import Any, ClassVar
 import pytest
 from pipelines import PoisonAwareSentiment
 from pydantic import BaseModel
+from support import interrupt
 
 from modalkit.batch.chunk import ChunkProcessor
 from modalkit.batch.planning import list_dataset, plan_chunks
@@ -267,14 +267,11 @@ def test_ctrl_c_stops_a_long_overlapped_chunk_within_a_second_or_two(tmp_path: P
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(0.3)  # the helpers busy too
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=10)
-        stopped = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    stderr, stopped = interrupt(proc)
     assert proc.returncode != 0
     assert b"KeyboardInterrupt" in stderr
     assert stopped < 2.0  # a stage already running (0.5 s here) finishes; nothing after it starts

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 from pipelines import HostFed, HostTokens
+from support import interrupt, running
 
 from modalkit.batch.chunk import ChunkProcessor
 from modalkit.batch.planning import list_dataset, plan_chunks
@@ -173,17 +173,9 @@ def _start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[bytes], list[int
     return proc, [int(p) for p in (tmp_path / "pids").read_text().split()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().split(") ")[-1][0] != "Z"  # a zombie is gone, waiting to be reaped
-    except FileNotFoundError:
-        return False
-
-
 def _gone_within(pids: list[int], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while any(_alive(p) for p in pids):
+    while any(running(p) for p in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
@@ -192,16 +184,8 @@ def _gone_within(pids: list[int], seconds: float) -> bool:
 
 def test_ctrl_c_stops_a_chunk_fed_by_host_processes_within_seconds_and_they_are_gone(tmp_path: Path) -> None:
     proc, pids = _start(tmp_path, "run")
-    try:
-        assert all(_alive(p) for p in pids)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=10)
-        stopped = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    assert all(running(p) for p in pids)
+    stderr, stopped = interrupt(proc)
     assert proc.returncode != 0
     assert b"KeyboardInterrupt" in stderr
     assert stderr.count(b"Traceback") == 1  # the worker's only: the host processes ignore Ctrl-C
@@ -213,7 +197,7 @@ def test_ctrl_c_stops_a_chunk_fed_by_host_processes_within_seconds_and_they_are_
 def test_host_processes_die_within_seconds_of_their_worker_killed_with_sigkill(tmp_path: Path) -> None:
     proc, pids = _start(tmp_path, "wait")
     try:
-        assert all(_alive(p) for p in pids)
+        assert all(running(p) for p in pids)
         proc.kill()
         proc.communicate(timeout=10)
     finally:
