@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from modalkit.batch.crashes import CrashLog, CrashPlan, run_guarded
+from modalkit.batch.crashes import CrashLog, CrashPlan, run_guarded, spans
 from modalkit.batch.failure_log import FailureLog, FailureRows
 from modalkit.batch.formats import Unreadable, format_named
 from modalkit.batch.host_pool import HostPool, HostProcessLost
@@ -552,7 +552,7 @@ class _ChunkRun:
         self.clocks: list[StageClock] = []
         #: with overlapping stages, each thread's busy, waiting and alive seconds
         self.threads: dict[str, ThreadSeconds] = {}
-        self._in_flight: dict[int, list[int]] = {}
+        self._in_flight: dict[int, str] = {}  # the breadcrumb spans of each sub-batch in the pipeline
         self._in_flight_lock = threading.Lock()
 
     def execute(self) -> dict[str, int]:
@@ -652,13 +652,13 @@ class _ChunkRun:
         def enter(batch: SubBatch) -> None:
             assert isinstance(batch, _SubBatch)
             with self._in_flight_lock:
-                self._in_flight[id(batch)] = batch.ordinals()
-                log.note("batch", [o for ordinals in self._in_flight.values() for o in ordinals])
+                self._in_flight[id(batch)] = spans(batch.ordinals())
+                log.note_spans("batch", " ".join(self._in_flight.values()))
 
         def leave(batch: SubBatch) -> None:
             with self._in_flight_lock:
                 self._in_flight.pop(id(batch), None)
-                log.note("batch", [o for ordinals in self._in_flight.values() for o in ordinals])
+                log.note_spans("batch", " ".join(self._in_flight.values()))
 
         return enter, leave
 

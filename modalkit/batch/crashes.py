@@ -24,7 +24,7 @@ from typing import Any
 
 from modalkit.inference_pipeline import RecordError
 
-__all__ = ["CrashLog", "CrashPlan", "CrashTracker", "read_breadcrumb", "run_guarded"]
+__all__ = ["CrashLog", "CrashPlan", "CrashTracker", "read_breadcrumb", "run_guarded", "spans"]
 
 #: What a record that killed its worker gets, in place of an output.
 WORKER_CRASHED = "WorkerCrashed"
@@ -51,7 +51,11 @@ class CrashLog:
 
     def note(self, kind: str, positions: Sequence[int]) -> None:
         """Record that the pipeline is about to run these records (``kind``: "batch" or "one")."""
-        line = f"{kind} {' '.join(map(str, positions))}\n".encode()
+        self.note_spans(kind, spans(positions))
+
+    def note_spans(self, kind: str, text: str) -> None:
+        """:meth:`note` with the positions already written as :func:`spans` (joined by spaces)."""
+        line = f"{kind} {text}\n".encode()
         with self._lock:
             fh = self._fh
             fh.seek(0)
@@ -64,6 +68,25 @@ class CrashLog:
             self._fh.close()
 
 
+def spans(positions: Sequence[int]) -> str:
+    """``positions`` (increasing) as the breadcrumb writes them: runs of consecutive ones as ``first-last``, the others
+    alone, separated by spaces. A sub-batch is mostly one run: its breadcrumb costs the same for 1 record or 10,000."""
+    if not positions:
+        return ""
+    first, last = positions[0], positions[-1]
+    if last - first == len(positions) - 1:  # increasing and as many as the range holds: one run
+        return f"{first}-{last}" if last != first else str(first)
+    out: list[str] = []
+    start = prev = first
+    for pos in positions[1:]:
+        if pos != prev + 1:
+            out.append(f"{start}-{prev}" if prev != start else str(start))
+            start = pos
+        prev = pos
+    out.append(f"{start}-{prev}" if prev != start else str(start))
+    return " ".join(out)
+
+
 def read_breadcrumb(path: str) -> tuple[str, tuple[int, ...]] | None:
     """What was in flight when the worker died: ``("batch" | "one", positions)``, or None when nothing was."""
     try:
@@ -73,7 +96,14 @@ def read_breadcrumb(path: str) -> tuple[str, tuple[int, ...]] | None:
         return None
     if kind not in ("batch", "one"):
         return None
-    return kind, tuple(int(p) for p in rest.split())
+    positions: list[int] = []
+    try:
+        for word in rest.split():
+            first, _, last = word.partition("-")
+            positions.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        return None
+    return kind, tuple(positions)
 
 
 def run_guarded(
