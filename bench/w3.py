@@ -207,7 +207,7 @@ def modalkit_runner(data: Path, api_url: str | None) -> dict[str, Any]:
     return {"runner": "modalkit", "rows": s["records"], "rows_per_s": s["records_per_s"], "wall_s": s["seconds"],
             "process_wall_s": run["process_wall_s"], "device_busy_s": device["busy_s"], "mem": run["mem"],
             "out": out, "stages": modalkit_stages(s, out), "chunks": s.get("chunks"),
-            "device_busy_fraction": s.get("device_busy_fraction")}  # fmt: skip
+            "device_busy_fraction": s.get("device_busy_fraction"), "chunk_seconds": s.get("chunk_seconds")}  # fmt: skip
 
 
 def run(api_url: str | None = None) -> dict[str, Any]:
@@ -300,8 +300,12 @@ def markdown(w3: dict[str, Any]) -> list[str]:
         shown = ", ".join(f"{k} {stages.get(k, 0.0):.1f} s" for k in STAGES)
         lines.append(f"modalkit's stage timings (summed over its {mk['chunks']} chunks; stages overlap when the "
                      f"engine pipelines them): {shown}; {total:.1f} s in all against the job's {mk['wall_s']:.1f} s"
-                     + (f", device busy fraction {mk['device_busy_fraction']:.2f} as the job reports it"
-                        if mk.get("device_busy_fraction") is not None else "") + ".")  # fmt: skip
+                     + (f", device busy fraction {mk['device_busy_fraction']:.2f} as the job reports it (its time in "
+                        f"`predict` over its chunks' {mk['chunk_seconds']:.1f} s), against "
+                        f"{mk['device_busy_s'] / mk['chunk_seconds']:.2f} as the device measured itself over the "
+                        "same seconds (issue 19: within 0.1)"
+                        if mk.get("device_busy_fraction") is not None and mk.get("chunk_seconds") else "")
+                     + ".")  # fmt: skip
     else:
         seq_host = 1e6 / runs["cpu"]["rows_per_s"] if "cpu" in runs else float("nan")
         idle = mk["wall_s"] - mk["device_busy_s"]
