@@ -22,7 +22,7 @@ markers' ``stages``) when the engine reports them.
 
 ``bench/run.py`` calls it (``BENCH_W3=0`` skips it); ``BENCH_W3_ROWS`` changes the size (default 200000);
 ``BENCH_W3_HOST_WORKERS`` sets modalkit's ``job_config.host_workers`` (default: empty, the setting's own default:
-the CPU count over one worker, so every CPU feeds the one device).
+the CPUs of the one worker less the one its own process keeps: host processes from 3 CPUs a worker).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ DESCRIPTIONS = {
     "threads": "three threads, bounded queues (`threads`)",
     "procs": "featurizing processes + device thread (`procs`)",
     "ray": f"Ray Data, featurize tasks + one device actor (`ray`, task CPUs {RAY_TASK_CPUS})",
-    "modalkit": f"modalkit, `--backend local`, 1 worker, host_workers {HOST_WORKERS or 'empty (CPU count)'}",
+    "modalkit": f"modalkit, `--backend local`, 1 worker, host_workers {HOST_WORKERS or 'empty (default: CPUs - 1)'}",
 }
 
 
