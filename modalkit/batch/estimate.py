@@ -59,6 +59,7 @@ from modalkit.exceptions import ConfigError
 from modalkit.inference_pipeline import load_pipeline
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec, StageSeconds
 from modalkit.settings import JobConfig, Settings
+from modalkit.spawn_guard import spawning
 
 __all__ = [
     "DEFAULT_SAMPLE",
@@ -406,9 +407,11 @@ def _in_workers(settings: Settings, job: JobSpec, windows: list[ChunkSpec], proc
     spawned = time.time()
     children = [context.Process(target=_calibrate_child, args=(settings, job, windows, barrier, results, spawned),
                                 daemon=True, name=f"modalkit-estimate-{n}") for n in range(processes)]  # fmt: skip
-    for child in children:
-        child.start()
+    with spawning():  # a Ctrl-C now neither cuts a start in half nor reaches the children: this process stops them
+        for child in children:
+            child.start()
     found: list[_ChildRuns] = []
+    finished = False
     try:
         for _ in children:
             try:
@@ -420,9 +423,10 @@ def _in_workers(settings: Settings, job: JobSpec, windows: list[ChunkSpec], proc
                 barrier.abort()
                 raise ConfigError(outcome)
             found.append(outcome)
+        finished = True
     finally:
         for child in children:
-            child.join(timeout=5)
+            child.join(timeout=5 if finished else 0)  # stopped (Ctrl-C, an error): not waited for
             if child.is_alive():
                 child.terminate()
                 child.join()

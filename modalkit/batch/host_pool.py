@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, TypeAdapter
 
 from modalkit.exceptions import ModalkitError
+from modalkit.spawn_guard import spawning
 
 if TYPE_CHECKING:  # multiprocessing is imported when host processes start, not with the chunk engine: a command
     # that fails on a bad option must not have loaded it
@@ -105,8 +106,7 @@ class HostPool:
         self._maps: list[dict[int, memoryview]] = [{} for _ in range(self.size)]
         self._sent = 0  # sub-batches sent, ever: the next one goes to process _sent % size
         self._taken = 0  # answers taken, ever
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited: no start-up traceback
-        try:
+        with spawning():  # the processes start with Ctrl-C blocked (no start-up traceback); the worker stops them
             for n in range(self.size):
                 mine, theirs = ctx.Pipe(duplex=True)
                 proc = ctx.Process(
@@ -117,8 +117,6 @@ class HostPool:
                 theirs.close()
                 self._procs.append(proc)
                 self._conns.append(mine)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     @property
     def pids(self) -> list[int]:

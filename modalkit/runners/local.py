@@ -23,7 +23,6 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -33,6 +32,7 @@ from modalkit.exceptions import DeviceError, RemoteError
 from modalkit.iomodel import ChunkResult, ChunkSpec, JobSpec
 from modalkit.runners.deadline import ChunkDeadline, ChunkTimedOut
 from modalkit.settings import Settings
+from modalkit.spawn_guard import spawning
 
 __all__ = ["LocalRunner", "default_workers"]
 
@@ -67,43 +67,6 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="modalkit-parent-watch", daemon=True).start()
-
-
-@contextlib.contextmanager
-def _spawning() -> Iterator[None]:
-    """Around anything that may spawn a worker: the spawn is not cut in half by Ctrl-C or SIGTERM, and the worker
-    does not inherit Ctrl-C.
-
-    A spawn forks and execs the child, then writes it what to run through a pipe. A signal that arrives meanwhile
-    is handled (on the main thread) the moment the fork returns, before that write: the handler's exception unwinds
-    through it, the pipe is closed empty, and the child, already running, prints ``EOFError: Ran out of input``
-    with a traceback on the user's terminal. So on the main thread the SIGINT and SIGTERM handlers only note the
-    signal while the block runs; the handler that was installed then gets it as the block ends, once the spawned
-    process is known to its pool (which stops it). (Off the main thread no signal handler runs anyway.)
-
-    Workers spawned inside the block start with SIGINT blocked (a signal mask is inherited across exec), so a
-    Ctrl-C to the terminal's process group while one is still starting up cannot print its traceback either: the
-    parent handles Ctrl-C and stops the workers itself.
-    """
-    deferred: list[int] = []
-    previous_handlers: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) is not None:  # None: a handler not installed from Python, left alone
-                previous_handlers[signum] = signal.signal(signum, lambda received, _frame: deferred.append(received))
-    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(deferred):  # each signal once, in the order they came
-            handler = previous_handlers[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)  # its default action (SIGTERM ends the process), now that it can
 
 
 def _init_worker(settings: Settings, model_name: str, parent_pid: int, host_workers: int) -> None:
@@ -231,7 +194,7 @@ class LocalRunner:
         """Have ``workers`` more worker processes start and load the pipeline now (the pool spawns a process only
         for a task that finds no idle one, up to ``workers``)."""
         pool = self._pool()
-        with _spawning():
+        with spawning():
             for _ in range(workers):
                 pool.submit(_warm)  # one per worker: each submit finds no idle worker and spawns one
 
@@ -248,7 +211,7 @@ class LocalRunner:
             if self._stopped:
                 raise RemoteError("the local workers were stopped; no more chunks run", retryable=False)
             if self._executor is None:
-                with _spawning():  # its queues may start multiprocessing's resource tracker
+                with spawning():  # its queues may start multiprocessing's resource tracker
                     self._executor = concurrent.futures.ProcessPoolExecutor(
                         max_workers=self.workers,
                         mp_context=multiprocessing.get_context("spawn"),
@@ -289,7 +252,7 @@ class LocalRunner:
         try:
             with contextlib.suppress(OSError):
                 os.remove(_started_file(crash))  # an earlier attempt's
-            with _spawning():  # a submit may spawn a worker
+            with spawning():  # a submit may spawn a worker
                 future = pool.submit(_run_chunk, job, chunk, crash)  # raises BrokenProcessPool if a worker just died
             return self.deadline.wait(future.result, lambda: _started_at(crash), chunk)
         except ChunkTimedOut:

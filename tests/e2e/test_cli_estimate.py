@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from batch_support import write_config
+from support import running
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 #: How near the estimated record count must be to the true one, on inputs of records of varied length.
@@ -137,3 +140,55 @@ def test_estimate_with_a_misspelt_id_field_fails_in_one_line_naming_the_option_a
         "error: --id-field 'idd' is in none of the first records of part-0.jsonl (the first has: id, text); "
         "did you mean 'id'?"
     )
+
+
+SLOW_LOAD = '''
+import os, time
+from pipelines import PoisonAwareSentiment
+
+
+class SlowLoad(PoisonAwareSentiment):
+    """Loads for half a minute, saying so first (a calibration process is then known to be running)."""
+
+    def __init__(self, *args, **kwargs):
+        with open(os.environ["SLOW_LOAD_LOG"], "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        time.sleep(30)
+        super().__init__(*args, **kwargs)
+'''
+
+
+def test_ctrl_c_while_the_estimate_calibrates_prints_one_line_and_leaves_no_calibration_process(
+    tmp_path: Path,
+) -> None:
+    write_reviews(tmp_path / "in", files=2, per_file=400)
+    (tmp_path / "slowload.py").write_text(SLOW_LOAD, encoding="utf-8")
+    log = tmp_path / "loading.log"
+    path = write_config(tmp_path, pipeline="slowload:SlowLoad", job_config={"local_workers": 2})
+    env = {
+        **os.environ,
+        "SLOW_LOAD_LOG": str(log),
+        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "modalkit.cli", "estimate", "in", "--config", str(path)],
+                            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(log.read_text().split() if log.exists() else []) < 2:  # both calibration processes are loading
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the calibration processes did not start in 60 s"
+            time.sleep(0.05)
+        children = [int(pid) for pid in log.read_text().split()]
+
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at a terminal: to the whole foreground process group
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert not [pid for pid in children if running(pid)]

@@ -1,5 +1,5 @@
 """A worker's spawn is not cut in half by Ctrl-C or SIGTERM: a signal that comes while the local runner may be
-spawning (``_spawning``) reaches the handler that was installed only once the block is done, so the spawned process
+spawning (``spawning``) reaches the handler that was installed only once the block is done, so the spawned process
 is whole and known to its pool (which stops it), and never prints multiprocessing's ``EOFError: Ran out of input``
 traceback on the user's terminal (the half-written spawn that test_cli_lifecycle's SIGTERM test caught)."""
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from modalkit.runners.local import _spawning
+from modalkit.spawn_guard import spawning
 
 
 class Stopped(BaseException):
@@ -39,7 +39,7 @@ def test_a_signal_during_a_spawn_reaches_the_installed_handler_only_once_the_spa
     steps = []
 
     def spawn() -> None:
-        with _spawning():
+        with spawning():
             signal.raise_signal(signal.SIGTERM)
             steps.append("after the signal")  # the spawn's write, in the real case
 
@@ -51,7 +51,7 @@ def test_a_signal_during_a_spawn_reaches_the_installed_handler_only_once_the_spa
 
 def test_the_handlers_are_as_they_were_after_a_spawn(raising_sigterm: list[int]) -> None:
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with _spawning():
+    with spawning():
         pass
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert raising_sigterm == []
@@ -60,7 +60,7 @@ def test_the_handlers_are_as_they_were_after_a_spawn(raising_sigterm: list[int])
 def test_an_ignored_signal_stays_ignored_through_a_spawn() -> None:
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        with _spawning():
+        with spawning():
             signal.raise_signal(signal.SIGTERM)
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
@@ -72,7 +72,7 @@ def test_a_spawn_off_the_main_thread_leaves_the_handlers_alone(raising_sigterm: 
     during = []
 
     def spawn() -> None:
-        with _spawning():
+        with spawning():
             during.append(signal.getsignal(signal.SIGTERM))
 
     thread = threading.Thread(target=spawn)
