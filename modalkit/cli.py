@@ -145,6 +145,7 @@ def batch(
     Exit status: 0 the job completed; 1 it failed; 2 it could not start (a bad option, configuration or input, or
     a run of the same job is running); 130 Ctrl-C and 143 SIGTERM (run the same command again to resume).
     """
+    _resumes()
     _prepare_prefect(verbose)
     params = {
         "input_uri": input_uri, "output_uri": output_uri, "model_name": model, "backend": backend,
@@ -559,6 +560,7 @@ def replay(
 
     Exit status as for batch: 0 the replay completed; 1 it failed; 2 it could not start; 130/143 interrupted.
     """
+    _resumes()
     _prepare_prefect(verbose)
     params = {
         "job_output_uri": job_output_uri, "output_uri": output_uri, "stages": stage or None, "model_name": model,
@@ -665,6 +667,7 @@ def demo(
     """Score sample reviews end to end on the embedded default: local files, workers, queue and Prefect."""
     from modalkit.demo import prepare_demo, show_demo_results
 
+    _resumes()
     _prepare_prefect(verbose=False)
     setup = prepare_demo(workdir.resolve(), records)
     if not json_out:
@@ -816,11 +819,19 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 _stopping = threading.Event()
+#: What an interrupted command says last: a job's commands (batch, replay, demo) say how to go on from there.
+_interrupted = {"line": "interrupted", "short": "interrupted; stopping took too long, so it was cut short"}
+
+
+def _resumes() -> None:
+    """This command runs a job, which the same command, run again, resumes: its interruption says so."""
+    _interrupted["line"] = "interrupted; run the same command to resume"
+    _interrupted["short"] = "interrupted; stopping took too long, so it was cut short; run the same command to resume"
 
 
 def _stop_deadline(code: int) -> None:
     time.sleep(STOP_SECONDS)
-    err.print("interrupted; stopping took too long, so it was cut short; run the same command to resume")
+    err.print(_interrupted["short"], highlight=False)
     os._exit(code)  # the local workers die with this process (they are bound to it)
 
 
@@ -846,11 +857,11 @@ def _run_command() -> None:
     try:
         app()
     except Interrupted as exc:
-        err.print("interrupted; run the same command to resume", highlight=False)
+        err.print(_interrupted["line"], highlight=False)
         sys.exit(128 + exc.signum)
     except BaseException as exc:
         if type(exc).__name__ == "TerminationSignal":  # Prefect's own SIGTERM bridge, while a flow ran
-            err.print("interrupted; run the same command to resume", highlight=False)
+            err.print(_interrupted["line"], highlight=False)
             sys.exit(128 + int(getattr(exc, "signal", signal.SIGTERM)))
         raise
 

@@ -189,6 +189,5 @@ def test_ctrl_c_while_the_estimate_calibrates_prints_one_line_and_leaves_no_cali
             proc.wait()
 
     assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.strip() == "interrupted"  # one line; an estimate has nothing to resume
     assert not [pid for pid in children if running(pid)]
