@@ -819,19 +819,18 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 _stopping = threading.Event()
-#: What an interrupted command says last: a job's commands (batch, replay, demo) say how to go on from there.
-_interrupted = {"line": "interrupted", "short": "interrupted; stopping took too long, so it was cut short"}
+#: What an interrupted command adds to "interrupted": a job's commands (batch, replay, demo) say how to go on.
+_after_interrupted = {"hint": ""}
 
 
 def _resumes() -> None:
     """This command runs a job, which the same command, run again, resumes: its interruption says so."""
-    _interrupted["line"] = "interrupted; run the same command to resume"
-    _interrupted["short"] = "interrupted; stopping took too long, so it was cut short; run the same command to resume"
+    _after_interrupted["hint"] = "; run the same command to resume"
 
 
 def _stop_deadline(code: int) -> None:
     time.sleep(STOP_SECONDS)
-    err.print(_interrupted["short"], highlight=False)
+    err.print(f"interrupted; stopping took too long, so it was cut short{_after_interrupted['hint']}", highlight=False)
     os._exit(code)  # the local workers die with this process (they are bound to it)
 
 
@@ -857,11 +856,11 @@ def _run_command() -> None:
     try:
         app()
     except Interrupted as exc:
-        err.print(_interrupted["line"], highlight=False)
+        err.print(f"interrupted{_after_interrupted['hint']}", highlight=False)
         sys.exit(128 + exc.signum)
     except BaseException as exc:
         if type(exc).__name__ == "TerminationSignal":  # Prefect's own SIGTERM bridge, while a flow ran
-            err.print(_interrupted["line"], highlight=False)
+            err.print(f"interrupted{_after_interrupted['hint']}", highlight=False)
             sys.exit(128 + int(getattr(exc, "signal", signal.SIGTERM)))
         raise
 
