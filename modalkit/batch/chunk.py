@@ -154,7 +154,7 @@ class ChunkProcessor:
                 self.host.close()
             self.host = HostPool(self._host_stages, self.input_model, self.host_workers)
         try:
-            self.host.wait_ready(timeout=120.0)
+            self.host.wait_ready()
         except HostProcessLost as exc:
             log.warning("%s; the host stages run in the worker's own process from now on", exc)
             self.host.close()

@@ -411,7 +411,6 @@ def _in_workers(settings: Settings, job: JobSpec, windows: list[ChunkSpec], proc
         for child in children:
             child.start()
     found: list[_ChildRuns] = []
-    finished = False
     try:
         for _ in children:
             try:
@@ -423,10 +422,9 @@ def _in_workers(settings: Settings, job: JobSpec, windows: list[ChunkSpec], proc
                 barrier.abort()
                 raise ConfigError(outcome)
             found.append(outcome)
-        finished = True
     finally:
-        for child in children:
-            child.join(timeout=5 if finished else 0)  # stopped (Ctrl-C, an error): not waited for
+        for child in children:  # stopped before every child answered (Ctrl-C, an error): not waited for
+            child.join(timeout=5 if len(found) == len(children) else 0)
             if child.is_alive():
                 child.terminate()
                 child.join()

@@ -127,7 +127,7 @@ class HostPool:
         """Whether every host process is running."""
         return all(p.is_alive() for p in self._procs)
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = _READY_S) -> None:
         """Wait until every process has built its host stages (so that a measurement does not time start-up).
 
         Raises:
@@ -173,7 +173,7 @@ class HostPool:
         n = self._taken % self.size
         conn = self._conns[n]
         if not self._ready[n]:
-            self.wait_ready(_READY_S)
+            self.wait_ready()
         while not conn.poll(poll_s):
             if stopped():
                 raise InterruptedError("the chunk stopped")
