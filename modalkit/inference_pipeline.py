@@ -389,7 +389,7 @@ class StageClock:
         locks: One lock per stage, shared by the clocks of every thread running one pipeline; None: no locking.
     """
 
-    __slots__ = ("batched", "batches", "locks", "seconds")
+    __slots__ = ("batched", "batches", "locks", "predict_cpu", "seconds")
 
     def __init__(self, locks: Mapping[str, threading.Lock] | None = None) -> None:
         self.locks = locks
@@ -397,12 +397,21 @@ class StageClock:
         #: calls of ``predict`` (the device's batches, a failed batch's halves included) and the records in them
         self.batches = 0
         self.batched = 0
+        #: the process's CPU seconds while ``predict`` ran (all its threads): against ``predict``'s wall, whether
+        #: ``predict`` computes on this host or waits on a device (meaningful when nothing else ran meanwhile)
+        self.predict_cpu = 0.0
+
+    def predict_cpu_share(self) -> float | None:
+        """The process's CPU seconds over ``predict``'s wall seconds; None before ``predict`` ran."""
+        wall = self.seconds["predict"]
+        return self.predict_cpu / wall if wall > 0 else None
 
     def call(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` timed (and locked) as ``stage``; a ``predict`` call is counted, with its batch's length."""
         if stage == "predict":
             self.batches += 1
             self.batched += len(args[0])
+        cpu = time.process_time() if stage == "predict" else 0.0
         start = time.perf_counter()
         try:
             if self.locks is None:
@@ -411,6 +420,8 @@ class StageClock:
                 return fn(*args)
         finally:
             self.seconds[stage] += time.perf_counter() - start
+            if stage == "predict":
+                self.predict_cpu += time.process_time() - cpu
 
 
 def _run_stages(pipeline: InferencePipeline, batch: list[Any], clock: StageClock | None) -> list[Any]:

@@ -120,6 +120,9 @@ class ChunkProcessor:
         #: the last chunk's threads ("feeder", "device", "finisher"): busy, waiting and alive seconds of each; empty
         #: when its steps ran one after another
         self.last_threads: dict[str, ThreadSeconds] = {}
+        #: the last chunk's sub-batches run one after another: the process's CPU seconds in ``predict`` and
+        #: ``predict``'s wall seconds (what :func:`waits_on_device` reads)
+        self.last_predict_alone = (0.0, 0.0)
         #: who runs the chunks (their results say, for the job's accounting of each worker's time)
         self.worker = worker_id()
         #: the worker's start (cold start and model load seconds, when it was ready), reported with the first chunk
@@ -204,6 +207,8 @@ class ChunkProcessor:
                 if run.crash_log is not None:
                     run.crash_log.close()
                 self.last_threads = run.threads
+                self.last_predict_alone = (sum(c.predict_cpu for c in run.alone),
+                                           sum(c.seconds["predict"] for c in run.alone))  # fmt: skip
             committed = _once(lambda: set(layout.committed_indices(store)))
             for piece in chunk.pieces():  # before any commit
                 format_named(piece.format).prove_start(piece, committed, store)
@@ -484,6 +489,17 @@ class _SubBatch(SubBatch):
 PROBE_BATCHES = 24
 #: How much faster overlapped sub-batches must run to be chosen (the threads cost memory and hand-offs).
 OVERLAP_GAIN = 1.1
+#: The first sub-batches a chunk runs one after another: the first warms up, the others time ``predict``'s CPU.
+WAIT_PROBE_BATCHES = 4
+#: Under this share of ``predict``'s wall in the process's CPU, ``predict`` waits on a device (or a remote call):
+#: overlapping the host's stages with it pays, and the chunk overlaps without timing both ways.
+WAIT_CPU_SHARE = 0.5
+
+
+def waits_on_device(cpu_share: float | None) -> bool:
+    """Whether a ``predict`` that kept the process's CPU busy ``cpu_share`` of its wall (one sub-batch at a time,
+    nothing else running) mostly waited on something off this host's CPU."""
+    return cpu_share is not None and cpu_share < WAIT_CPU_SHARE
 
 
 class _Counted:
@@ -550,6 +566,8 @@ class _ChunkRun:
         self._failure_writer: FailureWriter | None = None
         #: every thread's stage seconds (one clock when the stages do not overlap)
         self.clocks: list[StageClock] = []
+        #: the clocks of the sub-batches run one after another
+        self.alone: list[StageClock] = []
         #: with overlapping stages, each thread's busy, waiting and alive seconds
         self.threads: dict[str, ThreadSeconds] = {}
         self._in_flight: dict[int, str] = {}  # the breadcrumb spans of each sub-batch in the pipeline
@@ -581,18 +599,31 @@ class _ChunkRun:
         return {"records": self.ordinal, "succeeded": self.succeeded, "failed": self.failures.failed}
 
     def _choose_and_run(self, source: _Counted) -> None:
-        """Overlap the stages only where it pays: ``PROBE_BATCHES`` sub-batches one after another, as many
-        overlapped, the rest the faster way. A ``predict`` that holds the interpreter (a model computed in Python,
-        or a CPU library that keeps the GIL) gains nothing from overlap and loses to the threads' hand-offs (W1's
-        model on one worker: 28% slower); one that waits on a device gains up to the host's whole time (W3: 0.45
-        to 0.76 of the device's bound). The choice is kept by the worker for its later chunks."""
+        """Overlap the stages only where it pays. ``WAIT_PROBE_BATCHES`` sub-batches one after another first: a
+        ``predict`` that leaves the process's CPU idle while it runs (it waits on a device) overlaps the rest at
+        once. Otherwise ``PROBE_BATCHES`` sub-batches one after another (those included), as many overlapped, the
+        rest the faster way: a ``predict`` that holds the interpreter (a model computed in Python, or a CPU library
+        that keeps the GIL) gains nothing from overlap and loses to the threads' hand-offs (W1's model on one
+        worker: 28% slower), while one computing in a library that releases the GIL may gain where cores are free.
+        The choice is kept by the worker for its later chunks."""
+        began, records = time.perf_counter(), self.ordinal
+        self._run(itertools.islice(source, 1), False)  # a pipeline's first call is often slower: not timed
+        if source.exhausted:
+            return
+        self._run(itertools.islice(source, WAIT_PROBE_BATCHES - 1), False)
+        if source.exhausted or self.ordinal == records:  # a chunk too small to tell: nothing learned
+            return
+        if waits_on_device(self.clocks[-1].predict_cpu_share()):
+            self.proc.learned_overlap = True
+            self._run(source, True)
+            return
         rates = []
         for overlap in (False, True):
-            began, records = time.perf_counter(), self.ordinal
-            self._run(itertools.islice(source, PROBE_BATCHES), overlap)
-            if source.exhausted or self.ordinal == records:  # a chunk too small to tell: nothing learned
+            self._run(itertools.islice(source, PROBE_BATCHES - (0 if overlap else WAIT_PROBE_BATCHES)), overlap)
+            if source.exhausted or self.ordinal == records:
                 return
             rates.append((self.ordinal - records) / max(time.perf_counter() - began, 1e-9))
+            began, records = time.perf_counter(), self.ordinal
         choice = rates[1] > rates[0] * OVERLAP_GAIN
         self.proc.learned_overlap = choice
         self._run(source, choice)
@@ -615,6 +646,7 @@ class _ChunkRun:
         """Each sub-batch through every step before the next is read, on this thread."""
         clock = StageClock()
         self.clocks.append(clock)
+        self.alone.append(clock)
         seconds, perf = clock.seconds, time.perf_counter
         while True:
             began = perf()

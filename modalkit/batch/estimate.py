@@ -10,7 +10,8 @@ here, and the whole job's wall time and cost modelled from it.
 3. **Calibrate**: each window is a chunk run by :class:`~modalkit.batch.chunk.ChunkProcessor` with the pipeline
    loaded here, into a temporary output that is removed afterwards; no queue record is sent. Each window runs
    twice, its stages one after another and overlapped, as a worker's first chunk probes both; the job is modelled
-   the way the job would choose (overlap when it is at least ``OVERLAP_GAIN`` faster). From the engine's
+   the way the job would choose (overlap when ``predict`` waits on a device, the process's CPU mostly idle while
+   it runs, else when overlap is at least ``OVERLAP_GAIN`` faster). From the engine's
    :class:`~modalkit.iomodel.StageSeconds` come the seconds per record of each stage, the bottleneck
    (:func:`~modalkit.batch.timings.find_bottleneck`) and the bytes per record.
 4. **Model** the job: records = the plan's bytes / the sample's bytes per record (an estimate, not a count,
@@ -47,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from modalkit.batch.chunk import OVERLAP_GAIN, PROBE_BATCHES, ChunkProcessor
+from modalkit.batch.chunk import OVERLAP_GAIN, PROBE_BATCHES, WAIT_PROBE_BATCHES, ChunkProcessor, waits_on_device
 from modalkit.batch.cost import rate_for
 from modalkit.batch.formats import InputFile
 from modalkit.batch.job import JobPlan, dispatch_order, plan_job
@@ -99,6 +100,8 @@ class ModeRun:
     cpu_seconds: float
     #: overlapped only: the busiest thread's seconds, summed over the windows (what bounds a full pipeline)
     busiest_seconds: float = 0.0
+    #: one after another only: the process's CPU seconds while ``predict`` ran
+    predict_cpu: float = 0.0
 
     @property
     def records(self) -> int:
@@ -117,6 +120,12 @@ class ModeRun:
         seconds = self.seconds
         return StageSeconds(**totals, device_busy=min(1.0, totals["predict"] / seconds) if seconds > 0 else 0.0)
 
+    def predict_cpu_share(self) -> float | None:
+        """The process's CPU seconds over ``predict``'s wall (one after another): under one half, ``predict``
+        waits on a device (:func:`~modalkit.batch.chunk.waits_on_device`)."""
+        predict = sum(r.stages.predict for r in self.results if r.stages is not None)
+        return self.predict_cpu / predict if predict > 0 else None
+
     def rate(self) -> float:
         """Records per second of the windows' walls."""
         return self.records / self.seconds if self.seconds > 0 else 0.0
@@ -129,7 +138,8 @@ class Calibration:
     Attributes:
         sample: The windows run, and the bytes of the input each stands for.
         sequential, overlapped: The windows run each way (``overlapped`` None when ``prefetch_batches`` is 0).
-        overlap: The way the job would run its chunks (the faster by ``OVERLAP_GAIN``).
+        overlap: The way the job would run its chunks: overlapped when ``predict`` waits on a device, else the
+            faster by ``OVERLAP_GAIN``.
         load_seconds: The pipeline's constructor, in a calibration process.
         start_seconds: A calibration process's spawn to its pipeline loaded (a local worker's start).
         batch_size: The job's ``max_batch_size`` (a worker's first chunk probes in sub-batches of it).
@@ -144,6 +154,12 @@ class Calibration:
     start_seconds: float
     batch_size: int
     processes: int = 1
+
+    @property
+    def waits(self) -> bool:
+        """``predict`` waits on a device: a worker's first chunk learns it in ``WAIT_PROBE_BATCHES`` sub-batches
+        and overlaps the rest, without timing both ways."""
+        return self.overlapped is not None and waits_on_device(self.sequential.predict_cpu_share())
 
     @property
     def chosen(self) -> ModeRun:
@@ -371,17 +387,23 @@ def calibrate(settings: Settings, job: JobSpec, sample: Sample, processes: int =
         found = _in_workers(settings, job, sample.windows, max(1, processes))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    runs: dict[bool, list[tuple[ChunkResult, float, float]]] = {}
+    runs: dict[bool, list[_WindowRun]] = {}
     for child in found:
         for way, results in child.runs.items():
             runs.setdefault(way, []).extend(results)
     sequential = _mode_run(runs[False])
     overlapped = _mode_run(runs[True]) if True in runs else None
-    overlap = overlapped is not None and overlapped.rate() > sequential.rate() * OVERLAP_GAIN
+    overlap = overlapped is not None and (waits_on_device(sequential.predict_cpu_share())
+                                          or overlapped.rate() > sequential.rate() * OVERLAP_GAIN)  # fmt: skip
     return Calibration(
         sample, sequential, overlapped, overlap, max(c.load_seconds for c in found),
         max(c.started_seconds for c in found), job.max_batch_size, len(found),
     )  # fmt: skip
+
+
+#: one window run one way: its result, the process's CPU seconds, the busiest thread's seconds (overlapped), the
+#: process's CPU seconds in ``predict`` (one after another)
+_WindowRun = tuple[ChunkResult, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -391,7 +413,7 @@ class _ChildRuns:
 
     started_seconds: float
     load_seconds: float
-    runs: dict[bool, list[tuple[ChunkResult, float, float]]]
+    runs: dict[bool, list[_WindowRun]]
 
 
 #: How long a calibration process may take, its start and model load included.
@@ -446,7 +468,7 @@ def _calibrate_child(
         barrier.wait()
         store = default_store()
         ways = [False, True] if job.prefetch_batches else [False]
-        runs: dict[bool, list[tuple[ChunkResult, float, float]]] = {way: [] for way in ways}
+        runs: dict[bool, list[_WindowRun]] = {way: [] for way in ways}
         for n, window in enumerate([windows[0], *windows]):  # the first, twice: its first run warms up, unkept
             for way in ways if n % 2 == 0 else ways[::-1]:
                 out = os.path.join(job.output_uri, f"{os.getpid()}-{n}-{'overlapped' if way else 'sequential'}")
@@ -462,20 +484,20 @@ def _calibrate_child(
             barrier.abort()
 
 
-def _run_window(
-    pipeline: Any, job: JobSpec, window: ChunkSpec, overlap: bool, store: Store
-) -> tuple[ChunkResult, float, float]:
-    """One window as one chunk; its result, the process's CPU seconds, and the busiest thread's seconds."""
+def _run_window(pipeline: Any, job: JobSpec, window: ChunkSpec, overlap: bool, store: Store) -> _WindowRun:
+    """One window as one chunk; its result, the process's CPU seconds, the busiest thread's seconds, and the
+    process's CPU seconds in ``predict`` (one after another)."""
     processor = ChunkProcessor(pipeline, None, store, overlap=overlap)
     cpu = time.process_time()
     result = processor.process(job, window)
     cpu = time.process_time() - cpu
     busiest = max((t.busy for t in processor.last_threads.values()), default=result.seconds)
-    return result, cpu, busiest
+    return result, cpu, busiest, processor.last_predict_alone[0]
 
 
-def _mode_run(runs: list[tuple[ChunkResult, float, float]]) -> ModeRun:
-    return ModeRun([r for r, _, _ in runs], sum(c for _, c, _ in runs), sum(b for _, _, b in runs))
+def _mode_run(runs: list[_WindowRun]) -> ModeRun:
+    return ModeRun([r for r, *_ in runs], sum(c for _, c, _, _ in runs), sum(b for _, _, b, _ in runs),
+                   sum(p for *_, p in runs))  # fmt: skip
 
 
 # --- the model ----------------------------------------------------------------------------------------------------
@@ -514,8 +536,14 @@ def model_job(
 
 def _schedule(chunks: Sequence[ChunkSpec], per_byte: float, calibration: Calibration, lanes: int) -> list[float]:
     """Each lane's busy seconds: the chunks largest first, each to the lane free first; a lane's first chunk
-    probes both ways for ``PROBE_BATCHES`` sub-batches each before it runs the chosen way, as a worker does."""
-    probe = 2 * PROBE_BATCHES * calibration.batch_size if calibration.overlapped is not None else 0
+    runs ``WAIT_PROBE_BATCHES`` sub-batches one after another when ``predict`` waits on a device, else probes both
+    ways for ``PROBE_BATCHES`` sub-batches each, before it runs the chosen way, as a worker does."""
+    if calibration.overlapped is None:
+        probe = 0
+    elif calibration.waits:
+        probe = WAIT_PROBE_BATCHES * calibration.batch_size
+    else:
+        probe = 2 * PROBE_BATCHES * calibration.batch_size
     free = [(0.0, lane) for lane in range(lanes)]
     busy = [0.0] * lanes
     started = [False] * lanes
@@ -524,7 +552,9 @@ def _schedule(chunks: Sequence[ChunkSpec], per_byte: float, calibration: Calibra
         at, lane = heapq.heappop(free)
         records = chunk.size * per_byte
         took = calibration.chunk_seconds() + records * chosen
-        if not started[lane] and probe:
+        if not started[lane] and calibration.waits:  # these one after another, then overlapped
+            took += min(records, probe) * (calibration.record_seconds(False) - chosen)
+        elif not started[lane] and probe:
             probed = min(records, probe) / 2
             took += probed * (calibration.record_seconds(False) + calibration.record_seconds(True) - 2 * chosen)
         started[lane] = True
@@ -623,8 +653,14 @@ def _with_assumptions(found: Estimate, source: str, plan: JobPlan, sample: int) 
         lines.append("stages: one after another (prefetch_batches: 0)")
     else:
         way = "overlapped" if cal.overlap else "one after another"
-        lines.append(f"stages: {way} (the sample ran both ways; a worker runs the faster, overlap when it is "
-                     f"{OVERLAP_GAIN:.1f}x or more)")  # fmt: skip
+        if cal.waits:
+            share = cal.sequential.predict_cpu_share() or 0.0
+            lines.append(f"stages: overlapped (predict waits on a device: the process's CPU was busy "
+                         f"{share:.0%} of predict's time; a worker overlaps after {WAIT_PROBE_BATCHES} sub-batches "
+                         "one after another)")  # fmt: skip
+        else:
+            lines.append(f"stages: {way} (the sample ran both ways; a worker runs the faster, overlap when it is "
+                         f"{OVERLAP_GAIN:.1f}x or more)")  # fmt: skip
     if model.backend == "local":
         at_once = min(model.workers, found.chunks)
         lines.append(f"{model.workers} local worker(s) on {model.cores} core(s) ({at_once} at once for "

@@ -443,3 +443,33 @@ def test_a_worker_overlaps_the_stages_only_of_a_pipeline_whose_predict_waits_on_
     assert processor.learned_overlap is overlaps
     assert result.succeeded == 240
     assert bool(processor.last_threads) is True  # it ran overlapped at least while it measured
+
+
+class DeviceBoundSeen(DeviceBound):
+    """DeviceBound, noting the thread that preprocesses each sub-batch (the calling thread runs them one after
+    another; the feeder thread runs them overlapped)."""
+
+    threads: ClassVar[list[str]] = []
+
+    def preprocess(self, input_list: list[_Text]) -> dict[str, Any]:
+        self.threads.append(threading.current_thread().name)
+        return super().preprocess(input_list)
+
+
+def test_a_predict_that_waits_on_a_device_is_overlapped_after_four_sub_batches_one_after_another(
+    tmp_path: Path,
+) -> None:
+    """Its ``predict`` takes almost no CPU of the process while it runs: the device, not the host, is what it waits
+    on, so the worker need not also time 24 sub-batches each way (a probe the device idled through)."""
+    DeviceBoundSeen.threads.clear()
+    chunk = one_chunk(tmp_path, {"a.jsonl": jsonl(*({"text": f"t{i}"} for i in range(60 * 4)))})  # 60 sub-batches
+    processor = ChunkProcessor(DeviceBoundSeen("p", "models", {}))
+
+    result = processor.process(make_job(tmp_path, "out", max_batch_size=4, prefetch_batches=2), chunk)
+
+    assert processor.learned_overlap is True
+    assert result.succeeded == 240
+    here = threading.current_thread().name
+    assert DeviceBoundSeen.threads[:4] == [here] * 4
+    assert here not in DeviceBoundSeen.threads[4:]
+    assert len(DeviceBoundSeen.threads) == 60

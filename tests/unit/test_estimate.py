@@ -114,3 +114,27 @@ def test_an_input_no_larger_than_the_sample_is_sampled_whole(tmp_path: Path) -> 
 
     assert sample.whole
     assert sample.windows == chunks
+
+
+@pytest.mark.parametrize(("predict_cpu", "probe_seconds"), [
+    (0.04, 4 * 64 * (0.01 - 0.004)),  # the CPU idle through predict: 4 sub-batches of 64 one after another
+    (0.8, 24 * 64 * (0.01 - 0.004)),  # the CPU busy: 24 sub-batches each way, the slower way's 24 the cost
+])  # fmt: skip
+def test_a_workers_first_chunk_pays_four_sub_batches_alone_when_predict_waits_on_a_device_else_the_probe_both_ways(
+    predict_cpu: float, probe_seconds: float
+) -> None:
+    results = [ChunkResult(index=i, records=50, succeeded=50, seconds=0.5,
+                           stages=StageSeconds(parse=0.1, predict=0.4, device_busy=0.8)) for i in range(2)]  # fmt: skip
+    faster = [r.model_copy(update={"seconds": 0.4}) for r in results]  # overlapped: 1.25x (chosen either way)
+    cal = calibration().__class__(**{
+        **calibration().__dict__,
+        "sequential": ModeRun(results, cpu_seconds=1.0, predict_cpu=predict_cpu),
+        "overlapped": ModeRun(faster, cpu_seconds=1.0, busiest_seconds=0.4),
+        "overlap": True,
+    })  # fmt: skip
+
+    found = model_job(plan(chunks=1, records_each=4000), cal, JobModel("local", 1, cores=8), 0.0, plan_seconds=0.0)
+
+    assert cal.waits is (predict_cpu == 0.04)
+    # 4,000 records at the overlapped 0.004 s (the busiest thread's 0.4 s over 100 records) after a start of 1.5 s
+    assert found.seconds == pytest.approx(1.5 + 4000 * 0.004 + probe_seconds)
