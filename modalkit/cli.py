@@ -275,10 +275,6 @@ class _EarlyStart:
         self._planner = start_forked(
             "planning the job", _plan_ahead, settings, p["input_uri"], p["output_uri"], p["model_name"], job_config
         )
-        if job_config.backend == "local":  # the options are good: imported now, before Prefect is (in a thread)
-            from modalkit.runners.local import LocalRunner
-        self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
-        self._prefect_thread.start()
         started = time.perf_counter()
         store = default_store()
         model = settings.model_settings.entry(p["model_name"])[0]
@@ -286,11 +282,16 @@ class _EarlyStart:
         if job_config.backend == "local" and not _finished_before(store, p["output_uri"]):
             # one worker starts and loads the model on the other core while the job is planned (20,000 small
             # files plan in about a second); the others, if the job has chunks for them, once it is planned. Not
-            # for an output that holds a finished job's manifest: run again, it mostly has nothing left to run
+            # for an output that holds a finished job's manifest: run again, it mostly has nothing left to run.
+            # Started before the thread that imports Prefect, it is forked (modalkit/runners/local.py)
+            from modalkit.runners.local import LocalRunner
+
             self.runner = early_workers = LocalRunner(
                 settings, model, job_config.local_workers, start=False, chunk_timeout_s=job_config.chunk_timeout_s
             )
             early_workers.warm(1)
+        self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
+        self._prefect_thread.start()
         plan, committed = self._planner.result()
         start_job(plan, store)
         self.lease = take_lease(

@@ -7,6 +7,7 @@ on one bad record.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, ClassVar
@@ -71,6 +72,17 @@ class BrokenGpuInOneWorker(PoisonAwareSentiment):
         if self.broken:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return super().predict(input_list, preprocessed_data)
+
+
+class NotesItsProcess(PoisonAwareSentiment):
+    """The example model, noting the command line of the process that loads it in ``$NOTE_PROCESS_TO``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        with open("/proc/self/cmdline", "rb") as fh:
+            argv = fh.read().rstrip(b"\0").split(b"\0")
+        with open(os.environ["NOTE_PROCESS_TO"], "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), "argv": [a.decode() for a in argv]}) + "\n")
 
 
 class BrokenInit(PoisonAwareSentiment):
