@@ -16,8 +16,9 @@
 ``batch`` runs the Prefect flow ``batch-inference`` in this process, against the API Prefect's settings name
 (``PREFECT_API_URL``, the active profile, ``prefect.toml`` or ``pyproject.toml``) when one is configured, else
 against a local Prefect server that modalkit starts once and keeps for later runs (:mod:`modalkit.cli_prefect`).
-Options are checked before anything starts; the job is planned, its workers start (no more than it has chunks to
-run) and its first chunks start while Prefect is imported (in a thread) and connects. Exit status: 0 when the job
+Options are checked before anything starts; the job is planned while its first worker starts, its other workers
+start (no more than it has chunks to run), and its first chunks run while Prefect is imported (in a thread) and
+connects. Exit status: 0 when the job
 completed, 1 when it failed, 2 when it could not start (a bad option, configuration or input, or a run of the
 same job running: ``--wait`` waits for it), 130 on Ctrl-C and 143 on SIGTERM (run the same command again to
 resume). With ``--json`` the last line of stdout is the summary.
@@ -270,8 +271,8 @@ class _EarlyStart:
         refuse_vanishing_queues(settings, job_config, self.queue_backend)
         _mark("options")
         self._check_api_from_environment()
-        # listing and planning run in a child process (on another core) while Prefect is imported here: forked
-        # now, before the thread that imports Prefect starts (see modalkit/forked.py)
+        # listing and planning run in a child process (on another core) while the first worker starts and loads
+        # the model: forked now, before any thread starts (see modalkit/forked.py)
         self._planner = start_forked(
             "planning the job", _plan_ahead, settings, p["input_uri"], p["output_uri"], p["model_name"], job_config
         )
@@ -283,16 +284,23 @@ class _EarlyStart:
             # one worker starts and loads the model on the other core while the job is planned (20,000 small
             # files plan in about a second); the others, if the job has chunks for them, once it is planned. Not
             # for an output that holds a finished job's manifest: run again, it mostly has nothing left to run.
-            # Started before the thread that imports Prefect, it is forked (modalkit/runners/local.py)
+            # Started while this process runs no other thread, they are forked (modalkit/runners/local.py): the
+            # thread that imports Prefect starts once they are
             from modalkit.runners.local import LocalRunner
 
             self.runner = early_workers = LocalRunner(
                 settings, model, job_config.local_workers, start=False, chunk_timeout_s=job_config.chunk_timeout_s
             )
             early_workers.warm(1)
+        plan, committed = self._planner.result()
+        if early_workers is not None:
+            # a job starts no more workers than it has chunks to run: a 10-record job loads its model in one
+            # process, not one per CPU (chunks committed since the planner read the markers are only run by
+            # fewer workers)
+            ahead = len(plan.chunks) - len(committed or {})
+            early_workers.warm(max(0, min(early_workers.workers, ahead) - 1))
         self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
         self._prefect_thread.start()
-        plan, committed = self._planner.result()
         start_job(plan, store)
         self.lease = take_lease(
             store, plan.job.output_uri, plan.job.job_id, job_config.lease_seconds, wait=self.wait,
@@ -301,8 +309,6 @@ class _EarlyStart:
         done = find_committed(plan, store, known=committed)  # one listing; the markers read ahead are not read again
         pending = dispatch_order([chunk for chunk in plan.chunks if chunk.index not in done])
         _mark("planned")
-        # the other local workers only now (listing reads no records), so that a job starts no more of them than
-        # it has chunks to run: a 10-record job loads its model in one process, not one per CPU
         if early_workers is None:
             inner = open_runner(settings, model, job_config)
         elif not pending:  # nothing to run: the worker loading the model is not waited for
@@ -311,7 +317,6 @@ class _EarlyStart:
         else:
             inner = early_workers
             early_workers.resize(min(early_workers.workers, len(pending)))
-            early_workers.warm(early_workers.workers - 1)
         self.runner = PrestartingRunner(inner)
         self.runner.prestart(plan.job, pending[: job_config.concurrency or self.runner.slots])
         self.job = StartedJob(plan, self.runner, done, started, self.lease)

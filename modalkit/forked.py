@@ -1,9 +1,9 @@
 """A function run in a forked child process while this one goes on, its result (or its error) handed back.
 
 ``modalkit batch`` lists and plans its input this way: the listing is CPU work in Python (a ``stat`` per local
-file, a piece per small file), and in the command's own process it would share one interpreter with Prefect's
-import, which runs at the same time in a thread; each would wait for the other. In a child forked before that
-thread starts, the two run on two cores. What the child returns comes back pickled through a pipe.
+file, a piece per small file), done in a child while the command starts its first local worker, and the command's
+own process stays free of threads until its workers are started (they are forked from it: see
+:mod:`modalkit.runners.local`). What the child returns comes back pickled through a pipe.
 
 The child is killed when this process ends. Only on Linux, and only while this process runs no other thread
 (forking a process with threads can copy a lock another thread holds); elsewhere, or when threads run, the

@@ -112,6 +112,7 @@ def _init_worker(settings: Settings, model_name: str, parent_pid: int, host_work
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
     _worker_state.update(settings=settings, model_name=model_name, host_workers=host_workers)
+    _warm()  # a worker is started to run chunks: it loads the pipeline at once, while its first chunk is found
 
 
 def _processor() -> Any:
@@ -167,6 +168,22 @@ def _read_started(crash: CrashPlan) -> tuple[int, float] | None:
         return int(pid), float(began)
     except (OSError, ValueError):
         return None
+
+
+def _start_idle(pool: concurrent.futures.ProcessPoolExecutor) -> bool:
+    """One more worker process in ``pool`` (unless it is full), started without handing the pool work, and counted
+    as idle so that the next task goes to it rather than to a process of its own. This leans on the stdlib pool's
+    internals (CPython 3.9-3.13 have them); False when they are not there."""
+    processes = getattr(pool, "_processes", None)
+    size = getattr(pool, "_max_workers", None)
+    spawn = getattr(pool, "_spawn_process", None)
+    idle = getattr(pool, "_idle_worker_semaphore", None)
+    if processes is None or size is None or spawn is None or idle is None:
+        return False
+    if len(processes) < size:
+        spawn()
+        idle.release()
+    return True
 
 
 class _WorkerDied(Exception):
@@ -227,12 +244,14 @@ class LocalRunner:
         self.warm(self.workers)
 
     def warm(self, workers: int) -> None:
-        """Have ``workers`` more worker processes start and load the pipeline now (the pool spawns a process only
-        for a task that finds no idle one, up to ``workers``)."""
+        """Have ``workers`` more worker processes start now, each loading the pipeline as it starts (up to the
+        pool's size). They are started without handing the pool any work, so the pool's own threads do not start
+        yet: while the caller runs no other thread, each is forked (:class:`_ForkWhileAlone`)."""
         pool = self._pool()
         with spawning():
             for _ in range(workers):
-                pool.submit(_warm)  # one per worker: each submit finds no idle worker and spawns one
+                if not _start_idle(pool):  # pragma: no cover - a pool without the stdlib's internals: a task each
+                    pool.submit(_warm)
 
     def resize(self, workers: int) -> None:
         """Run at most ``workers`` chunks at once from now on (``slots``), in at most that many processes: the
@@ -337,7 +356,12 @@ class LocalRunner:
             self._stopped = True
             executor, self._executor = self._executor, None
         if executor is not None:
+            processes = list((getattr(executor, "_processes", None) or {}).values())  # the stdlib keeps them there
             executor.shutdown(wait=True, cancel_futures=True)
+            for process in processes:  # started by warm() and never handed work: the pool's threads never ran
+                if process.is_alive():
+                    process.terminate()
+                    process.join(timeout=5)
         shutil.rmtree(self._crash_dir, ignore_errors=True)
 
     def cancel(self) -> None:

@@ -179,12 +179,12 @@ def test_batch_json_prints_the_summary_as_the_last_line_and_exits_0(
     assert len(list(out.glob("_chunks/?????.json"))) == summary["chunks"]
 
 
-def test_batch_forks_its_first_local_worker_from_the_command_instead_of_starting_a_new_interpreter(
+def test_batch_forks_its_local_workers_from_the_command_instead_of_starting_new_interpreters(
     prefect_api: str, tmp_path: Path
 ) -> None:
-    """The first worker starts before the command runs a second thread, so it is forked: it starts with what the
-    command imported (a third of a second of imports a spawned one pays first). The second, started once the job
-    is planned (a thread imports Prefect by then), is spawned. Every record still comes out once."""
+    """Both workers start before the command runs a second thread (the first while the job is planned, the second
+    once it is, before Prefect's import starts in a thread), so both are forked: each starts with what the command
+    imported (a third of a second of imports a spawned one pays first). Every record still comes out once."""
     data = write_dataset(tmp_path / "in", n_good=2000)
     notes = tmp_path / "processes.jsonl"
     path = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -198,12 +198,29 @@ def test_batch_forks_its_first_local_worker_from_the_command_instead_of_starting
     assert proc.returncode == 0, proc.stderr
     workers = [json.loads(line) for line in notes.read_text().splitlines()]
     assert len(workers) == 2
-    forked = [w for w in workers if w["argv"][1:] == command[1:]]
-    spawned = [w for w in workers if "from multiprocessing.spawn import spawn_main" in " ".join(w["argv"])]
-    assert len(forked) == 1, workers
-    assert len(spawned) == 1, workers
+    assert [w["argv"][1:] for w in workers] == [command[1:]] * 2, workers  # the command's own command line
     assert last_json_line(proc.stdout)["succeeded"] == 2000
     assert_every_record_once(tmp_path / "out", data)
+
+
+def test_batch_starts_one_local_worker_for_a_job_of_one_chunk(prefect_api: str, tmp_path: Path) -> None:
+    """A job with fewer chunks than local workers starts no more workers than it has chunks: its model is loaded
+    once, not once per CPU."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "few.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": "fine"}) + "\n"
+                                                       for i in range(10)), encoding="utf-8")  # fmt: skip
+    notes = tmp_path / "processes.jsonl"
+    path = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "NOTE_PROCESS_TO": str(notes), "PYTHONPATH": path}
+    config = write_config(tmp_path, "pipelines:NotesItsProcess")  # two local workers
+
+    command = [sys.executable, "-m", "modalkit.cli", "batch", "in", "out", "--config", str(config), "--json"]
+
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+
+    assert proc.returncode == 0, proc.stderr
+    assert last_json_line(proc.stdout)["succeeded"] == 10
+    assert len(notes.read_text().splitlines()) == 1
 
 
 def test_batch_without_json_off_a_terminal_prints_a_table_and_writes_parquet_with_a_plain_integer_chunk_size(

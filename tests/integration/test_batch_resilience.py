@@ -183,9 +183,11 @@ def alive(pid: int) -> bool:
     return stat is not None and stat[0] not in ("Z", "X")
 
 
-def spawn_workers(pids: set[int]) -> set[int]:
-    """The local pool's worker processes among ``pids`` (multiprocessing ``spawn`` children)."""
-    return {pid for pid in pids if "spawn_main" in cmdline(pid)}
+def spawn_workers(pids: set[int], job: int | None = None) -> set[int]:
+    """The local pool's worker processes among ``pids``: multiprocessing ``spawn`` children, and with ``job`` (the
+    pid of a ``modalkit batch`` command) the children it forked, which carry its command line."""
+    forked = cmdline(job) if job is not None else None
+    return {pid for pid in pids if "spawn_main" in cmdline(pid) or (forked and cmdline(pid) == forked)}
 
 
 def kill_all(pids: set[int]) -> None:
@@ -244,7 +246,7 @@ class Cli:
         try:
             wait_until("two chunks were committed", lambda: output.markers() >= 2, lambda: proc.poll() is None)
             tree = descendants(proc.pid)
-            workers = spawn_workers(tree)
+            workers = spawn_workers(tree, proc.pid)
             assert workers, (
                 f"no worker process under the job (pid {proc.pid}): {[cmdline(p) for p in tree]}\n"
                 f"{err.read_text(errors='replace')[-3000:]}"
