@@ -311,7 +311,8 @@ class BatchWorker:
         start = WorkerStart.measure(
             lambda: load_pipeline(settings, self.model_name, type(self).inference_implementation)
         )
-        self._processor = ChunkProcessor(start.value, create_backend(app.queue_config), host_workers=host_workers)
+        self._processor = ChunkProcessor(start.value, create_backend(app.queue_config), host_workers=host_workers,
+                                         cpus=app.deployment_config.cpu)  # fmt: skip
         self._processor.started(start)
 
     @modal.method()

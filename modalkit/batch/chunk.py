@@ -103,8 +103,12 @@ class ChunkProcessor:
         store: Store | None = None,
         overlap: bool | None = None,
         host_workers: int = 1,
+        cpus: float | None = None,
     ) -> None:
         self.pipeline = pipeline
+        #: the CPUs this worker has to itself (a machine's over its workers, a container's), None when not known:
+        #: a ``predict`` that keeps them busy leaves overlap nothing to run on
+        self.cpus = cpus
         #: True: overlap the stages of every chunk (with ``prefetch_batches`` above 0); False: never; None: measure
         #: it on the first chunks (see ``_ChunkRun._choose_and_run``)
         self.forced_overlap = overlap
@@ -496,10 +500,23 @@ WAIT_PROBE_BATCHES = 4
 WAIT_CPU_SHARE = 0.5
 
 
+#: Under this many CPUs left idle while ``predict`` runs (the worker's CPUs less its share), overlap has no CPU to
+#: run the host's stages on: they would only take turns with ``predict``. Half a CPU, as ``WAIT_CPU_SHARE``: the
+#: share is measured on a machine the other workers and the job's own process share, and a worker's share of one
+#: CPU falls to two thirds under them, so a worker with one CPU overlaps exactly when ``predict`` waits.
+SPARE_CPUS = 0.5
+
+
 def waits_on_device(cpu_share: float | None) -> bool:
     """Whether a ``predict`` that kept the process's CPU busy ``cpu_share`` of its wall (one sub-batch at a time,
     nothing else running) mostly waited on something off this host's CPU."""
     return cpu_share is not None and cpu_share < WAIT_CPU_SHARE
+
+
+def leaves_no_cpu(cpu_share: float | None, cpus: float | None) -> bool:
+    """Whether a ``predict`` with that CPU share keeps busy all but ``SPARE_CPUS`` of a worker's ``cpus`` (W1's
+    model, two workers on two CPUs: overlapped, both ran 20% slower than one sub-batch after another)."""
+    return cpu_share is not None and cpus is not None and cpu_share > cpus - SPARE_CPUS
 
 
 class _Counted:
@@ -601,7 +618,8 @@ class _ChunkRun:
     def _choose_and_run(self, source: _Counted) -> None:
         """Overlap the stages only where it pays. ``WAIT_PROBE_BATCHES`` sub-batches one after another first: a
         ``predict`` that leaves the process's CPU idle while it runs (it waits on a device) overlaps the rest at
-        once. Otherwise ``PROBE_BATCHES`` sub-batches one after another (those included), as many overlapped, the
+        once; one that keeps the worker's CPUs busy (:func:`leaves_no_cpu`) runs the rest one after another.
+        Otherwise ``PROBE_BATCHES`` sub-batches one after another (those included), as many overlapped, the
         rest the faster way: a ``predict`` that holds the interpreter (a model computed in Python, or a CPU library
         that keeps the GIL) gains nothing from overlap and loses to the threads' hand-offs (W1's model on one
         worker: 28% slower), while one computing in a library that releases the GIL may gain where cores are free.
@@ -613,9 +631,10 @@ class _ChunkRun:
         self._run(itertools.islice(source, WAIT_PROBE_BATCHES - 1), False)
         if source.exhausted or self.ordinal == records:  # a chunk too small to tell: nothing learned
             return
-        if waits_on_device(self.clocks[-1].predict_cpu_share()):
-            self.proc.learned_overlap = True
-            self._run(source, True)
+        share = self.clocks[-1].predict_cpu_share()
+        if waits_on_device(share) or leaves_no_cpu(share, self.proc.cpus):
+            self.proc.learned_overlap = overlap = waits_on_device(share)
+            self._run(source, overlap)
             return
         rates = []
         for overlap in (False, True):

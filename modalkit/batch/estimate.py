@@ -48,7 +48,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from modalkit.batch.chunk import OVERLAP_GAIN, PROBE_BATCHES, WAIT_PROBE_BATCHES, ChunkProcessor, waits_on_device
+from modalkit.batch.chunk import (
+    OVERLAP_GAIN,
+    PROBE_BATCHES,
+    WAIT_PROBE_BATCHES,
+    ChunkProcessor,
+    leaves_no_cpu,
+    waits_on_device,
+)
 from modalkit.batch.cost import rate_for
 from modalkit.batch.formats import InputFile
 from modalkit.batch.job import JobPlan, dispatch_order, plan_job
@@ -144,6 +151,7 @@ class Calibration:
         start_seconds: A calibration process's spawn to its pipeline loaded (a local worker's start).
         batch_size: The job's ``max_batch_size`` (a worker's first chunk probes in sub-batches of it).
         processes: How many processes ran the sample side by side (each ran all of it).
+        cpus: The CPUs each of the job's workers has to itself (None: not known).
     """
 
     sample: Sample
@@ -154,12 +162,20 @@ class Calibration:
     start_seconds: float
     batch_size: int
     processes: int = 1
+    cpus: float | None = None
 
     @property
     def waits(self) -> bool:
         """``predict`` waits on a device: a worker's first chunk learns it in ``WAIT_PROBE_BATCHES`` sub-batches
         and overlaps the rest, without timing both ways."""
         return self.overlapped is not None and waits_on_device(self.sequential.predict_cpu_share())
+
+    @property
+    def busy_cpus(self) -> bool:
+        """``predict`` keeps a worker's CPUs busy: its first chunk learns it in ``WAIT_PROBE_BATCHES`` sub-batches
+        and runs the rest one after another, without timing both ways."""
+        share = self.sequential.predict_cpu_share()
+        return self.overlapped is not None and not self.waits and leaves_no_cpu(share, self.cpus)
 
     @property
     def chosen(self) -> ModeRun:
@@ -371,7 +387,9 @@ def _head_record_bytes(chunks: Sequence[ChunkSpec], store: Store) -> int:
 # --- the calibration ----------------------------------------------------------------------------------------------
 
 
-def calibrate(settings: Settings, job: JobSpec, sample: Sample, processes: int = 1) -> Calibration:
+def calibrate(
+    settings: Settings, job: JobSpec, sample: Sample, processes: int = 1, cpus: float | None = None
+) -> Calibration:
     """Run ``sample``'s windows through the chunk engine in ``processes`` fresh worker processes at once (as many
     as the job runs side by side here: they share the cores as its workers will), each loading the pipeline and
     running every window one way and the other into a temporary output (removed), sending nothing; see the
@@ -393,11 +411,16 @@ def calibrate(settings: Settings, job: JobSpec, sample: Sample, processes: int =
             runs.setdefault(way, []).extend(results)
     sequential = _mode_run(runs[False])
     overlapped = _mode_run(runs[True]) if True in runs else None
-    overlap = overlapped is not None and (waits_on_device(sequential.predict_cpu_share())
-                                          or overlapped.rate() > sequential.rate() * OVERLAP_GAIN)  # fmt: skip
+    share = sequential.predict_cpu_share()
+    if overlapped is None:
+        overlap = False
+    elif waits_on_device(share) or leaves_no_cpu(share, cpus):  # as a worker's first chunk chooses
+        overlap = waits_on_device(share)
+    else:
+        overlap = overlapped.rate() > sequential.rate() * OVERLAP_GAIN
     return Calibration(
         sample, sequential, overlapped, overlap, max(c.load_seconds for c in found),
-        max(c.started_seconds for c in found), job.max_batch_size, len(found),
+        max(c.started_seconds for c in found), job.max_batch_size, len(found), cpus,
     )  # fmt: skip
 
 
@@ -540,7 +563,7 @@ def _schedule(chunks: Sequence[ChunkSpec], per_byte: float, calibration: Calibra
     ways for ``PROBE_BATCHES`` sub-batches each, before it runs the chosen way, as a worker does."""
     if calibration.overlapped is None:
         probe = 0
-    elif calibration.waits:
+    elif calibration.waits or calibration.busy_cpus:
         probe = WAIT_PROBE_BATCHES * calibration.batch_size
     else:
         probe = 2 * PROBE_BATCHES * calibration.batch_size
@@ -552,7 +575,7 @@ def _schedule(chunks: Sequence[ChunkSpec], per_byte: float, calibration: Calibra
         at, lane = heapq.heappop(free)
         records = chunk.size * per_byte
         took = calibration.chunk_seconds() + records * chosen
-        if not started[lane] and calibration.waits:  # these one after another, then overlapped
+        if not started[lane] and (calibration.waits or calibration.busy_cpus):  # these one after another
             took += min(records, probe) * (calibration.record_seconds(False) - chosen)
         elif not started[lane] and probe:
             probed = min(records, probe) / 2
@@ -608,7 +631,8 @@ def estimate_job(
     side_by_side = min(model.workers, model.cores, len(plan.chunks)) if model.backend == "local" else 1
     if model.backend == "local" and side_by_side >= model.cores and orchestrator_cpu is not None:
         model = dataclasses.replace(model, orchestrator_cpu_s=orchestrator_cpu())
-    calibration = calibrate(settings, plan.job, windows, side_by_side)
+    cpus = model.cores / model.workers if model.backend == "local" else settings.app_settings.deployment_config.cpu
+    calibration = calibrate(settings, plan.job, windows, side_by_side, cpus)
     if calibration.records == 0:
         raise EmptyInput(f"input {input_uri} holds no records in its sample: there is nothing to estimate")
     found = model_job(plan, calibration, model, rate.usd_per_second, plan_seconds)
@@ -658,6 +682,10 @@ def _with_assumptions(found: Estimate, source: str, plan: JobPlan, sample: int) 
             lines.append(f"stages: overlapped (predict waits on a device: the process's CPU was busy "
                          f"{share:.0%} of predict's time; a worker overlaps after {WAIT_PROBE_BATCHES} sub-batches "
                          "one after another)")  # fmt: skip
+        elif cal.busy_cpus:
+            share = cal.sequential.predict_cpu_share() or 0.0
+            lines.append(f"stages: one after another (predict keeps the CPU busy, {share:.0%} of its time, with "
+                         f"{cal.cpus:.1f} CPU(s) a worker: overlap would only take turns with it)")  # fmt: skip
         else:
             lines.append(f"stages: {way} (the sample ran both ways; a worker runs the faster, overlap when it is "
                          f"{OVERLAP_GAIN:.1f}x or more)")  # fmt: skip

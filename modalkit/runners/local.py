@@ -105,13 +105,13 @@ class _ForkWhileAlone(SpawnContext):
         return SpawnProcess(*args, **kwargs)
 
 
-def _init_worker(settings: Settings, model_name: str, parent_pid: int, host_workers: int) -> None:
+def _init_worker(settings: Settings, model_name: str, parent_pid: int, host_workers: int, cpus: float) -> None:
     from modalkit.ast_guard import install
 
     install()  # a chunk's stages run on three threads (modalkit/batch/overlap.py)
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
-    _worker_state.update(settings=settings, model_name=model_name, host_workers=host_workers)
+    _worker_state.update(settings=settings, model_name=model_name, host_workers=host_workers, cpus=cpus)
     _warm()  # a worker is started to run chunks: it loads the pipeline at once, while its first chunk is found
 
 
@@ -126,7 +126,10 @@ def _processor() -> Any:
         settings: Settings = _worker_state["settings"]
         start = WorkerStart.measure(lambda: load_pipeline(settings, _worker_state["model_name"]))
         processor = ChunkProcessor(
-            start.value, create_backend(settings.app_settings.queue_config), host_workers=_worker_state["host_workers"]
+            start.value,
+            create_backend(settings.app_settings.queue_config),
+            host_workers=_worker_state["host_workers"],
+            cpus=_worker_state["cpus"],
         )
         processor.started(start)
         _worker_state["processor"] = processor
@@ -271,7 +274,13 @@ class LocalRunner:
                         max_workers=self.workers,
                         mp_context=_ForkWhileAlone(),
                         initializer=_init_worker,
-                        initargs=(self.settings, self.model_name, os.getpid(), self.host_workers),
+                        initargs=(
+                            self.settings,
+                            self.model_name,
+                            os.getpid(),
+                            self.host_workers,
+                            default_workers() / self.workers,
+                        ),
                     )
             return self._executor
 

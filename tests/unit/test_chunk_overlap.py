@@ -473,3 +473,31 @@ def test_a_predict_that_waits_on_a_device_is_overlapped_after_four_sub_batches_o
     assert DeviceBoundSeen.threads[:4] == [here] * 4
     assert here not in DeviceBoundSeen.threads[4:]
     assert len(DeviceBoundSeen.threads) == 60
+
+
+class HostBoundSeen(HostBound):
+    """HostBound, noting the thread that preprocesses each sub-batch."""
+
+    threads: ClassVar[list[str]] = []
+
+    def preprocess(self, input_list: list[_Text]) -> dict[str, Any]:
+        self.threads.append(threading.current_thread().name)
+        return {}
+
+
+def test_a_predict_that_keeps_the_workers_cpu_busy_runs_every_sub_batch_one_after_another_without_timing_overlap(
+    tmp_path: Path,
+) -> None:
+    """A worker with one CPU (two workers on two cores) whose ``predict`` keeps it busy has no CPU to overlap the
+    host's stages on: its first 4 sub-batches show it, and no sub-batch runs overlapped to measure what would only
+    be slower (W1 on two workers: both chose overlap by timing, and the job ran 20% slower)."""
+    HostBoundSeen.threads.clear()
+    chunk = one_chunk(tmp_path, {"a.jsonl": jsonl(*({"text": f"t{i}"} for i in range(60 * 4)))})  # 60 sub-batches
+    processor = ChunkProcessor(HostBoundSeen("p", "models", {}), cpus=1.0)
+
+    result = processor.process(make_job(tmp_path, "out", max_batch_size=4, prefetch_batches=2), chunk)
+
+    assert processor.learned_overlap is False
+    assert result.succeeded == 240
+    assert HostBoundSeen.threads == [threading.current_thread().name] * 60
+    assert processor.last_threads == {}  # no thread of an overlapped run

@@ -116,25 +116,31 @@ def test_an_input_no_larger_than_the_sample_is_sampled_whole(tmp_path: Path) -> 
     assert sample.windows == chunks
 
 
-@pytest.mark.parametrize(("predict_cpu", "probe_seconds"), [
-    (0.04, 4 * 64 * (0.01 - 0.004)),  # the CPU idle through predict: 4 sub-batches of 64 one after another
-    (0.8, 24 * 64 * (0.01 - 0.004)),  # the CPU busy: 24 sub-batches each way, the slower way's 24 the cost
+@pytest.mark.parametrize(("predict_cpu", "cpus", "overlap", "record_seconds", "probe_seconds"), [
+    # the CPU idle through predict: 4 sub-batches of 64 one after another, then overlapped
+    (0.04, None, True, 0.004, 4 * 64 * (0.01 - 0.004)),
+    # the CPU busy, the worker's CPUs not known: 24 sub-batches each way, the slower way's 24 the cost
+    (0.8, None, True, 0.004, 24 * 64 * (0.01 - 0.004)),
+    # the CPU busy and the worker has one: 4 sub-batches one after another, then the rest the same way (no cost)
+    (0.8, 1.0, False, 0.01, 0.0),
 ])  # fmt: skip
-def test_a_workers_first_chunk_pays_four_sub_batches_alone_when_predict_waits_on_a_device_else_the_probe_both_ways(
-    predict_cpu: float, probe_seconds: float
+def test_a_workers_first_chunk_pays_four_sub_batches_alone_when_predict_waits_or_fills_the_cpus_else_both_ways(
+    predict_cpu: float, cpus: float | None, overlap: bool, record_seconds: float, probe_seconds: float
 ) -> None:
     results = [ChunkResult(index=i, records=50, succeeded=50, seconds=0.5,
                            stages=StageSeconds(parse=0.1, predict=0.4, device_busy=0.8)) for i in range(2)]  # fmt: skip
-    faster = [r.model_copy(update={"seconds": 0.4}) for r in results]  # overlapped: 1.25x (chosen either way)
+    faster = [r.model_copy(update={"seconds": 0.4}) for r in results]  # overlapped: 1.25x
     cal = calibration().__class__(**{
         **calibration().__dict__,
         "sequential": ModeRun(results, cpu_seconds=1.0, predict_cpu=predict_cpu),
         "overlapped": ModeRun(faster, cpu_seconds=1.0, busiest_seconds=0.4),
-        "overlap": True,
+        "overlap": overlap,
+        "cpus": cpus,
     })  # fmt: skip
 
     found = model_job(plan(chunks=1, records_each=4000), cal, JobModel("local", 1, cores=8), 0.0, plan_seconds=0.0)
 
-    assert cal.waits is (predict_cpu == 0.04)
-    # 4,000 records at the overlapped 0.004 s (the busiest thread's 0.4 s over 100 records) after a start of 1.5 s
-    assert found.seconds == pytest.approx(1.5 + 4000 * 0.004 + probe_seconds)
+    assert (cal.waits, cal.busy_cpus) == (predict_cpu == 0.04, cpus is not None)
+    # 4,000 records at the chosen way's seconds a record (overlapped: the busiest thread's 0.4 s over 100 records;
+    # one after another: 1.0 s over 100) after a start of 1.5 s
+    assert found.seconds == pytest.approx(1.5 + 4000 * record_seconds + probe_seconds)
