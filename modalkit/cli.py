@@ -235,6 +235,12 @@ def _finished_before(store: Any, output_uri: str) -> bool:
         return False
 
 
+#: How long ``modalkit batch`` waits for its plan before it starts importing Prefect: a plan this quick (a few files
+#: plan in 0.1 s) lets every local worker be forked first (``modalkit/runners/local.py``); a slower one runs beside
+#: the import.
+PLAN_WAIT_S = 0.25
+
+
 class _EarlyStart:
     """What ``modalkit batch`` does before its flow runs: checks, the runner, the first chunks, and meanwhile (in a
     thread) Prefect imported and its API found: the configured one, else modalkit's local server."""
@@ -284,14 +290,19 @@ class _EarlyStart:
             # one worker starts and loads the model on the other core while the job is planned (20,000 small
             # files plan in about a second); the others, if the job has chunks for them, once it is planned. Not
             # for an output that holds a finished job's manifest: run again, it mostly has nothing left to run.
-            # Started while this process runs no other thread, they are forked (modalkit/runners/local.py): the
-            # thread that imports Prefect starts once they are
+            # Started while this process runs no other thread, they are forked (modalkit/runners/local.py)
             from modalkit.runners.local import LocalRunner
 
             self.runner = early_workers = LocalRunner(
                 settings, model, job_config.local_workers, start=False, chunk_timeout_s=job_config.chunk_timeout_s
             )
             early_workers.warm(1)
+        # a plan that comes at once (a few files) lets the other workers be forked too, before the thread that
+        # imports Prefect starts; a longer listing (20,000 small files take about a second) goes on beside that
+        # import, and the other workers are spawned once it ends
+        planned_first = early_workers is not None and self._planner.ready(PLAN_WAIT_S)
+        if not planned_first:
+            self._start_prefect()
         plan, committed = self._planner.result()
         if early_workers is not None:
             # a job starts no more workers than it has chunks to run: a 10-record job loads its model in one
@@ -299,8 +310,8 @@ class _EarlyStart:
             # fewer workers)
             ahead = len(plan.chunks) - len(committed or {})
             early_workers.warm(max(0, min(early_workers.workers, ahead) - 1))
-        self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
-        self._prefect_thread.start()
+        if planned_first:
+            self._start_prefect()
         start_job(plan, store)
         self.lease = take_lease(
             store, plan.job.output_uri, plan.job.job_id, job_config.lease_seconds, wait=self.wait,
@@ -323,6 +334,10 @@ class _EarlyStart:
         _mark("runner")
         self.wait_for_prefect()
         _mark("prefect_api")
+
+    def _start_prefect(self) -> None:
+        self._prefect_thread = threading.Thread(target=self._connect_prefect, name="modalkit-prefect", daemon=True)
+        self._prefect_thread.start()
 
     @staticmethod
     def _check_api_from_environment() -> None:

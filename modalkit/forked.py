@@ -1,9 +1,10 @@
 """A function run in a forked child process while this one goes on, its result (or its error) handed back.
 
 ``modalkit batch`` lists and plans its input this way: the listing is CPU work in Python (a ``stat`` per local
-file, a piece per small file), done in a child while the command starts its first local worker, and the command's
-own process stays free of threads until its workers are started (they are forked from it: see
-:mod:`modalkit.runners.local`). What the child returns comes back pickled through a pipe.
+file, a piece per small file), done in a child while the command starts its first local worker; a plan that comes
+at once lets the command fork its other workers before it starts importing Prefect in a thread (see
+:mod:`modalkit.runners.local`), and a longer listing runs beside that import, on another core. What the child
+returns comes back pickled through a pipe.
 
 The child is killed when this process ends. Only on Linux, and only while this process runs no other thread
 (forking a process with threads can copy a lock another thread holds); elsewhere, or when threads run, the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -48,6 +50,14 @@ class Forked(Generic[T]):
     def forked(self) -> bool:
         """Whether the call runs in a child process (else :meth:`result` runs it here)."""
         return self.pid is not None
+
+    def ready(self, timeout: float) -> bool:
+        """Whether the child's answer is there (or it ended) within ``timeout`` seconds; :meth:`result` then returns
+        at once. False for a call that runs here (it runs in :meth:`result`)."""
+        if self._read < 0:
+            return False
+        readable, _, _ = select.select([self._read], [], [], timeout)
+        return bool(readable)
 
     def result(self) -> T:
         """What the function returned; what it raised is raised here (a child that died says so)."""

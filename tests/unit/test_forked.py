@@ -1,4 +1,4 @@
-"""A function run in a forked child (``modalkit batch`` plans its input this way while Prefect is imported).
+"""A function run in a forked child (``modalkit batch`` plans its input this way while its first worker starts).
 
 pytest's process may run threads that earlier tests left (Prefect's, a server's): these tests fork with
 ``threads_ok`` (their functions take no lock), and the function that kills its process checks it is the child."""
@@ -79,6 +79,34 @@ def test_with_another_thread_running_the_function_runs_here_when_its_result_is_a
     try:
         call = start_forked("doubling", _pid_and, 2)
         assert not call.forked
+        assert call.result() == (os.getpid(), 4)
+    finally:
+        stop.set()
+        other.join()
+
+
+def _after(seconds: float) -> str:
+    time.sleep(seconds)
+    return "planned"
+
+
+def test_ready_says_whether_the_answer_is_there_within_the_wait_and_result_then_returns_it() -> None:
+    call = start_forked("planning slowly", _after, 1.0, threads_ok=True)
+    try:
+        assert call.ready(0.05) is False  # still running
+        assert call.ready(20.0) is True
+        assert call.result() == "planned"
+    finally:
+        call.cancel()
+
+
+def test_ready_is_false_for_a_call_that_runs_here() -> None:
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        call = start_forked("doubling", _pid_and, 2)
+        assert call.ready(0.0) is False
         assert call.result() == (os.getpid(), 4)
     finally:
         stop.set()
