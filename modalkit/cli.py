@@ -18,10 +18,9 @@
 against a local Prefect server that modalkit starts once and keeps for later runs (:mod:`modalkit.cli_prefect`).
 Options are checked before anything starts; the job is planned while its first worker starts, its other workers
 start (no more than it has chunks to run), and its first chunks run while Prefect is imported (in a thread) and
-connects. Exit status: 0 when the job
-completed, 1 when it failed, 2 when it could not start (a bad option, configuration or input, or a run of the
-same job running: ``--wait`` waits for it), 130 on Ctrl-C and 143 on SIGTERM (run the same command again to
-resume). With ``--json`` the last line of stdout is the summary.
+connects. Exit status: 0 when the job completed, 1 when it failed, 2 when it could not start (a bad option,
+configuration or input, or a run of the same job running: ``--wait`` waits for it), 130 on Ctrl-C and 143 on
+SIGTERM (run the same command again to resume). With ``--json`` the last line of stdout is the summary.
 """
 
 from __future__ import annotations

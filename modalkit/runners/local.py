@@ -3,10 +3,10 @@
 The embedded default where batch jobs run. A chunk *reference* goes to a worker; the worker reads the input,
 writes the results and returns counts. Workers are started with ``spawn`` (safe beside the threads of the flow
 process), or forked while the process starting them runs no other thread (on Linux: ``modalkit batch`` starts its
-first worker before it starts importing Prefect in a thread, and a forked worker need not import modalkit again: a
-third of a second saved on this machine), load the pipeline on their first chunk, and die with their parent (a
-thread in each waits on the parent's sentinel), so a job killed with SIGKILL leaves no worker behind to race its
-rerun.
+workers before it starts importing Prefect in a thread when its plan comes at once, and a forked worker need not
+import modalkit again: half a second saved on this machine). Each loads the pipeline as it starts, and dies with
+its parent (a thread in each waits on the parent's sentinel), so a job killed with SIGKILL leaves no worker behind
+to race its rerun.
 
 Example:
     >>> from modalkit.runners.local import LocalRunner
