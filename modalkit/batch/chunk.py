@@ -124,9 +124,9 @@ class ChunkProcessor:
         #: the last chunk's threads ("feeder", "device", "finisher"): busy, waiting and alive seconds of each; empty
         #: when its steps ran one after another
         self.last_threads: dict[str, ThreadSeconds] = {}
-        #: the last chunk's sub-batches run one after another: the process's CPU seconds in ``predict`` and
-        #: ``predict``'s wall seconds (what :func:`waits_on_device` reads)
-        self.last_predict_alone = (0.0, 0.0)
+        #: the process's CPU seconds in ``predict`` while the last chunk ran its sub-batches one after another
+        #: (over ``predict``'s seconds, what :func:`waits_on_device` reads)
+        self.last_predict_cpu = 0.0
         #: who runs the chunks (their results say, for the job's accounting of each worker's time)
         self.worker = worker_id()
         #: the worker's start (cold start and model load seconds, when it was ready), reported with the first chunk
@@ -211,8 +211,7 @@ class ChunkProcessor:
                 if run.crash_log is not None:
                     run.crash_log.close()
                 self.last_threads = run.threads
-                self.last_predict_alone = (sum(c.predict_cpu for c in run.alone),
-                                           sum(c.seconds["predict"] for c in run.alone))  # fmt: skip
+                self.last_predict_cpu = sum(c.predict_cpu for c in run.alone)
             committed = _once(lambda: set(layout.committed_indices(store)))
             for piece in chunk.pieces():  # before any commit
                 format_named(piece.format).prove_start(piece, committed, store)

@@ -515,7 +515,7 @@ def _run_window(pipeline: Any, job: JobSpec, window: ChunkSpec, overlap: bool, s
     result = processor.process(job, window)
     cpu = time.process_time() - cpu
     busiest = max((t.busy for t in processor.last_threads.values()), default=result.seconds)
-    return result, cpu, busiest, processor.last_predict_alone[0]
+    return result, cpu, busiest, processor.last_predict_cpu
 
 
 def _mode_run(runs: list[_WindowRun]) -> ModeRun:

@@ -5,10 +5,12 @@ pytest's process may run threads that earlier tests left (Prefect's, a server's)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -72,17 +74,24 @@ def test_cancel_kills_a_child_that_still_runs_and_reaps_it() -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def test_with_another_thread_running_the_function_runs_here_when_its_result_is_asked_for() -> None:
+@contextlib.contextmanager
+def another_thread() -> Iterator[None]:
+    """Another thread runs in this process inside the block."""
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
     try:
-        call = start_forked("doubling", _pid_and, 2)
-        assert not call.forked
-        assert call.result() == (os.getpid(), 4)
+        yield
     finally:
         stop.set()
         other.join()
+
+
+def test_with_another_thread_running_the_function_runs_here_when_its_result_is_asked_for() -> None:
+    with another_thread():
+        call = start_forked("doubling", _pid_and, 2)
+        assert not call.forked
+        assert call.result() == (os.getpid(), 4)
 
 
 def _after(seconds: float) -> str:
@@ -101,13 +110,7 @@ def test_ready_says_whether_the_answer_is_there_within_the_wait_and_result_then_
 
 
 def test_ready_is_false_for_a_call_that_runs_here() -> None:
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait)
-    other.start()
-    try:
+    with another_thread():
         call = start_forked("doubling", _pid_and, 2)
         assert call.ready(0.0) is False
         assert call.result() == (os.getpid(), 4)
-    finally:
-        stop.set()
-        other.join()
