@@ -125,7 +125,7 @@ class ChunkProcessor:
         #: when its steps ran one after another
         self.last_threads: dict[str, ThreadSeconds] = {}
         #: the process's CPU seconds in ``predict`` while the last chunk ran its sub-batches one after another
-        #: (over ``predict``'s seconds, what :func:`waits_on_device` reads)
+        #: (over ``predict``'s seconds, what :func:`overlap_from_cpu` reads)
         self.last_predict_cpu = 0.0
         #: who runs the chunks (their results say, for the job's accounting of each worker's time)
         self.worker = worker_id()
@@ -506,16 +506,19 @@ WAIT_CPU_SHARE = 0.5
 SPARE_CPUS = 0.5
 
 
-def waits_on_device(cpu_share: float | None) -> bool:
-    """Whether a ``predict`` that kept the process's CPU busy ``cpu_share`` of its wall (one sub-batch at a time,
-    nothing else running) mostly waited on something off this host's CPU."""
-    return cpu_share is not None and cpu_share < WAIT_CPU_SHARE
-
-
-def leaves_no_cpu(cpu_share: float | None, cpus: float | None) -> bool:
-    """Whether a ``predict`` with that CPU share keeps busy all but ``SPARE_CPUS`` of a worker's ``cpus`` (W1's
-    model, two workers on two CPUs: overlapped, both ran 20% slower than one sub-batch after another)."""
-    return cpu_share is not None and cpus is not None and cpu_share > cpus - SPARE_CPUS
+def overlap_from_cpu(cpu_share: float | None, cpus: float | None) -> bool | None:
+    """What a ``predict`` that kept the process's CPU busy ``cpu_share`` of its wall (one sub-batch at a time)
+    decides on a worker with ``cpus`` CPUs (None: not known): True, overlap (under ``WAIT_CPU_SHARE``: it mostly
+    waited on something off this host's CPU, a device); False, one sub-batch after another (it keeps busy all but
+    ``SPARE_CPUS`` of them: W1's model, two workers on two CPUs, overlapped ran 20% slower); None, neither: time
+    both ways."""
+    if cpu_share is None:
+        return None
+    if cpu_share < WAIT_CPU_SHARE:
+        return True
+    if cpus is not None and cpu_share > cpus - SPARE_CPUS:
+        return False
+    return None
 
 
 class _Counted:
@@ -617,7 +620,7 @@ class _ChunkRun:
     def _choose_and_run(self, source: _Counted) -> None:
         """Overlap the stages only where it pays. ``WAIT_PROBE_BATCHES`` sub-batches one after another first: a
         ``predict`` that leaves the process's CPU idle while it runs (it waits on a device) overlaps the rest at
-        once; one that keeps the worker's CPUs busy (:func:`leaves_no_cpu`) runs the rest one after another.
+        once; one that keeps the worker's CPUs busy runs the rest one after another (:func:`overlap_from_cpu`).
         Otherwise ``PROBE_BATCHES`` sub-batches one after another (those included), as many overlapped, the
         rest the faster way: a ``predict`` that holds the interpreter (a model computed in Python, or a CPU library
         that keeps the GIL) gains nothing from overlap and loses to the threads' hand-offs (W1's model on one
@@ -630,10 +633,10 @@ class _ChunkRun:
         self._run(itertools.islice(source, WAIT_PROBE_BATCHES - 1), False)
         if source.exhausted or self.ordinal == records:  # a chunk too small to tell: nothing learned
             return
-        share = self.clocks[-1].predict_cpu_share()
-        if waits_on_device(share) or leaves_no_cpu(share, self.proc.cpus):
-            self.proc.learned_overlap = overlap = waits_on_device(share)
-            self._run(source, overlap)
+        choice = overlap_from_cpu(self.clocks[-1].predict_cpu_share(), self.proc.cpus)
+        if choice is not None:
+            self.proc.learned_overlap = choice
+            self._run(source, choice)
             return
         rates = []
         for overlap in (False, True):

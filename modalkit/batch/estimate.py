@@ -53,8 +53,7 @@ from modalkit.batch.chunk import (
     PROBE_BATCHES,
     WAIT_PROBE_BATCHES,
     ChunkProcessor,
-    leaves_no_cpu,
-    waits_on_device,
+    overlap_from_cpu,
 )
 from modalkit.batch.cost import rate_for
 from modalkit.batch.formats import InputFile
@@ -129,7 +128,7 @@ class ModeRun:
 
     def predict_cpu_share(self) -> float | None:
         """The process's CPU seconds over ``predict``'s wall (one after another): under one half, ``predict``
-        waits on a device (:func:`~modalkit.batch.chunk.waits_on_device`)."""
+        waits on a device (:func:`~modalkit.batch.chunk.overlap_from_cpu`)."""
         predict = sum(r.stages.predict for r in self.results if r.stages is not None)
         return self.predict_cpu / predict if predict > 0 else None
 
@@ -165,17 +164,23 @@ class Calibration:
     cpus: float | None = None
 
     @property
+    def early(self) -> bool | None:
+        """What a worker's first chunk decides from ``predict``'s CPU share after ``WAIT_PROBE_BATCHES``
+        sub-batches, without timing both ways (:func:`~modalkit.batch.chunk.overlap_from_cpu`); None when it
+        times both ways, or never overlaps (``prefetch_batches`` 0)."""
+        if self.overlapped is None:
+            return None
+        return overlap_from_cpu(self.sequential.predict_cpu_share(), self.cpus)
+
+    @property
     def waits(self) -> bool:
-        """``predict`` waits on a device: a worker's first chunk learns it in ``WAIT_PROBE_BATCHES`` sub-batches
-        and overlaps the rest, without timing both ways."""
-        return self.overlapped is not None and waits_on_device(self.sequential.predict_cpu_share())
+        """``predict`` waits on a device: the first chunk overlaps after ``WAIT_PROBE_BATCHES`` sub-batches."""
+        return self.early is True
 
     @property
     def busy_cpus(self) -> bool:
-        """``predict`` keeps a worker's CPUs busy: its first chunk learns it in ``WAIT_PROBE_BATCHES`` sub-batches
-        and runs the rest one after another, without timing both ways."""
-        share = self.sequential.predict_cpu_share()
-        return self.overlapped is not None and not self.waits and leaves_no_cpu(share, self.cpus)
+        """``predict`` keeps a worker's CPUs busy: the first chunk runs one after another from the start."""
+        return self.early is False
 
     @property
     def chosen(self) -> ModeRun:
@@ -411,11 +416,11 @@ def calibrate(
             runs.setdefault(way, []).extend(results)
     sequential = _mode_run(runs[False])
     overlapped = _mode_run(runs[True]) if True in runs else None
-    share = sequential.predict_cpu_share()
+    early = overlap_from_cpu(sequential.predict_cpu_share(), cpus)  # as a worker's first chunk chooses
     if overlapped is None:
         overlap = False
-    elif waits_on_device(share) or leaves_no_cpu(share, cpus):  # as a worker's first chunk chooses
-        overlap = waits_on_device(share)
+    elif early is not None:
+        overlap = early
     else:
         overlap = overlapped.rate() > sequential.rate() * OVERLAP_GAIN
     return Calibration(
@@ -563,7 +568,7 @@ def _schedule(chunks: Sequence[ChunkSpec], per_byte: float, calibration: Calibra
     ways for ``PROBE_BATCHES`` sub-batches each, before it runs the chosen way, as a worker does."""
     if calibration.overlapped is None:
         probe = 0
-    elif calibration.waits or calibration.busy_cpus:
+    elif calibration.early is not None:
         probe = WAIT_PROBE_BATCHES * calibration.batch_size
     else:
         probe = 2 * PROBE_BATCHES * calibration.batch_size
@@ -575,7 +580,7 @@ def _schedule(chunks: Sequence[ChunkSpec], per_byte: float, calibration: Calibra
         at, lane = heapq.heappop(free)
         records = chunk.size * per_byte
         took = calibration.chunk_seconds() + records * chosen
-        if not started[lane] and (calibration.waits or calibration.busy_cpus):  # these one after another
+        if not started[lane] and calibration.early is not None:  # these one after another
             took += min(records, probe) * (calibration.record_seconds(False) - chosen)
         elif not started[lane] and probe:
             probed = min(records, probe) / 2

@@ -87,8 +87,7 @@ class _ForkedWorker(ForkProcess):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
-    def run(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
+    def run(self) -> None:  # SIGINT stays blocked, as spawning() left it, until _init_worker ignores it
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         super().run()
